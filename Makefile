@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   create .venv, train the default model if the store lacks it, serve it on 127.0.0.1:$(PORT)
+#   make test    install what the tests need and run them (CI runs exactly this)
+# BENTOML_HOME is respected (BentoML's default store is ~/bentoml).
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 3000
+HOST ?= 127.0.0.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint build train clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when a requirements file or pyproject.toml changes.
+$(STAMP): $(VENV)/bin/python pyproject.toml requirements/serving.txt requirements/train.txt requirements/test.txt
+	$(PY) -m pip install --quiet -e ".[train,test]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m training_export ensure-default
+	$(VENV)/bin/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+train: $(STAMP)
+	$(PY) -m training_export train
+
+build: $(STAMP)
+	$(PY) -m training_export ensure-default
+	$(VENV)/bin/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

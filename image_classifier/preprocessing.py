@@ -1,0 +1,197 @@
+"""Turn a decoded picture into the tensor a model was trained on.
+
+Training (`training_export`) and serving call this same `preprocess` function, so the served model
+sees exactly the pixels it learnt from. Everything that shapes those pixels is in `PreprocessSpec`,
+which travels with the model in its card.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ResizeFilter = Literal["nearest", "bilinear", "bicubic", "lanczos", "box"]
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+# Pictures larger than this many times the input side are first shrunk cheaply (Image.reduce):
+# a 12 MP photo does not need full-resolution pixel work to become a 28x28 or 224x224 tensor.
+_WORKING_SCALE = 8
+
+
+class PreprocessSpec(BaseModel):
+    """How pixels become a model input. Stored in the model card; JSON-serialisable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_size: tuple[int, int] = Field(description="(height, width) of the model input")
+    color_mode: Literal["L", "RGB"] = Field(description="L = one grey channel, RGB = three")
+    resize_filter: ResizeFilter = "bilinear"
+    resize_mode: Literal["stretch", "center_crop", "letterbox"] = Field(
+        "stretch",
+        description="stretch: to input_size; center_crop: shorter side to input/crop_ratio, "
+        "then the centre; letterbox: fit inside, pad with the background",
+    )
+    crop_ratio: float = Field(0.875, gt=0, le=1, description="for center_crop (224/256)")
+    content_crop: bool = Field(
+        False,
+        description="crop to the ink's bounding box (documents, digits): margins stop mattering; "
+        "also flips light-on-dark pictures to dark-on-light",
+    )
+    content_padding: float = Field(
+        0.15, ge=0, lt=0.5, description="margin kept around the content, as a fraction of the side"
+    )
+    scale: float = Field(1 / 255, description="pixel value multiplier before mean/std")
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> PreprocessSpec:
+        channels = self.channels
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, channels):
+                raise ValueError(f"{name} must have 1 or {channels} values for {self.color_mode}")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std values must be non-zero")
+        if min(self.input_size) < 1:
+            raise ValueError("input_size must be positive")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int]:
+        """Shape of one preprocessed image (no batch axis)."""
+        height, width = self.input_size
+        if self.layout == "NCHW":
+            return (self.channels, height, width)
+        return (height, width, self.channels)
+
+    @property
+    def decode_size_hint(self) -> tuple[int, int]:
+        """The smallest (width, height) a decoder may scale to (JPEG draft) without losing detail."""
+        height, width = self.input_size
+        factor = _WORKING_SCALE if self.content_crop else 2
+        return (width * factor, height * factor)
+
+
+def to_color_mode(image: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
+    """Any Pillow mode to L or RGB: transparency over white, 16-bit and float scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_depth_to_l(image)
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return True
+    return "transparency" in image.info
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greys to 8 bits by their real range (Pillow would clip at 255)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0  # 0..65535 -> 0..255
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _shrink_for_work(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    target_w, target_h = spec.decode_size_hint
+    factor = min(image.width // target_w, image.height // target_h)
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def crop_to_content(image: Image.Image, padding: float) -> Image.Image:
+    """Crop to the ink, square it up with a margin, dark ink on a light background.
+
+    The background is read from the picture's border; a dark border means light ink, which is
+    inverted so that every picture reaches the model in one polarity. A picture with no ink
+    (blank, or noise with no contrast) is returned whole.
+    """
+    grey = image.convert("L") if image.mode != "L" else image
+    values = np.asarray(grey, dtype=np.int16)
+    border = np.concatenate([values[0], values[-1], values[:, 0], values[:, -1]])
+    background = int(np.median(border))
+    if background < 128:
+        values = 255 - values
+        background = 255 - background
+        image = ImageOps.invert(image)
+    darkness = background - values
+    contrast = int(darkness.max(initial=0))
+    if contrast < 24:
+        return image
+    ink = darkness > contrast // 2
+    rows = _dense_span(ink.sum(axis=1))
+    cols = _dense_span(ink.sum(axis=0))
+    top, bottom = rows
+    left, right = cols
+    content = image.crop((left, top, right + 1, bottom + 1))
+    side = max(content.width, content.height)
+    side = max(1, round(side / (1 - 2 * padding)))
+    fill = background if image.mode == "L" else (background,) * 3
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(content, ((side - content.width) // 2, (side - content.height) // 2))
+    return canvas
+
+
+def _dense_span(counts: np.ndarray) -> tuple[int, int]:
+    """First and last index holding ink, ignoring specks below 1% of all ink."""
+    total = counts.sum()
+    cumulative = np.cumsum(counts)
+    low = int(np.searchsorted(cumulative, total * 0.01, side="right"))
+    high = int(np.searchsorted(cumulative, total * 0.99, side="left"))
+    return low, max(low, high)
+
+
+def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    height, width = spec.input_size
+    resample = _PIL_FILTERS[spec.resize_filter]
+    if spec.resize_mode == "stretch":
+        return image.resize((width, height), resample)
+    if spec.resize_mode == "center_crop":
+        scale = max(width / image.width, height / image.height) / spec.crop_ratio
+        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(scaled, resample)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return image.crop((left, top, left + width, top + height))
+    # letterbox
+    fitted = ImageOps.contain(image, (width, height), resample)
+    fill = 255 if image.mode == "L" else (255, 255, 255)
+    return ImageOps.pad(fitted, (width, height), resample, color=fill)
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """One decoded picture to one float32 tensor of `spec.tensor_shape`."""
+    image = to_color_mode(image, spec.color_mode)
+    image = _shrink_for_work(image, spec)
+    if spec.content_crop:
+        image = crop_to_content(image, spec.content_padding)
+    image = _resize(image, spec)
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    tensor = (pixels * np.float32(spec.scale) - mean) / std
+    if spec.layout == "NCHW":
+        tensor = tensor.transpose(2, 0, 1)
+    return np.ascontiguousarray(tensor, dtype=np.float32)

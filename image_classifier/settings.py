@@ -1,0 +1,119 @@
+"""All configuration, from environment variables with documented defaults.
+
+Read once per process (`Settings.from_env()`); nothing else in the project reads `os.environ` for
+service behaviour. `python -m image_classifier.settings` prints the table below with current values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+# The default model, pinned by version: the training recipe writes exactly this tag, so a bento
+# built from a clean checkout always packages the same model. Bump the version with the recipe.
+DEFAULT_MODEL_NAME = "digits-cnn"
+DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:v1"
+
+MIB = 1024 * 1024
+
+
+def _env(name: str, default: object, doc: str):  # noqa: ANN202 - dataclass field factory
+    return field(default=default, metadata={"env": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str = _env("MODEL_TAG", DEFAULT_MODEL_TAG, "model served, as name:version")
+    max_upload_bytes: int = _env(
+        "MAX_UPLOAD_BYTES", 10 * MIB, "largest request body for /analyze (413 above)"
+    )
+    max_batch_images: int = _env("MAX_BATCH_IMAGES", 64, "most images in one /analyze_batch")
+    max_batch_bytes: int = _env(
+        "MAX_BATCH_BYTES", 64 * MIB, "largest request body for /analyze_batch (413 above)"
+    )
+    max_image_pixels: int = _env(
+        "MAX_IMAGE_PIXELS", 50_000_000, "most pixels an image may declare (422 above)"
+    )
+    allowed_formats: tuple[str, ...] = _env(
+        "ALLOWED_FORMATS",
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        "image formats Pillow may decode (comma-separated)",
+    )
+    default_top_k: int = _env("DEFAULT_TOP_K", 3, "top_k when a request gives none")
+    grade_high: float = _env("GRADE_HIGH", 0.90, "top-1 confidence at or above: grade 'high'")
+    grade_medium: float = _env("GRADE_MEDIUM", 0.60, "at or above (below high): grade 'medium'")
+    batching: bool = _env("BATCHING", True, "merge concurrent /analyze requests into one run")
+    batch_max_size: int = _env("BATCH_MAX_SIZE", 32, "most images in one merged model run")
+    batch_max_latency_ms: int = _env(
+        "BATCH_MAX_LATENCY_MS", 1000, "queue deadline of the batcher (503 OVERLOADED past it)"
+    )
+    workers: int = _env("WORKERS", 1, "server processes, each with its own model session")
+    threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
+    ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in fields(cls):
+            raw = environ.get(spec.metadata["env"])
+            if raw is None or raw.strip() == "":
+                continue
+            values[spec.name] = _parse(spec.metadata["env"], raw.strip(), spec.default)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = ("max_upload_bytes", "max_batch_images", "max_batch_bytes", "max_image_pixels",
+                    "default_top_k", "batch_max_size", "batch_max_latency_ms", "workers",
+                    "threads", "ort_intra_op_threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.grade_medium <= self.grade_high <= 1:
+            raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
+        if self.batch_max_size < 2:
+            raise ValueError("BATCH_MAX_SIZE must be >= 2 (BentoML requires it)")
+
+
+def _env_name(attribute: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == attribute)
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip().upper() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+
+
+def describe() -> str:
+    """The configuration table, with current values (for `python -m image_classifier.settings`)."""
+    current = Settings.from_env()
+    rows = [f"{'variable':<22} {'default':<40} {'current':<40} meaning"]
+    for spec in fields(Settings):
+        default = spec.default
+        value = getattr(current, spec.name)
+        rows.append(
+            f"{spec.metadata['env']:<22} {default!s:<40} {value!s:<40} {spec.metadata['doc']}"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(describe())
