@@ -81,14 +81,14 @@ class PreprocessSpec(BaseModel):
 
     @property
     def decode_size_hint(self) -> tuple[int, int]:
-        """The smallest (width, height) a decoder may scale to (JPEG draft) without losing detail."""
+        """Smallest (width, height) a decoder may scale to (JPEG draft) without losing detail."""
         height, width = self.input_size
         factor = _WORKING_SCALE if self.content_crop else 2
         return (width * factor, height * factor)
 
 
 def to_color_mode(image: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
-    """Any Pillow mode to L or RGB: transparency over white, 16-bit and float scaled, not clipped."""
+    """Any Pillow mode to L or RGB: transparency over white; 16-bit and float rescaled."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _high_depth_to_l(image)
     if _has_transparency(image):
@@ -105,7 +105,7 @@ def _has_transparency(image: Image.Image) -> bool:
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    """16/32-bit integer and float greys to 8 bits by their real range (Pillow would clip at 255)."""
+    """16/32-bit integer and float greys to 8 bits by their range (Pillow would clip at 255)."""
     values = np.asarray(image, dtype=np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
         values = values / 257.0  # 0..65535 -> 0..255

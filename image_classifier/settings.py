@@ -66,9 +66,18 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        positive = ("max_upload_bytes", "max_batch_images", "max_batch_bytes", "max_image_pixels",
-                    "default_top_k", "batch_max_size", "batch_max_latency_ms", "workers",
-                    "threads", "ort_intra_op_threads")
+        positive = (
+            "max_upload_bytes",
+            "max_batch_images",
+            "max_batch_bytes",
+            "max_image_pixels",
+            "default_top_k",
+            "batch_max_size",
+            "batch_max_latency_ms",
+            "workers",
+            "threads",
+            "ort_intra_op_threads",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")

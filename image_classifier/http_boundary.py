@@ -1,0 +1,223 @@
+"""The service's HTTP boundary as plain ASGI middleware: request ids, body caps, one error envelope.
+
+It sits in front of the framework's request handling, so:
+- every response carries `X-Request-ID` (the client's, when it is a safe token, else a new UUID4),
+  and the handlers see the same id in the request headers;
+- upload routes get their byte cap enforced while the body streams in (Content-Length over the cap
+  is refused before a byte is read), and their multipart shape checked (see `uploads.py`);
+- every non-2xx answer, whoever produced it, leaves in the project's envelope with a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import metrics
+from .errors import CODE_FOR_STATUS, ClassifierError, ErrorCode, error_envelope, is_error_envelope
+from .uploads import UploadRule, scan_multipart
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_HEADER = "x-request-id"
+UPLOADS_STATE_KEY = "upload_parts"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_RETRY_AFTER_SECONDS = "1"
+_INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
+
+
+@dataclass(frozen=True)
+class UploadRoute:
+    rule: UploadRule
+    max_bytes: int
+
+
+class BoundaryMiddleware:
+    def __init__(
+        self, app: ASGIApp, upload_routes: dict[str, UploadRoute], readiness_path: str = "/readyz"
+    ) -> None:
+        self.app = app
+        self.upload_routes = upload_routes
+        self.readiness_path = readiness_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _adopt_request_id(scope)
+        send = _EnvelopingSend(send, request_id, scope["path"] == self.readiness_path)
+        route = self.upload_routes.get(scope["path"])
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_capped_body(scope, receive, route.max_bytes)
+            parts = scan_multipart(_header(scope, "content-type"), body, route.rule)
+        except ClassifierError as exc:
+            await send_error(send, exc.status, exc.code, exc.message, request_id)
+            return
+        scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    wanted = name.encode("latin-1")
+    for key, value in scope.get("headers", []):
+        if key.lower() == wanted:
+            return value.decode("latin-1")
+    return None
+
+
+def _adopt_request_id(scope: Scope) -> str:
+    """Keep the client's id when safe; either way, downstream sees exactly one valid id."""
+    given = _header(scope, REQUEST_ID_HEADER)
+    request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"x-request-id"]
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
+    scope["headers"] = headers
+    return request_id
+
+
+async def _read_capped_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    too_large = ClassifierError(
+        ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the limit of {max_bytes:,} bytes"
+    )
+    declared = _header(scope, "content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClassifierError(ErrorCode.INVALID_REQUEST, "the client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def send_error(
+    send: Send, status: int, code: ErrorCode, message: str, request_id: str
+) -> None:
+    body = json.dumps(error_envelope(code, message, request_id)).encode()
+    await send({"type": "http.response.start", "status": status, "headers": _json_headers(body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+
+class _EnvelopingSend:
+    """Adds X-Request-ID to every response and rewrites foreign error bodies into the envelope."""
+
+    def __init__(self, send: Send, request_id: str, is_readiness: bool) -> None:
+        self.send = send
+        self.request_id = request_id
+        self.is_readiness = is_readiness
+        self.held_start: Message | None = None
+        self.held_body: list[bytes] = []
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+            ]
+            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+            message["headers"] = headers
+            if message["status"] >= 400:
+                self.held_start = message
+                return
+        elif message["type"] == "http.response.body" and self.held_start is not None:
+            self.held_body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            await self._send_enveloped()
+            return
+        await self.send(message)
+
+    async def _send_enveloped(self) -> None:
+        start, body = self.held_start, b"".join(self.held_body)
+        assert start is not None
+        self.held_start = None
+        status = start["status"]
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        extra: list[tuple[bytes, bytes]] = []
+        if is_error_envelope(parsed):
+            code = parsed["error"]["code"]
+        else:
+            code = self._code_for(status)
+            body = json.dumps(
+                error_envelope(code, _message_from(status, parsed, body), self.request_id)
+            ).encode()
+        metrics.ERRORS.labels(code=str(code)).inc()
+        if status in (429, 503):
+            extra.append((b"retry-after", _RETRY_AFTER_SECONDS.encode()))
+        kept = [
+            (k, v)
+            for k, v in start["headers"]
+            if k.lower() not in (b"content-length", b"content-type", b"retry-after")
+        ]
+        start["headers"] = kept + _json_headers(body) + extra
+        await self.send(start)
+        await self.send({"type": "http.response.body", "body": body})
+
+    def _code_for(self, status: int) -> ErrorCode:
+        if status == 503 and self.is_readiness:
+            return ErrorCode.NOT_READY
+        if status in CODE_FOR_STATUS:
+            return CODE_FOR_STATUS[status]
+        return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
+
+
+def _message_from(status: int, parsed: Any, raw: bytes) -> str:
+    """A client-safe message from a framework error body; 5xx details are never passed on."""
+    if status >= 500 and status not in (503, 504):
+        return _INTERNAL_MESSAGE
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    if isinstance(parsed, dict):
+        detail = parsed.get("detail")
+        if isinstance(detail, list) and detail:
+            return "; ".join(_describe_validation_error(item) for item in detail[:5])
+        for key in ("error", "detail", "message"):
+            if isinstance(parsed.get(key), str):
+                return parsed[key]
+    text = raw.decode("utf-8", "replace").strip()
+    return text[:200] if text else f"HTTP {status}"
+
+
+def _describe_validation_error(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)[:200]
+    location = ".".join(str(part) for part in item.get("loc", []) if part != "body")
+    message = str(item.get("msg", "invalid value"))
+    return f"{location}: {message}" if location else message

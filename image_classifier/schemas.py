@@ -1,0 +1,50 @@
+"""Response bodies of the HTTP API (they also document it in the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, model_serializer
+
+from .postprocessing import Prediction
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class AnalyzeResponse(BaseModel):
+    success: Literal[True] = True
+    request_id: str
+    model: ModelRef
+    prediction: Prediction
+    latency_ms: float
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchItem(BaseModel):
+    index: int
+    filename: str | None
+    success: bool
+    prediction: Prediction | None = None
+    error: ItemError | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_happened(self, handler):  # noqa: ANN001, ANN202 - pydantic hook
+        """A result carries its prediction or its error, never a null placeholder for the other."""
+        data = handler(self)
+        data.pop("error" if self.success else "prediction", None)
+        return data
+
+
+class AnalyzeBatchResponse(BaseModel):
+    success: Literal[True] = True
+    request_id: str
+    model: ModelRef
+    results: list[BatchItem]
+    latency_ms: float

@@ -1,0 +1,149 @@
+"""Check a multipart upload's shape before any framework parses it.
+
+BentoML would otherwise accept a JSON body or a text field in place of a file, and fetch a URL
+given there (a server-side request on the client's behalf). Scanning the parts first lets every
+such request get a precise 4xx, and hands the declared type and size of each file to the service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from .errors import ClassifierError, ErrorCode
+
+
+@dataclass(frozen=True)
+class UploadRule:
+    """What one route accepts: one file field with a count range, plus optional text fields."""
+
+    file_field: str
+    min_files: int
+    max_files: int
+    text_fields: frozenset[str] = frozenset()
+    max_text_bytes: int = 1024
+
+
+@dataclass
+class UploadPart:
+    name: str
+    filename: str | None
+    content_type: str | None
+    size: int = 0
+    text: bytearray = field(default_factory=bytearray)
+
+    @property
+    def is_file(self) -> bool:
+        return self.filename is not None
+
+
+def scan_multipart(content_type: str | None, body: bytes, rule: UploadRule) -> list[UploadPart]:
+    """The file parts, in body order, or a ClassifierError saying what is wrong with the request."""
+    media, options = parse_options_header(content_type or "")
+    if media != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ClassifierError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"send multipart/form-data with the image in the field {rule.file_field!r}",
+        )
+    parts = _parse_parts(options[b"boundary"], body, rule)
+    return _check_parts(parts, rule)
+
+
+def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadPart]:
+    parts: list[UploadPart] = []
+    header: dict[str, bytearray] = {"field": bytearray(), "value": bytearray()}
+    headers: dict[str, str] = {}
+
+    def on_part_begin() -> None:
+        headers.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        name = header["field"].decode("latin-1").strip().lower()
+        headers[name] = header["value"].decode("latin-1").strip()
+        header["field"].clear()
+        header["value"].clear()
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(headers.get("content-disposition", ""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        parts.append(
+            UploadPart(
+                name=name,
+                filename=None if filename is None else filename.decode("utf-8", "replace"),
+                content_type=headers.get("content-type"),
+            )
+        )
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part = parts[-1]
+        part.size += end - start
+        if not part.is_file and len(part.text) <= rule.max_text_bytes:
+            part.text += data[start:end]
+
+    parser = MultipartParser(
+        boundary,
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError:
+        raise ClassifierError(
+            ErrorCode.INVALID_REQUEST, "the multipart body is malformed"
+        ) from None
+    return parts
+
+
+def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
+    expected = ", ".join([rule.file_field, *sorted(rule.text_fields)])
+    files = []
+    seen_text: set[str] = set()
+    for part in parts:
+        if part.name == rule.file_field:
+            if not part.is_file:
+                raise ClassifierError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"field {rule.file_field!r} must be a file upload, not a text value",
+                )
+            files.append(part)
+        elif part.name in rule.text_fields and not part.is_file:
+            if part.name in seen_text:
+                raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
+            if part.size > rule.max_text_bytes:
+                raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} is too long")
+            seen_text.add(part.name)
+        else:
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST, f"unexpected field {part.name!r}; expected: {expected}"
+            )
+    if len(files) < rule.min_files:
+        raise ClassifierError(
+            ErrorCode.INVALID_REQUEST, f"field {rule.file_field!r} is required (a file upload)"
+        )
+    if len(files) > rule.max_files:
+        if rule.max_files == 1:
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST,
+                f"send exactly one file in {rule.file_field!r} (use /analyze_batch for several)",
+            )
+        raise ClassifierError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"{len(files)} files sent; at most {rule.max_files} per request",
+        )
+    return files
