@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,13 @@ from image_classifier.http_boundary import (
     BoundaryMiddleware,
     UploadRoute,
 )
-from image_classifier.schemas import AnalyzeBatchResponse, AnalyzeResponse, BatchItem, ModelRef
+from image_classifier.schemas import (
+    AnalyzeBatchResponse,
+    AnalyzeResponse,
+    BatchItem,
+    ItemError,
+    ModelRef,
+)
 from image_classifier.settings import Settings
 from image_classifier.uploads import UploadPart, UploadRule
 
@@ -42,11 +49,11 @@ log = logging.getLogger("image_classifier.service")
 async def _info(request: Request) -> JSONResponse:
     """GET /info: what is being served and how (BentoML apis are POST-only, so a small app)."""
     service = bentoml.get_current_service()
-    if service is None:
-        return JSONResponse(
-            error_envelope(ErrorCode.NOT_READY, "the model is loading", ""), status_code=503
-        )
-    return JSONResponse(service.info())
+    try:
+        return JSONResponse(service.info())
+    except (ClassifierError, AttributeError):
+        not_ready = ClassifierError(ErrorCode.NOT_READY, "the model is not loaded yet")
+        return _error_response(not_ready, request.headers.get(REQUEST_ID_HEADER, ""))
 
 
 info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
@@ -63,41 +70,44 @@ class ImageClassifier:
     model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
-        self.classifier = Classifier(Path(self.model.path), SETTINGS)
-        self.classifier.warm_up()
         self.model_ref = ModelRef(name=self.model.tag.name, version=self.model.tag.version)
+        self.classifier: Classifier | None = None
         self.desk = TicketDesk()
         self.decode_limiter = anyio.CapacityLimiter(SETTINGS.threads)
+        # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
+        # and early requests get NOT_READY instead of a refused or hanging connection.
+        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+
+    def _load_model(self) -> None:
+        tag = f"{self.model_ref.name}:{self.model_ref.version}"
+        try:
+            classifier = Classifier(Path(self.model.path), SETTINGS)
+            classifier.warm_up()
+        except Exception as exc:
+            log.error(
+                "model %s cannot be served, /readyz stays 503: %s. For the default model run "
+                "`python -m training_export ensure-default`; for your own, import it again.",
+                tag,
+                exc,
+            )
+            return
+        self.classifier = classifier
         metrics.MODEL_INFO.labels(name=self.model_ref.name, version=self.model_ref.version).set(1)
-        self.ready = True
-        log.info("serving %s:%s", self.model_ref.name, self.model_ref.version)
+        log.info("model %s loaded and warmed up: ready", tag)
 
     def __is_ready__(self) -> bool:
-        return getattr(self, "ready", False)
+        return self.classifier is not None
+
+    def _ready_classifier(self) -> Classifier:
+        if self.classifier is None:
+            raise ClassifierError(ErrorCode.NOT_READY, "the model is not loaded yet")
+        return self.classifier
 
     def info(self) -> dict:
-        card = self.classifier.card
         return {
             "service": {"name": "image_classifier", "version": SERVICE_VERSION},
-            "model": {**self.model_ref.model_dump(), "source": card.source},
-            "labels": card.labels,
-            "preprocessing": card.preprocessing.model_dump(mode="json"),
-            "output_kind": card.output_kind,
-            "metrics": card.metrics.model_dump(mode="json"),
-            "training_data_sha256": card.training_data_sha256,
-            "batching": {
-                "enabled": SETTINGS.batching,
-                "max_batch_size": SETTINGS.batch_max_size,
-                "max_latency_ms": SETTINGS.batch_max_latency_ms,
-            },
-            "limits": {
-                "max_upload_bytes": SETTINGS.max_upload_bytes,
-                "max_batch_images": SETTINGS.max_batch_images,
-                "max_batch_bytes": SETTINGS.max_batch_bytes,
-                "max_image_pixels": SETTINGS.max_image_pixels,
-                "allowed_formats": list(SETTINGS.allowed_formats),
-            },
-            "grades": {"high": SETTINGS.grade_high, "medium": SETTINGS.grade_medium},
+            "model": self.model_ref.model_dump(),
+            **self._ready_classifier().describe_setup(),
         }
 
     @bentoml.api(route="/analyze")
@@ -108,11 +118,12 @@ class ImageClassifier:
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            k = self.classifier.resolve_top_k(top_k)
+            classifier = self._ready_classifier()
+            k = classifier.resolve_top_k(top_k)
             (part,) = _upload_parts(ctx)
-            tensor = await self._prepare(image, part)
-            probabilities = await self._run_one(tensor)
-            prediction = self.classifier.describe(probabilities, k)
+            tensor = await self._prepare(classifier, image, part)
+            probabilities = await self._run_one(classifier, tensor)
+            prediction = classifier.describe(probabilities, k)
         except ClassifierError as exc:
             return _error_response(exc, request_id)
         metrics.observe_prediction(prediction, self.model_ref.version)
@@ -131,27 +142,30 @@ class ImageClassifier:
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            k = self.classifier.resolve_top_k(top_k)
+            classifier = self._ready_classifier()
+            k = classifier.resolve_top_k(top_k)
         except ClassifierError as exc:
             return _error_response(exc, request_id)
         parts = _upload_parts(ctx)
-        prepared = await asyncio.gather(
-            *(self._prepare_or_error(path, part) for path, part in zip(images, parts, strict=True))
+        items: list[np.ndarray | ClassifierError] = await asyncio.gather(
+            *(
+                self._prepare_or_error(classifier, p, part)
+                for p, part in zip(images, parts, strict=True)
+            )
         )
-        good = [i for i, item in enumerate(prepared) if not isinstance(item, ClassifierError)]
-        probabilities = await anyio.to_thread.run_sync(
-            self.classifier.predict, [prepared[i] for i in good]
-        )
-        predictions = dict(zip(good, probabilities, strict=True))
+        good = [i for i, item in enumerate(items) if not isinstance(item, ClassifierError)]
+        rows = await anyio.to_thread.run_sync(classifier.predict_each, [items[i] for i in good])
+        for index, row in zip(good, rows, strict=True):
+            items[index] = row if row is not None else _model_failure()
         results = []
-        for index, (item, part) in enumerate(zip(prepared, parts, strict=True)):
-            result = BatchItem(index=index, filename=part.filename, success=index in predictions)
-            if index in predictions:
-                result.prediction = self.classifier.describe(predictions[index], k)
-                metrics.observe_prediction(result.prediction, self.model_ref.version)
-            else:
-                result.error = item.as_dict()
+        for index, (item, part) in enumerate(zip(items, parts, strict=True)):
+            result = BatchItem(index=index, filename=part.filename, success=True)
+            if isinstance(item, ClassifierError):
+                result.success, result.error = False, ItemError(**item.as_dict())
                 metrics.ITEM_ERRORS.labels(code=item.code.value).inc()
+            else:
+                result.prediction = classifier.describe(item, k)
+                metrics.observe_prediction(result.prediction, self.model_ref.version)
             results.append(result)
         return AnalyzeBatchResponse(
             request_id=request_id,
@@ -171,12 +185,13 @@ class ImageClassifier:
         tensors = self.desk.take_inputs(tickets)
         known = [(ticket, t) for ticket, t in zip(tickets, tensors, strict=True) if t is not None]
         if known:
-            probabilities = self.classifier.predict([tensor for _, tensor in known])
-            for (ticket, _), row in zip(known, probabilities, strict=True):
-                self.desk.leave_result(ticket, row)
+            rows = self._ready_classifier().predict_each([tensor for _, tensor in known])
+            for (ticket, _), row in zip(known, rows, strict=True):
+                if row is not None:
+                    self.desk.leave_result(ticket, row)
         return [tensor is not None for tensor in tensors]
 
-    async def _prepare(self, path: Path, part: UploadPart) -> np.ndarray:
+    async def _prepare(self, classifier: Classifier, path: Path, part: UploadPart) -> np.ndarray:
         if part.size > SETTINGS.max_upload_bytes:
             raise ClassifierError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
@@ -184,20 +199,24 @@ class ImageClassifier:
             )
         data = await anyio.Path(path).read_bytes()
         return await anyio.to_thread.run_sync(
-            self.classifier.prepare, data, part.content_type, limiter=self.decode_limiter
+            classifier.prepare, data, part.content_type, limiter=self.decode_limiter
         )
 
-    async def _prepare_or_error(self, path: Path, part: UploadPart) -> np.ndarray | ClassifierError:
+    async def _prepare_or_error(
+        self, classifier: Classifier, path: Path, part: UploadPart
+    ) -> np.ndarray | ClassifierError:
         try:
-            return await self._prepare(path, part)
+            return await self._prepare(classifier, path, part)
         except ClassifierError as exc:
             return exc
 
-    async def _run_one(self, tensor: np.ndarray) -> np.ndarray:
+    async def _run_one(self, classifier: Classifier, tensor: np.ndarray) -> np.ndarray:
         """Through BentoML's batcher when batching is on, so concurrent requests share a run."""
         if not SETTINGS.batching:
-            probabilities = await anyio.to_thread.run_sync(self.classifier.predict, [tensor])
-            return probabilities[0]
+            (row,) = await anyio.to_thread.run_sync(classifier.predict_each, [tensor])
+            if row is None:
+                raise _model_failure()
+            return row
         ticket = self.desk.deposit(tensor)
         try:
             await self.to_async.infer([ticket])
@@ -209,8 +228,13 @@ class ImageClassifier:
         finally:
             self.desk.discard(ticket)
         if result is None:
-            raise RuntimeError("batched run returned no result for a ticket")
+            raise _model_failure()
         return result
+
+
+def _model_failure() -> ClassifierError:
+    """The model itself failed on an input (logged with its traceback); no details leave."""
+    return ClassifierError(ErrorCode.INTERNAL_ERROR, "the model failed on this image")
 
 
 def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:

@@ -5,6 +5,7 @@ The service and offline tools use this one object, so the two cannot drift apart
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .preprocessing import preprocess
 from .runtime import OnnxModel
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 class Classifier:
     def __init__(self, model_dir: Path, settings: Settings) -> None:
@@ -29,6 +32,32 @@ class Classifier:
     @property
     def card(self) -> ModelCard:
         return self.model.card
+
+    def describe_setup(self) -> dict:
+        """What /info shows: the card's contract and the limits requests meet."""
+        card, settings = self.card, self.settings
+        return {
+            "source": card.source,
+            "benchmark_only": card.benchmark_only,
+            "labels": card.labels,
+            "preprocessing": card.preprocessing.model_dump(mode="json"),
+            "output_kind": card.output_kind,
+            "metrics": card.metrics.model_dump(mode="json"),
+            "training_data_sha256": card.training_data_sha256,
+            "batching": {
+                "enabled": settings.batching,
+                "max_batch_size": settings.batch_max_size,
+                "max_latency_ms": settings.batch_max_latency_ms,
+            },
+            "limits": {
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_batch_images": settings.max_batch_images,
+                "max_batch_bytes": settings.max_batch_bytes,
+                "max_image_pixels": settings.max_image_pixels,
+                "allowed_formats": list(settings.allowed_formats),
+            },
+            "grades": {"high": settings.grade_high, "medium": settings.grade_medium},
+        }
 
     def warm_up(self) -> None:
         self.model.warm_up((1, self.settings.batch_max_size))
@@ -59,6 +88,22 @@ class Classifier:
             runs.append(self.model.probabilities(np.stack(chunk)))
             metrics.observe_model_run(len(chunk))
         return np.concatenate(runs) if runs else np.zeros((0, len(self.card.labels)), np.float32)
+
+    def predict_each(self, tensors: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """Like predict, but a run that fails is retried item by item: one poison input fails
+        alone (None) instead of taking every request merged with it down."""
+        try:
+            return list(self.predict(tensors))
+        except Exception:
+            log.exception("a model run of %d items failed; retrying them one by one", len(tensors))
+        results: list[np.ndarray | None] = []
+        for tensor in tensors:
+            try:
+                results.append(self.predict([tensor])[0])
+            except Exception:
+                log.exception("a model run failed on a single item")
+                results.append(None)
+        return results
 
     def describe(self, probabilities: np.ndarray, top_k: int) -> Prediction:
         return to_prediction(

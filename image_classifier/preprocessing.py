@@ -168,11 +168,13 @@ def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     if spec.resize_mode == "stretch":
         return image.resize((width, height), resample)
     if spec.resize_mode == "center_crop":
+        # Resize straight from the source window: scaling the whole picture first would build a
+        # huge intermediate for extreme shapes (10000x1 -> 2.5 gigapixels).
         scale = max(width / image.width, height / image.height) / spec.crop_ratio
-        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(scaled, resample)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        return image.crop((left, top, left + width, top + height))
+        half_w, half_h = width / scale / 2, height / scale / 2
+        centre_x, centre_y = image.width / 2, image.height / 2
+        window = (centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h)
+        return image.resize((width, height), resample, box=window)
     # letterbox
     fitted = ImageOps.contain(image, (width, height), resample)
     fill = 255 if image.mode == "L" else (255, 255, 255)
