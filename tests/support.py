@@ -49,7 +49,7 @@ def build_onnx_classifier(
     """A linear ONNX classifier and its card.json in `model_dir` (a served-model folder).
 
     `fail_when_mean_below` makes the model fail at run time on inputs whose mean is below the
-    threshold (a Reshape to a shape that cannot fit): a real model fault, for error-path tests.
+    threshold (a Reshape to a shape that cannot fit), and so does any batch holding one: a real model fault, for error-path tests.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -57,9 +57,7 @@ def build_onnx_classifier(
     from image_classifier.model_card import ModelCard
     from image_classifier.preprocessing import PreprocessSpec
 
-    spec = PreprocessSpec(
-        input_size=input_size, color_mode=color_mode, **spec_options
-    )
+    spec = PreprocessSpec(input_size=input_size, color_mode=color_mode, **spec_options)
     features = int(np.prod(spec.tensor_shape))
     rng = np.random.default_rng(seed)
     init = [
@@ -82,8 +80,9 @@ def build_onnx_classifier(
             numpy_helper.from_array(np.array([-1, labels + 1], np.int64), "bad_shape"),
         ]
         nodes += [
-            helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
-            helper.make_node("Less", ["mean", "threshold"], ["dark"]),
+            helper.make_node("ReduceMean", ["input"], ["means"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("ReduceMin", ["means"], ["darkest"], keepdims=0),
+            helper.make_node("Less", ["darkest", "threshold"], ["dark"]),
             helper.make_node("Where", ["dark", "bad_shape", "good_shape"], ["out_shape"]),
             helper.make_node("Reshape", [final, "out_shape"], ["checked"]),
         ]

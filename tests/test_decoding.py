@@ -28,7 +28,9 @@ def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims any size: the decompression-bomb shape."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
@@ -157,7 +159,9 @@ def test_exif_orientation_is_applied(orientation):
 
 def test_broken_exif_is_ignored():
     data = encode(picture(), "JPEG")
-    broken_app1 = b"\xff\xe1" + struct.pack(">H", 20) + b"Exif\x00\x00II*\x00\xff\xff\xff\xff\x00\x00"
+    broken_app1 = (
+        b"\xff\xe1" + struct.pack(">H", 20) + b"Exif\x00\x00II*\x00\xff\xff\xff\xff\x00\x00"
+    )
     data = data[:2] + broken_app1 + data[2:]
     assert decode_image(data, LIMITS).size == (64, 48)
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from image_classifier.preprocessing import PreprocessSpec, crop_to_content, preprocess, to_color_mode
+from image_classifier.preprocessing import (
+    PreprocessSpec,
+    crop_to_content,
+    preprocess,
+    to_color_mode,
+)
 
 DIGITS = PreprocessSpec(
     input_size=(28, 28), color_mode="L", content_crop=True, mean=(0.5,), std=(0.5,)
