@@ -7,7 +7,6 @@ All image work lives in `image_classifier`; this file only wires it to BentoML. 
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import image_classifier
 from image_classifier import metrics
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError, ErrorCode, error_envelope
@@ -42,7 +42,6 @@ from image_classifier.settings import Settings
 from image_classifier.uploads import UploadPart, UploadRule
 
 SETTINGS = Settings.from_env()
-SERVICE_VERSION = importlib.metadata.version("bento-image-classifier")
 log = logging.getLogger("image_classifier.service")
 
 
@@ -105,7 +104,7 @@ class ImageClassifier:
 
     def info(self) -> dict:
         return {
-            "service": {"name": "image_classifier", "version": SERVICE_VERSION},
+            "service": {"name": "image_classifier", "version": image_classifier.__version__},
             "model": self.model_ref.model_dump(),
             **self._ready_classifier().describe_setup(),
         }

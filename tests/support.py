@@ -49,7 +49,8 @@ def build_onnx_classifier(
     """A linear ONNX classifier and its card.json in `model_dir` (a served-model folder).
 
     `fail_when_mean_below` makes the model fail at run time on inputs whose mean is below the
-    threshold (a Reshape to a shape that cannot fit), and so does any batch holding one: a real model fault, for error-path tests.
+    threshold (a Reshape to a shape that cannot fit), and so does any batch holding one:
+    a real model fault, for error-path tests.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper

@@ -1,4 +1,4 @@
-"""Decoding client bytes: allow-listed formats, header-first size checks, orientation, hostile files."""
+"""Decoding client bytes: allowed formats, header-first size checks, orientation, hostile files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ASGI boundary on its own: request ids, streaming caps, multipart shape, the error envelope."""
+"""The ASGI boundary alone: request ids, streaming caps, multipart shape, the error envelope."""
 
 from __future__ import annotations
 
