@@ -1,0 +1,85 @@
+"""python -m training_export {train, ensure-default, import-onnx}: see --help of each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .recipe import MODEL_VERSION
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training_export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train, export, verify and save the default model")
+    train.add_argument(
+        "--version", default=MODEL_VERSION, help="store version (default: %(default)s)"
+    )
+    train.add_argument("--force", action="store_true", help="replace an existing version")
+    train.add_argument("--epochs", type=int, default=None)
+
+    commands.add_parser("ensure-default", help="train the default model only if the store lacks it")
+
+    imp = commands.add_parser("import-onnx", help="save your own ONNX classifier with its card")
+    imp.add_argument("model", type=Path, help="the .onnx file (one self-contained file)")
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--version", default=None, help="default: a generated id")
+    imp.add_argument("--labels", type=Path, help="text file, one label per line, in output order")
+    imp.add_argument("--config", type=Path, help="JSON with labels/preprocessing/output_kind")
+    imp.add_argument("--input-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
+    imp.add_argument("--color-mode", choices=["L", "RGB"])
+    imp.add_argument("--resize-mode", choices=["stretch", "center_crop", "letterbox"])
+    imp.add_argument(
+        "--resize-filter", choices=["nearest", "bilinear", "bicubic", "lanczos", "box"]
+    )
+    imp.add_argument("--scale", type=float)
+    imp.add_argument("--mean", type=float, nargs="+")
+    imp.add_argument("--std", type=float, nargs="+")
+    imp.add_argument("--layout", choices=["NCHW", "NHWC"])
+    imp.add_argument("--content-crop", action="store_true", default=None)
+    imp.add_argument("--output-kind", choices=["auto", "logits", "probabilities"], default="auto")
+    imp.add_argument("--description", default="")
+    return parser
+
+
+def _preprocessing_flags(args: argparse.Namespace) -> dict:
+    names = ("input_size", "color_mode", "resize_mode", "resize_filter", "scale", "mean", "std",
+             "layout", "content_crop")  # fmt: skip
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here: `--help` stays fast, and torch is loaded only by the commands that train.
+    from .export import ExportError
+    from .onnx_import import ModelImportError, import_onnx, read_config, read_labels
+    from .pipeline import TrainingError, ensure_default_model, train_and_save
+
+    try:
+        if args.command == "train":
+            extra = {"epochs": args.epochs} if args.epochs else {}
+            print(train_and_save(args.version, force=args.force, **extra))
+        elif args.command == "ensure-default":
+            print(ensure_default_model())
+        else:
+            tag = import_onnx(
+                args.model,
+                name=args.name,
+                version=args.version,
+                labels=read_labels(args.labels) if args.labels else None,
+                config=read_config(args.config) if args.config else None,
+                preprocessing=_preprocessing_flags(args),
+                output_kind=args.output_kind,
+                description=args.description,
+            )
+            print(f"imported {args.model} as {tag}")
+    except (TrainingError, ExportError, ModelImportError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""torch -> one self-contained ONNX file, then proof that ONNX Runtime computes the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from image_classifier.postprocessing import softmax
+
+from .recipe import OPSET
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+MAX_PROBABILITY_DIFFERENCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported model is not faithful: never save it."""
+
+
+@dataclass(frozen=True)
+class OnnxSignature:
+    input_name: str
+    input_shape: list[int | str | None]
+    output_name: str
+    output_shape: list[int | str | None]
+    opset: int
+
+
+def export_onnx(module: nn.Module, path: Path, example: np.ndarray) -> OnnxSignature:
+    module.eval()
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(example[:1]),),
+        str(path),
+        dynamo=False,  # opset 17 in one file; the dynamo exporter needs onnxscript
+        opset_version=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
+    return inspect_onnx(path)
+
+
+def inspect_onnx(path: Path) -> OnnxSignature:
+    """Check the file is a valid ONNX model with one input and one output; read its signature."""
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ExportError(f"{path} is not a valid ONNX model: {exc}") from None
+    inputs = [
+        i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    ]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ExportError(f"{path}: expected one input and one output, found "
+                          f"{len(inputs)} and {len(model.graph.output)}")  # fmt: skip
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxSignature(
+        input_name=inputs[0].name,
+        input_shape=_shape(inputs[0]),
+        output_name=model.graph.output[0].name,
+        output_shape=_shape(model.graph.output[0]),
+        opset=opset,
+    )
+
+
+def _shape(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def verify_onnx(path: Path, module: nn.Module, inputs: np.ndarray) -> float:
+    """ONNX Runtime vs torch on every input: same argmax, probabilities within 1e-4."""
+    module.eval()
+    with torch.no_grad():
+        expected = softmax(module(torch.from_numpy(inputs)).numpy())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
+    difference = float(np.abs(actual - expected).max())
+    if difference > MAX_PROBABILITY_DIFFERENCE:
+        raise ExportError(f"ONNX Runtime differs from torch by {difference:.2e} in probability")
+    disagreements = int((actual.argmax(axis=1) != expected.argmax(axis=1)).sum())
+    if disagreements:
+        raise ExportError(f"ONNX Runtime and torch disagree on {disagreements} predictions")
+    return difference

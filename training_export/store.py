@@ -1,0 +1,65 @@
+"""Save models with their card into the BentoML model store, and look them up."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+from image_classifier.model_card import ModelCard
+from image_classifier.runtime import CARD_FILE
+
+_VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "pillow", "scikit-learn", "bentoml")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def model_exists(tag: str) -> bool:
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        return False
+    return True
+
+
+def delete_model(tag: str) -> None:
+    bentoml.models.delete(tag)
+
+
+def load_card(tag: str) -> ModelCard:
+    return ModelCard.model_validate(bentoml.models.get(tag).info.metadata["card"])
+
+
+def save_to_store(onnx_path: Path, card: ModelCard, tag: str) -> str:
+    """The ONNX file and card.json in a new store entry; the card also goes in the metadata."""
+    card_json = card.model_dump(mode="json", exclude_none=True)  # the store refuses None values
+    labels = {"source": card.source, "task": card.task}
+    with bentoml.models.create(tag, labels=labels, metadata={"card": card_json}) as model:
+        target = Path(model.path)
+        shutil.copyfile(onnx_path, target / card.onnx_file)
+        (target / CARD_FILE).write_text(card.model_dump_json(indent=2))
+    return str(model.tag)
