@@ -124,7 +124,7 @@ class ImageClassifier:
             probabilities = await self._run_one(classifier, tensor)
             prediction = classifier.describe(probabilities, k)
         except ClassifierError as exc:
-            return _error_response(exc, request_id)
+            return _error_response(exc, request_id, ctx)
         metrics.observe_prediction(prediction, self.model_ref.version)
         return AnalyzeResponse(
             request_id=request_id,
@@ -144,7 +144,7 @@ class ImageClassifier:
             classifier = self._ready_classifier()
             k = classifier.resolve_top_k(top_k)
         except ClassifierError as exc:
-            return _error_response(exc, request_id)
+            return _error_response(exc, request_id, ctx)
         parts = _upload_parts(ctx)
         items: list[np.ndarray | ClassifierError] = await asyncio.gather(
             *(
@@ -240,7 +240,11 @@ def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:
     return ctx.request.scope["state"][UPLOADS_STATE_KEY]
 
 
-def _error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
+def _error_response(
+    exc: ClassifierError, request_id: str, ctx: bentoml.Context | None = None
+) -> JSONResponse:
+    if ctx is not None:  # BentoML applies the context's status to whatever an api returns
+        ctx.response.status_code = exc.status
     return JSONResponse(error_envelope(exc.code, exc.message, request_id), status_code=exc.status)
 
 
