@@ -256,10 +256,11 @@ ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
     upload_routes={
         "/analyze": UploadRoute(
-            UploadRule("image", 1, 1, frozenset({"top_k"})), SETTINGS.max_upload_bytes
+            UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})),
+            SETTINGS.max_upload_bytes,
         ),
         "/analyze_batch": UploadRoute(
-            UploadRule("images", 1, SETTINGS.max_batch_images, frozenset({"top_k"})),
+            UploadRule("images", 1, SETTINGS.max_batch_images, integer_fields=frozenset({"top_k"})),
             SETTINGS.max_batch_bytes,
         ),
     },

@@ -101,6 +101,10 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
             f"the image declares too many pixels; at most {limits.max_pixels:,} are accepted",
         ) from None
     except UnidentifiedImageError:
+        if _sniff_format(data, limits.allowed_formats):  # e.g. a PNG cut off inside its header
+            raise ClassifierError(
+                ErrorCode.INVALID_IMAGE, "the image header is truncated or corrupt"
+            ) from None
         raise ClassifierError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"not a supported image; send one of: {_format_list(limits.allowed_formats)}",
@@ -108,6 +112,16 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     except Exception as exc:  # a recognised format whose header is broken
         log.debug("header parse failed: %r", exc)
         raise ClassifierError(ErrorCode.INVALID_IMAGE, "the image header is corrupt") from None
+
+
+def _sniff_format(data: bytes, allowed_formats: tuple[str, ...]) -> str | None:
+    """The allowed format whose signature the bytes start with (Pillow's own signature checks)."""
+    Image.init()
+    for fmt in allowed_formats:
+        _, accept = Image.OPEN.get(fmt, (None, None))
+        if accept is not None and accept(data[:16]):
+            return fmt
+    return None
 
 
 def _check_declared_matches(declared: str | None, actual_format: str | None) -> None:

@@ -17,13 +17,17 @@ from .errors import ClassifierError, ErrorCode
 
 @dataclass(frozen=True)
 class UploadRule:
-    """What one route accepts: one file field with a count range, plus optional text fields."""
+    """What one route accepts: one file field with a count range, plus optional integer fields.
+
+    Integer fields are checked here too, so a value like ``top_k=abc`` gets our 400 instead of
+    a framework validation error (which BentoML logs with a full traceback).
+    """
 
     file_field: str
     min_files: int
     max_files: int
-    text_fields: frozenset[str] = frozenset()
-    max_text_bytes: int = 1024
+    integer_fields: frozenset[str] = frozenset()
+    max_text_bytes: int = 32
 
 
 @dataclass
@@ -111,7 +115,7 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
 
 
 def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
-    expected = ", ".join([rule.file_field, *sorted(rule.text_fields)])
+    expected = ", ".join([rule.file_field, *sorted(rule.integer_fields)])
     files = []
     seen_text: set[str] = set()
     for part in parts:
@@ -122,11 +126,10 @@ def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
                     f"field {rule.file_field!r} must be a file upload, not a text value",
                 )
             files.append(part)
-        elif part.name in rule.text_fields and not part.is_file:
+        elif part.name in rule.integer_fields and not part.is_file:
             if part.name in seen_text:
                 raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
-            if part.size > rule.max_text_bytes:
-                raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} is too long")
+            _check_integer(part, rule)
             seen_text.add(part.name)
         else:
             raise ClassifierError(
@@ -147,3 +150,11 @@ def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
             f"{len(files)} files sent; at most {rule.max_files} per request",
         )
     return files
+
+
+def _check_integer(part: UploadPart, rule: UploadRule) -> None:
+    text = part.text.decode("utf-8", "replace").strip()
+    if part.size > rule.max_text_bytes or not text.lstrip("+-").isdigit() or not text.isascii():
+        raise ClassifierError(
+            ErrorCode.INVALID_REQUEST, f"field {part.name!r} must be an integer, got {text[:20]!r}"
+        )

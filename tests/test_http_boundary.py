@@ -54,7 +54,9 @@ CLIENT = TestClient(
     BoundaryMiddleware(
         APP,
         upload_routes={
-            "/upload": UploadRoute(UploadRule("image", 1, 1, frozenset({"top_k"})), CAP)
+            "/upload": UploadRoute(
+                UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})), CAP
+            )
         },
     ),
     raise_server_exceptions=False,
