@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 import image_classifier
 from image_classifier import metrics
+from image_classifier.admission import Gate
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError, ErrorCode, error_envelope
 from image_classifier.handoff import TicketDesk
@@ -30,6 +31,7 @@ from image_classifier.http_boundary import (
     UPLOADS_STATE_KEY,
     BoundaryMiddleware,
     UploadRoute,
+    internal_call,
 )
 from image_classifier.schemas import (
     AnalyzeBatchResponse,
@@ -39,10 +41,25 @@ from image_classifier.schemas import (
     ModelRef,
 )
 from image_classifier.settings import Settings
+from image_classifier.shutdown import drain_on_sigterm
 from image_classifier.uploads import UploadPart, UploadRule
 
 SETTINGS = Settings.from_env()
+GATE = Gate(SETTINGS.admission_policy())  # per worker: the middleware admits, SIGTERM drains
 log = logging.getLogger("image_classifier.service")
+
+
+def _model_in_store(tag: str) -> str:
+    """A missing model stops the start with one line saying what to run (not a cloud error)."""
+    try:
+        bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise SystemExit(
+            f"model {tag} is not in the BentoML model store; run `python -m training_export "
+            "ensure-default` for the default model, or `python -m training_export import-onnx` "
+            "for your own, then start again"
+        ) from None
+    return tag
 
 
 async def _info(request: Request) -> JSONResponse:
@@ -63,10 +80,12 @@ info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
     workers=SETTINGS.workers,
     # The default (recycle the in-process connection every 100 requests) failed ~5% of self-calls.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    # Our own deadline (REQUEST_TIMEOUT_S, in the middleware) answers first, in the envelope.
+    traffic={"timeout": SETTINGS.request_timeout_s + 30},
 )
 @bentoml.asgi_app(info_app, path="/")  # a passive mount: it only claims GET /info
 class ImageClassifier:
-    model = bentoml.models.BentoModel(SETTINGS.model_tag)
+    model = bentoml.models.BentoModel(_model_in_store(SETTINGS.model_tag))
 
     def __init__(self) -> None:
         self.model_ref = ModelRef(name=self.model.tag.name, version=self.model.tag.version)
@@ -76,6 +95,7 @@ class ImageClassifier:
         # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
         # and early requests get NOT_READY instead of a refused or hanging connection.
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s)
 
     def _load_model(self) -> None:
         tag = f"{self.model_ref.name}:{self.model_ref.version}"
@@ -95,7 +115,7 @@ class ImageClassifier:
         log.info("model %s loaded and warmed up: ready", tag)
 
     def __is_ready__(self) -> bool:
-        return self.classifier is not None
+        return self.classifier is not None and not GATE.draining
 
     def _ready_classifier(self) -> Classifier:
         if self.classifier is None:
@@ -218,7 +238,8 @@ class ImageClassifier:
             return row
         ticket = self.desk.deposit(tensor)
         try:
-            await self.to_async.infer([ticket])
+            with internal_call():
+                await self.to_async.infer([ticket])
             result = self.desk.take_result(ticket)
         except bentoml.exceptions.BentoMLException as exc:
             if getattr(exc, "error_code", None) == 503:
@@ -254,6 +275,8 @@ def _ms_since(started: float) -> float:
 
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
+    gate=GATE,
+    internal_paths=frozenset({"/internal/infer"}),
     upload_routes={
         "/analyze": UploadRoute(
             UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})),

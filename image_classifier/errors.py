@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     NOT_READY = "NOT_READY"
     OVERLOADED = "OVERLOADED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
     TIMEOUT = "TIMEOUT"
 
 
@@ -38,6 +39,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.NOT_READY: 503,
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.TIMEOUT: 504,
 }
 
@@ -60,10 +62,11 @@ CODE_FOR_STATUS: dict[int, ErrorCode] = {
 class ClassifierError(Exception):
     """An expected failure with a stable code; its message is safe to show to the client."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429 and 503 always get one)
 
     @property
     def status(self) -> int:

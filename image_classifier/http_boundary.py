@@ -5,19 +5,25 @@ It sits in front of the framework's request handling, so:
   and the handlers see the same id in the request headers;
 - upload routes get their byte cap enforced while the body streams in (Content-Length over the cap
   is refused before a byte is read), and their multipart shape checked (see `uploads.py`);
+- API routes pass the admission gate (token, rate limit, in-flight cap, deadline; `admission.py`);
+- routes only the service may call itself (the batcher's) answer 404 to anyone else;
 - every non-2xx answer, whoever produced it, leaves in the project's envelope with a stable code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
+from .admission import AdmissionPolicy, Gate, is_open_path
 from .errors import CODE_FOR_STATUS, ClassifierError, ErrorCode, error_envelope, is_error_envelope
 from .uploads import UploadRule, scan_multipart
 
@@ -32,6 +38,18 @@ UPLOADS_STATE_KEY = "upload_parts"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _RETRY_AFTER_SECONDS = "1"
 _INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
+# Set while the service calls its own routes (the in-process self-call runs in the caller's task).
+_INTERNAL_CALL: ContextVar[bool] = ContextVar("internal_call", default=False)
+
+
+@contextmanager
+def internal_call() -> Iterator[None]:
+    """Mark the service's calls to its own internal routes; nobody else may reach those."""
+    token = _INTERNAL_CALL.set(True)
+    try:
+        yield
+    finally:
+        _INTERNAL_CALL.reset(token)
 
 
 @dataclass(frozen=True)
@@ -42,30 +60,62 @@ class UploadRoute:
 
 class BoundaryMiddleware:
     def __init__(
-        self, app: ASGIApp, upload_routes: dict[str, UploadRoute], readiness_path: str = "/readyz"
+        self,
+        app: ASGIApp,
+        upload_routes: dict[str, UploadRoute],
+        gate: Gate | None = None,
+        internal_paths: frozenset[str] = frozenset(),
+        readiness_path: str = "/readyz",
     ) -> None:
         self.app = app
         self.upload_routes = upload_routes
+        self.gate = gate or Gate(AdmissionPolicy())
+        self.internal_paths = internal_paths
         self.readiness_path = readiness_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] in self.internal_paths and _INTERNAL_CALL.get():
+            await self.app(scope, receive, send)  # part of a request admitted already
+            return
         request_id = _adopt_request_id(scope)
         send = _EnvelopingSend(send, request_id, scope["path"] == self.readiness_path)
-        route = self.upload_routes.get(scope["path"])
+        try:
+            async with asyncio.timeout(self.gate.policy.request_timeout_s):
+                await self._admit(scope, receive, send)
+        except ClassifierError as exc:
+            await send_error(send, exc, request_id)
+        except TimeoutError:
+            if send.started:  # too late for an answer of our own; the client sees a cut response
+                raise
+            message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
+            await send_error(send, ClassifierError(ErrorCode.TIMEOUT, message), request_id)
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path in self.internal_paths:
+            raise ClassifierError(ErrorCode.NOT_FOUND, "Not Found")
+        if not is_open_path(path):
+            client_key = self.gate.authenticate(_header(scope, "authorization"))
+            self.gate.check_rate(client_key or _client_address(scope))
+        route = self.upload_routes.get(path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
+            self.gate.enter()  # from arrival: a SIGTERM drain also waits for bodies coming in
+        except ClassifierError:
+            await _discard_body(receive)  # answer after the body: no reset under the client
+            raise
+        try:
             body = await _read_capped_body(scope, receive, route.max_bytes)
             parts = scan_multipart(_header(scope, "content-type"), body, route.rule)
-        except ClassifierError as exc:
-            await send_error(send, exc.status, exc.code, exc.message, request_id)
-            return
-        scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
-        await self.app(scope, _replay(body, receive), send)
+            scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.gate.leave()
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -74,6 +124,11 @@ def _header(scope: Scope, name: str) -> str | None:
         if key.lower() == wanted:
             return value.decode("latin-1")
     return None
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return "addr:" + (client[0] if client else "unknown")
 
 
 def _adopt_request_id(scope: Scope) -> str:
@@ -108,6 +163,13 @@ async def _read_capped_body(scope: Scope, receive: Receive, max_bytes: int) -> b
             return b"".join(chunks)
 
 
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     sent = False
 
@@ -121,11 +183,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def send_error(
-    send: Send, status: int, code: ErrorCode, message: str, request_id: str
-) -> None:
-    body = json.dumps(error_envelope(code, message, request_id)).encode()
-    await send({"type": "http.response.start", "status": status, "headers": _json_headers(body)})
+async def send_error(send: Send, exc: ClassifierError, request_id: str) -> None:
+    body = json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
+    headers = _json_headers(body)
+    if exc.retry_after_s is not None:
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -142,9 +205,11 @@ class _EnvelopingSend:
         self.is_readiness = is_readiness
         self.held_start: Message | None = None
         self.held_body: list[bytes] = []
+        self.started = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
+            self.started = True
             headers = [
                 (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
             ]
@@ -171,6 +236,7 @@ class _EnvelopingSend:
         except ValueError:
             parsed = None
         extra: list[tuple[bytes, bytes]] = []
+        retry_after = _header({"headers": start["headers"]}, "retry-after") or _RETRY_AFTER_SECONDS
         if is_error_envelope(parsed):
             code = parsed["error"]["code"]
         else:
@@ -180,7 +246,7 @@ class _EnvelopingSend:
             ).encode()
         metrics.ERRORS.labels(code=str(code)).inc()
         if status in (429, 503):
-            extra.append((b"retry-after", _RETRY_AFTER_SECONDS.encode()))
+            extra.append((b"retry-after", retry_after.encode("latin-1")))
         kept = [
             (k, v)
             for k, v in start["headers"]

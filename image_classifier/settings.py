@@ -10,6 +10,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from limits import parse as parse_rate_limit
+
+from .admission import AdmissionPolicy
+
 # The default model, pinned by version: the training recipe writes exactly this tag, so a bento
 # built from a clean checkout always packages the same model. Bump the version with the recipe.
 DEFAULT_MODEL_NAME = "digits-cnn"
@@ -51,6 +55,33 @@ class Settings:
     workers: int = _env("WORKERS", 1, "server processes, each with its own model session")
     threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
     ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
+    max_concurrency: int = _env(
+        "MAX_CONCURRENCY", 64, "requests in work at once per worker (503 OVERLOADED above)"
+    )
+    request_timeout_s: float = _env(
+        "REQUEST_TIMEOUT_S", 30.0, "a request still in work after this gets 504 TIMEOUT"
+    )
+    api_tokens: tuple[str, ...] = _env(
+        "API_TOKENS", (), "bearer tokens the APIs accept (comma-separated); empty: no auth"
+    )
+    rate_limit: str = _env(
+        "RATE_LIMIT", "", "per-client limit, e.g. '20/second' (key: token, else address); off"
+    )
+    shutdown_grace_s: float = _env(
+        "SHUTDOWN_GRACE_S", 20.0, "on SIGTERM, time to finish accepted requests before exit"
+    )
+
+    def __post_init__(self) -> None:
+        formats = tuple(fmt.upper() for fmt in self.allowed_formats)
+        object.__setattr__(self, "allowed_formats", formats)
+
+    def admission_policy(self) -> AdmissionPolicy:
+        return AdmissionPolicy(
+            api_tokens=self.api_tokens,
+            rate_limit=self.rate_limit,
+            max_concurrency=self.max_concurrency,
+            request_timeout_s=self.request_timeout_s,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -77,12 +108,20 @@ class Settings:
             "workers",
             "threads",
             "ort_intra_op_threads",
+            "max_concurrency",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.grade_medium <= self.grade_high <= 1:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
+        if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
+            raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
+        if self.rate_limit:
+            try:
+                parse_rate_limit(self.rate_limit)
+            except ValueError:
+                raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'") from None
         if self.batch_max_size < 2:
             raise ValueError("BATCH_MAX_SIZE must be >= 2 (BentoML requires it)")
 
@@ -105,7 +144,7 @@ def _parse(name: str, raw: str, default: object) -> object:
         if isinstance(default, float):
             return float(raw)
         if isinstance(default, tuple):
-            return tuple(part.strip().upper() for part in raw.split(",") if part.strip())
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
@@ -118,6 +157,8 @@ def describe() -> str:
     for spec in fields(Settings):
         default = spec.default
         value = getattr(current, spec.name)
+        if spec.name == "api_tokens" and value:
+            value = f"({len(value)} set)"  # never print a secret
         rows.append(
             f"{spec.metadata['env']:<22} {default!s:<40} {value!s:<40} {spec.metadata['doc']}"
         )

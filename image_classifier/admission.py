@@ -1,0 +1,103 @@
+"""Who gets in, and when: bearer tokens, a per-client rate limit, an in-flight cap, a deadline.
+
+BentoML 1.4's own `traffic` limits answer from outside every user middleware (their 429/504 bodies
+could not be put in the envelope), so the service enforces its own, here, and sets BentoML's
+timeout above ours as a backstop. Everything is per worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass
+
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from .errors import ClassifierError, ErrorCode
+
+# Reachable without a token: probes, metrics, and the API description.
+OPEN_PATHS = frozenset(
+    {"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/"}
+)
+OPEN_PREFIXES = ("/static_content/", "/assets/")
+OVERLOADED_RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    api_tokens: tuple[str, ...] = ()  # empty: no authentication
+    rate_limit: str = ""  # `limits` notation, e.g. "20/second" or "600/minute"; empty: off
+    max_concurrency: int = 64  # requests in work at once, per worker; more get 503 OVERLOADED
+    request_timeout_s: float = 30.0  # a request still in work after this gets 504 TIMEOUT
+
+
+def is_open_path(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+class Gate:
+    """The checks, in the order a request meets them: token, rate, a free slot."""
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self.policy = policy
+        # Compare digests, not tokens: equal length for every candidate, and no token kept around.
+        self._token_digests = tuple(_digest(token) for token in policy.api_tokens)
+        self._rate = parse(policy.rate_limit) if policy.rate_limit else None
+        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._rate else None
+        self.in_flight = 0
+        self.draining = False  # set on SIGTERM: finish what is in work, take nothing new
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The client's key for rate limiting (a digest of its token), or None when auth is off."""
+        if not self._token_digests:
+            return None
+        scheme, _, credentials = (authorization or "").partition(" ")
+        given = _digest(credentials.strip()) if scheme.lower() == "bearer" else b""
+        matched = False
+        for expected in self._token_digests:  # no early exit: timing does not tell which matched
+            matched |= hmac.compare_digest(given, expected)
+        if not matched:
+            raise ClassifierError(
+                ErrorCode.UNAUTHORIZED, "send a valid API token as 'Authorization: Bearer <token>'"
+            )
+        return "token:" + given.hex()[:16]
+
+    def check_rate(self, client_key: str) -> None:
+        if self._limiter is None or self._rate is None:
+            return
+        if self._limiter.hit(self._rate, client_key):
+            return
+        reset_at = self._limiter.get_window_stats(self._rate, client_key).reset_time
+        retry_after = max(1, math.ceil(reset_at - time.time()))
+        raise ClassifierError(
+            ErrorCode.RATE_LIMITED,
+            f"rate limit of {self.policy.rate_limit} exceeded; retry in {retry_after} s",
+            retry_after_s=retry_after,
+        )
+
+    def enter(self) -> None:
+        """Take a slot, or refuse at once: a fast honest 503 beats a queue that times out."""
+        if self.draining:
+            raise ClassifierError(
+                ErrorCode.SHUTTING_DOWN,
+                "this server is shutting down; retry on another replica",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        if self.in_flight >= self.policy.max_concurrency:
+            raise ClassifierError(
+                ErrorCode.OVERLOADED,
+                f"the server is at its limit of {self.policy.max_concurrency} requests in work",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()

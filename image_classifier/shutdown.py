@@ -1,0 +1,56 @@
+"""Graceful shutdown: on SIGTERM stop admitting, finish the accepted work, then let the server exit.
+
+Uvicorn's own SIGTERM handling stops listening at once and, behind BentoML's process manager,
+cut in-flight requests here (measured: 14 of 150 concurrent requests failed with a read error).
+This handler goes first: readiness turns 503 and new requests get 503 SHUTTING_DOWN, requests in
+work finish (up to the grace period), and only then is uvicorn's handler called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from types import FrameType
+
+from .admission import Gate
+
+log = logging.getLogger(__name__)
+_tasks: set[asyncio.Task] = set()
+
+
+def drain_on_sigterm(gate: Gate, grace_s: float) -> bool:
+    """Install the handler (main thread of a running event loop only); True when installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+
+    async def finish(signum: int, frame: FrameType | None) -> None:
+        deadline = loop.time() + grace_s
+        while gate.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        log.warning("drain done, %d request(s) still in work; shutting down", gate.in_flight)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if gate.draining:
+            return
+        gate.draining = True
+        log.warning(
+            "SIGTERM: taking no new work; finishing %d accepted request(s) within %g s",
+            gate.in_flight,
+            grace_s,
+        )
+        loop.call_soon_threadsafe(lambda: _tasks.add(loop.create_task(finish(signum, frame))))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
