@@ -87,10 +87,17 @@ class PreprocessSpec(BaseModel):
         return (width * factor, height * factor)
 
 
+# Rows of a 16/32-bit picture converted at a time: temporaries stay small (a 50 MP 16-bit PNG of
+# ~100 KB would otherwise cost over a gigabyte of float64 arrays).
+_HIGH_DEPTH_ROWS = 128
+
+
 def to_color_mode(image: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
     """Any Pillow mode to L or RGB: transparency over white; 16-bit and float rescaled."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _high_depth_to_l(image)
+    elif image.mode == "LAB":  # CIELAB TIFFs: Pillow converts LAB to nothing else by itself
+        image = _lab_to_rgb(image)
     if _has_transparency(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -105,13 +112,45 @@ def _has_transparency(image: Image.Image) -> bool:
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    """16/32-bit integer and float greys to 8 bits by their range (Pillow would clip at 255)."""
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-        values = values / 257.0  # 0..65535 -> 0..255
-    elif image.mode == "F" and values.max(initial=0) <= 1.0:
-        values = values * 255.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    """16/32-bit integer and float greys to 8 bits by their range (Pillow would clip at 255).
+
+    Works in float32 blocks of rows, so memory stays near the size of the picture itself;
+    NaN becomes 0 and infinities the ends of the range.
+    """
+    values = np.asarray(image)  # native dtype: uint16, int32 or float32
+    blocks = range(0, values.shape[0], _HIGH_DEPTH_ROWS)
+    peak = max(
+        (
+            float(np.max(block, initial=0, where=np.isfinite(block)))
+            for block in (values[start : start + _HIGH_DEPTH_ROWS] for start in blocks)
+        ),
+        default=0.0,
+    )
+    factor = 1.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+        factor = 1 / 257  # 0..65535 -> 0..255
+    elif image.mode == "F" and peak <= 1.0:
+        factor = 255.0
+    out = np.empty(values.shape, dtype=np.uint8)
+    for start in blocks:
+        block = values[start : start + _HIGH_DEPTH_ROWS].astype(np.float64) * factor
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(np.rint(block, out=block), 0, 255, out=block)
+        out[start : start + _HIGH_DEPTH_ROWS] = block
+    return Image.fromarray(out, mode="L")
+
+
+def _lab_to_rgb(image: Image.Image) -> Image.Image:
+    """CIELAB to sRGB with littlecms; without it, the lightness band as grey."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without littlecms
+        lightness = image.getchannel("L")
+        return Image.merge("RGB", (lightness, lightness, lightness))
+    transform = ImageCms.buildTransform(
+        ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+    )
+    return ImageCms.applyTransform(image, transform)
 
 
 def _shrink_for_work(image: Image.Image, spec: PreprocessSpec) -> Image.Image:

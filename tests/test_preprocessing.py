@@ -94,6 +94,46 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert to_color_mode(mid_grey, "L").getpixel((0, 0)) == 128  # clipping would give 255
 
 
+def test_float_nan_and_infinity_become_the_ends_of_the_range():
+    values = np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)
+    grey = np.asarray(to_color_mode(Image.fromarray(values, mode="F"), "L"))
+    assert grey.tolist() == [[0, 255, 0, 128]]  # the finite peak (0.5) is <= 1: scaled by 255
+
+
+def test_sixteen_bit_conversion_memory_stays_near_the_picture_size():
+    """A 16-bit PNG of ~100 KB can declare 50 MP: converting it must not cost float64 copies
+    of the whole picture (over a gigabyte at that size)."""
+    import tracemalloc
+
+    big = Image.fromarray(np.full((2000, 3000), 40000, dtype=np.uint16))
+    picture_bytes = 2000 * 3000 * 2
+    tracemalloc.start()
+    try:
+        grey = to_color_mode(big, "L")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grey.getpixel((0, 0)) == round(40000 / 257)
+    assert peak < 3 * picture_bytes, peak  # whole-picture float64 arrays: 8x and more
+
+
+def test_lab_pictures_are_converted_by_colour_not_refused():
+    from PIL import ImageCms
+
+    red = Image.new("RGB", (40, 30), (200, 30, 40))
+    to_lab = ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
+    )
+    lab = ImageCms.applyTransform(red, to_lab)
+    assert lab.mode == "LAB"
+    back = to_color_mode(lab, "RGB").getpixel((5, 5))
+    assert all(abs(a - b) <= 3 for a, b in zip(back, (200, 30, 40), strict=True)), back
+    for spec in (DIGITS, IMAGENET):
+        tensor = preprocess(lab, spec)
+        assert tensor.shape == spec.tensor_shape
+        assert np.isfinite(tensor).all()
+
+
 def test_transparency_is_composited_over_white():
     rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
     assert to_color_mode(rgba, "L").getpixel((5, 5)) == 255
