@@ -47,9 +47,16 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def bug_server(trained_store, artifacts):
-    """A server of its own for the known-bug cases (they log tracebacks)."""
-    with serve(trained_store, artifacts / "server-known-bugs.log") as running:
+def bug_server(trained_store, artifacts, tmp_path_factory):
+    """A server of its own for the known-bug cases (they log tracebacks).
+
+    It gets its own BENTOML_HOME (sharing the model store through a symlink): BentoML keeps its
+    Prometheus multiprocess files in $BENTOML_HOME/prometheus_multiproc_dir and clears that
+    folder when a server starts and stops, which would zero the shared server's /metrics.
+    """
+    home = tmp_path_factory.mktemp("bentoml-home-known-bugs")
+    (home / "models").symlink_to(trained_store / "models", target_is_directory=True)
+    with serve(home, artifacts / "server-known-bugs.log") as running:
         yield running
 
 
