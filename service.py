@@ -15,17 +15,17 @@ from pathlib import Path
 import anyio
 import bentoml
 import numpy as np
-from bentoml._internal.server.http import traffic as bentoml_traffic
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import bentoml_compat
 import image_classifier
 from image_classifier import metrics
 from image_classifier.admission import Gate
 from image_classifier.classifier import Classifier
-from image_classifier.errors import ClassifierError, ErrorCode, error_envelope
+from image_classifier.errors import ClassifierError, ErrorCode, error_envelope, model_failure
 from image_classifier.handoff import TicketDesk
 from image_classifier.http_boundary import (
     REQUEST_ID_HEADER,
@@ -38,7 +38,6 @@ from image_classifier.schemas import (
     AnalyzeBatchResponse,
     AnalyzeResponse,
     BatchItem,
-    ItemError,
     ModelRef,
 )
 from image_classifier.settings import Settings
@@ -48,35 +47,9 @@ from image_classifier.uploads import UploadPart, UploadRule
 SETTINGS = Settings.from_env()
 
 
-class _UntimedMiddleware:
-    """Stands in for BentoML 1.4.39's TimeoutMiddleware, which never cancels its per-request
-    timer: each finished request's context (span, scope, upload) then lived on for `timeout`
-    (60 s) — +175 MiB RSS in a 60 s soak at 140 req/s. The deadline is ours instead
-    (REQUEST_TIMEOUT_S, enforced in BoundaryMiddleware, answered in the envelope)."""
-
-    def __init__(self, app, timeout: float) -> None:  # noqa: ANN001 - an ASGI app
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        await self.app(scope, receive, send)
-
-
-bentoml_traffic.TimeoutMiddleware = _UntimedMiddleware
+bentoml_compat.replace_leaking_timeout_middleware()
 GATE = Gate(SETTINGS.admission_policy())  # per worker: the middleware admits, SIGTERM drains
 log = logging.getLogger("image_classifier.service")
-
-
-def _model_in_store(tag: str) -> str:
-    """A missing model stops the start with one line saying what to run (not a cloud error)."""
-    try:
-        bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        raise SystemExit(
-            f"model {tag} is not in the BentoML model store; run `python -m training_export "
-            "ensure-default` for the default model, or `python -m training_export import-onnx` "
-            "for your own, then start again"
-        ) from None
-    return tag
 
 
 async def _info(request: Request) -> JSONResponse:
@@ -100,7 +73,7 @@ info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
 )
 @bentoml.asgi_app(info_app, path="/")  # a passive mount: it only claims GET /info
 class ImageClassifier:
-    model = bentoml.models.BentoModel(_model_in_store(SETTINGS.model_tag))
+    model = bentoml.models.BentoModel(bentoml_compat.model_in_store(SETTINGS.model_tag))
 
     def __init__(self) -> None:
         self.model_ref = ModelRef(name=self.model.tag.name, version=self.model.tag.version)
@@ -181,26 +154,19 @@ class ImageClassifier:
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
         parts = _upload_parts(ctx)
-        items: list[np.ndarray | ClassifierError] = await asyncio.gather(
+        items = await asyncio.gather(
             *(
                 self._prepare_or_error(classifier, p, part)
                 for p, part in zip(images, parts, strict=True)
             )
         )
-        good = [i for i, item in enumerate(items) if not isinstance(item, ClassifierError)]
-        rows = await anyio.to_thread.run_sync(classifier.predict_each, [items[i] for i in good])
-        for index, row in zip(good, rows, strict=True):
-            items[index] = row if row is not None else _model_failure()
-        results = []
-        for index, (item, part) in enumerate(zip(items, parts, strict=True)):
-            result = BatchItem(index=index, filename=part.filename, success=True)
-            if isinstance(item, ClassifierError):
-                result.success, result.error = False, ItemError(**item.as_dict())
-                metrics.ITEM_ERRORS.labels(code=item.code.value).inc()
-            else:
-                result.prediction = classifier.describe(item, k)
-                metrics.observe_prediction(result.prediction, self.model_ref.version)
-            results.append(result)
+        outcomes = await anyio.to_thread.run_sync(classifier.describe_batch, items, k)
+        for outcome in outcomes:
+            metrics.observe_outcome(outcome, self.model_ref.version)
+        results = [
+            BatchItem.of(i, part.filename, o)
+            for i, (o, part) in enumerate(zip(outcomes, parts, strict=True))
+        ]
         return AnalyzeBatchResponse(
             request_id=request_id,
             model=self.model_ref,
@@ -249,7 +215,7 @@ class ImageClassifier:
         if not SETTINGS.batching:
             (row,) = await anyio.to_thread.run_sync(classifier.predict_each, [tensor])
             if row is None:
-                raise _model_failure()
+                raise model_failure()
             return row
         ticket = self.desk.deposit(tensor)
         try:
@@ -263,13 +229,8 @@ class ImageClassifier:
         finally:
             self.desk.discard(ticket)
         if result is None:
-            raise _model_failure()
+            raise model_failure()
         return result
-
-
-def _model_failure() -> ClassifierError:
-    """The model itself failed on an input (logged with its traceback); no details leave."""
-    return ClassifierError(ErrorCode.INTERNAL_ERROR, "the model failed on this image")
 
 
 def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import metrics
 from .decoding import DecodeLimits, check_declared_type, decode_image
-from .errors import ClassifierError, ErrorCode
+from .errors import ClassifierError, ErrorCode, model_failure
 from .model_card import ModelCard
 from .postprocessing import Prediction, to_prediction
 from .preprocessing import preprocess
@@ -104,6 +104,21 @@ class Classifier:
                 log.exception("a model run failed on a single item")
                 results.append(None)
         return results
+
+    def describe_batch(
+        self, items: Sequence[np.ndarray | ClassifierError], top_k: int
+    ) -> list[Prediction | ClassifierError]:
+        """Prepared tensors -> predictions in shared runs; items refused earlier stay in place."""
+        tensors = [item for item in items if not isinstance(item, ClassifierError)]
+        rows = iter(self.predict_each(tensors))
+        outcomes: list[Prediction | ClassifierError] = []
+        for item in items:
+            if isinstance(item, ClassifierError):
+                outcomes.append(item)
+                continue
+            row = next(rows)
+            outcomes.append(model_failure() if row is None else self.describe(row, top_k))
+        return outcomes
 
     def describe(self, probabilities: np.ndarray, top_k: int) -> Prediction:
         return to_prediction(

@@ -76,6 +76,11 @@ class ClassifierError(Exception):
         return {"code": self.code.value, "message": self.message}
 
 
+def model_failure() -> ClassifierError:
+    """The model itself failed on an input (logged with its traceback); no details leave."""
+    return ClassifierError(ErrorCode.INTERNAL_ERROR, "the model failed on this image")
+
+
 def error_envelope(code: ErrorCode, message: str, request_id: str) -> dict[str, Any]:
     return {
         "success": False,

@@ -25,7 +25,7 @@ from typing import Any
 from . import metrics
 from .admission import AdmissionPolicy, Gate, is_open_path
 from .errors import CODE_FOR_STATUS, ClassifierError, ErrorCode, error_envelope, is_error_envelope
-from .uploads import UploadRule, scan_multipart
+from .uploads import UploadRule, canonical_content_type, scan_multipart
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -111,7 +111,9 @@ class BoundaryMiddleware:
             raise
         try:
             body = await _read_capped_body(scope, receive, route.max_bytes)
-            parts = scan_multipart(_header(scope, "content-type"), body, route.rule)
+            content_type = _header(scope, "content-type")
+            parts = scan_multipart(content_type, body, route.rule)
+            _set_header(scope, "content-type", canonical_content_type(content_type or ""))
             scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -126,6 +128,12 @@ def _header(scope: Scope, name: str) -> str | None:
     return None
 
 
+def _set_header(scope: Scope, name: str, value: str) -> None:
+    key = name.encode("latin-1")
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != key]
+    scope["headers"] = [*headers, (key, value.encode("latin-1"))]
+
+
 def _client_address(scope: Scope) -> str:
     client = scope.get("client")
     return "addr:" + (client[0] if client else "unknown")
@@ -135,9 +143,7 @@ def _adopt_request_id(scope: Scope) -> str:
     """Keep the client's id when safe; either way, downstream sees exactly one valid id."""
     given = _header(scope, REQUEST_ID_HEADER)
     request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"x-request-id"]
-    headers.append((b"x-request-id", request_id.encode("latin-1")))
-    scope["headers"] = headers
+    _set_header(scope, REQUEST_ID_HEADER, request_id)
     return request_id
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .errors import ClassifierError
 from .postprocessing import Prediction
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -42,3 +43,11 @@ def observe_model_run(items: int) -> None:
 def observe_prediction(prediction: Prediction, model_version: str) -> None:
     PREDICTIONS.labels(label=prediction.label, model_version=model_version).inc()
     CONFIDENCE.observe(prediction.confidence)
+
+
+def observe_outcome(outcome: Prediction | ClassifierError, model_version: str) -> None:
+    """One /analyze_batch item: its prediction, or its refusal by code."""
+    if isinstance(outcome, ClassifierError):
+        ITEM_ERRORS.labels(code=outcome.code.value).inc()
+    else:
+        observe_prediction(outcome, model_version)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, model_serializer
 
+from .errors import ClassifierError
 from .postprocessing import Prediction
 
 
@@ -33,6 +34,15 @@ class BatchItem(BaseModel):
     success: bool
     prediction: Prediction | None = None
     error: ItemError | None = None
+
+    @classmethod
+    def of(
+        cls, index: int, filename: str | None, outcome: Prediction | ClassifierError
+    ) -> BatchItem:
+        if isinstance(outcome, ClassifierError):
+            error = ItemError(**outcome.as_dict())
+            return cls(index=index, filename=filename, success=False, error=error)
+        return cls(index=index, filename=filename, success=True, prediction=outcome)
 
     @model_serializer(mode="wrap")
     def _only_what_happened(self, handler):  # noqa: ANN001, ANN202 - pydantic hook

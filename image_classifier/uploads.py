@@ -7,12 +7,15 @@ such request get a precise 4xx, and hands the declared type and size of each fil
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from .errors import ClassifierError, ErrorCode
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ def scan_multipart(content_type: str | None, body: bytes, rule: UploadRule) -> l
         )
     parts = _parse_parts(options[b"boundary"], body, rule)
     return _check_parts(parts, rule)
+
+
+def canonical_content_type(content_type: str) -> str:
+    """`MULTIPART/Form-Data; boundary=X` -> `multipart/form-data; boundary=X`: media types are
+    case-insensitive, but BentoML compares them exactly and would parse the body as JSON."""
+    media, _, rest = content_type.partition(";")
+    return media.strip().lower() + (";" + rest if rest else "")
 
 
 def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadPart]:
@@ -104,13 +114,14 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
             "on_part_data": on_part_data,
         },
     )
+    malformed = ClassifierError(ErrorCode.INVALID_REQUEST, "the multipart body is malformed")
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError:
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST, "the multipart body is malformed"
-        ) from None
+        raise malformed from None
+    if parser.state != MultipartState.END:  # cut off before its closing boundary
+        raise malformed
     return parts
 
 
@@ -154,7 +165,7 @@ def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
 
 def _check_integer(part: UploadPart, rule: UploadRule) -> None:
     text = part.text.decode("utf-8", "replace").strip()
-    if part.size > rule.max_text_bytes or not text.lstrip("+-").isdigit() or not text.isascii():
+    if part.size > rule.max_text_bytes or not _INTEGER.fullmatch(text):
         raise ClassifierError(
             ErrorCode.INVALID_REQUEST, f"field {part.name!r} must be an integer, got {text[:20]!r}"
         )

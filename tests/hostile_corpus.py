@@ -47,9 +47,6 @@ class Case:
     expected_label: str | None = None  # the digit a 200 from /analyze must name
     item_codes: tuple[str | None, ...] | None = None  # /analyze_batch: each item's code or OK
     item_labels: tuple[str | None, ...] | None = None  # /analyze_batch: labels of OK items
-    # Set when the server is known to answer otherwise than documented (a bug in a file outside
-    # this corpus's reach): the test expects the documented answer and is a strict xfail.
-    known_bug: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,24 +189,6 @@ NON_IMAGES: dict[str, bytes] = {
     "mz": b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + b"\x00" * 50 + b"PE\x00\x00",
 }
 
-
-# ---------------------------------------------------------------------------------------------
-# Known disagreements with the README (in files this corpus does not own: uploads.py)
-
-UNTERMINATED_BUG = (
-    "uploads.py's pre-scan accepts a multipart body with no closing boundary (it never checks "
-    "that the parser reached the end), so BentoML's own parser finds no `image`, raises a "
-    "pydantic ValidationError and logs its traceback; the client still gets 400 INVALID_REQUEST"
-)
-SIGNS_BUG = (
-    "uploads.py's integer check is `text.lstrip('+-').isdigit()`, which passes `+-3`; BentoML's "
-    "int parsing then fails and logs a traceback (the client still gets 400 INVALID_REQUEST)"
-)
-UPPERCASE_BUG = (
-    "uploads.py matches the media type case-insensitively and lets the request through, but "
-    "BentoML compares it case-sensitively, parses the body as JSON and logs a traceback: the "
-    "client gets 400 INVALID_REQUEST for a valid upload"
-)
 
 # ---------------------------------------------------------------------------------------------
 # Requests
@@ -368,12 +347,12 @@ def request_shape_cases() -> list[Case]:
         Case("multipart-unterminated", "multipart cut inside the file's data (no closing "
              "boundary)", "/analyze", 400, "INVALID_REQUEST", "body cut before the closing "
              "boundary", content=no_close[: len(no_close) // 2],
-             headers=(("Content-Type", no_close_type),), known_bug=UNTERMINATED_BUG),
+             headers=(("Content-Type", no_close_type),)),
         Case("multipart-type-uppercase", "MULTIPART/FORM-DATA: media types are case-insensitive "
              "(RFC 9110)", "/analyze", 200, OK, "Content-Type: MULTIPART/FORM-DATA",
              content=no_close, headers=(("Content-Type", no_close_type.upper().replace(
                  "BOUNDARY=HOSTILE-CORPUS-BOUNDARY", "boundary=hostile-corpus-boundary")),),
-             expected_label="2", known_bug=UPPERCASE_BUG),
+             expected_label="2"),
         Case("wrong-field-name", "the file in `file` instead of `image`", "/analyze", 400,
              "INVALID_REQUEST", "file=d.png", files=one("d.png", png, "image/png", "file")),
         Case("two-files", "two files in `image`", "/analyze", 400, "INVALID_REQUEST",
@@ -399,8 +378,7 @@ def request_shape_cases() -> list[Case]:
         shown = value if len(value) <= 12 else value[:12] + "..."
         cases.append(
             Case(case_id, f"top_k={shown}: {why}", "/analyze", 400, "INVALID_REQUEST",
-                 f"top_k={shown}", files=one("d.png", png, "image/png"), data=(("top_k", value),),
-                 known_bug=SIGNS_BUG if value == "+-3" else None)
+                 f"top_k={shown}", files=one("d.png", png, "image/png"), data=(("top_k", value),))
         )  # fmt: skip
     cases.append(
         Case("top-k-10", "top_k=10 (all classes) is fine", "/analyze", 200, OK, "top_k=10",
@@ -531,8 +509,6 @@ def markdown_table(cases: tuple[Case, ...] | None = None) -> str:
             code = "prediction" + (f" `{case.expected_label}`" if case.expected_label else "")
         else:
             code = f"`{case.expected_code}`"
-        if case.known_bug:
-            code += " (known bug, see below)"
         sent = case.sent.replace("|", "\\|")
         rows.append(
             f"| `{case.id}` | {sent} | {case.method} {case.endpoint} | "
@@ -541,20 +517,12 @@ def markdown_table(cases: tuple[Case, ...] | None = None) -> str:
     return "\n".join(rows)
 
 
-def known_bugs_markdown(cases: tuple[Case, ...] | None = None) -> str:
-    return "\n".join(
-        f"- `{case.id}`: {case.known_bug}." for case in cases or corpus() if case.known_bug
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the corpus as a table")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_table())
-        print("\nKnown disagreements (strict xfails in tests/test_hostile_corpus.py):\n")
-        print(known_bugs_markdown())
     else:
         for case in corpus():
             print(f"{case.id:32} {case.expected_status} {case.expected_code or 'ok'}")

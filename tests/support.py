@@ -6,10 +6,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,9 +143,16 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeou
 def serve(
     bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None, ready: bool = True
 ) -> Iterator[Server]:
-    """A real `bentoml serve service:ImageClassifier` on a free loopback port."""
+    """A real `bentoml serve service:ImageClassifier` on a free loopback port.
+
+    Each server gets its own BENTOML_HOME sharing the model store through a symlink: BentoML
+    clears $BENTOML_HOME/prometheus_multiproc_dir when a server starts or stops, which would zero
+    the metrics of any other server on the same home.
+    """
     port = free_port()
-    full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **(env or {})}
+    home = Path(tempfile.mkdtemp(prefix="bentoml-server-home-"))
+    (home / "models").symlink_to(Path(bentoml_home) / "models", target_is_directory=True)
+    full_env = {**os.environ, "BENTOML_HOME": str(home), **(env or {})}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
@@ -158,6 +167,7 @@ def serve(
         yield Server(url, process, log_path)
     finally:
         stop(process)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def stop(process: subprocess.Popen, grace: float = 20) -> None:
