@@ -15,17 +15,14 @@ from pathlib import Path
 import anyio
 import bentoml
 import numpy as np
-from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 import bentoml_compat
 import image_classifier
-from image_classifier import metrics
+from image_classifier import metrics, web
 from image_classifier.admission import Gate
 from image_classifier.classifier import Classifier
-from image_classifier.errors import ClassifierError, ErrorCode, error_envelope, model_failure
+from image_classifier.errors import ClassifierError, ErrorCode, model_failure
 from image_classifier.handoff import TicketDesk
 from image_classifier.http_boundary import (
     REQUEST_ID_HEADER,
@@ -52,17 +49,7 @@ GATE = Gate(SETTINGS.admission_policy())  # per worker: the middleware admits, S
 log = logging.getLogger("image_classifier.service")
 
 
-async def _info(request: Request) -> JSONResponse:
-    """GET /info: what is being served and how (BentoML apis are POST-only, so a small app)."""
-    service = bentoml.get_current_service()
-    try:
-        return JSONResponse(service.info())
-    except (ClassifierError, AttributeError):
-        not_ready = ClassifierError(ErrorCode.NOT_READY, "the model is not loaded yet")
-        return _error_response(not_ready, request.headers.get(REQUEST_ID_HEADER, ""))
-
-
-info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
+web_app = web.build_app(bentoml.get_current_service, max_items=SETTINGS.max_batch_images)
 
 
 @bentoml.service(
@@ -71,7 +58,7 @@ info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
     # The default (recycle the in-process connection every 100 requests) failed ~5% of self-calls.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
 )
-@bentoml.asgi_app(info_app, path="/")  # a passive mount: it only claims GET /info
+@bentoml.asgi_app(web_app, path="/")  # passive: it claims only its own routes (web.py)
 class ImageClassifier:
     model = bentoml.models.BentoModel(bentoml_compat.model_in_store(SETTINGS.model_tag))
 
@@ -105,7 +92,7 @@ class ImageClassifier:
     def __is_ready__(self) -> bool:
         return self.classifier is not None and not GATE.draining
 
-    def _ready_classifier(self) -> Classifier:
+    def ready_classifier(self) -> Classifier:
         if self.classifier is None:
             raise ClassifierError(ErrorCode.NOT_READY, "the model is not loaded yet")
         return self.classifier
@@ -114,7 +101,7 @@ class ImageClassifier:
         return {
             "service": {"name": "image_classifier", "version": image_classifier.__version__},
             "model": self.model_ref.model_dump(),
-            **self._ready_classifier().describe_setup(),
+            **self.ready_classifier().describe_setup(),
         }
 
     @bentoml.api(route="/analyze")
@@ -125,7 +112,7 @@ class ImageClassifier:
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            classifier = self._ready_classifier()
+            classifier = self.ready_classifier()
             k = classifier.resolve_top_k(top_k)
             (part,) = _upload_parts(ctx)
             tensor = await self._prepare(classifier, image, part)
@@ -149,7 +136,7 @@ class ImageClassifier:
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            classifier = self._ready_classifier()
+            classifier = self.ready_classifier()
             k = classifier.resolve_top_k(top_k)
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
@@ -185,7 +172,7 @@ class ImageClassifier:
         tensors = self.desk.take_inputs(tickets)
         known = [(ticket, t) for ticket, t in zip(tickets, tensors, strict=True) if t is not None]
         if known:
-            rows = self._ready_classifier().predict_each([tensor for _, tensor in known])
+            rows = self.ready_classifier().predict_each([tensor for _, tensor in known])
             for (ticket, _), row in zip(known, rows, strict=True):
                 if row is not None:
                     self.desk.leave_result(ticket, row)
@@ -237,12 +224,9 @@ def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:
     return ctx.request.scope["state"][UPLOADS_STATE_KEY]
 
 
-def _error_response(
-    exc: ClassifierError, request_id: str, ctx: bentoml.Context | None = None
-) -> JSONResponse:
-    if ctx is not None:  # BentoML applies the context's status to whatever an api returns
-        ctx.response.status_code = exc.status
-    return JSONResponse(error_envelope(exc.code, exc.message, request_id), status_code=exc.status)
+def _error_response(exc: ClassifierError, request_id: str, ctx: bentoml.Context) -> JSONResponse:
+    ctx.response.status_code = exc.status  # BentoML applies it to whatever an api returns
+    return web.error_response(exc, request_id)
 
 
 def _ms_since(started: float) -> float:
@@ -258,6 +242,11 @@ ImageClassifier.add_asgi_middleware(
             UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})),
             SETTINGS.max_upload_bytes,
         ),
+        # Open Inference Protocol: JSON, base64 images (4/3 of their bytes) plus some slack.
+        **{
+            pattern: UploadRoute(None, SETTINGS.max_batch_bytes * 4 // 3 + 2**20)
+            for pattern in ("/v2/models/*/infer", "/v2/models/*/versions/*/infer")
+        },
         "/analyze_batch": UploadRoute(
             UploadRule("images", 1, SETTINGS.max_batch_images, integer_fields=frozenset({"top_k"})),
             SETTINGS.max_batch_bytes,

@@ -19,11 +19,11 @@ from limits.strategies import MovingWindowRateLimiter
 
 from .errors import ClassifierError, ErrorCode
 
-# Reachable without a token: probes, metrics, and the API description.
+# Reachable without a token: probes, metrics, the API description and the (static) browser page.
 OPEN_PATHS = frozenset(
-    {"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/"}
+    {"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/", "/ui"}
 )
-OPEN_PREFIXES = ("/static_content/", "/assets/")
+OPEN_PREFIXES = ("/static_content/", "/assets/", "/v2/health/")
 OVERLOADED_RETRY_AFTER_S = 1
 
 

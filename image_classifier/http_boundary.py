@@ -13,6 +13,7 @@ It sits in front of the framework's request handling, so:
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import re
 import uuid
@@ -54,7 +55,9 @@ def internal_call() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class UploadRoute:
-    rule: UploadRule
+    """A POST route whose body is capped at `max_bytes`; with a rule, its multipart is checked."""
+
+    rule: UploadRule | None
     max_bytes: int
 
 
@@ -100,7 +103,7 @@ class BoundaryMiddleware:
         if not is_open_path(path):
             client_key = self.gate.authenticate(_header(scope, "authorization"))
             self.gate.check_rate(client_key or _client_address(scope))
-        route = self.upload_routes.get(path)
+        route = self._route_for(path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -111,13 +114,23 @@ class BoundaryMiddleware:
             raise
         try:
             body = await _read_capped_body(scope, receive, route.max_bytes)
-            content_type = _header(scope, "content-type")
-            parts = scan_multipart(content_type, body, route.rule)
-            _set_header(scope, "content-type", canonical_content_type(content_type or ""))
-            scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
+            if route.rule is not None:
+                content_type = _header(scope, "content-type")
+                parts = scan_multipart(content_type, body, route.rule)
+                _set_header(scope, "content-type", canonical_content_type(content_type or ""))
+                scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.gate.leave()
+
+    def _route_for(self, path: str) -> UploadRoute | None:
+        """Exact paths first, then glob patterns such as `/v2/models/*/infer`."""
+        if path in self.upload_routes:
+            return self.upload_routes[path]
+        for pattern, route in self.upload_routes.items():
+            if "*" in pattern and fnmatch.fnmatchcase(path, pattern):
+                return route
+        return None
 
 
 def _header(scope: Scope, name: str) -> str | None:

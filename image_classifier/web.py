@@ -1,0 +1,130 @@
+"""The GET pages and the Open Inference Protocol routes, as a small Starlette app.
+
+BentoML apis are POST-only and take multipart or JSON of their own shape, so what does not fit
+them lives here: `/info`, the browser page `/ui`, and `/v2/...` (KServe/Triton's REST protocol).
+The service passes itself in as the `Backend`; this module never imports BentoML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from . import __version__, open_inference
+from .classifier import Classifier
+from .errors import ClassifierError, ErrorCode, error_envelope
+from .schemas import ModelRef
+
+REQUEST_ID_HEADER = "x-request-id"
+UI_PAGE = Path(__file__).parent / "static" / "ui.html"
+
+
+class Backend(Protocol):
+    model_ref: ModelRef
+    decode_limiter: anyio.CapacityLimiter
+
+    def ready_classifier(self) -> Classifier: ...  # raises NOT_READY
+
+    def info(self) -> dict[str, Any]: ...
+
+
+def error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+    return JSONResponse(
+        error_envelope(exc.code, exc.message, request_id), status_code=exc.status, headers=headers
+    )
+
+
+def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
+    """`get_backend` is called per request: the service instance exists only once serving."""
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(get_backend().info())
+
+    async def ui(request: Request) -> HTMLResponse:
+        return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
+
+    async def server_metadata(request: Request) -> JSONResponse:
+        return JSONResponse({"name": "image_classifier", "version": __version__, "extensions": []})
+
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> JSONResponse:
+        get_backend().ready_classifier()
+        return JSONResponse({"ready": True})
+
+    async def model_ready(request: Request) -> JSONResponse:
+        backend = _model(request, get_backend)
+        backend.ready_classifier()
+        return JSONResponse({"name": backend.model_ref.name, "ready": True})
+
+    async def model_metadata(request: Request) -> JSONResponse:
+        backend = _model(request, get_backend)
+        ref = backend.model_ref
+        card = backend.ready_classifier().card
+        return JSONResponse(open_inference.model_metadata(card, ref.name, ref.version, max_items))
+
+    async def infer(request: Request) -> JSONResponse:
+        backend = _model(request, get_backend)
+        classifier = backend.ready_classifier()
+        infer_request = open_inference.parse_request(await request.body(), max_items)
+        tensor = infer_request.inputs[0]
+        if tensor.datatype == "BYTES":
+            inputs = [
+                await anyio.to_thread.run_sync(
+                    classifier.prepare, data, None, limiter=backend.decode_limiter
+                )
+                for data in open_inference.encoded_images(tensor)
+            ]
+        else:
+            inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
+        rows = await anyio.to_thread.run_sync(classifier.predict_each, inputs)
+        if any(row is None for row in rows):
+            raise ClassifierError(ErrorCode.INTERNAL_ERROR, "the model failed on this input")
+        ref = backend.model_ref
+        return JSONResponse(
+            open_inference.infer_response(
+                infer_request, np.stack(rows), classifier.card, ref.name, ref.version
+            )
+        )
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/info", info),
+        Route("/ui", ui),
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        *(Route(base, model_metadata) for base in (model, versioned)),
+        *(Route(f"{base}/ready", model_ready) for base in (model, versioned)),
+        *(Route(f"{base}/infer", infer, methods=["POST"]) for base in (model, versioned)),
+    ]
+    return Starlette(routes=routes, exception_handlers={ClassifierError: _envelope})
+
+
+def _model(request: Request, get_backend: Callable[[], Backend]) -> Backend:
+    backend = get_backend()
+    ref = backend.model_ref
+    name, version = request.path_params["name"], request.path_params.get("version")
+    if name != ref.name or version not in (None, ref.version):
+        wanted = name if version is None else f"{name} version {version}"
+        raise ClassifierError(
+            ErrorCode.NOT_FOUND,
+            f"model {wanted} is not served here; this server serves {ref.name}:{ref.version}",
+        )
+    return backend
+
+
+async def _envelope(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClassifierError)
+    return error_response(exc, request.headers.get(REQUEST_ID_HEADER, ""))
