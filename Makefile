@@ -25,7 +25,13 @@ serve: $(STAMP)
 	$(PY) -m training_export ensure-default
 	$(VENV)/bin/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium; install it once (CI runs as root on Debian).
+BROWSER := /usr/bin/chromedriver
+$(BROWSER):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+test: $(STAMP) $(BROWSER)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
