@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -38,6 +38,7 @@ BACKOFF_MAX_S = 30.0
 PART_OVERHEAD_BYTES = 1024
 
 Record = dict[str, object]
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +98,7 @@ def classify(args: argparse.Namespace) -> int:
     done = read_results(args.out)
     todo = [path for path in images if str(path) not in done]
 
+    tally = Tally()
     local = threading.local()  # one client per thread: SyncHTTPClient is not thread-safe
 
     def client() -> ImageClassifierClient:
@@ -104,9 +106,12 @@ def classify(args: argparse.Namespace) -> int:
             local.client = ImageClassifierClient(args.url, token=args.token)
         return local.client
 
-    limits = client().info().limits  # also the reachability (and token) check, before any work
+    def send(chunk: list[Path]) -> BatchResult:
+        return with_retries(lambda: client().analyze_batch(chunk, top_k=args.top_k), tally)
+
+    # /info first: the limits that size the chunks, and the reachability and token check.
+    limits = with_retries(lambda: client().info().limits, tally)
     too_large, chunks = plan_chunks(todo, limits, args.batch_size)
-    tally = Tally()
     started = time.perf_counter()
     with (
         open_for_append(args.out) as out,
@@ -114,10 +119,7 @@ def classify(args: argparse.Namespace) -> int:
         ThreadPoolExecutor(args.concurrency) as pool,
     ):
         write(out, done, [_too_large(p, limits) for p in too_large], progress)
-        futures = {
-            pool.submit(send_with_retries, client, chunk, args.top_k, tally): chunk
-            for chunk in chunks
-        }
+        futures = {pool.submit(send, chunk): chunk for chunk in chunks}
         for future in as_completed(futures):
             chunk = futures[future]
             try:
@@ -183,14 +185,12 @@ def plan_chunks(
     return too_large, chunks
 
 
-def send_with_retries(
-    client: Callable[[], ImageClassifierClient], chunk: list[Path], top_k: int | None, tally: Tally
-) -> BatchResult:
-    """One chunk through /analyze_batch; 429 and 503 are retried with exponential backoff."""
+def with_retries(call: Callable[[], T], tally: Tally) -> T:
+    """call(), again on 429 and 503 answers, with exponential backoff honouring Retry-After."""
     attempt = 0
     while True:
         try:
-            return client().analyze_batch(chunk, top_k=top_k)
+            return call()
         except RETRYABLE as exc:
             attempt += 1
             if attempt == MAX_ATTEMPTS:
