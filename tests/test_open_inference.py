@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 
 import httpx
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from image_classifier.model_card import ModelCard
 from image_classifier.preprocessing import preprocess
-from tests.support import encode, envelope_code
+from tests.support import REPO, encode, envelope_code
 
 MODEL = "digits-cnn"
 
@@ -120,3 +121,18 @@ def test_unknown_model_and_version_are_404(server, heldout):
     assert envelope_code(infer(server, request, model="resnet")) == "NOT_FOUND"
     response = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/v9/infer", json=request)
     assert response.status_code == 404 and envelope_code(response) == "NOT_FOUND"
+
+
+def test_readme_example_runs(server, heldout, tmp_path):
+    """The README's Open Inference example, run as written (only the address differs)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- oip-example", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    image, truth = heldout[4]
+    image.save(tmp_path / "digit.png")
+    script = block.replace("http://127.0.0.1:3000", server.url)
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = {output["name"]: output for output in json.loads(result.stdout)["outputs"]}
+    assert outputs["label"]["data"] == [str(truth)]
