@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from tests.support import EXIF_STORED_AS
+
 MIB = 1024 * 1024
 MAX_UPLOAD_BYTES = 10 * MIB  # settings.py defaults, which the test server runs with
 MAX_BATCH_IMAGES = 64
@@ -108,18 +110,8 @@ def jpeg_claiming(width: int, height: int) -> bytes:
 
 def with_orientation(label: int, orientation: int) -> bytes:
     """A JPEG stored the way a camera stores it with this EXIF orientation tag."""
-    stored_as = {
-        1: [],
-        2: [Image.Transpose.FLIP_LEFT_RIGHT],
-        3: [Image.Transpose.ROTATE_180],
-        4: [Image.Transpose.FLIP_TOP_BOTTOM],
-        5: [Image.Transpose.TRANSPOSE],
-        6: [Image.Transpose.ROTATE_90],
-        7: [Image.Transpose.TRANSVERSE],
-        8: [Image.Transpose.ROTATE_270],
-    }
     stored = digit(label)
-    for op in stored_as[orientation]:
+    for op in EXIF_STORED_AS[orientation]:
         stored = stored.transpose(op)
     exif = Image.Exif()
     exif[0x0112] = orientation

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from image_classifier.decoding import DecodeLimits, check_declared_type, decode_image
 from image_classifier.errors import ClassifierError, ErrorCode
-from tests.support import encode
+from tests.support import EXIF_STORED_AS, encode
 
 LIMITS = DecodeLimits()
 
@@ -129,24 +129,11 @@ def test_declared_non_image_types_are_refused_early():
     check_declared_type(None, LIMITS.allowed_formats)
 
 
-# The operation that, applied to the upright picture, gives what a camera stores with each tag.
-_STORED_AS = {
-    1: [],
-    2: [Image.Transpose.FLIP_LEFT_RIGHT],
-    3: [Image.Transpose.ROTATE_180],
-    4: [Image.Transpose.FLIP_TOP_BOTTOM],
-    5: [Image.Transpose.TRANSPOSE],
-    6: [Image.Transpose.ROTATE_90],
-    7: [Image.Transpose.TRANSVERSE],
-    8: [Image.Transpose.ROTATE_270],
-}
-
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied(orientation):
     upright = picture((120, 80))
     stored = upright
-    for op in _STORED_AS[orientation]:
+    for op in EXIF_STORED_AS[orientation]:
         stored = stored.transpose(op)
     exif = Image.Exif()
     exif[0x0112] = orientation
