@@ -30,7 +30,7 @@ from .typed import DEFAULT_URL, BatchResult, ImageClassifierClient, Limits
 
 DEFAULT_EXTENSIONS = "jpg,jpeg,png,webp,gif,bmp,tif,tiff"
 COLUMNS = ["path", "label", "confidence", "grade", "model_version", "error", "message"]
-MAX_ATTEMPTS = 6  # per chunk, for 429 and 503 answers
+MAX_ATTEMPTS = 8  # per chunk, for 429 and 503 answers
 BACKOFF_BASE_S = 0.5  # attempt n waits at least BACKOFF_BASE_S * 2**n, and Retry-After if longer
 BACKOFF_MAX_S = 30.0
 # Room for each file's multipart headers (boundary, Content-Disposition with the file name,
@@ -45,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return classify(args)
-    except (Unreachable, Unauthorized) as exc:
+    except ClassifierClientError as exc:  # unreachable, token refused, /info refused
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: what came back is in {args.out}; run again to resume", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +102,7 @@ def classify(args: argparse.Namespace) -> int:
     todo = [path for path in images if str(path) not in done]
 
     tally = Tally()
+    stop = threading.Event()
     local = threading.local()  # one client per thread: SyncHTTPClient is not thread-safe
 
     def client() -> ImageClassifierClient:
@@ -107,10 +111,10 @@ def classify(args: argparse.Namespace) -> int:
         return local.client
 
     def send(chunk: list[Path]) -> BatchResult:
-        return with_retries(lambda: client().analyze_batch(chunk, top_k=args.top_k), tally)
+        return with_retries(lambda: client().analyze_batch(chunk, top_k=args.top_k), tally, stop)
 
     # /info first: the limits that size the chunks, and the reachability and token check.
-    limits = with_retries(lambda: client().info().limits, tally)
+    limits = with_retries(lambda: client().info().limits, tally, stop)
     too_large, chunks = plan_chunks(todo, limits, args.batch_size)
     started = time.perf_counter()
     with (
@@ -120,21 +124,25 @@ def classify(args: argparse.Namespace) -> int:
     ):
         write(out, done, [_too_large(p, limits) for p in too_large], progress)
         futures = {pool.submit(send, chunk): chunk for chunk in chunks}
-        for future in as_completed(futures):
-            chunk = futures[future]
-            try:
-                result = future.result()
-            except (Unreachable, Unauthorized):
-                pool.shutdown(cancel_futures=True)
-                raise
-            except ClassifierClientError as exc:
-                # Not the images' fault (retries ran out, the server failed): not written, so
-                # the next run sends them again.
-                tally.unsent[exc.code] += len(chunk)
-                progress.update(len(chunk))
-                continue
-            tally.sent += len(chunk)
-            write(out, done, to_records(chunk, result), progress)
+        try:
+            for future in as_completed(futures):
+                chunk = futures[future]
+                try:
+                    result = future.result()
+                except (Unreachable, Unauthorized):
+                    raise
+                except ClassifierClientError as exc:
+                    # Not the images' fault (retries ran out, the server failed): not written,
+                    # so the next run sends them again.
+                    tally.unsent[exc.code] += len(chunk)
+                    progress.update(len(chunk))
+                    continue
+                tally.sent += len(chunk)
+                write(out, done, to_records(chunk, result), progress)
+        except BaseException:  # Ctrl-C or a fatal error: send no more chunks
+            stop.set()
+            pool.shutdown(cancel_futures=True)
+            raise
     elapsed = time.perf_counter() - started
     if args.csv:
         write_csv(args.csv, read_results(args.out).values())
@@ -185,8 +193,11 @@ def plan_chunks(
     return too_large, chunks
 
 
-def with_retries(call: Callable[[], T], tally: Tally) -> T:
-    """call(), again on 429 and 503 answers, with exponential backoff honouring Retry-After."""
+def with_retries(call: Callable[[], T], tally: Tally, stop: threading.Event) -> T:
+    """call(), again on 429 and 503 answers, with exponential backoff honouring Retry-After.
+
+    Waits on `stop` rather than sleeping, so Ctrl-C does not have to wait out the backoffs.
+    """
     attempt = 0
     while True:
         try:
@@ -198,7 +209,8 @@ def with_retries(call: Callable[[], T], tally: Tally) -> T:
             tally.retried(exc.code)
             backoff = BACKOFF_BASE_S * 2 ** (attempt - 1)
             wait = min(max(backoff, exc.retry_after or 0), BACKOFF_MAX_S)
-            time.sleep(wait + random.uniform(0, BACKOFF_BASE_S))  # jitter spreads the chunks out
+            if stop.wait(wait + random.uniform(0, BACKOFF_BASE_S)):  # jitter spreads chunks out
+                raise
 
 
 def to_records(chunk: list[Path], result: BatchResult) -> Iterator[Record]:
