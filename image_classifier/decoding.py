@@ -11,11 +11,17 @@ import io
 import logging
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClassifierError, ErrorCode
 
 log = logging.getLogger(__name__)
+# HEIC/HEIF is what phone cameras save by default; Pillow reads it through libheif's plugin.
+pillow_heif.register_heif_opener()
+# MPO is a JPEG with extra frames (phone portraits, stereo cameras): Pillow names it MPO, but it is
+# sent, and decoded, as a JPEG.
+_JPEG_FAMILY = {"JPEG", "MPO"}
 
 # Declared types that say nothing about the format: the bytes decide.
 _GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/unknown"}
@@ -27,12 +33,16 @@ _TYPE_ALIASES = {
     "image/x-bmp": "image/bmp",
     "image/tif": "image/tiff",
     "image/x-tiff": "image/tiff",
+    "image/heic": "image/heif",
+    "image/heic-sequence": "image/heif",
+    "image/heif-sequence": "image/heif",
+    "image/avif-sequence": "image/avif",
 }
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
     max_pixels: int = 50_000_000
 
 
@@ -80,7 +90,7 @@ def decode_image(
             ErrorCode.IMAGE_TOO_LARGE,
             f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} are accepted",
         )
-    if size_hint is not None and image.format == "JPEG" and image.mode in ("L", "RGB"):
+    if size_hint is not None and image.format in _JPEG_FAMILY and image.mode in ("L", "RGB"):
         image.draft(image.mode, size_hint)
     try:
         image.load()
@@ -147,7 +157,8 @@ def _upright(image: Image.Image) -> Image.Image:
 
 def _mime_of(fmt: str) -> str:
     Image.init()
-    return Image.MIME.get(fmt.upper(), f"image/{fmt.lower()}")
+    fmt = "JPEG" if fmt.upper() in _JPEG_FAMILY else fmt.upper()
+    return Image.MIME.get(fmt, f"image/{fmt.lower()}")
 
 
 def _format_list(formats: tuple[str, ...]) -> str:

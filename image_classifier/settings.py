@@ -41,7 +41,7 @@ class Settings:
     )
     allowed_formats: tuple[str, ...] = _env(
         "ALLOWED_FORMATS",
-        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"),
         "image formats Pillow may decode (comma-separated)",
     )
     default_top_k: int = _env("DEFAULT_TOP_K", 3, "top_k when a request gives none")

@@ -64,6 +64,9 @@ def code_of(data: bytes, declared: str | None = None, limits: DecodeLimits = LIM
         ("GIF", "P", {}),
         ("BMP", "RGB", {}),
         ("TIFF", "RGB", {}),
+        ("HEIF", "RGB", {"quality": 90}),
+        ("AVIF", "RGB", {"quality": 90}),
+        ("MPO", "RGB", {}),
     ],
 )
 def test_allowed_formats_and_modes_decode(fmt, mode, options):
@@ -171,3 +174,25 @@ def test_big_jpeg_is_draft_decoded_but_not_below_the_hint():
     image = decode_image(encode(photo, "JPEG", quality=85), LIMITS, size_hint=(448, 448))
     assert 448 <= image.width < 4000
     assert image.height >= 448
+
+
+@pytest.mark.parametrize(
+    ("fmt", "declared", "options"),
+    [
+        ("HEIF", "image/heic", {}),  # what an iPhone sends
+        ("HEIF", "image/heif", {}),
+        ("AVIF", "image/avif", {}),
+        # A phone JPEG with a second (depth or preview) picture is MPO to Pillow: still a JPEG.
+        ("MPO", "image/jpeg", {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]}),
+    ],
+)
+def test_phone_formats_keep_their_usual_declared_types(fmt, declared, options):
+    image = decode_image(encode(picture(), fmt, **options), LIMITS, declared)
+    assert image.size == (64, 48)
+
+
+def test_a_big_mpo_photo_is_draft_decoded_like_a_jpeg():
+    photo = Image.effect_noise((4000, 3000), 60).convert("RGB")
+    data = encode(photo, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    image = decode_image(data, LIMITS, "image/jpeg", size_hint=(448, 448))
+    assert 448 <= image.width < 4000

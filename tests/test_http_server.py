@@ -9,6 +9,7 @@ import bentoml
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from image_classifier.preprocessing import preprocess
 from image_classifier.runtime import OnnxModel
@@ -80,6 +81,25 @@ def test_jpeg_accuracy(server, heldout):
     ):
         accuracy = np.mean([a == b for a, b in zip(labels, truth, strict=True)])
         assert accuracy >= 0.97, accuracy
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "options"),
+    [
+        ("HEIF", "image/heic", {"quality": 90}),
+        ("AVIF", "image/avif", {"quality": 90}),
+        ("MPO", "image/jpeg", {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]}),
+    ],
+)
+def test_phone_camera_formats_are_classified(server, heldout, fmt, mime, options):
+    """HEIC (iPhone default), AVIF, and MPO JPEGs, each with the type phones declare."""
+    sample = heldout[:40]
+    encoded = [encode(image.convert("RGB"), fmt, **options) for image, _ in sample]
+    labels = labels_via_batch(server.url, encoded, mime)
+    accuracy = np.mean(
+        [label == str(truth) for label, (_, truth) in zip(labels, sample, strict=True)]
+    )
+    assert accuracy >= 0.95, (fmt, labels)
 
 
 def test_concurrent_requests_share_model_runs(server, heldout):
