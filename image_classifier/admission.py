@@ -31,7 +31,7 @@ OVERLOADED_RETRY_AFTER_S = 1
 class AdmissionPolicy:
     api_tokens: tuple[str, ...] = ()  # empty: no authentication
     rate_limit: str = ""  # `limits` notation, e.g. "20/second" or "600/minute"; empty: off
-    max_concurrency: int = 64  # requests in work at once, per worker; more get 503 OVERLOADED
+    max_concurrency: int = 128  # requests in work at once, per worker; more get 503 OVERLOADED
     request_timeout_s: float = 30.0  # a request still in work after this gets 504 TIMEOUT
 
 

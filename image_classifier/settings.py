@@ -56,7 +56,7 @@ class Settings:
     threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
     ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
     max_concurrency: int = _env(
-        "MAX_CONCURRENCY", 64, "requests in work at once per worker (503 OVERLOADED above)"
+        "MAX_CONCURRENCY", 128, "requests in work at once per worker (503 OVERLOADED above)"
     )
     request_timeout_s: float = _env(
         "REQUEST_TIMEOUT_S", 30.0, "a request still in work after this gets 504 TIMEOUT"
