@@ -17,7 +17,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Reinstall only when a requirements file or pyproject.toml changes.
-$(STAMP): $(VENV)/bin/python pyproject.toml requirements/serving.txt requirements/train.txt requirements/test.txt
+$(STAMP): $(VENV)/bin/python pyproject.toml $(wildcard requirements/*.txt)
 	$(PY) -m pip install --quiet -e ".[train,test]"
 	touch $(STAMP)
 
@@ -31,7 +31,14 @@ $(BROWSER):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
-test: $(STAMP) $(BROWSER)
+# The container test (tests/test_container.py) starts its own dockerd and builds its base image
+# with mmdebstrap from Debian's mirror: install both once.
+DOCKERD := /usr/sbin/dockerd
+$(DOCKERD):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io mmdebstrap
+
+test: $(STAMP) $(BROWSER) $(DOCKERD)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -42,9 +49,12 @@ lint: $(STAMP)
 train: $(STAMP)
 	$(PY) -m training_export train
 
+# The bento is labelled with the model version it pins and the commit it was built from.
 build: $(STAMP)
 	$(PY) -m training_export ensure-default
-	$(VENV)/bin/bentoml build
+	$(VENV)/bin/bentoml build \
+		--label model_version=$$($(PY) -c 'from image_classifier.settings import Settings; print(Settings.from_env().model_tag.split(":")[1])') \
+		--label git_commit=$$(git rev-parse HEAD)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
