@@ -81,7 +81,15 @@ def docker() -> Iterator[Docker]:
             daemon.kill()
             daemon.wait(10)
         log.close()
+        _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _unmount_under(root: Path) -> None:
+    """dockerd leaves its netns bind-mounted (exec/netns/default): unmount it, deepest first."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
