@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 
 from image_classifier.settings import DEFAULT_MODEL_TAG
-from tests.support import REPO, serve, store_model_dir
+from tests.support import FIGURES, REPO, serve, store_model_dir
 
 _HOME = Path(tempfile.mkdtemp(prefix="bentoml-test-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 ARTIFACTS = REPO / "test-artifacts"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):

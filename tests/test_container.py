@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from image_classifier.settings import Settings
-from tests.support import BIN, REPO, encode, free_port
+from tests.support import BIN, REPO, encode, free_port, measured
 
 BASE_IMAGE = "localhost/pybase:3.11"  # never pushed: it trusts this machine's extra CAs
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bento-image-classifier"
@@ -155,7 +155,7 @@ def image(docker: Docker, base_image: str, trained_store: Path, tmp_path_factory
     )  # fmt: skip
     elapsed = time.monotonic() - started
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
-    print(f"\n[container] {tag}: containerize {elapsed:.1f} s, image {size / 1e6:.0f} MB")
+    measured(f"\n[container] {tag}: containerize {elapsed:.1f} s, image {size / 1e6:.0f} MB")
     try:
         yield tag
     finally:
@@ -207,7 +207,7 @@ def _analyze(url: str, picture) -> dict:
 def test_image_classifies_read_only_as_non_root_and_turns_healthy(docker, image, heldout):
     """The production settings: read-only root, only /tmp writable, not root, HEALTHCHECK real."""
     with running(docker, image, "--read-only", "--tmpfs", "/tmp") as (url, name, to_ready):
-        print(f"[container] docker run -> /readyz 200 in {to_ready:.1f} s (read-only root)")
+        measured(f"[container] docker run -> /readyz 200 in {to_ready:.1f} s (read-only root)")
         sample = heldout[:10]
         right = sum(_analyze(url, picture)["prediction"]["label"] == str(label)
                     for picture, label in sample)  # fmt: skip
@@ -228,13 +228,13 @@ def test_image_classifies_read_only_as_non_root_and_turns_healthy(docker, image,
             time.sleep(1)
         last = status["Log"][-1]
         assert last["ExitCode"] == 0 and last["Output"].startswith("healthy: label="), last
-        print(f"[container] HEALTHCHECK healthy: {last['Output'].strip()}")
+        measured(f"[container] HEALTHCHECK healthy: {last['Output'].strip()}")
 
 
 def test_workers_come_from_the_environment(docker, image, heldout):
     """WORKERS=2 starts two server processes (BentoML tags each worker's log lines [:N])."""
     with running(docker, image, "-e", "WORKERS=2", "-e", "THREADS=1") as (url, name, to_ready):
-        print(f"[container] WORKERS=2: /readyz 200 in {to_ready:.1f} s")
+        measured(f"[container] WORKERS=2: /readyz 200 in {to_ready:.1f} s")
         picture, label = heldout[0]
         assert _analyze(url, picture)["success"] is True
         deadline = time.monotonic() + 30

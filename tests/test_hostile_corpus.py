@@ -16,7 +16,7 @@ from tests.hostile_corpus import (
     markdown_table,
     send,
 )
-from tests.support import REPO, envelope_code
+from tests.support import REPO, envelope_code, measured
 
 DIGITS = [str(d) for d in range(10)]
 DEFAULT_TOP_K = 3
@@ -118,7 +118,7 @@ def test_bomb_round_trip(client, server, artifacts):
         f"median {statistics.median(timings):.1f} ms, min {min(timings):.1f} ms, "
         f"max {max(timings):.1f} ms over {len(timings)} requests"
     )
-    print(report)
+    measured(report)
     (artifacts / "bomb-round-trip.txt").write_text(report + "\n")
 
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.load import closed_loops, open_rate, percentile, throughput
-from tests.support import encode, serve
+from tests.support import encode, measured, serve
 
 REQUEST_TIMEOUT_S = 10
 
@@ -35,7 +35,7 @@ def test_four_times_capacity_gets_fast_honest_refusals(trained_store, artifacts,
 
     latencies = [o.seconds for o in outcomes]
     statuses = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
-    print(
+    measured(
         f"\noverload: capacity {capacity:.1f} req/s, offered {4 * capacity:.1f} req/s for 20 s, "
         f"{len(outcomes)} requests, statuses {statuses}, served {throughput(outcomes):.1f} req/s, "
         f"p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
@@ -68,7 +68,7 @@ def test_soak_memory_stays_flat(trained_store, artifacts, heldout, seconds):
         outcomes = asyncio.run(_rotate(url, images, seconds=seconds))
         after = _tree_rss(server.process.pid)
     growth = (after - before) / before
-    print(
+    measured(
         f"\nsoak {seconds} s: {len(outcomes)} requests in {time.monotonic() - started:.0f} s, "
         f"RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB ({growth:+.2%})"
     )

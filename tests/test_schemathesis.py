@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from image_classifier.errors import is_error_envelope
+from tests.support import measured
 
 EXAMPLES_PER_OPERATION_AND_MODE = 100
 OPERATIONS = [
@@ -81,4 +82,4 @@ def test_no_operation_answers_5xx(api_schema, server, label, mode):
 
     check()
     assert calls, "schemathesis generated nothing"
-    print(f"{label} ({mode}): {len(calls)} calls, statuses {sorted(set(calls))}")
+    measured(f"{label} ({mode}): {len(calls)} calls, statuses {sorted(set(calls))}")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.load import closed_loops
-from tests.support import BIN, REPO, encode, envelope_code, free_port, serve
+from tests.support import BIN, REPO, encode, envelope_code, free_port, measured, serve
 
 TOKENS = "first-token-Zq81,second-token-Hh07"
 
@@ -91,7 +91,8 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
         report = asyncio.run(_load_then_sigterm(server, digit, big))
         exit_code = server.process.wait(60)
         log = server.log()
-    print("\nSIGTERM drain:", {k: v for k, v in report.items() if k != "outcomes"})
+    summary = {k: v for k, v in report.items() if k not in ("outcomes", "signalled_at")}
+    measured(f"\nSIGTERM drain: {summary}")
     outcomes, signalled_at = report["outcomes"], report["signalled_at"]
     assert report["batch_status"] == 200 and report["batch_items_ok"] == len(big)
     assert report["readyz_while_draining"] == 503
