@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 import bentoml_compat
 import image_classifier
+from bentoml_compat import MODEL_HELP
 from image_classifier import metrics, web
 from image_classifier.admission import Gate
 from image_classifier.classifier import Classifier
@@ -78,12 +79,7 @@ class ImageClassifier:
             classifier = Classifier(Path(self.model.path), SETTINGS)
             classifier.warm_up()
         except Exception as exc:
-            log.error(
-                "model %s cannot be served, /readyz stays 503: %s. For the default model run "
-                "`python -m training_export ensure-default`; for your own, import it again.",
-                tag,
-                exc,
-            )
+            log.error("model %s cannot be served, /readyz stays 503: %s. %s", tag, exc, MODEL_HELP)
             return
         self.classifier = classifier
         metrics.MODEL_INFO.labels(name=self.model_ref.name, version=self.model_ref.version).set(1)
@@ -200,10 +196,7 @@ class ImageClassifier:
     async def _run_one(self, classifier: Classifier, tensor: np.ndarray) -> np.ndarray:
         """Through BentoML's batcher when batching is on, so concurrent requests share a run."""
         if not SETTINGS.batching:
-            (row,) = await anyio.to_thread.run_sync(classifier.predict_each, [tensor])
-            if row is None:
-                raise model_failure()
-            return row
+            return (await anyio.to_thread.run_sync(classifier.predict_all, [tensor]))[0]
         ticket = self.desk.deposit(tensor)
         try:
             with internal_call():

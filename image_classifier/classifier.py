@@ -105,6 +105,13 @@ class Classifier:
                 results.append(None)
         return results
 
+    def predict_all(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
+        """Like predict_each, for callers whose request fails as a whole when any item fails."""
+        rows = self.predict_each(tensors)
+        if any(row is None for row in rows):
+            raise model_failure()
+        return np.stack(rows)
+
     def describe_batch(
         self, items: Sequence[np.ndarray | ClassifierError], top_k: int
     ) -> list[Prediction | ClassifierError]:

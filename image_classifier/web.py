@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -45,12 +44,13 @@ def error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
 
 def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
     """`get_backend` is called per request: the service instance exists only once serving."""
+    ui_page = UI_PAGE.read_text(encoding="utf-8")
 
     async def info(request: Request) -> JSONResponse:
         return JSONResponse(get_backend().info())
 
     async def ui(request: Request) -> HTMLResponse:
-        return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(ui_page)
 
     async def server_metadata(request: Request) -> JSONResponse:
         return JSONResponse({"name": "image_classifier", "version": __version__, "extensions": []})
@@ -87,13 +87,11 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
             ]
         else:
             inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
-        rows = await anyio.to_thread.run_sync(classifier.predict_each, inputs)
-        if any(row is None for row in rows):
-            raise ClassifierError(ErrorCode.INTERNAL_ERROR, "the model failed on this input")
+        probabilities = await anyio.to_thread.run_sync(classifier.predict_all, inputs)
         ref = backend.model_ref
         return JSONResponse(
             open_inference.infer_response(
-                infer_request, np.stack(rows), classifier.card, ref.name, ref.version
+                infer_request, probabilities, classifier.card, ref.name, ref.version
             )
         )
 

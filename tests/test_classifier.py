@@ -96,6 +96,10 @@ def test_one_poison_input_fails_alone(tmp_path):
     results = classifier.predict_each([good, poison, good])
     assert results[1] is None
     assert results[0] is not None and results[2] is not None
+    assert classifier.predict_all([good, good]).shape == (2, 10)
+    with pytest.raises(ClassifierError) as caught:  # all-or-nothing callers get a clean 500
+        classifier.predict_all([good, poison])
+    assert caught.value.code is ErrorCode.INTERNAL_ERROR
 
 
 def test_mismatched_card_is_refused_at_load(tmp_path):
