@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 import bentoml_compat
 import image_classifier
 from bentoml_compat import MODEL_HELP
-from image_classifier import metrics, web
+from image_classifier import logs, metrics, web
 from image_classifier.admission import Gate
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError, ErrorCode, model_failure
@@ -32,6 +32,7 @@ from image_classifier.http_boundary import (
     UploadRoute,
     internal_call,
 )
+from image_classifier.routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
 from image_classifier.schemas import (
     AnalyzeBatchResponse,
     AnalyzeResponse,
@@ -43,7 +44,7 @@ from image_classifier.shutdown import drain_on_sigterm
 from image_classifier.uploads import UploadPart, UploadRule
 
 SETTINGS = Settings.from_env()
-
+logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 
 bentoml_compat.replace_leaking_timeout_middleware()
 GATE = Gate(SETTINGS.admission_policy())  # per worker: the middleware admits, SIGTERM drains
@@ -53,73 +54,107 @@ log = logging.getLogger("image_classifier.service")
 web_app = web.build_app(bentoml.get_current_service, max_items=SETTINGS.max_batch_images)
 
 
+def _store_model(tag: str) -> bentoml.models.BentoModel | None:
+    return bentoml.models.BentoModel(bentoml_compat.model_in_store(tag)) if tag else None
+
+
 @bentoml.service(
     name="image_classifier",
     workers=SETTINGS.workers,
     # The default (recycle the in-process connection every 100 requests) failed ~5% of self-calls.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    # One access line per request is ours (JSON, with model version, label and error code).
+    logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(web_app, path="/")  # passive: it claims only its own routes (web.py)
 class ImageClassifier:
-    model = bentoml.models.BentoModel(bentoml_compat.model_in_store(SETTINGS.model_tag))
+    # Class level, so `bentoml build` packages them: the served version and an optional candidate.
+    model = _store_model(SETTINGS.model_tag)
+    candidate = _store_model(SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
-        self.model_ref = ModelRef(name=self.model.tag.name, version=self.model.tag.version)
-        self.classifier: Classifier | None = None
+        served = [
+            ServedModel(
+                ModelRef(name=m.tag.name, version=m.tag.version),
+                role,
+                drift_window=SETTINGS.drift_window,
+                drift_max_drop=SETTINGS.drift_max_drop,
+            )
+            for m, role in ((self.model, "primary"), (self.candidate, "candidate"))
+            if m is not None
+        ]
+        self.router = ModelRouter(
+            *served,
+            canary_fraction=SETTINGS.canary_fraction,
+            shadow_fraction=SETTINGS.shadow_fraction,
+        )
         self.desk = TicketDesk()
         self.decode_limiter = anyio.CapacityLimiter(SETTINGS.threads)
+        self._shadow_tasks: set[asyncio.Task] = set()
         # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
         # and early requests get NOT_READY instead of a refused or hanging connection.
-        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s)
 
-    def _load_model(self) -> None:
-        tag = f"{self.model_ref.name}:{self.model_ref.version}"
-        try:
-            classifier = Classifier(Path(self.model.path), SETTINGS)
-            classifier.warm_up()
-        except Exception as exc:
-            log.error("model %s cannot be served, /readyz stays 503: %s. %s", tag, exc, MODEL_HELP)
-            return
-        self.classifier = classifier
-        metrics.MODEL_INFO.labels(name=self.model_ref.name, version=self.model_ref.version).set(1)
-        log.info("model %s loaded and warmed up: ready", tag)
+    def _load_models(self) -> None:
+        paths = {"primary": self.model.path, "candidate": self.candidate and self.candidate.path}
+        for served in self.router.models:
+            try:
+                classifier = Classifier(Path(paths[served.role]), SETTINGS, served.ref.version)
+                classifier.warm_up()
+            except Exception as exc:
+                log.error(
+                    "model %s cannot be served, /readyz stays 503: %s. %s", served.tag, exc,
+                    MODEL_HELP,
+                )  # fmt: skip
+                return
+            served.loaded(classifier)
+            log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
+        self.__is_ready__()
 
     def __is_ready__(self) -> bool:
-        return self.classifier is not None and not GATE.draining
-
-    def ready_classifier(self) -> Classifier:
-        if self.classifier is None:
-            raise ClassifierError(ErrorCode.NOT_READY, "the model is not loaded yet")
-        return self.classifier
+        ready = self.router.all_loaded() and not GATE.draining
+        metrics.READY.set(1 if ready else 0)
+        return ready
 
     def info(self) -> dict:
+        candidate = self.router.candidate
         return {
             "service": {"name": "image_classifier", "version": image_classifier.__version__},
-            "model": self.model_ref.model_dump(),
-            **self.ready_classifier().describe_setup(),
+            "model": self.router.primary.ref.model_dump(),
+            "candidate": candidate
+            and {
+                **candidate.ref.model_dump(),
+                "canary_fraction": self.router.canary_fraction,
+                "shadow_fraction": self.router.shadow_fraction,
+            },
+            **self.router.primary.ready_classifier().describe_setup(),
         }
 
     @bentoml.api(route="/analyze")
     async def analyze(
         self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None
     ) -> AnalyzeResponse:
-        """Classify one image (multipart field `image`)."""
+        """Classify one image (multipart field `image`). Header `X-Model-Version` pins a version."""
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            classifier = self.ready_classifier()
+            served = self._route(ctx)
+            classifier = served.ready_classifier()
             k = classifier.resolve_top_k(top_k)
             (part,) = _upload_parts(ctx)
-            tensor = await self._prepare(classifier, image, part)
-            probabilities = await self._run_one(classifier, tensor)
+            data = await _read_upload(image, part)
+            tensor = await self._prepare(classifier, data, part.content_type)
+            probabilities, merged = await self._run_one(served, tensor)
             prediction = classifier.describe(probabilities, k)
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
-        metrics.observe_prediction(prediction, self.model_ref.version)
+        served.record(prediction)
+        logs.annotate(label=prediction.label, confidence=prediction.confidence, batch_size=merged)
+        self._maybe_shadow(served, data, part.content_type, prediction.label)
         return AnalyzeResponse(
             request_id=request_id,
-            model=self.model_ref,
+            model=served.ref,
             prediction=prediction,
             latency_ms=_ms_since(started),
         )
@@ -132,27 +167,33 @@ class ImageClassifier:
         started = time.perf_counter()
         request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
         try:
-            classifier = self.ready_classifier()
+            served = self._route(ctx)
+            classifier = served.ready_classifier()
             k = classifier.resolve_top_k(top_k)
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
         parts = _upload_parts(ctx)
         items = await asyncio.gather(
             *(
-                self._prepare_or_error(classifier, p, part)
+                self._prepare_upload(classifier, p, part)
                 for p, part in zip(images, parts, strict=True)
             )
         )
         outcomes = await anyio.to_thread.run_sync(classifier.describe_batch, items, k)
         for outcome in outcomes:
-            metrics.observe_outcome(outcome, self.model_ref.version)
+            if isinstance(outcome, ClassifierError):
+                metrics.observe_item_error(outcome)
+            else:
+                served.record(outcome)
+        failed = sum(isinstance(outcome, ClassifierError) for outcome in outcomes)
+        logs.annotate(batch_size=len(outcomes), failed_items=failed)
         results = [
             BatchItem.of(i, part.filename, o)
             for i, (o, part) in enumerate(zip(outcomes, parts, strict=True))
         ]
         return AnalyzeBatchResponse(
             request_id=request_id,
-            model=self.model_ref,
+            model=served.ref,
             results=results,
             latency_ms=_ms_since(started),
         )
@@ -163,44 +204,61 @@ class ImageClassifier:
         max_batch_size=SETTINGS.batch_max_size,
         max_latency_ms=SETTINGS.batch_max_latency_ms,
     )
-    def infer(self, tickets: list[str]) -> list[bool]:
-        """One model run for every ticket the batcher merged (see image_classifier.handoff)."""
-        tensors = self.desk.take_inputs(tickets)
-        known = [(ticket, t) for ticket, t in zip(tickets, tensors, strict=True) if t is not None]
-        if known:
-            rows = self.ready_classifier().predict_each([tensor for _, tensor in known])
-            for (ticket, _), row in zip(known, rows, strict=True):
+    def infer(self, tickets: list[str]) -> list[int]:
+        """One model run per model version for every ticket the batcher merged (handoff.py).
+
+        Returns, per ticket, how many images shared its run (0: its input was not found)."""
+        deposits = self.desk.take_inputs(tickets)
+        by_version: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for ticket, deposit in zip(tickets, deposits, strict=True):
+            if deposit is not None:
+                version, tensor = deposit
+                by_version.setdefault(version, []).append((ticket, tensor))
+        run_size: dict[str, int] = {}
+        for version, group in by_version.items():
+            classifier = self.router.find(version).ready_classifier()
+            rows = classifier.predict_each([tensor for _, tensor in group])
+            for (ticket, _), row in zip(group, rows, strict=True):
                 if row is not None:
                     self.desk.leave_result(ticket, row)
-        return [tensor is not None for tensor in tensors]
+                    run_size[ticket] = len(group)
+        return [run_size.get(ticket, 0) for ticket in tickets]
 
-    async def _prepare(self, classifier: Classifier, path: Path, part: UploadPart) -> np.ndarray:
-        if part.size > SETTINGS.max_upload_bytes:
-            raise ClassifierError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"the file is over the limit of {SETTINGS.max_upload_bytes:,} bytes",
-            )
-        data = await anyio.Path(path).read_bytes()
+    def _route(self, ctx: bentoml.Context) -> ServedModel:
+        served = self.router.route(ctx.request.headers.get(MODEL_VERSION_HEADER))
+        ctx.response.headers[MODEL_VERSION_HEADER] = served.ref.version
+        logs.annotate(model_version=served.ref.version)
+        return served
+
+    async def _prepare(
+        self, classifier: Classifier, data: bytes, content_type: str | None
+    ) -> np.ndarray:
         return await anyio.to_thread.run_sync(
-            classifier.prepare, data, part.content_type, limiter=self.decode_limiter
+            classifier.prepare, data, content_type, limiter=self.decode_limiter
         )
 
-    async def _prepare_or_error(
+    async def _prepare_upload(
         self, classifier: Classifier, path: Path, part: UploadPart
     ) -> np.ndarray | ClassifierError:
+        """One /analyze_batch item: its tensor, or the error that refuses only this item."""
         try:
-            return await self._prepare(classifier, path, part)
+            return await self._prepare(
+                classifier, await _read_upload(path, part), part.content_type
+            )
         except ClassifierError as exc:
             return exc
 
-    async def _run_one(self, classifier: Classifier, tensor: np.ndarray) -> np.ndarray:
-        """Through BentoML's batcher when batching is on, so concurrent requests share a run."""
+    async def _run_one(self, served: ServedModel, tensor: np.ndarray) -> tuple[np.ndarray, int]:
+        """Through BentoML's batcher when batching is on, so concurrent requests share a run.
+
+        Returns the probabilities and how many images shared the model run."""
+        classifier = served.ready_classifier()
         if not SETTINGS.batching:
-            return (await anyio.to_thread.run_sync(classifier.predict_all, [tensor]))[0]
-        ticket = self.desk.deposit(tensor)
+            return (await anyio.to_thread.run_sync(classifier.predict_all, [tensor]))[0], 1
+        ticket = self.desk.deposit((served.ref.version, tensor))
         try:
             with internal_call():
-                await self.to_async.infer([ticket])
+                sizes = await self.to_async.infer([ticket])
             result = self.desk.take_result(ticket)
         except bentoml.exceptions.BentoMLException as exc:
             if getattr(exc, "error_code", None) == 503:
@@ -210,7 +268,39 @@ class ImageClassifier:
             self.desk.discard(ticket)
         if result is None:
             raise model_failure()
-        return result
+        return result, int(sizes[0]) if sizes else 1
+
+    def _maybe_shadow(
+        self, answered: ServedModel, data: bytes, content_type: str | None, label: str
+    ) -> None:
+        """Let the candidate score a share of the primary's traffic, after the answer is sent."""
+        shadow = self.router.shadow_for(answered)
+        if shadow is None:
+            return
+        task = asyncio.create_task(self._shadow(shadow, data, content_type, label))
+        self._shadow_tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self, shadow: ServedModel, data: bytes, content_type: str | None, answered_label: str
+    ) -> None:
+        try:
+            classifier = shadow.ready_classifier()
+            tensor = await self._prepare(classifier, data, content_type)
+            probabilities, _ = await self._run_one(shadow, tensor)
+            label = classifier.describe(probabilities, 1).label
+            metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
+        except Exception:
+            log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
+
+
+async def _read_upload(path: Path, part: UploadPart) -> bytes:
+    if part.size > SETTINGS.max_upload_bytes:
+        raise ClassifierError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the file is over the limit of {SETTINGS.max_upload_bytes:,} bytes",
+        )
+    return await anyio.Path(path).read_bytes()
 
 
 def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:

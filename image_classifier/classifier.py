@@ -6,6 +6,7 @@ The service and offline tools use this one object, so the two cannot drift apart
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class Classifier:
-    def __init__(self, model_dir: Path, settings: Settings) -> None:
+    def __init__(self, model_dir: Path, settings: Settings, version: str = "") -> None:
         self.settings = settings
+        self.version = version  # the store version, for metrics
         self.model = OnnxModel(Path(model_dir), intra_op_threads=settings.ort_intra_op_threads)
         self.limits = DecodeLimits(settings.allowed_formats, settings.max_image_pixels)
 
@@ -75,9 +77,12 @@ class Classifier:
     def prepare(self, data: bytes, declared_type: str | None = None) -> np.ndarray:
         """Bytes -> model input tensor, or ClassifierError (4xx) for anything wrong with them."""
         check_declared_type(declared_type, self.limits.allowed_formats)
+        started = time.perf_counter()
         spec = self.card.preprocessing
         image = decode_image(data, self.limits, declared_type, spec.decode_size_hint)
-        return preprocess(image, spec)
+        tensor = preprocess(image, spec)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+        return tensor
 
     def predict(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
         """Tensors -> probabilities, in model runs of at most BATCH_MAX_SIZE."""
@@ -85,8 +90,9 @@ class Classifier:
         runs = []
         for start in range(0, len(tensors), step):
             chunk = tensors[start : start + step]
+            started = time.perf_counter()
             runs.append(self.model.probabilities(np.stack(chunk)))
-            metrics.observe_model_run(len(chunk))
+            metrics.observe_model_run(len(chunk), time.perf_counter() - started, self.version)
         return np.concatenate(runs) if runs else np.zeros((0, len(self.card.labels)), np.float32)
 
     def predict_each(self, tensors: Sequence[np.ndarray]) -> list[np.ndarray | None]:

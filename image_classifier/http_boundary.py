@@ -16,6 +16,7 @@ import asyncio
 import fnmatch
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import logs, metrics
 from .admission import AdmissionPolicy, Gate, is_open_path
 from .errors import CODE_FOR_STATUS, ClassifierError, ErrorCode, error_envelope, is_error_envelope
 from .uploads import UploadRule, canonical_content_type, scan_multipart
@@ -37,6 +38,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID_HEADER = "x-request-id"
 UPLOADS_STATE_KEY = "upload_parts"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
+_UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
+                             "/v2/health/ready"})  # fmt: skip
 _RETRY_AFTER_SECONDS = "1"
 _INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
 # Set while the service calls its own routes (the in-process self-call runs in the caller's task).
@@ -83,8 +87,20 @@ class BoundaryMiddleware:
         if scope["path"] in self.internal_paths and _INTERNAL_CALL.get():
             await self.app(scope, receive, send)  # part of a request admitted already
             return
+        started = time.perf_counter()
         request_id = _adopt_request_id(scope)
         send = _EnvelopingSend(send, request_id, scope["path"] == self.readiness_path)
+        with logs.request_context(request_id, scope["method"], scope["path"]) as log_fields:
+            try:
+                await self._answer(scope, receive, send, request_id)
+            finally:
+                if scope["path"] not in _UNLOGGED_PATHS:
+                    if send.error_code is not None:
+                        log_fields["error_code"] = send.error_code
+                    status = send.status or 499  # 499: the client left before any answer
+                    logs.log_request(log_fields, status, (time.perf_counter() - started) * 1000)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: _EnvelopingSend, request_id: str):
         try:
             async with asyncio.timeout(self.gate.policy.request_timeout_s):
                 await self._admit(scope, receive, send)
@@ -225,10 +241,13 @@ class _EnvelopingSend:
         self.held_start: Message | None = None
         self.held_body: list[bytes] = []
         self.started = False
+        self.status: int | None = None
+        self.error_code: str | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = message["status"]
             headers = [
                 (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
             ]
@@ -263,7 +282,8 @@ class _EnvelopingSend:
             body = json.dumps(
                 error_envelope(code, _message_from(status, parsed, body), self.request_id)
             ).encode()
-        metrics.ERRORS.labels(code=str(code)).inc()
+        self.error_code = str(code)
+        metrics.ERRORS.labels(code=self.error_code).inc()
         if status in (429, 503):
             extra.append((b"retry-after", retry_after.encode("latin-1")))
         kept = [

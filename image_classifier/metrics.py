@@ -1,53 +1,127 @@
-"""Prometheus metrics of the service (served on BentoML's /metrics with its own).
+"""Prometheus metrics of the service (served on BentoML's /metrics beside its own).
 
-BentoML runs prometheus_client in multiprocess mode, so gauges say how to merge worker values.
+BentoML runs prometheus_client in multiprocess mode (one file per worker, merged at scrape), so
+every gauge says how worker values merge; `live*` modes drop a worker's values when it exits.
+Request counts and latency per endpoint and status are BentoML's own
+(`bentoml_service_request_total`, `bentoml_service_request_duration_seconds`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .drift import DriftState
 from .errors import ClassifierError
 from .postprocessing import Prediction
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 MODEL_INFO = Gauge(
     "image_classifier_model_info",
-    "The model this service answers with (value 1)",
-    ["name", "version"],
-    multiprocess_mode="max",
+    "Models this service answers with (value 1), by role: primary or candidate",
+    ["name", "version", "role"],
+    multiprocess_mode="livemax",
 )
-MODEL_RUNS = Counter("image_classifier_model_runs", "ONNX Runtime runs (one per merged batch)")
+READY = Gauge(
+    "image_classifier_ready",
+    "1 when this worker's models are loaded and warm and it is not draining (one per worker)",
+    multiprocess_mode="liveall",
+)
+MODEL_RUNS = Counter(
+    "image_classifier_model_runs", "ONNX Runtime runs (one per merged batch)", ["model_version"]
+)
 MODEL_RUN_ITEMS = Histogram(
-    "image_classifier_model_run_items", "Images per ONNX Runtime run", buckets=_BATCH_BUCKETS
+    "image_classifier_model_run_items",
+    "Images per ONNX Runtime run: the real batch size",
+    ["model_version"],
+    buckets=_BATCH_BUCKETS,
+)
+INFERENCE_SECONDS = Histogram(
+    "image_classifier_inference_seconds",
+    "Time of one ONNX Runtime run (a whole merged batch)",
+    ["model_version"],
+    buckets=_SECONDS_BUCKETS,
+)
+PREPROCESS_SECONDS = Histogram(
+    "image_classifier_preprocess_seconds",
+    "Decode + validate + preprocess time of one image",
+    buckets=_SECONDS_BUCKETS,
 )
 PREDICTIONS = Counter(
     "image_classifier_predictions", "Predictions by label", ["label", "model_version"]
 )
 CONFIDENCE = Histogram(
-    "image_classifier_top1_confidence", "Top-1 confidence", buckets=_CONFIDENCE_BUCKETS
+    "image_classifier_top1_confidence",
+    "Top-1 confidence of answers",
+    ["model_version"],
+    buckets=_CONFIDENCE_BUCKETS,
 )
 ERRORS = Counter("image_classifier_errors", "Error responses by error code", ["code"])
 ITEM_ERRORS = Counter(
     "image_classifier_batch_item_errors", "Refused images inside /analyze_batch by code", ["code"]
 )
+DRIFT_BASELINE = Gauge(
+    "image_classifier_drift_baseline_confidence",
+    "Mean top-1 confidence on held-out data, from the model card",
+    ["model_version"],
+    multiprocess_mode="livemax",
+)
+DRIFT_MEAN = Gauge(
+    "image_classifier_drift_rolling_confidence",
+    "Mean top-1 confidence of the last DRIFT_WINDOW answers (per worker)",
+    ["model_version"],
+    multiprocess_mode="liveall",
+)
+DRIFT_CHANGE = Gauge(
+    "image_classifier_drift_relative_change",
+    "(rolling mean - baseline) / baseline; the lowest worker's value",
+    ["model_version"],
+    multiprocess_mode="livemin",
+)
+DRIFT_ALARM = Gauge(
+    "image_classifier_drift_alarm",
+    "1 when the rolling mean is more than DRIFT_MAX_DROP below the baseline (any worker)",
+    ["model_version"],
+    multiprocess_mode="livemax",
+)
+SHADOW_COMPARISONS = Counter(
+    "image_classifier_shadow_comparisons",
+    "Primary answers the candidate also scored in shadow, by whether the top-1 labels agreed",
+    ["candidate_version", "agreed"],
+)
 
 
-def observe_model_run(items: int) -> None:
-    MODEL_RUNS.inc()
-    MODEL_RUN_ITEMS.observe(items)
+def observe_model_loaded(name: str, version: str, role: str, baseline: float | None) -> None:
+    MODEL_INFO.labels(name=name, version=version, role=role).set(1)
+    DRIFT_ALARM.labels(model_version=version).set(0)
+    if baseline is not None:
+        DRIFT_BASELINE.labels(model_version=version).set(baseline)
+
+
+def observe_model_run(items: int, seconds: float, model_version: str) -> None:
+    MODEL_RUNS.labels(model_version=model_version).inc()
+    MODEL_RUN_ITEMS.labels(model_version=model_version).observe(items)
+    INFERENCE_SECONDS.labels(model_version=model_version).observe(seconds)
 
 
 def observe_prediction(prediction: Prediction, model_version: str) -> None:
     PREDICTIONS.labels(label=prediction.label, model_version=model_version).inc()
-    CONFIDENCE.observe(prediction.confidence)
+    CONFIDENCE.labels(model_version=model_version).observe(prediction.confidence)
 
 
-def observe_outcome(outcome: Prediction | ClassifierError, model_version: str) -> None:
-    """One /analyze_batch item: its prediction, or its refusal by code."""
-    if isinstance(outcome, ClassifierError):
-        ITEM_ERRORS.labels(code=outcome.code.value).inc()
-    else:
-        observe_prediction(outcome, model_version)
+def observe_drift(model_version: str, state: DriftState) -> None:
+    if state.rolling_mean is not None:
+        DRIFT_MEAN.labels(model_version=model_version).set(state.rolling_mean)
+    if state.relative_change is not None:
+        DRIFT_CHANGE.labels(model_version=model_version).set(state.relative_change)
+    DRIFT_ALARM.labels(model_version=model_version).set(1 if state.alarm else 0)
+
+
+def observe_item_error(error: ClassifierError) -> None:
+    ITEM_ERRORS.labels(code=error.code.value).inc()
+
+
+def observe_shadow(candidate_version: str, agreed: bool) -> None:
+    SHADOW_COMPARISONS.labels(candidate_version=candidate_version, agreed=str(agreed).lower()).inc()

@@ -13,11 +13,9 @@ from dataclasses import dataclass, field, fields
 from limits import parse as parse_rate_limit
 
 from .admission import AdmissionPolicy
+from .served_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
 
-# The default model, pinned by version: the training recipe writes exactly this tag, so a bento
-# built from a clean checkout always packages the same model. Bump the version with the recipe.
-DEFAULT_MODEL_NAME = "digits-cnn"
-DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:v1"
+__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
 MIB = 1024 * 1024
 
@@ -28,7 +26,23 @@ def _env(name: str, default: object, doc: str):  # noqa: ANN202 - dataclass fiel
 
 @dataclass(frozen=True)
 class Settings:
-    model_tag: str = _env("MODEL_TAG", DEFAULT_MODEL_TAG, "model served, as name:version")
+    model_tag: str = _env(
+        "MODEL_TAG", DEFAULT_MODEL_TAG, "model served, as name:version (default: served_model.json)"
+    )
+    candidate_model_tag: str = _env(
+        "CANDIDATE_MODEL_TAG", "", "a second version served beside it (default: served_model.json)"
+    )
+    canary_fraction: float = _env(
+        "CANARY_FRACTION", 0.0, "share of unpinned requests the candidate answers (0..1)"
+    )
+    shadow_fraction: float = _env(
+        "SHADOW_FRACTION", 0.0, "share of primary answers the candidate also scores, unseen (0..1)"
+    )
+    drift_window: int = _env("DRIFT_WINDOW", 500, "predictions in the rolling confidence mean")
+    drift_max_drop: float = _env(
+        "DRIFT_MAX_DROP", 0.05, "relative fall below the card's mean confidence that alarms"
+    )
+    log_format: str = _env("LOG_FORMAT", "json", "json (one object per line) or text")
     max_upload_bytes: int = _env(
         "MAX_UPLOAD_BYTES", 10 * MIB, "largest request body for /analyze (413 above)"
     )
@@ -92,6 +106,9 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[spec.name] = _parse(spec.metadata["env"], raw.strip(), spec.default)
+        record = read_record(record_path(environ))
+        values.setdefault("model_tag", record.model_tag)
+        values.setdefault("candidate_model_tag", record.candidate_tag or "")
         settings = cls(**values)
         settings.validate()
         return settings
@@ -109,6 +126,7 @@ class Settings:
             "threads",
             "ort_intra_op_threads",
             "max_concurrency",
+            "drift_window",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -117,6 +135,14 @@ class Settings:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
         if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
+        if not (0 <= self.canary_fraction <= 1 and 0 <= self.shadow_fraction <= 1):
+            raise ValueError("CANARY_FRACTION and SHADOW_FRACTION must be between 0 and 1")
+        if not 0 < self.drift_max_drop < 1:
+            raise ValueError("DRIFT_MAX_DROP must be between 0 and 1")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("LOG_FORMAT must be 'json' or 'text'")
+        if self.candidate_model_tag and self.candidate_model_tag == self.model_tag:
+            raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
         if self.rate_limit:
             try:
                 parse_rate_limit(self.rate_limit)

@@ -18,19 +18,16 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from . import __version__, open_inference
-from .classifier import Classifier
 from .errors import ClassifierError, ErrorCode, error_envelope
-from .schemas import ModelRef
+from .routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
 
 REQUEST_ID_HEADER = "x-request-id"
 UI_PAGE = Path(__file__).parent / "static" / "ui.html"
 
 
 class Backend(Protocol):
-    model_ref: ModelRef
+    router: ModelRouter
     decode_limiter: anyio.CapacityLimiter
-
-    def ready_classifier(self) -> Classifier: ...  # raises NOT_READY
 
     def info(self) -> dict[str, Any]: ...
 
@@ -59,23 +56,24 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
         return JSONResponse({"live": True})
 
     async def ready(request: Request) -> JSONResponse:
-        get_backend().ready_classifier()
+        for served in get_backend().router.models:
+            served.ready_classifier()
         return JSONResponse({"ready": True})
 
     async def model_ready(request: Request) -> JSONResponse:
-        backend = _model(request, get_backend)
-        backend.ready_classifier()
-        return JSONResponse({"name": backend.model_ref.name, "ready": True})
+        served = _model(request, get_backend().router)
+        served.ready_classifier()
+        return JSONResponse({"name": served.ref.name, "ready": True})
 
     async def model_metadata(request: Request) -> JSONResponse:
-        backend = _model(request, get_backend)
-        ref = backend.model_ref
-        card = backend.ready_classifier().card
+        served = _model(request, get_backend().router)
+        ref, card = served.ref, served.ready_classifier().card
         return JSONResponse(open_inference.model_metadata(card, ref.name, ref.version, max_items))
 
     async def infer(request: Request) -> JSONResponse:
-        backend = _model(request, get_backend)
-        classifier = backend.ready_classifier()
+        backend = get_backend()
+        served = _model(request, backend.router)
+        classifier = served.ready_classifier()
         infer_request = open_inference.parse_request(await request.body(), max_items)
         tensor = infer_request.inputs[0]
         if tensor.datatype == "BYTES":
@@ -88,11 +86,14 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
         else:
             inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
         probabilities = await anyio.to_thread.run_sync(classifier.predict_all, inputs)
-        ref = backend.model_ref
+        for row in probabilities:
+            served.record(classifier.describe(row, 1))
+        ref = served.ref
         return JSONResponse(
             open_inference.infer_response(
                 infer_request, probabilities, classifier.card, ref.name, ref.version
-            )
+            ),
+            headers={MODEL_VERSION_HEADER: ref.version},
         )
 
     model = "/v2/models/{name}"
@@ -110,17 +111,26 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
     return Starlette(routes=routes, exception_handlers={ClassifierError: _envelope})
 
 
-def _model(request: Request, get_backend: Callable[[], Backend]) -> Backend:
-    backend = get_backend()
-    ref = backend.model_ref
+def _model(request: Request, router: ModelRouter) -> ServedModel:
+    """The model a /v2/models/{name}[/versions/{version}] path names; without a version, the
+    router chooses (X-Model-Version pin, canary share) among the models of that name."""
     name, version = request.path_params["name"], request.path_params.get("version")
-    if name != ref.name or version not in (None, ref.version):
-        wanted = name if version is None else f"{name} version {version}"
-        raise ClassifierError(
-            ErrorCode.NOT_FOUND,
-            f"model {wanted} is not served here; this server serves {ref.name}:{ref.version}",
-        )
-    return backend
+    served_tags = ", ".join(served.tag for served in router.models)
+    not_served = ClassifierError(
+        ErrorCode.NOT_FOUND, f"model {name}:{version or '*'} is not served here ({served_tags})"
+    )
+    if version is not None:  # a path that names nothing served is NOT_FOUND, as any other path
+        try:
+            return router.find(f"{name}:{version}")
+        except ClassifierError:
+            raise not_served from None
+    chosen = router.route(request.headers.get(MODEL_VERSION_HEADER))
+    if chosen.ref.name == name:
+        return chosen
+    for served in router.models:
+        if served.ref.name == name:
+            return served
+    raise not_served
 
 
 async def _envelope(request: Request, exc: Exception) -> JSONResponse:
