@@ -38,7 +38,13 @@ $(DOCKERD):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io mmdebstrap
 
-test: $(STAMP) $(BROWSER) $(DOCKERD)
+# The monitoring test checks and unit-tests the alert rules with Debian's promtool.
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+
+test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

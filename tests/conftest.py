@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from image_classifier.settings import DEFAULT_MODEL_TAG
-from tests.support import FIGURES, REPO, serve, store_model_dir
+from tests.support import FIGURES, REPO, import_model, serve, store_model_dir
 
 _HOME = Path(tempfile.mkdtemp(prefix="bentoml-test-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME)
@@ -52,6 +52,15 @@ def trained_store(bentoml_home: Path) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     store_model_dir(bentoml_home, DEFAULT_MODEL_TAG)
     return bentoml_home
+
+
+@pytest.fixture(scope="session")
+def second_version(trained_store: Path, default_model_dir: Path) -> str:
+    """digits-cnn:v2: the default model's files imported again with its own card (same weights),
+    through the project's own import command: a second version for rollout tests."""
+    tag = "digits-cnn:v2"
+    import_model(trained_store, default_model_dir, tag)
+    return tag
 
 
 @pytest.fixture(scope="session")

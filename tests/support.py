@@ -55,6 +55,28 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def training_cli(
+    *args: str, home: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m training_export ARGS` against the model store at `home`."""
+    env = {**os.environ, "BENTOML_HOME": str(home), **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "training_export", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def import_model(home: Path, model_dir: Path, tag: str) -> Path:
+    """A model's files (model.onnx + card.json) saved as `tag`, by the project's import command."""
+    name, version = tag.split(":")
+    result = training_cli(
+        "import-onnx", str(model_dir / "model.onnx"), "--name", name, "--version", version,
+        "--config", str(model_dir / "card.json"), home=home,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return store_model_dir(home, tag)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from tests.support import REPO, build_onnx_classifier, encode, envelope_code, serve
-
-
-def import_model(home: Path, model_dir: Path, tag: str) -> Path:
-    """Into a store of its own, through the project's import command."""
-    name, version = tag.split(":")
-    result = subprocess.run(
-        [sys.executable, "-m", "training_export", "import-onnx", str(model_dir / "model.onnx"),
-         "--name", name, "--version", version, "--config", str(model_dir / "card.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={"BENTOML_HOME": str(home), "PATH": str(Path(sys.executable).parent)},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return home / "models" / name / version
+from tests.support import build_onnx_classifier, encode, envelope_code, import_model, serve
 
 
 def post_image(url: str, image: Image.Image) -> httpx.Response:

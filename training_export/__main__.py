@@ -1,4 +1,4 @@
-"""python -m training_export {train, ensure-default, import-onnx}: see --help of each."""
+"""python -m training_export {train, ensure-default, import-onnx, models}: see --help of each."""
 
 from __future__ import annotations
 
@@ -41,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--content-crop", action="store_true", default=None)
     imp.add_argument("--output-kind", choices=["auto", "logits", "probabilities"], default="auto")
     imp.add_argument("--description", default="")
+
+    models = commands.add_parser("models", help="list model versions; promote, roll back, canary")
+    versions = models.add_subparsers(dest="models_command", required=True)
+    listing = versions.add_parser("list", help="every classifier version in the store")
+    listing.add_argument("name", nargs="?", help="only this model name")
+    versions.add_parser("show", help="one version's card").add_argument("tag")
+    versions.add_parser("promote", help="serve this version (after a load check)").add_argument(
+        "tag"
+    )
+    versions.add_parser("rollback", help="serve the version served before the current one")
+    candidate = versions.add_parser("candidate", help="serve a version beside it (canary)")
+    which = candidate.add_mutually_exclusive_group(required=True)
+    which.add_argument("tag", nargs="?")
+    which.add_argument("--clear", action="store_true", help="no candidate")
     return parser
 
 
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported here: `--help` stays fast, and torch is loaded only by the commands that train.
     from .export import ExportError
+    from .model_versions import VersionError
+    from .model_versions import run as run_models
     from .onnx_import import ModelImportError, import_onnx, read_config, read_labels
     from .pipeline import TrainingError, ensure_default_model, train_and_save
 
@@ -63,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(train_and_save(args.version, force=args.force, **extra))
         elif args.command == "ensure-default":
             print(ensure_default_model())
+        elif args.command == "models":
+            run_models(args)
         else:
             tag = import_onnx(
                 args.model,
@@ -75,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 description=args.description,
             )
             print(f"imported {args.model} as {tag}")
-    except (TrainingError, ExportError, ModelImportError, OSError, ValueError) as exc:
+    except (TrainingError, ExportError, ModelImportError, VersionError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,141 @@
+"""`python -m training_export models ...`: the versions in the store, and which one is served.
+
+Every version stays in the store with its card; `served_model.json` (see
+`image_classifier.served_model`) names the served one. Promote and roll back change only that
+record, after checking the version really loads and answers; the service reads it at start, so
+a change takes effect on the next restart (or rollout).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+from image_classifier.classifier import Classifier
+from image_classifier.model_card import ModelCard
+from image_classifier.served_model import ServedModels, read_record, record_path, write_record
+from image_classifier.settings import Settings
+
+RESTART_NOTE = "restart the service (or roll out) to apply"
+
+
+class VersionError(RuntimeError):
+    """The request cannot be carried out; nothing was changed."""
+
+
+def _card_of(model: bentoml.Model) -> ModelCard | None:
+    card = model.info.metadata.get("card")
+    return ModelCard.model_validate(card) if isinstance(card, dict) else None
+
+
+def _get(tag: str) -> bentoml.Model:
+    if ":" not in tag:
+        raise VersionError(f"give a full tag, name:version (got {tag!r})")
+    try:
+        return bentoml.models.get(tag)
+    except NotFound:
+        raise VersionError(f"{tag} is not in the model store") from None
+
+
+def list_versions(record: ServedModels, name: str | None = None) -> list[dict]:
+    """Classifier versions in the store (those with a card), oldest first, with their role."""
+    rows = []
+    for model in bentoml.models.list(name):
+        card = _card_of(model)
+        if card is None:
+            continue
+        tag = str(model.tag)
+        role = (
+            "served" if tag == record.model_tag
+            else "candidate" if tag == record.candidate_tag
+            else "previous" if tag in record.history
+            else ""
+        )  # fmt: skip
+        rows.append({
+            "tag": tag,
+            "created": model.info.creation_time.strftime("%Y-%m-%d %H:%M"),
+            "source": card.source + (" (benchmark only)" if card.benchmark_only else ""),
+            "accuracy": card.metrics.accuracy,
+            "role": role,
+        })  # fmt: skip
+    return sorted(rows, key=lambda row: (row["created"], row["tag"]))
+
+
+def check_servable(tag: str) -> ModelCard:
+    """Load it as the service would and run a warm-up: never promote what cannot answer."""
+    model = _get(tag)
+    try:
+        classifier = Classifier(Path(model.path), Settings.from_env({}), model.tag.version)
+        classifier.warm_up()
+    except Exception as exc:
+        raise VersionError(f"{tag} cannot be served: {exc}") from None
+    return classifier.card
+
+
+def promote(record: ServedModels, tag: str) -> ServedModels:
+    check_servable(tag)
+    if tag == record.model_tag:
+        raise VersionError(f"{tag} is already the served version")
+    return ServedModels(
+        model_tag=tag,
+        candidate_tag=None if record.candidate_tag == tag else record.candidate_tag,
+        history=[*record.history, record.model_tag],
+    )
+
+
+def rollback(record: ServedModels) -> ServedModels:
+    if not record.history:
+        raise VersionError("no earlier served version is recorded: nothing to roll back to")
+    *history, previous = record.history
+    _get(previous)
+    candidate = None if record.candidate_tag == previous else record.candidate_tag
+    return ServedModels(model_tag=previous, candidate_tag=candidate, history=history)
+
+
+def set_candidate(record: ServedModels, tag: str | None) -> ServedModels:
+    if tag is not None:
+        check_servable(tag)
+        if tag == record.model_tag:
+            raise VersionError(f"{tag} is the served version; a candidate must differ")
+    return record.model_copy(update={"candidate_tag": tag})
+
+
+def run(args, say: Callable[[str], None] = print) -> None:  # noqa: ANN001 - argparse namespace
+    path = record_path()
+    record = read_record(path)
+    action = args.models_command
+    if action == "list":
+        rows = list_versions(record, args.name)
+        say(f"{'tag':<32} {'created':<17} {'source':<26} {'accuracy':>8}  role")
+        for row in rows:
+            accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+            say(f"{row['tag']:<32} {row['created']:<17} {row['source']:<26} {accuracy:>8}  "
+                f"{row['role']}")  # fmt: skip
+        say(f"(record: {path})")
+        return
+    if action == "show":
+        model = _get(args.tag)
+        card = _card_of(model)
+        say(json.dumps({
+            "tag": str(model.tag),
+            "path": model.path,
+            "created": model.info.creation_time.isoformat(),
+            "labels": model.info.labels,
+            "card": card.model_dump(mode="json") if card else None,
+        }, indent=2))  # fmt: skip
+        return
+    if action == "promote":
+        updated = promote(record, args.tag)
+        message = f"served version: {record.model_tag} -> {updated.model_tag}"
+    elif action == "rollback":
+        updated = rollback(record)
+        message = f"rolled back: {record.model_tag} -> {updated.model_tag}"
+    else:  # candidate
+        updated = set_candidate(record, None if args.clear else args.tag)
+        message = f"candidate: {record.candidate_tag} -> {updated.candidate_tag}"
+    write_record(path, updated)
+    say(f"{message} (written to {path}); {RESTART_NOTE}")
