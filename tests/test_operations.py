@@ -5,16 +5,20 @@ one JSON log line per request."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import time
 from collections import Counter
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, PngImagePlugin
 
 from image_classifier.served_model import ServedModels, write_record
-from tests.support import encode, envelope_code, measured, serve
+from tests.support import REPO, encode, envelope_code, measured, serve
 
 TOKEN = "ops-test-token-5f1c9a"
 DRIFT_WINDOW = 30
@@ -209,3 +213,59 @@ def test_probes_are_not_access_logged(ops_server):
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{ops_server.url}{path}", timeout=10).status_code == 200
     assert len(access_lines(ops_server)) == before
+
+
+# Monitoring as code (deploy/monitoring): the rules parse and pass their unit tests, the
+# dashboard's queries parse, and every metric either uses exists on this live server.
+
+MONITORING = REPO / "deploy" / "monitoring"
+_METRIC_NAME = re.compile(r"\b((?:image_classifier|bentoml_service)_[a-z0-9_]+)")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    assert shutil.which("promtool"), "promtool missing: `make test` installs Debian's prometheus"
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_alert_rules_parse_and_pass_their_unit_tests():
+    checked = promtool("check", "rules", str(MONITORING / "alerts.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = promtool("test", "rules", str(MONITORING / "alerts.test.yml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_dashboard_queries_parse(tmp_path):
+    queries = dashboard_queries()
+    recorded = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    rules = {"groups": [{"name": "dashboard", "rules": recorded}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldout):
+    data = encode(heldout[2][0], "PNG")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    batch = [("images", ("ok.png", data, "image/png")), ("images", ("bad.png", b"x", "image/png"))]
+    response = httpx.post(f"{ops_server.url}/analyze_batch", files=batch, headers=headers)
+    assert response.status_code == 200, response.text
+    for _ in range(40):  # until the candidate has shadowed an answer (SHADOW_FRACTION 0.5)
+        post(ops_server, data)
+        if "image_classifier_shadow_comparisons_total{" in scrape(ops_server):
+            break
+    live = {
+        line.split("{")[0].split(" ")[0]
+        for line in scrape(ops_server).splitlines()
+        if line and not line.startswith("#")
+    }
+    rules_text = (MONITORING / "alerts.yml").read_text()
+    used = set(_METRIC_NAME.findall(rules_text + "\n".join(dashboard_queries())))
+    assert len(used) >= 10, used
+    missing = {name for name in used if name not in live}
+    assert not missing, f"referenced but not on /metrics: {sorted(missing)}"
