@@ -22,6 +22,14 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("ensure-default", help="train the default model only if the store lacks it")
 
+    bench = commands.add_parser("bench-models", help="build the benchmark-only models if missing")
+    bench.add_argument("--force", action="store_true", help="rebuild them")
+
+    quant = commands.add_parser("quantize", help="static INT8 of a stored model, gated, saved")
+    quant.add_argument("tag", help="the fp32 model, as name:version")
+    quant.add_argument("--out", default=None, help="default: name-int8:version")
+    quant.add_argument("--force", action="store_true", help="replace an existing INT8 entry")
+
     imp = commands.add_parser("import-onnx", help="save your own ONNX classifier with its card")
     imp.add_argument("model", type=Path, help="the .onnx file (one self-contained file)")
     imp.add_argument("--name", required=True)
@@ -79,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             print(train_and_save(args.version, force=args.force, **extra))
         elif args.command == "ensure-default":
             print(ensure_default_model())
+        elif args.command == "bench-models":
+            from .benchmark_models import BENCHMARK_MODELS, build_and_save
+
+            for model in BENCHMARK_MODELS:
+                build_and_save(model, force=args.force)
+        elif args.command == "quantize":
+            from .quantize import quantize_and_save
+
+            quantize_and_save(args.tag, args.out, force=args.force)
         elif args.command == "models":
             run_models(args)
         else:
