@@ -30,10 +30,18 @@ class Outcome:
         return self.status is not None and (self.status < 400 or self.code is not None)
 
 
-async def post_image(client: aiohttp.ClientSession, url: str, image: bytes) -> Outcome:
+async def post_image(
+    client: aiohttp.ClientSession,
+    url: str,
+    image: bytes | list[bytes],
+    content_type: str = "image/png",
+    field: str = "image",
+) -> Outcome:
+    """One multipart POST; a list of images goes as repeated `field` parts (/analyze_batch)."""
     started = time.monotonic()
     form = aiohttp.FormData()
-    form.add_field("image", image, filename="digit.png", content_type="image/png")
+    for index, data in enumerate(image if isinstance(image, list) else [image]):
+        form.add_field(field, data, filename=f"picture{index}", content_type=content_type)
     try:
         async with client.post(url, data=form) as response:
             body = await response.read()
@@ -58,16 +66,23 @@ def _client(max_connections: int, timeout: float) -> aiohttp.ClientSession:
 
 
 async def closed_loops(
-    url: str, image: bytes, *, concurrency: int, seconds: float, stop_on_refusal: bool = False
+    url: str,
+    image: bytes | list[bytes],
+    *,
+    concurrency: int,
+    seconds: float,
+    stop_on_refusal: bool = False,
+    **post_options: str,
 ) -> list[Outcome]:
-    """`concurrency` clients, each sending its next request when the last one is answered."""
+    """`concurrency` clients, each sending its next request when the last one is answered.
+    `post_options` go to `post_image` (content_type, field)."""
     outcomes: list[Outcome] = []
     deadline = time.monotonic() + seconds
     async with _client(concurrency, timeout=60) as client:
 
         async def loop() -> None:
             while time.monotonic() < deadline:
-                outcome = await post_image(client, url, image)
+                outcome = await post_image(client, url, image, **post_options)
                 outcomes.append(outcome)
                 if stop_on_refusal and outcome.status != 200:
                     return
