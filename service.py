@@ -22,6 +22,7 @@ import image_classifier
 from bentoml_compat import MODEL_HELP
 from image_classifier import logs, metrics, web
 from image_classifier.admission import Gate
+from image_classifier.cache import PredictionCache
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError, ErrorCode, model_failure
 from image_classifier.handoff import TicketDesk
@@ -32,6 +33,7 @@ from image_classifier.http_boundary import (
     UploadRoute,
     internal_call,
 )
+from image_classifier.postprocessing import Prediction
 from image_classifier.routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
 from image_classifier.schemas import (
     AnalyzeBatchResponse,
@@ -89,6 +91,11 @@ class ImageClassifier:
             shadow_fraction=SETTINGS.shadow_fraction,
         )
         self.desk = TicketDesk()
+        self.cache = (
+            PredictionCache(SETTINGS.cache_size, SETTINGS.cache_ttl_s)
+            if SETTINGS.cache_size
+            else None
+        )
         self.decode_limiter = anyio.CapacityLimiter(SETTINGS.threads)
         self._shadow_tasks: set[asyncio.Task] = set()
         # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
@@ -144,19 +151,20 @@ class ImageClassifier:
             k = classifier.resolve_top_k(top_k)
             (part,) = _upload_parts(ctx)
             data = await _read_upload(image, part)
-            tensor = await self._prepare(classifier, data, part.content_type)
-            probabilities, merged = await self._run_one(served, tensor)
-            prediction = classifier.describe(probabilities, k)
+            prediction, merged, cached = await self._answer(served, data, part.content_type, k)
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
         served.record(prediction)
-        logs.annotate(label=prediction.label, confidence=prediction.confidence, batch_size=merged)
-        self._maybe_shadow(served, data, part.content_type, prediction.label)
+        logs.annotate(
+            label=prediction.label, confidence=prediction.confidence, batch_size=merged,
+            cached=cached,
+        )  # fmt: skip
         return AnalyzeResponse(
             request_id=request_id,
             model=served.ref,
             prediction=prediction,
             latency_ms=_ms_since(started),
+            cached=cached,
         )
 
     @bentoml.api(route="/analyze_batch")
@@ -223,6 +231,23 @@ class ImageClassifier:
                     self.desk.leave_result(ticket, row)
                     run_size[ticket] = len(group)
         return [run_size.get(ticket, 0) for ticket in tickets]
+
+    async def _answer(
+        self, served: ServedModel, data: bytes, content_type: str | None, top_k: int
+    ) -> tuple[Prediction, int, bool]:
+        """One image's prediction, how many images shared its model run, and whether it came
+        from the duplicate-input cache (when on). A fresh answer may be shadowed too."""
+        key = None if self.cache is None else self.cache.key(data, served.ref.version, top_k)
+        if key is not None and (hit := self.cache.get(key)) is not None:
+            return hit, 0, True
+        classifier = served.ready_classifier()
+        tensor = await self._prepare(classifier, data, content_type)
+        probabilities, merged = await self._run_one(served, tensor)
+        prediction = classifier.describe(probabilities, top_k)
+        if key is not None:
+            self.cache.put(key, prediction)
+        self._maybe_shadow(served, data, content_type, prediction.label)
+        return prediction, merged, False
 
     def _route(self, ctx: bentoml.Context) -> ServedModel:
         served = self.router.route(ctx.request.headers.get(MODEL_VERSION_HEADER))

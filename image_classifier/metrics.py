@@ -86,6 +86,11 @@ DRIFT_ALARM = Gauge(
     ["model_version"],
     multiprocess_mode="livemax",
 )
+CACHE_LOOKUPS = Counter(
+    "image_classifier_cache_lookups",
+    "Duplicate-input cache lookups of /analyze, by result: hit or miss (CACHE_SIZE > 0 only)",
+    ["result"],
+)
 SHADOW_COMPARISONS = Counter(
     "image_classifier_shadow_comparisons",
     "Primary answers the candidate also scored in shadow, by whether the top-1 labels agreed",

@@ -21,6 +21,7 @@ class AnalyzeResponse(BaseModel):
     model: ModelRef
     prediction: Prediction
     latency_ms: float
+    cached: bool = False  # true: the same bytes were answered before (duplicate-input cache)
 
 
 class ItemError(BaseModel):

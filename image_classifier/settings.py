@@ -42,6 +42,8 @@ class Settings:
     drift_max_drop: float = _env(
         "DRIFT_MAX_DROP", 0.05, "relative fall below the card's mean confidence that alarms"
     )
+    cache_size: int = _env("CACHE_SIZE", 0, "duplicate-input cache entries for /analyze (0: off)")
+    cache_ttl_s: float = _env("CACHE_TTL_S", 300.0, "how long a cached prediction is reused")
     log_format: str = _env("LOG_FORMAT", "json", "json (one object per line) or text")
     max_upload_bytes: int = _env(
         "MAX_UPLOAD_BYTES", 10 * MIB, "largest request body for /analyze (413 above)"
@@ -135,6 +137,8 @@ class Settings:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
         if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
+        if self.cache_size < 0 or self.cache_ttl_s <= 0:
+            raise ValueError("CACHE_SIZE must be >= 0 and CACHE_TTL_S > 0")
         if not (0 <= self.canary_fraction <= 1 and 0 <= self.shadow_fraction <= 1):
             raise ValueError("CANARY_FRACTION and SHADOW_FRACTION must be between 0 and 1")
         if not 0 < self.drift_max_drop < 1:
