@@ -131,10 +131,12 @@ def gate(
     int8: Path,
     card: ModelCard,
     data: QuantizationData,
-    max_accuracy_drop: float = MAX_ACCURACY_DROP,
-    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_accuracy_drop: float | None = None,
+    min_agreement: float | None = None,
 ) -> dict:
     """The figures that decide; raises QuantizationError when INT8 is not good enough."""
+    max_accuracy_drop = MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop
+    min_agreement = MIN_TOP1_AGREEMENT if min_agreement is None else min_agreement
     before = _logits(fp32, card.input_name, data.evaluation).argmax(axis=1)
     after = _logits(int8, card.input_name, data.evaluation).argmax(axis=1)
     figures = {
