@@ -230,7 +230,8 @@ def top_frames(collapsed: str, count: int = 15) -> list[str]:
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
-        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] if "/" in f else f
+                  for f in stack.split(";")]  # fmt: skip
         samples += int(n)
         own[frames[-1]] = own.get(frames[-1], 0) + int(n)
         for frame in set(frames):
