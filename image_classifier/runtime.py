@@ -43,6 +43,9 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # The arena keeps memory for the largest batch ever run (MobileNetV2: 364 MB RSS after a
+        # batch of 32 against 161 MB without it); turning it off cost no speed measurably.
+        options.enable_cpu_mem_arena = False
         # Spin-waiting threads burn CPU that decoding needs (measured: +4 CPU-ms per image).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
