@@ -22,16 +22,15 @@ import image_classifier
 from bentoml_compat import MODEL_HELP
 from image_classifier import logs, metrics, web
 from image_classifier.admission import Gate
+from image_classifier.batching import MicroBatcher
 from image_classifier.cache import PredictionCache
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError, ErrorCode, model_failure
-from image_classifier.handoff import TicketDesk
 from image_classifier.http_boundary import (
     REQUEST_ID_HEADER,
     UPLOADS_STATE_KEY,
     BoundaryMiddleware,
     UploadRoute,
-    internal_call,
 )
 from image_classifier.postprocessing import Prediction
 from image_classifier.routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
@@ -63,8 +62,6 @@ def _store_model(tag: str) -> bentoml.models.BentoModel | None:
 @bentoml.service(
     name="image_classifier",
     workers=SETTINGS.workers,
-    # The default (recycle the in-process connection every 100 requests) failed ~5% of self-calls.
-    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
     # One access line per request is ours (JSON, with model version, label and error code).
     logging={"access": {"enabled": False}},
 )
@@ -90,7 +87,7 @@ class ImageClassifier:
             canary_fraction=SETTINGS.canary_fraction,
             shadow_fraction=SETTINGS.shadow_fraction,
         )
-        self.desk = TicketDesk()
+        self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
         self.cache = (
             PredictionCache(SETTINGS.cache_size, SETTINGS.cache_ttl_s)
             if SETTINGS.cache_size
@@ -116,6 +113,9 @@ class ImageClassifier:
                 )  # fmt: skip
                 return
             served.loaded(classifier)
+            self.batchers[served.ref.version] = MicroBatcher(
+                classifier.predict_each, SETTINGS.batch_max_size, runners=SETTINGS.threads
+            )
             log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
         self.__is_ready__()
 
@@ -206,32 +206,6 @@ class ImageClassifier:
             latency_ms=_ms_since(started),
         )
 
-    @bentoml.api(
-        route="/internal/infer",
-        batchable=True,
-        max_batch_size=SETTINGS.batch_max_size,
-        max_latency_ms=SETTINGS.batch_max_latency_ms,
-    )
-    def infer(self, tickets: list[str]) -> list[int]:
-        """One model run per model version for every ticket the batcher merged (handoff.py).
-
-        Returns, per ticket, how many images shared its run (0: its input was not found)."""
-        deposits = self.desk.take_inputs(tickets)
-        by_version: dict[str, list[tuple[str, np.ndarray]]] = {}
-        for ticket, deposit in zip(tickets, deposits, strict=True):
-            if deposit is not None:
-                version, tensor = deposit
-                by_version.setdefault(version, []).append((ticket, tensor))
-        run_size: dict[str, int] = {}
-        for version, group in by_version.items():
-            classifier = self.router.find(version).ready_classifier()
-            rows = classifier.predict_each([tensor for _, tensor in group])
-            for (ticket, _), row in zip(group, rows, strict=True):
-                if row is not None:
-                    self.desk.leave_result(ticket, row)
-                    run_size[ticket] = len(group)
-        return [run_size.get(ticket, 0) for ticket in tickets]
-
     async def _answer(
         self, served: ServedModel, data: bytes, content_type: str | None, top_k: int
     ) -> tuple[Prediction, int, bool]:
@@ -274,26 +248,17 @@ class ImageClassifier:
             return exc
 
     async def _run_one(self, served: ServedModel, tensor: np.ndarray) -> tuple[np.ndarray, int]:
-        """Through BentoML's batcher when batching is on, so concurrent requests share a run.
+        """Through the batcher when batching is on, so concurrent requests share a model run.
 
         Returns the probabilities and how many images shared the model run."""
-        classifier = served.ready_classifier()
-        if not SETTINGS.batching:
-            return (await anyio.to_thread.run_sync(classifier.predict_all, [tensor]))[0], 1
-        ticket = self.desk.deposit((served.ref.version, tensor))
-        try:
-            with internal_call():
-                sizes = await self.to_async.infer([ticket])
-            result = self.desk.take_result(ticket)
-        except bentoml.exceptions.BentoMLException as exc:
-            if getattr(exc, "error_code", None) == 503:
-                raise ClassifierError(ErrorCode.OVERLOADED, "the model queue is full") from None
-            raise
-        finally:
-            self.desk.discard(ticket)
-        if result is None:
+        if SETTINGS.batching:
+            row, merged = await self.batchers[served.ref.version].submit(tensor)
+        else:
+            classifier = served.ready_classifier()
+            row, merged = (await anyio.to_thread.run_sync(classifier.predict_each, [tensor]))[0], 1
+        if row is None:
             raise model_failure()
-        return result, int(sizes[0]) if sizes else 1
+        return row, merged
 
     def _maybe_shadow(
         self, answered: ServedModel, data: bytes, content_type: str | None, label: str
@@ -344,7 +309,6 @@ def _ms_since(started: float) -> float:
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
     gate=GATE,
-    internal_paths=frozenset({"/internal/infer"}),
     upload_routes={
         "/analyze": UploadRoute(
             UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})),

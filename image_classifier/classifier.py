@@ -49,7 +49,6 @@ class Classifier:
             "batching": {
                 "enabled": settings.batching,
                 "max_batch_size": settings.batch_max_size,
-                "max_latency_ms": settings.batch_max_latency_ms,
             },
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,

@@ -6,7 +6,6 @@ It sits in front of the framework's request handling, so:
 - upload routes get their byte cap enforced while the body streams in (Content-Length over the cap
   is refused before a byte is read), and their multipart shape checked (see `uploads.py`);
 - API routes pass the admission gate (token, rate limit, in-flight cap, deadline; `admission.py`);
-- routes only the service may call itself (the batcher's) answer 404 to anyone else;
 - every non-2xx answer, whoever produced it, leaves in the project's envelope with a stable code.
 """
 
@@ -18,9 +17,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,18 +40,6 @@ _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/h
                              "/v2/health/ready"})  # fmt: skip
 _RETRY_AFTER_SECONDS = "1"
 _INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
-# Set while the service calls its own routes (the in-process self-call runs in the caller's task).
-_INTERNAL_CALL: ContextVar[bool] = ContextVar("internal_call", default=False)
-
-
-@contextmanager
-def internal_call() -> Iterator[None]:
-    """Mark the service's calls to its own internal routes; nobody else may reach those."""
-    token = _INTERNAL_CALL.set(True)
-    try:
-        yield
-    finally:
-        _INTERNAL_CALL.reset(token)
 
 
 @dataclass(frozen=True)
@@ -71,21 +56,16 @@ class BoundaryMiddleware:
         app: ASGIApp,
         upload_routes: dict[str, UploadRoute],
         gate: Gate | None = None,
-        internal_paths: frozenset[str] = frozenset(),
         readiness_path: str = "/readyz",
     ) -> None:
         self.app = app
         self.upload_routes = upload_routes
         self.gate = gate or Gate(AdmissionPolicy())
-        self.internal_paths = internal_paths
         self.readiness_path = readiness_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        if scope["path"] in self.internal_paths and _INTERNAL_CALL.get():
-            await self.app(scope, receive, send)  # part of a request admitted already
             return
         started = time.perf_counter()
         request_id = _adopt_request_id(scope)
@@ -114,8 +94,6 @@ class BoundaryMiddleware:
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
-        if path in self.internal_paths:
-            raise ClassifierError(ErrorCode.NOT_FOUND, "Not Found")
         if not is_open_path(path):
             client_key = self.gate.authenticate(_header(scope, "authorization"))
             self.gate.check_rate(client_key or _client_address(scope))

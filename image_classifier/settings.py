@@ -65,9 +65,6 @@ class Settings:
     grade_medium: float = _env("GRADE_MEDIUM", 0.60, "at or above (below high): grade 'medium'")
     batching: bool = _env("BATCHING", True, "merge concurrent /analyze requests into one run")
     batch_max_size: int = _env("BATCH_MAX_SIZE", 32, "most images in one merged model run")
-    batch_max_latency_ms: int = _env(
-        "BATCH_MAX_LATENCY_MS", 1000, "queue deadline of the batcher (503 OVERLOADED past it)"
-    )
     workers: int = _env("WORKERS", 1, "server processes, each with its own model session")
     threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
     ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
@@ -123,7 +120,6 @@ class Settings:
             "max_image_pixels",
             "default_top_k",
             "batch_max_size",
-            "batch_max_latency_ms",
             "workers",
             "threads",
             "ort_intra_op_threads",
@@ -152,8 +148,6 @@ class Settings:
                 parse_rate_limit(self.rate_limit)
             except ValueError:
                 raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'") from None
-        if self.batch_max_size < 2:
-            raise ValueError("BATCH_MAX_SIZE must be >= 2 (BentoML requires it)")
 
 
 def _env_name(attribute: str) -> str:

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from image_classifier.admission import AdmissionPolicy, Gate
 from image_classifier.errors import ClassifierError, ErrorCode
-from image_classifier.http_boundary import BoundaryMiddleware, UploadRoute, internal_call
+from image_classifier.http_boundary import BoundaryMiddleware, UploadRoute
 from image_classifier.uploads import UploadRule
 
 TOKEN = "s3cret-token"
@@ -77,21 +77,6 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-async def internal(request: Request) -> JSONResponse:
-    return JSONResponse({"internal": True})
-
-
-async def calls_internal(request: Request) -> JSONResponse:
-    """Like the service's self-call: an in-process request to an internal route."""
-    import httpx
-
-    transport = httpx.ASGITransport(app=request.app.state.wrapped)
-    async with httpx.AsyncClient(transport=transport, base_url="http://self") as client:
-        with internal_call():
-            response = await client.post("/internal/run")
-    return JSONResponse(response.json(), status_code=response.status_code)
-
-
 def boundary(**policy) -> TestClient:
     app = Starlette(
         routes=[
@@ -99,17 +84,13 @@ def boundary(**policy) -> TestClient:
             Route("/info", info),
             Route("/readyz", info),
             Route("/metrics", info),
-            Route("/internal/run", internal, methods=["POST"]),
-            Route("/self", calls_internal, methods=["POST"]),
         ]
     )
     wrapped = BoundaryMiddleware(
         app,
         upload_routes={"/upload": UploadRoute(UploadRule("image", 1, 1), 1000)},
         gate=Gate(AdmissionPolicy(**policy)),
-        internal_paths=frozenset({"/internal/run"}),
     )
-    app.state.wrapped = wrapped
     return TestClient(wrapped, raise_server_exceptions=False)
 
 
@@ -158,10 +139,3 @@ def test_requests_past_the_cap_get_503_overloaded_at_once():
     assert statuses[0] == 200 and 503 in statuses
     refused = next(r for r in responses if r.status_code == 503)
     assert envelope(refused, 503) == "OVERLOADED" and refused.headers["retry-after"] == "1"
-
-
-def test_internal_routes_answer_404_to_clients_but_serve_the_service_itself():
-    client = boundary(api_tokens=(TOKEN,))
-    assert envelope(client.post("/internal/run"), 404) == "NOT_FOUND"
-    response = client.post("/self", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code == 200 and response.json() == {"internal": True}

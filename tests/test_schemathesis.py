@@ -36,7 +36,6 @@ OPERATIONS = [
     "GET /metrics",
     "POST /analyze",
     "POST /analyze_batch",
-    "POST /internal/infer",
 ]
 
 
