@@ -67,9 +67,7 @@ def test_router_sends_the_configured_share_to_the_candidate():
 
 
 def test_shadow_scores_only_the_primarys_answers():
-    router = ModelRouter(
-        _served("v1", "primary"), _served("v2", "candidate"), shadow_fraction=1.0
-    )
+    router = ModelRouter(_served("v1", "primary"), _served("v2", "candidate"), shadow_fraction=1.0)
     assert router.shadow_for(router.primary) is router.candidate
     assert router.shadow_for(router.candidate) is None
     alone = ModelRouter(_served("v1", "primary"), canary_fraction=1.0, shadow_fraction=1.0)
