@@ -5,8 +5,10 @@
 (a) the in-process limit: decode + preprocess + ONNX Runtime (`Classifier.prepare`/`predict`) at
     its best batch size and thread setting; (b) the service (`bentoml serve`) over HTTP: /analyze
     at concurrency 1/4/16/32 and /analyze_batch; (c) loadtest/baseline_app.py (FastAPI, the
-    tutorials' design); (d) the service with BATCHING=0. Images: generated photo-like 640x480 and
-    4032x3024 JPEGs. Prints a table, writes docs/benchmarks.json and docs/benchmarks.md.
+    tutorials' design); (d) the service with BATCHING=0; (e) the duplicate-input cache (CACHE_SIZE
+    on, the same picture every time: all hits but the first) and the cost of its key.
+    Images: generated photo-like 640x480 and 4032x3024 JPEGs. Prints a table, writes
+    docs/benchmarks.json and docs/benchmarks.md.
 
 The load generator is tests/load.py's aiohttp closed loop, in this process: its CPU is reported
 (client and server share the machine's cores). `--quick` is a smoke test, not a measurement.
@@ -34,6 +36,7 @@ import bentoml
 import numpy as np
 import psutil
 
+from image_classifier.cache import PredictionCache
 from image_classifier.classifier import Classifier
 from image_classifier.settings import Settings
 from tests.load import closed_loops, percentile, throughput
@@ -125,6 +128,15 @@ def model_only_rate(model_dir: Path, seconds: float) -> float:
 
 
 # --- (b, c, d) over HTTP ------------------------------------------------------------------------
+
+
+def key_cost_ms(pictures: list[bytes], rounds: int = 50) -> float:
+    """What every /analyze pays for the cache when it is on: the SHA-256 of the upload."""
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for data in pictures:
+            PredictionCache.key(data, "v1", 3)
+    return round((time.perf_counter() - started) * 1000 / (rounds * len(pictures)), 3)
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -324,6 +336,19 @@ def run(args: argparse.Namespace) -> dict:
                                seconds)  # fmt: skip
             points.append(point)
             say(_row(point))
+    say("(e) the duplicate-input cache ...")
+    with serve(home, logs / "service-cache.log", env={**env, "CACHE_SIZE": "1024"}) as server:
+        pid = server.process.pid
+        point = http_point("service CACHE_SIZE=1024", server.url, pid, images["640"], "640", 16,
+                           seconds)  # fmt: skip
+        points.append(point)
+        say(_row(point))
+    result["cache"] = {
+        "hit_over_miss_c16": round(
+            point["img_s"] / _point(result, "service", "640", 16)["img_s"], 2
+        ),
+        "key_ms": {kind: key_cost_ms(pictures) for kind, pictures in images.items()},
+    }
     result.update(_ratios(result))
     result["targets"] = {
         name: {"value": result.get(name), "target": f"{op} {bound}", "met": _met(result, name)}
@@ -420,8 +445,18 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {t['value']} | {t['target']} | {met} |")
     if "model_only_img_s" in result:
         m = result["model_only_img_s"]
-        lines += ["", "int8_over_fp32: ONNX Runtime alone, two 1-thread sessions at batch 1: "
-                  f"fp32 {m['fp32']} img/s, INT8 (`{result['int8_model']}`) {m['int8']} img/s."]
+        lines += [
+            "",
+            "int8_over_fp32: ONNX Runtime alone, two 1-thread sessions at batch 1: "
+            f"fp32 {m['fp32']} img/s, INT8 (`{result['int8_model']}`) {m['int8']} img/s.",
+        ]
+    if "cache" in result:
+        cache = result["cache"]
+        lines += ["", "Duplicate-input cache: the same picture at c=16 with `CACHE_SIZE=1024` "
+                  f"(all hits but the first) gave {cache['hit_over_miss_c16']}x the img/s of the "
+                  "service without it; the key (SHA-256 of the upload) costs "
+                  + ", ".join(f"{ms} ms for a {kind} JPEG" for kind, ms in cache["key_ms"].items())
+                  + " on every request while it is on."]  # fmt: skip
     if result.get("profile_c16_640"):
         lines += ["", "## Where the server's time goes (py-spy, /analyze c=16, 640x480)", "", "```",
                   *result["profile_c16_640"], "```"]  # fmt: skip

@@ -123,4 +123,5 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
     for key in ("model", "settings", "machine", "command", "date"):
         assert figures[key], key
     assert all(p["img_s"] > 0 and p["errors"] == 0 for p in figures["points"]), figures["points"]
+    assert figures["cache"]["hit_over_miss_c16"] > 0 and figures["cache"]["key_ms"]["640"] > 0
     assert "| service | 640 | 16 |" in out.with_suffix(".md").read_text()
