@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 import bentoml_compat
 import image_classifier
 from bentoml_compat import MODEL_HELP
-from image_classifier import logs, metrics, web
+from image_classifier import logs, metrics, runtime, web
 from image_classifier.admission import Gate
 from image_classifier.batching import MicroBatcher
 from image_classifier.cache import PredictionCache
@@ -45,6 +45,7 @@ from image_classifier.shutdown import drain_on_sigterm
 from image_classifier.uploads import UploadPart, UploadRule
 
 SETTINGS = Settings.from_env()
+runtime.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 
 bentoml_compat.replace_leaking_timeout_middleware()

@@ -64,7 +64,11 @@ class Settings:
     grade_high: float = _env("GRADE_HIGH", 0.90, "top-1 confidence at or above: grade 'high'")
     grade_medium: float = _env("GRADE_MEDIUM", 0.60, "at or above (below high): grade 'medium'")
     batching: bool = _env("BATCHING", True, "merge concurrent /analyze requests into one run")
-    batch_max_size: int = _env("BATCH_MAX_SIZE", 32, "most images in one merged model run")
+    batch_max_size: int = _env(
+        "BATCH_MAX_SIZE",
+        8,
+        "most images in one merged model run (ONNX Runtime keeps memory for the largest)",
+    )
     workers: int = _env("WORKERS", 1, "server processes, each with its own model session")
     threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
     ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
