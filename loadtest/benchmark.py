@@ -6,7 +6,8 @@
     its best batch size and thread setting; (b) the service (`bentoml serve`) over HTTP: /analyze
     at concurrency 1/4/16/32 and /analyze_batch; (c) loadtest/baseline_app.py (FastAPI, the
     tutorials' design); (d) the service with BATCHING=0; (e) the duplicate-input cache (CACHE_SIZE
-    on, the same picture every time: all hits but the first) and the cost of its key.
+    on, the same picture every time: all hits but the first) and the cost of its key; (f) with
+    --int8, the service serving the INT8 variant.
     Images: generated photo-like 640x480 and 4032x3024 JPEGs. Prints a table, writes
     docs/benchmarks.json and docs/benchmarks.md.
 
@@ -337,6 +338,16 @@ def run(args: argparse.Namespace) -> dict:
                                seconds)  # fmt: skip
             points.append(point)
             say(_row(point))
+    if args.int8:
+        say("(f) the service serving the INT8 variant ...")
+        with serve(home, logs / "service-int8.log", env={**env, "MODEL_TAG": args.int8}) as server:
+            pid = server.process.pid
+            http_point("warm-up", server.url, pid, images["640"], "640", 4, min(2.0, seconds))
+            points.append(http_point("service INT8", server.url, pid, images["640"], "640", 16,
+                                     seconds))  # fmt: skip
+            say(_row(points[-1]))
+            result["rss_mb_per_worker_int8"] = worker_rss_mb(pid)
+
     say("(e) the duplicate-input cache ...")
     with serve(home, logs / "service-cache.log", env={**env, "CACHE_SIZE": "1024"}) as server:
         pid = server.process.pid
@@ -485,7 +496,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="service setting (repeatable), e.g. WORKERS=2")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.json")
     parser.add_argument("--notes", type=Path, help="markdown appended to benchmarks.md")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the .md from --out and --notes"
+    )
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = json.loads(args.out.read_text())
+        result["notes"] = args.notes.read_text() if args.notes else result.get("notes")
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(result))
+        return 0
     if args.quick:
         args.seconds = min(args.seconds, 2)
     result = run(args)
