@@ -1,4 +1,6 @@
-"""python -m training_export {train, ensure-default, import-onnx, models}: see --help of each."""
+"""python -m training_export {train, ensure-default, bench-models, quantize, import-onnx, models}
+
+Each command has its own --help."""
 
 from __future__ import annotations
 
