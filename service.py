@@ -6,7 +6,6 @@ All image work lives in `image_classifier`; this file only wires it to BentoML. 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import anyio
 import bentoml
-import numpy as np
 from starlette.responses import JSONResponse
 
 import bentoml_compat
@@ -22,17 +20,14 @@ import image_classifier
 from bentoml_compat import MODEL_HELP
 from image_classifier import logs, metrics, runtime, web
 from image_classifier.admission import Gate
-from image_classifier.batching import MicroBatcher
-from image_classifier.cache import PredictionCache
-from image_classifier.classifier import Classifier
-from image_classifier.errors import ClassifierError, ErrorCode, model_failure
+from image_classifier.errors import ClassifierError, ErrorCode
 from image_classifier.http_boundary import (
     REQUEST_ID_HEADER,
     UPLOADS_STATE_KEY,
     BoundaryMiddleware,
     UploadRoute,
 )
-from image_classifier.postprocessing import Prediction
+from image_classifier.predictor import Predictor
 from image_classifier.routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
 from image_classifier.schemas import (
     AnalyzeBatchResponse,
@@ -77,6 +72,7 @@ class ImageClassifier:
             ServedModel(
                 ModelRef(name=m.tag.name, version=m.tag.version),
                 role,
+                Path(m.path),
                 drift_window=SETTINGS.drift_window,
                 drift_max_drop=SETTINGS.drift_max_drop,
             )
@@ -88,36 +84,19 @@ class ImageClassifier:
             canary_fraction=SETTINGS.canary_fraction,
             shadow_fraction=SETTINGS.shadow_fraction,
         )
-        self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
-        self.cache = (
-            PredictionCache(SETTINGS.cache_size, SETTINGS.cache_ttl_s)
-            if SETTINGS.cache_size
-            else None
-        )
-        self.decode_limiter = anyio.CapacityLimiter(SETTINGS.threads)
-        self._shadow_tasks: set[asyncio.Task] = set()
+        self.predictor = Predictor(self.router, SETTINGS)
+        self.decode_limiter = self.predictor.decode_limiter  # web.py's routes decode there too
         # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
         # and early requests get NOT_READY instead of a refused or hanging connection.
         threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s)
 
     def _load_models(self) -> None:
-        paths = {"primary": self.model.path, "candidate": self.candidate and self.candidate.path}
-        for served in self.router.models:
-            try:
-                classifier = Classifier(Path(paths[served.role]), SETTINGS, served.ref.version)
-                classifier.warm_up()
-            except Exception as exc:
-                log.error(
-                    "model %s cannot be served, /readyz stays 503: %s. %s", served.tag, exc,
-                    MODEL_HELP,
-                )  # fmt: skip
-                return
-            served.loaded(classifier)
-            self.batchers[served.ref.version] = MicroBatcher(
-                classifier.predict_each, SETTINGS.batch_max_size, runners=SETTINGS.threads
-            )
-            log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
+        try:
+            self.predictor.load_models()
+        except Exception as exc:
+            log.error("%s; /readyz stays 503. %s", exc, MODEL_HELP)
+            return
         self.__is_ready__()
 
     def __is_ready__(self) -> bool:
@@ -152,7 +131,9 @@ class ImageClassifier:
             k = classifier.resolve_top_k(top_k)
             (part,) = _upload_parts(ctx)
             data = await _read_upload(image, part)
-            prediction, merged, cached = await self._answer(served, data, part.content_type, k)
+            prediction, merged, cached = await self.predictor.answer(
+                served, data, part.content_type, k
+            )
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
         served.record(prediction)
@@ -182,18 +163,11 @@ class ImageClassifier:
         except ClassifierError as exc:
             return _error_response(exc, request_id, ctx)
         parts = _upload_parts(ctx)
-        items = await asyncio.gather(
-            *(
-                self._prepare_upload(classifier, p, part)
-                for p, part in zip(images, parts, strict=True)
-            )
-        )
-        outcomes = await anyio.to_thread.run_sync(classifier.describe_batch, items, k)
-        for outcome in outcomes:
-            if isinstance(outcome, ClassifierError):
-                metrics.observe_item_error(outcome)
-            else:
-                served.record(outcome)
+        uploads = [
+            (await _read_upload_or_error(path, part), part.content_type)
+            for path, part in zip(images, parts, strict=True)
+        ]
+        outcomes = await self.predictor.answer_each(served, uploads, k)
         failed = sum(isinstance(outcome, ClassifierError) for outcome in outcomes)
         logs.annotate(batch_size=len(outcomes), failed_items=failed)
         results = [
@@ -207,82 +181,11 @@ class ImageClassifier:
             latency_ms=_ms_since(started),
         )
 
-    async def _answer(
-        self, served: ServedModel, data: bytes, content_type: str | None, top_k: int
-    ) -> tuple[Prediction, int, bool]:
-        """One image's prediction, how many images shared its model run, and whether it came
-        from the duplicate-input cache (when on). A fresh answer may be shadowed too."""
-        key = None if self.cache is None else self.cache.key(data, served.ref.version, top_k)
-        if key is not None and (hit := self.cache.get(key)) is not None:
-            return hit, 0, True
-        classifier = served.ready_classifier()
-        tensor = await self._prepare(classifier, data, content_type)
-        probabilities, merged = await self._run_one(served, tensor)
-        prediction = classifier.describe(probabilities, top_k)
-        if key is not None:
-            self.cache.put(key, prediction)
-        self._maybe_shadow(served, data, content_type, prediction.label)
-        return prediction, merged, False
-
     def _route(self, ctx: bentoml.Context) -> ServedModel:
         served = self.router.route(ctx.request.headers.get(MODEL_VERSION_HEADER))
         ctx.response.headers[MODEL_VERSION_HEADER] = served.ref.version
         logs.annotate(model_version=served.ref.version)
         return served
-
-    async def _prepare(
-        self, classifier: Classifier, data: bytes, content_type: str | None
-    ) -> np.ndarray:
-        return await anyio.to_thread.run_sync(
-            classifier.prepare, data, content_type, limiter=self.decode_limiter
-        )
-
-    async def _prepare_upload(
-        self, classifier: Classifier, path: Path, part: UploadPart
-    ) -> np.ndarray | ClassifierError:
-        """One /analyze_batch item: its tensor, or the error that refuses only this item."""
-        try:
-            return await self._prepare(
-                classifier, await _read_upload(path, part), part.content_type
-            )
-        except ClassifierError as exc:
-            return exc
-
-    async def _run_one(self, served: ServedModel, tensor: np.ndarray) -> tuple[np.ndarray, int]:
-        """Through the batcher when batching is on, so concurrent requests share a model run.
-
-        Returns the probabilities and how many images shared the model run."""
-        if SETTINGS.batching:
-            row, merged = await self.batchers[served.ref.version].submit(tensor)
-        else:
-            classifier = served.ready_classifier()
-            row, merged = (await anyio.to_thread.run_sync(classifier.predict_each, [tensor]))[0], 1
-        if row is None:
-            raise model_failure()
-        return row, merged
-
-    def _maybe_shadow(
-        self, answered: ServedModel, data: bytes, content_type: str | None, label: str
-    ) -> None:
-        """Let the candidate score a share of the primary's traffic, after the answer is sent."""
-        shadow = self.router.shadow_for(answered)
-        if shadow is None:
-            return
-        task = asyncio.create_task(self._shadow(shadow, data, content_type, label))
-        self._shadow_tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow(
-        self, shadow: ServedModel, data: bytes, content_type: str | None, answered_label: str
-    ) -> None:
-        try:
-            classifier = shadow.ready_classifier()
-            tensor = await self._prepare(classifier, data, content_type)
-            probabilities, _ = await self._run_one(shadow, tensor)
-            label = classifier.describe(probabilities, 1).label
-            metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
-        except Exception:
-            log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
 
 
 async def _read_upload(path: Path, part: UploadPart) -> bytes:
@@ -292,6 +195,14 @@ async def _read_upload(path: Path, part: UploadPart) -> bytes:
             f"the file is over the limit of {SETTINGS.max_upload_bytes:,} bytes",
         )
     return await anyio.Path(path).read_bytes()
+
+
+async def _read_upload_or_error(path: Path, part: UploadPart) -> bytes | ClassifierError:
+    """One /analyze_batch item's bytes, or the error that refuses only this item."""
+    try:
+        return await _read_upload(path, part)
+    except ClassifierError as exc:
+        return exc
 
 
 def _upload_parts(ctx: bentoml.Context) -> list[UploadPart]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import metrics
 from .classifier import Classifier
@@ -26,6 +27,7 @@ MODEL_VERSION_HEADER = "x-model-version"
 class ServedModel:
     ref: ModelRef
     role: str  # "primary" or "candidate"
+    path: Path = Path()  # the model's folder (model.onnx + card.json)
     drift_window: int = 500
     drift_max_drop: float = 0.05
     # Both set once the model is loaded and warm (the drift baseline comes from its card).
