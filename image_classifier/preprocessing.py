@@ -87,6 +87,16 @@ class PreprocessSpec(BaseModel):
         return (width * factor, height * factor)
 
 
+# The usual spec of ImageNet-trained CNNs (torchvision's): resize the shorter side to 256,
+# centre-crop 224, normalise with ImageNet's channel statistics.
+IMAGENET_SPEC = PreprocessSpec(
+    input_size=(224, 224),
+    color_mode="RGB",
+    resize_mode="center_crop",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+
 # Rows of a 16/32-bit picture converted at a time: temporaries stay small (a 50 MP 16-bit PNG of
 # ~100 KB would otherwise cost over a gigabyte of float64 arrays).
 _HIGH_DEPTH_ROWS = 128

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from image_classifier.preprocessing import (
+    IMAGENET_SPEC,
     PreprocessSpec,
     crop_to_content,
     preprocess,
@@ -15,13 +16,6 @@ from image_classifier.preprocessing import (
 
 DIGITS = PreprocessSpec(
     input_size=(28, 28), color_mode="L", content_crop=True, mean=(0.5,), std=(0.5,)
-)
-IMAGENET = PreprocessSpec(
-    input_size=(224, 224),
-    color_mode="RGB",
-    resize_mode="center_crop",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
 )
 
 
@@ -82,7 +76,7 @@ def test_every_mode_becomes_the_model_mode(mode):
             assert image.mode == "I;16"
     else:
         image = source.convert(mode)
-    for spec in (DIGITS, IMAGENET):
+    for spec in (DIGITS, IMAGENET_SPEC):
         tensor = preprocess(image, spec)
         assert tensor.shape == spec.tensor_shape
         assert np.isfinite(tensor).all()
@@ -128,7 +122,7 @@ def test_lab_pictures_are_converted_by_colour_not_refused():
     assert lab.mode == "LAB"
     back = to_color_mode(lab, "RGB").getpixel((5, 5))
     assert all(abs(a - b) <= 3 for a, b in zip(back, (200, 30, 40), strict=True)), back
-    for spec in (DIGITS, IMAGENET):
+    for spec in (DIGITS, IMAGENET_SPEC):
         tensor = preprocess(lab, spec)
         assert tensor.shape == spec.tensor_shape
         assert np.isfinite(tensor).all()
@@ -146,17 +140,17 @@ def test_transparency_is_composited_over_white():
 @pytest.mark.parametrize("resize_mode", ["stretch", "center_crop", "letterbox"])
 @pytest.mark.parametrize("size", [(1, 1), (10000, 1), (1, 3000), (640, 480)])
 def test_resize_modes_handle_extreme_shapes(resize_mode, size):
-    spec = IMAGENET.model_copy(update={"resize_mode": resize_mode})
+    spec = IMAGENET_SPEC.model_copy(update={"resize_mode": resize_mode})
     tensor = preprocess(Image.new("RGB", size, (10, 200, 30)), spec)
     assert tensor.shape == (3, 224, 224)
 
 
 def test_imagenet_normalisation_and_layout():
     red = Image.new("RGB", (300, 300), (255, 0, 0))
-    tensor = preprocess(red, IMAGENET)
+    tensor = preprocess(red, IMAGENET_SPEC)
     assert tensor[0].mean() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
     assert tensor[1].mean() == pytest.approx((0 - 0.456) / 0.224, rel=1e-5)
-    nhwc = preprocess(red, IMAGENET.model_copy(update={"layout": "NHWC"}))
+    nhwc = preprocess(red, IMAGENET_SPEC.model_copy(update={"layout": "NHWC"}))
     np.testing.assert_array_equal(nhwc, tensor.transpose(1, 2, 0))
 
 

@@ -13,30 +13,20 @@ quantization damage rather than coin flips between near-equal logits.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from image_classifier.decoding import DecodeLimits, decode_image
-from image_classifier.model_card import ModelCard
-from image_classifier.preprocessing import PreprocessSpec, preprocess
+from image_classifier.preprocessing import IMAGENET_SPEC, PreprocessSpec, preprocess
 
-from .export import export_onnx, verify_onnx
+from .export import export_and_save
 from .photos import PHOTO_640, photo_jpeg
-from .store import delete_model, git_commit, library_versions, model_exists, save_to_store
+from .store import already_saved
 
-IMAGENET_SPEC = PreprocessSpec(
-    input_size=(224, 224),
-    color_mode="RGB",
-    resize_mode="center_crop",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
 LABELS = [f"class_{i:03d}" for i in range(1000)]
 SEED = 0
 # Photo seeds: BatchNorm statistics come from these; INT8 calibration and its gate use others.
@@ -265,33 +255,21 @@ def build_and_save(
     model: BenchmarkModel, force: bool = False, say: Callable[[str], None] = print
 ) -> str:
     """Initialise, export with the project's exporter, check ORT against torch, save with a card."""
-    if model_exists(model.tag):
-        if not force:
-            say(f"{model.tag} is already in the model store")
-            return model.tag
-        delete_model(model.tag)
+    if already_saved(model.tag, force, say):
+        return model.tag
     torch.set_num_threads(2)
     module = initialise(model.build(), photo_tensors(STATS_SEEDS))
     checks = photo_tensors(CHECK_SEEDS)
-    with tempfile.TemporaryDirectory() as folder:
-        onnx_path = Path(folder) / "model.onnx"
-        signature = export_onnx(module, onnx_path, checks)
-        difference = verify_onnx(onnx_path, module, checks)
-        card = ModelCard(
-            name=model.tag.split(":")[0],
-            labels=LABELS,
-            preprocessing=IMAGENET_SPEC,
-            output_kind="logits",
-            input_name=signature.input_name,
-            output_name=signature.output_name,
-            opset=signature.opset,
-            source="trained",
-            benchmark_only=True,
-            description=DESCRIPTION.format(arch=model.arch),
-            versions=library_versions(),
-            git_commit=git_commit(),
-        )
-        saved = save_to_store(onnx_path, card, model.tag)
+    saved, difference = export_and_save(
+        module,
+        checks,
+        model.tag,
+        name=model.tag.split(":")[0],
+        labels=LABELS,
+        preprocessing=IMAGENET_SPEC,
+        benchmark_only=True,
+        description=DESCRIPTION.format(arch=model.arch),
+    )
     say(f"saved {saved} (benchmark only): ONNX Runtime matches torch on {len(checks)} photos, "
         f"max probability difference {difference:.1e}")  # fmt: skip
     return saved

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -11,9 +13,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from image_classifier.model_card import ModelCard
 from image_classifier.postprocessing import softmax
 
 from .recipe import OPSET
+from .store import git_commit, library_versions, save_to_store
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MAX_PROBABILITY_DIFFERENCE = 1e-4
@@ -89,3 +93,26 @@ def verify_onnx(path: Path, module: nn.Module, inputs: np.ndarray) -> float:
     if disagreements:
         raise ExportError(f"ONNX Runtime and torch disagree on {disagreements} predictions")
     return difference
+
+
+def export_and_save(
+    module: nn.Module, inputs: np.ndarray, tag: str, **card_fields: Any
+) -> tuple[str, float]:
+    """Export, verify against torch on `inputs`, and save with a card that carries the file's
+    signature, the library versions and the commit. Returns the tag and the largest probability
+    difference between ONNX Runtime and torch."""
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = Path(folder) / "model.onnx"
+        signature = export_onnx(module, onnx_path, inputs)
+        difference = verify_onnx(onnx_path, module, inputs)
+        card = ModelCard(
+            output_kind="logits",
+            input_name=signature.input_name,
+            output_name=signature.output_name,
+            opset=signature.opset,
+            source="trained",
+            versions=library_versions(),
+            git_commit=git_commit(),
+            **card_fields,
+        )
+        return save_to_store(onnx_path, card, tag), difference

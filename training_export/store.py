@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def model_exists(tag: str) -> bool:
 
 def delete_model(tag: str) -> None:
     bentoml.models.delete(tag)
+
+
+def already_saved(tag: str, force: bool, say: Callable[[str], None]) -> bool:
+    """True (and says so) when `tag` is stored and stays; with `force`, it is deleted first."""
+    if not model_exists(tag):
+        return False
+    if not force:
+        say(f"{tag} is already in the model store (use --force to replace it)")
+        return True
+    delete_model(tag)
+    return False
 
 
 def load_card(tag: str) -> ModelCard:
