@@ -85,7 +85,8 @@ def _digit_file(artifacts, digit_png: bytes):
 def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts, heldout):
     """Steady load plus one long batch in work when SIGTERM arrives: nothing accepted is lost."""
     digit = encode(heldout[0][0], "PNG")
-    big = [encode(image.resize((1600, 1600)), "PNG") for image, _ in heldout[:48]]
+    # Big enough to take seconds to decode, so it is still in work when the signal arrives.
+    big = [encode(image.resize((3000, 3000)), "PNG") for image, _ in heldout[:64]]
     log_path = artifacts / "server-sigterm.log"
     with serve(trained_store, log_path, env={"SHUTDOWN_GRACE_S": "30"}) as server:
         report = asyncio.run(_load_then_sigterm(server, digit, big))
@@ -109,6 +110,20 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     assert exit_code is not None
 
 
+async def _until_in_work(client: httpx.AsyncClient, url: str, endpoint: str) -> None:
+    """Wait until the server counts a request to `endpoint` in progress (BentoML's gauge)."""
+    wanted = f'bentoml_service_request_in_progress{{endpoint="{endpoint}"'
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        metrics = (await client.get(f"{url}/metrics")).text
+        if any(
+            line.startswith(wanted) and not line.endswith(" 0.0") for line in metrics.splitlines()
+        ):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{endpoint} never in progress")
+
+
 async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
     async with httpx.AsyncClient(timeout=120) as client:
         batch = asyncio.create_task(
@@ -122,7 +137,8 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
                 f"{server.url}/analyze", digit, concurrency=8, seconds=15, stop_on_refusal=True
             )
         )
-        await asyncio.sleep(1.5)  # the batch is uploaded and in work; the steady load runs
+        await asyncio.sleep(0.5)  # the steady load gets answers meanwhile
+        await _until_in_work(client, server.url, "/analyze_batch")
         signalled_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes or `docker stop` would
         await asyncio.sleep(0.05)
