@@ -59,7 +59,7 @@ train: $(STAMP)
 build: $(STAMP)
 	$(PY) -m training_export ensure-default
 	$(VENV)/bin/bentoml build \
-		--label model_version=$$($(PY) -c 'from image_classifier.settings import Settings; print(Settings.from_env().model_tag.split(":")[1])') \
+		--label model_version=$$($(PY) -c 'from image_classifier.serving.settings import Settings; print(Settings.from_env().model_tag.split(":")[1])') \
 		--label git_commit=$$(git rev-parse HEAD)
 
 clean:

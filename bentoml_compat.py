@@ -6,22 +6,7 @@ dropped in one place when BentoML fixes it.
 
 from __future__ import annotations
 
-import bentoml
 from bentoml._internal.server.http import traffic as bentoml_traffic
-
-MODEL_HELP = (
-    "Run `python -m training_export ensure-default` for the default model, or "
-    "`python -m training_export import-onnx` for your own, then start again."
-)
-
-
-def model_in_store(tag: str) -> str:
-    """A missing model stops the start with one line saying what to run (not a cloud error)."""
-    try:
-        bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        raise SystemExit(f"model {tag} is not in the BentoML model store. {MODEL_HELP}") from None
-    return tag
 
 
 class _UntimedMiddleware:

@@ -1,6 +1,6 @@
 """A typed Python client: `bentoml.SyncHTTPClient` underneath, pydantic results, typed errors.
 
-The results are the service's own response models (image_classifier.schemas), so a field the
+The results are the service's own response models (image_classifier.http.schemas), so a field the
 server renames breaks here at once instead of somewhere downstream.
 """
 
@@ -17,7 +17,7 @@ import httpx
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict
 
-from image_classifier.schemas import AnalyzeBatchResponse, AnalyzeResponse, ModelRef
+from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse, ModelRef
 
 from .errors import Unreachable, error_for
 

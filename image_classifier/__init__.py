@@ -1,6 +1,6 @@
-"""Image classification core: decode, validate, preprocess, run (ONNX Runtime), postprocess.
-
-Plain Python: no BentoML here, so it is tested, reused by training and served by `service.py`.
+"""An image-classification service in three floors: `core` (pixels to probabilities), `serving`
+(one worker's request path) and `http` (the boundary). Imports only point down:
+http -> serving -> core. `service.py` declares the BentoML service over them.
 """
 
 __version__ = "0.1.0"

@@ -22,9 +22,9 @@ import onnxruntime as ort
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from image_classifier.postprocessing import softmax
-from image_classifier.preprocessing import preprocess
-from image_classifier.runtime import read_card
+from image_classifier.core.classifier import read_card
+from image_classifier.core.postprocessing import softmax
+from image_classifier.core.preprocessing import preprocess
 
 MODEL_DIR = Path(os.environ.get("MODEL_DIR", "."))
 CARD = read_card(MODEL_DIR)

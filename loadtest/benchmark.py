@@ -2,7 +2,7 @@
 
     .venv/bin/python -m loadtest.benchmark --model mobilenetv2-bench:v1 --seconds 20
 
-(a) the in-process limit: decode + preprocess + ONNX Runtime (`Classifier.prepare`/`predict`) at
+(a) the in-process limit: decode + preprocess + ONNX Runtime (`Classifier.prepare`/`run`) at
     its best batch size and thread setting; (b) the service (`bentoml serve`) over HTTP: /analyze
     at concurrency 1/4/16/32 and /analyze_batch; (c) loadtest/baseline_app.py (FastAPI, the
     tutorials' design); (d) the service with BATCHING=0; (e) the duplicate-input cache (CACHE_SIZE
@@ -37,9 +37,9 @@ import bentoml
 import numpy as np
 import psutil
 
-from image_classifier.cache import PredictionCache
-from image_classifier.classifier import Classifier
-from image_classifier.settings import Settings
+from image_classifier.core.classifier import Classifier
+from image_classifier.serving.cache import PredictionCache
+from image_classifier.serving.settings import Settings
 from tests.load import closed_loops, percentile, throughput
 from tests.support import BIN, REPO, free_port, serve, stop, wait_until_ready
 from training_export.photos import PHOTO_640, PHOTO_PHONE, photo_jpeg
@@ -66,7 +66,7 @@ def in_process_rate(
 ) -> dict:  # fmt: skip
     """`loops` threads, each with its own Classifier, preparing and predicting `batch` at a time."""
     settings = Settings.from_env({"ORT_INTRA_OP_THREADS": str(ort_threads)})
-    classifiers = [Classifier(model_dir, settings) for _ in range(loops)]
+    classifiers = [Classifier(model_dir, settings.classifier_options()) for _ in range(loops)]
     for classifier in classifiers:
         classifier.warm_up()
     done = [0] * loops
@@ -77,7 +77,7 @@ def in_process_rate(
         classifier, n = classifiers[index], index
         while time.monotonic() < deadline:
             batch_bytes = [images[(n + i) % len(images)] for i in range(batch)]
-            classifier.predict([classifier.prepare(data) for data in batch_bytes])
+            classifier.run([classifier.prepare(data) for data in batch_bytes])
             done[index] += batch
             n += batch
 
@@ -109,14 +109,14 @@ def in_process_limit(model_dir: Path, images: list[bytes], seconds: float, batch
 def model_only_rate(model_dir: Path, seconds: float) -> float:
     """ONNX Runtime alone, two 1-thread sessions in parallel at batch 1 (int8 vs fp32)."""
     settings = Settings.from_env({"ORT_INTRA_OP_THREADS": "1"})
-    models = [Classifier(model_dir, settings).model for _ in range(2)]
-    tensor = np.zeros((1, *models[0].card.preprocessing.tensor_shape), np.float32)
+    models = [Classifier(model_dir, settings.classifier_options()) for _ in range(2)]
+    tensor = np.zeros(models[0].card.preprocessing.tensor_shape, np.float32)
     done = [0, 0]
     deadline = time.monotonic() + seconds
 
     def work(index: int) -> None:
         while time.monotonic() < deadline:
-            models[index].probabilities(tensor)
+            models[index].run([tensor])
             done[index] += 1
 
     started = time.monotonic()

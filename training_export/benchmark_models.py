@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from image_classifier.decoding import DecodeLimits, decode_image
-from image_classifier.preprocessing import IMAGENET_SPEC, PreprocessSpec, preprocess
+from image_classifier.core.decoding import DecodeLimits, decode_image
+from image_classifier.core.preprocessing import IMAGENET_SPEC, PreprocessSpec, preprocess
 
 from .export import export_and_save
 from .photos import PHOTO_640, photo_jpeg

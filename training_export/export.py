@@ -13,8 +13,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from image_classifier.model_card import ModelCard
-from image_classifier.postprocessing import softmax
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.postprocessing import softmax
 
 from .recipe import OPSET
 from .store import git_commit, library_versions, save_to_store

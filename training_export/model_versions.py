@@ -1,9 +1,9 @@
 """`python -m training_export models ...`: the versions in the store, and which one is served.
 
 Every version stays in the store with its card; `served_model.json` (see
-`image_classifier.served_model`) names the served one. Promote and roll back change only that
-record, after checking the version really loads and answers; the service reads it at start, so
-a change takes effect on the next restart (or rollout).
+`image_classifier.serving.release_record`) names the served one. Promote and roll back change
+only that record, after checking the version really loads and answers; the service reads it at
+start, so a change takes effect on the next restart (or rollout).
 """
 
 from __future__ import annotations
@@ -13,12 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import NotFound
 
-from image_classifier.classifier import Classifier
-from image_classifier.model_card import ModelCard
-from image_classifier.served_model import ServedModels, read_record, record_path, write_record
-from image_classifier.settings import Settings
+from image_classifier import model_store
+from image_classifier.core.classifier import Classifier
+from image_classifier.core.model_card import ModelCard
+from image_classifier.serving.release_record import (
+    ReleaseRecord,
+    read_record,
+    record_path,
+    write_record,
+)
+from image_classifier.serving.settings import Settings
 
 RESTART_NOTE = "restart the service (or roll out) to apply"
 
@@ -35,13 +40,13 @@ def _card_of(model: bentoml.Model) -> ModelCard | None:
 def _get(tag: str) -> bentoml.Model:
     if ":" not in tag:
         raise VersionError(f"give a full tag, name:version (got {tag!r})")
-    try:
-        return bentoml.models.get(tag)
-    except NotFound:
-        raise VersionError(f"{tag} is not in the model store") from None
+    model = model_store.find(tag)
+    if model is None:
+        raise VersionError(f"{tag} is not in the model store")
+    return model
 
 
-def list_versions(record: ServedModels, name: str | None = None) -> list[dict]:
+def list_versions(record: ReleaseRecord, name: str | None = None) -> list[dict]:
     """Classifier versions in the store (those with a card), oldest first, with their role."""
     rows = []
     for model in bentoml.models.list(name):
@@ -69,34 +74,34 @@ def check_servable(tag: str) -> ModelCard:
     """Load it as the service would and run a warm-up: never promote what cannot answer."""
     model = _get(tag)
     try:
-        classifier = Classifier(Path(model.path), Settings.from_env({}), model.tag.version)
+        classifier = Classifier(Path(model.path), Settings.from_env({}).classifier_options())
         classifier.warm_up()
     except Exception as exc:
         raise VersionError(f"{tag} cannot be served: {exc}") from None
     return classifier.card
 
 
-def promote(record: ServedModels, tag: str) -> ServedModels:
+def promote(record: ReleaseRecord, tag: str) -> ReleaseRecord:
     check_servable(tag)
     if tag == record.model_tag:
         raise VersionError(f"{tag} is already the served version")
-    return ServedModels(
+    return ReleaseRecord(
         model_tag=tag,
         candidate_tag=None if record.candidate_tag == tag else record.candidate_tag,
         history=[*record.history, record.model_tag],
     )
 
 
-def rollback(record: ServedModels) -> ServedModels:
+def rollback(record: ReleaseRecord) -> ReleaseRecord:
     if not record.history:
         raise VersionError("no earlier served version is recorded: nothing to roll back to")
     *history, previous = record.history
     _get(previous)
     candidate = None if record.candidate_tag == previous else record.candidate_tag
-    return ServedModels(model_tag=previous, candidate_tag=candidate, history=history)
+    return ReleaseRecord(model_tag=previous, candidate_tag=candidate, history=history)
 
 
-def set_candidate(record: ServedModels, tag: str | None) -> ServedModels:
+def set_candidate(record: ReleaseRecord, tag: str | None) -> ReleaseRecord:
     if tag is not None:
         check_servable(tag)
         if tag == record.model_tag:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from image_classifier.model_card import ModelCard
-from image_classifier.preprocessing import PreprocessSpec
-from image_classifier.runtime import CARD_FILE, OnnxModel
+from image_classifier.core.classifier import CARD_FILE, Classifier
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.preprocessing import PreprocessSpec
 
 from .export import ExportError, inspect_onnx
 from .store import library_versions, save_to_store
@@ -103,7 +103,7 @@ def _check_with_runtime(model_path: Path, card: ModelCard) -> None:
         (staged / card.onnx_file).symlink_to(model_path.resolve())
         (staged / CARD_FILE).write_text(card.model_dump_json())
         try:
-            OnnxModel(staged).warm_up((1, 2))
+            Classifier(staged).warm_up()
         except Exception as exc:
             raise ModelImportError(f"{model_path} does not fit its card: {exc}") from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from image_classifier.model_card import HeldOutMetrics
+from image_classifier.core.model_card import HeldOutMetrics
 
 from .digits import training_data_sha256
 from .export import export_and_save

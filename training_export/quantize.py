@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import bentoml
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,20 +25,14 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from image_classifier.model_card import HeldOutMetrics, ModelCard
-from image_classifier.preprocessing import preprocess
+from image_classifier import model_store
+from image_classifier.core.model_card import HeldOutMetrics, ModelCard
+from image_classifier.core.preprocessing import preprocess
 
 from .digits import render_heldout
 from .pipeline import TrainingError
 from .recipe import MODEL_NAME
-from .store import (
-    delete_model,
-    git_commit,
-    library_versions,
-    load_card,
-    model_exists,
-    save_to_store,
-)
+from .store import already_saved, git_commit, library_versions, load_card, save_to_store
 
 MAX_ACCURACY_DROP = 0.01  # digits: held-out accuracy may fall by at most 1 point
 MIN_TOP1_AGREEMENT = 0.99  # benchmark models: INT8 top-1 equals fp32 top-1 on >= 99% of pictures
@@ -172,16 +165,13 @@ def quantize_and_save(
     **gate_limits: float,
 ) -> str:
     """Quantize a stored fp32 model, gate it, save it as its own entry with the gate's figures."""
-    if not model_exists(source_tag):
+    source = model_store.find(source_tag)
+    if source is None:
         raise QuantizationError(f"{source_tag} is not in the model store")
-    source = bentoml.models.get(source_tag)
     card = load_card(source_tag)
     out_tag = out_tag or f"{source.tag.name}-int8:{source.tag.version}"
-    if model_exists(out_tag):
-        if not force:
-            say(f"{out_tag} is already in the model store (use --force to redo it)")
-            return out_tag
-        delete_model(out_tag)
+    if already_saved(out_tag, force, say):
+        return out_tag
     data = data if data is not None else quantization_data(card)
     fp32 = Path(source.path) / card.onnx_file
     with tempfile.TemporaryDirectory() as folder:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from image_classifier.preprocessing import PreprocessSpec
-from image_classifier.settings import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG
+from image_classifier.core.preprocessing import PreprocessSpec
+from image_classifier.serving.release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG
 
 MODEL_NAME = DEFAULT_MODEL_NAME
 MODEL_VERSION = DEFAULT_MODEL_TAG.split(":", 1)[1]

@@ -10,10 +10,10 @@ from importlib import metadata
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import NotFound
 
-from image_classifier.model_card import ModelCard
-from image_classifier.runtime import CARD_FILE
+from image_classifier import model_store
+from image_classifier.core.classifier import CARD_FILE
+from image_classifier.core.model_card import ModelCard
 
 _VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "pillow", "scikit-learn", "bentoml")
 
@@ -39,26 +39,14 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def model_exists(tag: str) -> bool:
-    try:
-        bentoml.models.get(tag)
-    except NotFound:
-        return False
-    return True
-
-
-def delete_model(tag: str) -> None:
-    bentoml.models.delete(tag)
-
-
 def already_saved(tag: str, force: bool, say: Callable[[str], None]) -> bool:
     """True (and says so) when `tag` is stored and stays; with `force`, it is deleted first."""
-    if not model_exists(tag):
+    if model_store.find(tag) is None:
         return False
     if not force:
         say(f"{tag} is already in the model store (use --force to replace it)")
         return True
-    delete_model(tag)
+    bentoml.models.delete(tag)
     return False
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from image_classifier.preprocessing import preprocess
+from image_classifier.core.preprocessing import preprocess
 
 from .cnn import digits_cnn
 from .digits import DigitsSplit, load_split, render_heldout, render_training_view

@@ -6,13 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, model_serializer
 
-from .errors import ClassifierError
-from .postprocessing import Prediction
+from ..core.errors import ClassifierError
+from ..core.postprocessing import Prediction
+from ..serving.routing import ModelRef
 
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
+__all__ = ["AnalyzeBatchResponse", "AnalyzeResponse", "BatchItem", "ItemError", "ModelRef"]
 
 
 class AnalyzeResponse(BaseModel):

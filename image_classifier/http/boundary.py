@@ -4,7 +4,7 @@ It sits in front of the framework's request handling, so:
 - every response carries `X-Request-ID` (the client's, when it is a safe token, else a new UUID4),
   and the handlers see the same id in the request headers;
 - upload routes get their byte cap enforced while the body streams in (Content-Length over the cap
-  is refused before a byte is read), and their multipart shape checked (see `uploads.py`);
+  is refused before a byte is read), and their multipart shape checked (`uploads.py`);
 - API routes pass the admission gate (token, rate limit, in-flight cap, deadline; `admission.py`);
 - every non-2xx answer, whoever produced it, leaves in the project's envelope with a stable code.
 """
@@ -18,13 +18,15 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
-from . import logs, metrics
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving import metrics
+from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
-from .errors import CODE_FOR_STATUS, ClassifierError, ErrorCode, error_envelope, is_error_envelope
-from .uploads import UploadRule, canonical_content_type, scan_multipart
+from .envelope import CODE_FOR_STATUS, error_response, is_error_envelope
+from .headers import REQUEST_ID_HEADER
+from .uploads import UploadRoute, canonical_content_type, remember_parts, scan_multipart
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,22 +34,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-REQUEST_ID_HEADER = "x-request-id"
-UPLOADS_STATE_KEY = "upload_parts"
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
                              "/v2/health/ready"})  # fmt: skip
 _RETRY_AFTER_SECONDS = "1"
 _INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
-
-
-@dataclass(frozen=True)
-class UploadRoute:
-    """A POST route whose body is capped at `max_bytes`; with a rule, its multipart is checked."""
-
-    rule: UploadRule | None
-    max_bytes: int
 
 
 class BoundaryMiddleware:
@@ -85,12 +78,13 @@ class BoundaryMiddleware:
             async with asyncio.timeout(self.gate.policy.request_timeout_s):
                 await self._admit(scope, receive, send)
         except ClassifierError as exc:
-            await send_error(send, exc, request_id)
+            await error_response(exc, request_id)(scope, receive, send)
         except TimeoutError:
             if send.started:  # too late for an answer of our own; the client sees a cut response
                 raise
             message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
-            await send_error(send, ClassifierError(ErrorCode.TIMEOUT, message), request_id)
+            timeout = ClassifierError(ErrorCode.TIMEOUT, message)
+            await error_response(timeout, request_id)(scope, receive, send)
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -112,7 +106,7 @@ class BoundaryMiddleware:
                 content_type = _header(scope, "content-type")
                 parts = scan_multipart(content_type, body, route.rule)
                 _set_header(scope, "content-type", canonical_content_type(content_type or ""))
-                scope.setdefault("state", {})[UPLOADS_STATE_KEY] = parts
+                remember_parts(scope, parts)
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.gate.leave()
@@ -196,15 +190,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def send_error(send: Send, exc: ClassifierError, request_id: str) -> None:
-    body = json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
-    headers = _json_headers(body)
-    if exc.retry_after_s is not None:
-        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
@@ -227,9 +212,9 @@ class _EnvelopingSend:
             self.started = True
             self.status = message["status"]
             headers = [
-                (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+                (k, v) for k, v in message.get("headers", []) if k.lower() != _REQUEST_ID_KEY
             ]
-            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+            headers.append((_REQUEST_ID_KEY, self.request_id.encode("latin-1")))
             message["headers"] = headers
             if message["status"] >= 400:
                 self.held_start = message
@@ -257,9 +242,8 @@ class _EnvelopingSend:
             code = parsed["error"]["code"]
         else:
             code = self._code_for(status)
-            body = json.dumps(
-                error_envelope(code, _message_from(status, parsed, body), self.request_id)
-            ).encode()
+            message = _message_from(status, parsed, body)
+            body = error_response(ClassifierError(code, message), self.request_id).body
         self.error_code = str(code)
         metrics.ERRORS.labels(code=self.error_code).inc()
         if status in (429, 503):

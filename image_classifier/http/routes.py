@@ -1,50 +1,48 @@
-"""The GET pages and the Open Inference Protocol routes, as a small Starlette app.
+"""The routes BentoML apis cannot declare, as a small Starlette app: `/info`, the browser page
+`/ui` and the Open Inference Protocol v2 (`/v2/...`, KServe's and Triton's REST protocol).
 
-BentoML apis are POST-only and take multipart or JSON of their own shape, so what does not fit
-them lives here: `/info`, the browser page `/ui`, and `/v2/...` (KServe/Triton's REST protocol).
-The service passes itself in as the `Backend`; this module never imports BentoML.
+BentoML apis are POST-only and take multipart or JSON of their own shape, so these live here. The
+service hands in a way to reach its predictor; this module never imports BentoML.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, open_inference
-from .errors import ClassifierError, ErrorCode, error_envelope
-from .routing import MODEL_VERSION_HEADER, ModelRouter, ServedModel
+from .. import __version__
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving.predictor import Predictor
+from ..serving.routing import ModelRouter, ServedVersion
+from ..serving.settings import Settings
+from . import open_inference
+from .envelope import error_response
+from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
+from .uploads import UploadRoute
 
-REQUEST_ID_HEADER = "x-request-id"
-UI_PAGE = Path(__file__).parent / "static" / "ui.html"
-
-
-class Backend(Protocol):
-    router: ModelRouter
-    decode_limiter: anyio.CapacityLimiter
-
-    def info(self) -> dict[str, Any]: ...
-
-
-def error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-    return JSONResponse(
-        error_envelope(exc.code, exc.message, request_id), status_code=exc.status, headers=headers
-    )
+UI_PAGE = Path(__file__).resolve().parents[1] / "static" / "ui.html"
+_MODEL = "/v2/models/{name}"
+_VERSIONED = "/v2/models/{name}/versions/{version}"
+INFER_PATHS = (f"{_MODEL}/infer", f"{_VERSIONED}/infer")
 
 
-def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
-    """`get_backend` is called per request: the service instance exists only once serving."""
+def infer_upload_routes(settings: Settings) -> dict[str, UploadRoute]:
+    """Open Inference bodies are JSON with base64 images (4/3 of their bytes) plus some slack."""
+    cap = UploadRoute(None, settings.max_batch_bytes * 4 // 3 + 2**20)
+    return {path.replace("{name}", "*").replace("{version}", "*"): cap for path in INFER_PATHS}
+
+
+def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlette:
+    """`get_predictor` is called per request: the service instance exists only once serving."""
     ui_page = UI_PAGE.read_text(encoding="utf-8")
 
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse(get_backend().info())
+        return JSONResponse(get_predictor().info())
 
     async def ui(request: Request) -> HTMLResponse:
         return HTMLResponse(ui_page)
@@ -56,38 +54,34 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
         return JSONResponse({"live": True})
 
     async def ready(request: Request) -> JSONResponse:
-        for served in get_backend().router.models:
+        for served in get_predictor().router.models:
             served.ready_classifier()
         return JSONResponse({"ready": True})
 
     async def model_ready(request: Request) -> JSONResponse:
-        served = _model(request, get_backend().router)
+        served = _model(request, get_predictor().router)
         served.ready_classifier()
         return JSONResponse({"name": served.ref.name, "ready": True})
 
     async def model_metadata(request: Request) -> JSONResponse:
-        served = _model(request, get_backend().router)
+        served = _model(request, get_predictor().router)
         ref, card = served.ref, served.ready_classifier().card
         return JSONResponse(open_inference.model_metadata(card, ref.name, ref.version, max_items))
 
     async def infer(request: Request) -> JSONResponse:
-        backend = get_backend()
-        served = _model(request, backend.router)
+        predictor = get_predictor()
+        served = _model(request, predictor.router)
         classifier = served.ready_classifier()
         infer_request = open_inference.parse_request(await request.body(), max_items)
         tensor = infer_request.inputs[0]
         if tensor.datatype == "BYTES":
             inputs = [
-                await anyio.to_thread.run_sync(
-                    classifier.prepare, data, None, limiter=backend.decode_limiter
-                )
+                await predictor.prepare(classifier, data, None)
                 for data in open_inference.encoded_images(tensor)
             ]
         else:
             inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
-        probabilities = await anyio.to_thread.run_sync(classifier.predict_all, inputs)
-        for row in probabilities:
-            served.record(classifier.describe(row, 1))
+        probabilities = await predictor.probabilities(served, inputs)
         ref = served.ref
         return JSONResponse(
             open_inference.infer_response(
@@ -96,22 +90,20 @@ def build_app(get_backend: Callable[[], Backend], max_items: int) -> Starlette:
             headers={MODEL_VERSION_HEADER: ref.version},
         )
 
-    model = "/v2/models/{name}"
-    versioned = "/v2/models/{name}/versions/{version}"
     routes = [
         Route("/info", info),
         Route("/ui", ui),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
-        *(Route(base, model_metadata) for base in (model, versioned)),
-        *(Route(f"{base}/ready", model_ready) for base in (model, versioned)),
-        *(Route(f"{base}/infer", infer, methods=["POST"]) for base in (model, versioned)),
+        *(Route(base, model_metadata) for base in (_MODEL, _VERSIONED)),
+        *(Route(f"{base}/ready", model_ready) for base in (_MODEL, _VERSIONED)),
+        *(Route(path, infer, methods=["POST"]) for path in INFER_PATHS),
     ]
     return Starlette(routes=routes, exception_handlers={ClassifierError: _envelope})
 
 
-def _model(request: Request, router: ModelRouter) -> ServedModel:
+def _model(request: Request, router: ModelRouter) -> ServedVersion:
     """The model a /v2/models/{name}[/versions/{version}] path names; without a version, the
     router chooses (X-Model-Version pin, canary share) among the models of that name."""
     name, version = request.path_params["name"], request.path_params.get("version")
@@ -133,6 +125,6 @@ def _model(request: Request, router: ModelRouter) -> ServedModel:
     raise not_served
 
 
-async def _envelope(request: Request, exc: Exception) -> JSONResponse:
+async def _envelope(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ClassifierError)
     return error_response(exc, request.headers.get(REQUEST_ID_HEADER, ""))

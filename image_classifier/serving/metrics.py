@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ..core.errors import ClassifierError
+from ..core.postprocessing import Prediction
 from .drift import DriftState
-from .errors import ClassifierError
-from .postprocessing import Prediction
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)

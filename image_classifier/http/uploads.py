@@ -8,14 +8,20 @@ such request get a precise 4xx, and hands the declared type and size of each fil
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from .errors import ClassifierError, ErrorCode
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving.settings import Settings
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
+_PARTS_KEY = "upload_parts"  # where the boundary leaves the scanned parts for the api
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,44 @@ class UploadRule:
     max_files: int
     integer_fields: frozenset[str] = frozenset()
     max_text_bytes: int = 32
+
+
+@dataclass(frozen=True)
+class UploadRoute:
+    """A POST route whose body is capped at `max_bytes`; with a rule, its multipart is checked."""
+
+    rule: UploadRule | None
+    max_bytes: int
+
+
+def routes_of_apis(apis: Iterable[Any], settings: Settings) -> dict[str, UploadRoute]:
+    """The upload rule each api (`.route`, `.func`) declares in its signature: a `Path` parameter
+    is one file (capped at MAX_UPLOAD_BYTES), `list[Path]` up to MAX_BATCH_IMAGES files
+    (MAX_BATCH_BYTES), and its `int` parameters are form fields that must hold integers."""
+    routes = {}
+    for api in apis:
+        hints = typing.get_type_hints(api.func)
+        many = [name for name, hint in hints.items() if hint == list[Path]]
+        one = [name for name, hint in hints.items() if hint is Path]
+        integers = frozenset(
+            name for name, hint in hints.items() if int in (hint, *typing.get_args(hint))
+        )
+        if many:
+            rule = UploadRule(many[0], 1, settings.max_batch_images, integers)
+            routes[api.route] = UploadRoute(rule, settings.max_batch_bytes)
+        elif one:
+            rule = UploadRule(one[0], 1, 1, integers)
+            routes[api.route] = UploadRoute(rule, settings.max_upload_bytes)
+    return routes
+
+
+def remember_parts(scope: MutableMapping[str, Any], parts: list[UploadPart]) -> None:
+    scope.setdefault("state", {})[_PARTS_KEY] = parts
+
+
+def scanned_parts(scope: MutableMapping[str, Any]) -> list[UploadPart]:
+    """The file parts the boundary scanned, in body order (declared type, size, filename)."""
+    return scope["state"][_PARTS_KEY]
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import ClassifierError, ErrorCode
-from .model_card import ModelCard
+from ..core.errors import ClassifierError, ErrorCode
+from ..core.model_card import ModelCard
 
 _URLSAFE = str.maketrans("-_", "+/")
 PROBABILITIES = "probabilities"

@@ -37,11 +37,6 @@ class DriftMonitor:
             self._recent.append(confidence)
             return self._state()
 
-    @property
-    def state(self) -> DriftState:
-        with self._lock:
-            return self._state()
-
     def _state(self) -> DriftState:
         samples = len(self._recent)
         if samples == 0:

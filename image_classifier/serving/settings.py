@@ -1,7 +1,8 @@
 """All configuration, from environment variables with documented defaults.
 
 Read once per process (`Settings.from_env()`); nothing else in the project reads `os.environ` for
-service behaviour. `python -m image_classifier.settings` prints the table below with current values.
+service behaviour. `python -m image_classifier.serving.settings` prints the table below with
+current values.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field, fields
 
 from limits import parse as parse_rate_limit
 
-from .admission import AdmissionPolicy
-from .served_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
+from ..core.classifier import ClassifierOptions
+from ..core.decoding import DecodeLimits
+from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
@@ -57,7 +59,7 @@ class Settings:
     )
     allowed_formats: tuple[str, ...] = _env(
         "ALLOWED_FORMATS",
-        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"),
+        DecodeLimits.allowed_formats,
         "image formats Pillow may decode (comma-separated)",
     )
     default_top_k: int = _env("DEFAULT_TOP_K", 3, "top_k when a request gives none")
@@ -92,12 +94,15 @@ class Settings:
         formats = tuple(fmt.upper() for fmt in self.allowed_formats)
         object.__setattr__(self, "allowed_formats", formats)
 
-    def admission_policy(self) -> AdmissionPolicy:
-        return AdmissionPolicy(
-            api_tokens=self.api_tokens,
-            rate_limit=self.rate_limit,
-            max_concurrency=self.max_concurrency,
-            request_timeout_s=self.request_timeout_s,
+    def classifier_options(self) -> ClassifierOptions:
+        return ClassifierOptions(
+            allowed_formats=self.allowed_formats,
+            max_image_pixels=self.max_image_pixels,
+            max_batch=self.batch_max_size,
+            intra_op_threads=self.ort_intra_op_threads,
+            default_top_k=self.default_top_k,
+            grade_high=self.grade_high,
+            grade_medium=self.grade_medium,
         )
 
     @classmethod
@@ -179,7 +184,7 @@ def _parse(name: str, raw: str, default: object) -> object:
 
 
 def describe() -> str:
-    """The configuration table, with current values (for `python -m image_classifier.settings`)."""
+    """The configuration table with current values (printed when this module is run)."""
     current = Settings.from_env()
     rows = [f"{'variable':<22} {'default':<40} {'current':<40} meaning"]
     for spec in fields(Settings):

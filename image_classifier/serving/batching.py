@@ -55,8 +55,3 @@ class MicroBatcher:
             for (_, future), row in zip(batch, rows, strict=True):
                 if not future.done():
                     future.set_result((row, len(batch)))
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,9 +1,9 @@
 """Which loaded model answers a request: the primary, or a candidate beside it (canary, shadow).
 
-A request may pin a version (`X-Model-Version: v2` or `name:v2`); otherwise `canary_fraction` of
-requests go to the candidate. With `shadow_fraction`, the candidate also scores some of the
-primary's requests off the response path, and only the agreement is counted. Every answer names
-the version that gave it, and its metrics and drift are kept per version.
+A request may pin a version (`v2` or `name:v2`, sent in the `X-Model-Version` header); otherwise
+`canary_fraction` of requests go to the candidate. With `shadow_fraction`, the candidate also
+scores some of the primary's requests off the response path, and only the agreement is counted.
+Every answer names the version that gave it, and its metrics and drift are kept per version.
 """
 
 from __future__ import annotations
@@ -13,18 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import metrics
-from .classifier import Classifier
-from .drift import DriftMonitor
-from .errors import ClassifierError, ErrorCode
-from .postprocessing import Prediction
-from .schemas import ModelRef
+from pydantic import BaseModel
 
-MODEL_VERSION_HEADER = "x-model-version"
+from ..core.classifier import Classifier
+from ..core.errors import ClassifierError, ErrorCode
+from ..core.postprocessing import Prediction
+from . import metrics
+from .drift import DriftMonitor
+
+
+class ModelRef(BaseModel):
+    """A model version as answers name it."""
+
+    name: str
+    version: str
 
 
 @dataclass
-class ServedModel:
+class ServedVersion:
+    """A model version this worker serves: its classifier once loaded, its drift and metrics."""
+
     ref: ModelRef
     role: str  # "primary" or "candidate"
     path: Path = Path()  # the model's folder (model.onnx + card.json)
@@ -59,8 +67,8 @@ class ServedModel:
 class ModelRouter:
     def __init__(
         self,
-        primary: ServedModel,
-        candidate: ServedModel | None = None,
+        primary: ServedVersion,
+        candidate: ServedVersion | None = None,
         canary_fraction: float = 0.0,
         shadow_fraction: float = 0.0,
         draw: Callable[[], float] = random.random,
@@ -72,13 +80,13 @@ class ModelRouter:
         self._draw = draw
 
     @property
-    def models(self) -> list[ServedModel]:
+    def models(self) -> list[ServedVersion]:
         return [self.primary] + ([self.candidate] if self.candidate else [])
 
     def all_loaded(self) -> bool:
         return all(model.classifier is not None for model in self.models)
 
-    def route(self, pinned: str | None = None) -> ServedModel:
+    def route(self, pinned: str | None = None) -> ServedVersion:
         """The model for one request: the pinned version, else a canary draw, else the primary."""
         if pinned:
             return self.find(pinned.strip())
@@ -86,7 +94,7 @@ class ModelRouter:
             return self.candidate
         return self.primary
 
-    def find(self, wanted: str) -> ServedModel:
+    def find(self, wanted: str) -> ServedVersion:
         for model in self.models:
             if wanted in (model.ref.version, model.tag):
                 return model
@@ -96,7 +104,7 @@ class ModelRouter:
             f"model version {wanted[:80]!r} is not served here (served: {served})",
         )
 
-    def shadow_for(self, answered: ServedModel) -> ServedModel | None:
+    def shadow_for(self, answered: ServedVersion) -> ServedVersion | None:
         """The candidate, for a share of the primary's answers; None otherwise."""
         if answered is self.primary and self.candidate and self._draw() < self.shadow_fraction:
             return self.candidate

@@ -13,8 +13,8 @@ import threading
 
 from cachetools import TTLCache
 
+from ..core.postprocessing import Prediction
 from . import metrics
-from .postprocessing import Prediction
 
 
 class PredictionCache:

@@ -1,4 +1,4 @@
-"""Which model versions the service answers with: the promotion record (`served_model.json`).
+"""The release record (`served_model.json`): which model versions the service answers with.
 
 One small JSON file beside the code says which version is served (`model_tag`), which one runs
 beside it as a candidate (`candidate_tag`, optional) and which versions were served before
@@ -20,10 +20,10 @@ DEFAULT_MODEL_NAME = "digits-cnn"
 # built from a clean checkout always packages the same model. Bump the version with the recipe.
 DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:v1"
 RECORD_ENV = "SERVED_MODEL_FILE"
-DEFAULT_RECORD_PATH = Path(__file__).resolve().parent.parent / "served_model.json"
+DEFAULT_RECORD_PATH = Path(__file__).resolve().parents[2] / "served_model.json"
 
 
-class ServedModels(BaseModel):
+class ReleaseRecord(BaseModel):
     model_tag: str = DEFAULT_MODEL_TAG
     candidate_tag: str | None = None
     history: list[str] = Field(default_factory=list, description="served before, newest last")
@@ -35,17 +35,17 @@ def record_path(environ: dict[str, str] | os._Environ | None = None) -> Path:
     return Path(given) if given else DEFAULT_RECORD_PATH
 
 
-def read_record(path: Path) -> ServedModels:
+def read_record(path: Path) -> ReleaseRecord:
     """The record, or the defaults when there is none yet; a damaged file is an error."""
     try:
-        return ServedModels.model_validate_json(path.read_bytes())
+        return ReleaseRecord.model_validate_json(path.read_bytes())
     except FileNotFoundError:
-        return ServedModels()
+        return ReleaseRecord()
     except ValidationError as exc:
         raise ValueError(f"{path} is not a valid served-model record: {exc}") from None
 
 
-def write_record(path: Path, record: ServedModels) -> None:
+def write_record(path: Path, record: ReleaseRecord) -> None:
     """Atomic replace: a server starting at the same moment reads the old or the new record."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(record.model_dump(), indent=2) + "\n")

@@ -17,7 +17,8 @@ from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from .errors import ClassifierError, ErrorCode
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving.settings import Settings
 
 # Reachable without a token: probes, metrics, the API description and the (static) browser page.
 OPEN_PATHS = frozenset(
@@ -29,10 +30,21 @@ OVERLOADED_RETRY_AFTER_S = 1
 
 @dataclass(frozen=True)
 class AdmissionPolicy:
-    api_tokens: tuple[str, ...] = ()  # empty: no authentication
-    rate_limit: str = ""  # `limits` notation, e.g. "20/second" or "600/minute"; empty: off
-    max_concurrency: int = 128  # requests in work at once, per worker; more get 503 OVERLOADED
-    request_timeout_s: float = 30.0  # a request still in work after this gets 504 TIMEOUT
+    """The admission part of `Settings` (its defaults are the settings' defaults)."""
+
+    api_tokens: tuple[str, ...] = Settings.api_tokens  # empty: no authentication
+    rate_limit: str = Settings.rate_limit  # `limits` notation, e.g. "20/second"; empty: off
+    max_concurrency: int = Settings.max_concurrency  # in work at once; more: 503 OVERLOADED
+    request_timeout_s: float = Settings.request_timeout_s  # still in work after: 504 TIMEOUT
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdmissionPolicy:
+        return cls(
+            api_tokens=settings.api_tokens,
+            rate_limit=settings.rate_limit,
+            max_concurrency=settings.max_concurrency,
+            request_timeout_s=settings.request_timeout_s,
+        )
 
 
 def is_open_path(path: str) -> bool:

@@ -1,0 +1,185 @@
+"""Pixels to probabilities: one model's folder (model.onnx + card.json) behind one object.
+
+Decode, validate, preprocess, run ONNX Runtime, read the answer: the service, the training tools and
+the benchmark all use this object, so they cannot drift apart. Plain options in, plain values out;
+the caller times and counts what it wants (`on_run` hears of every model run).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .decoding import DecodeLimits, check_declared_type, decode_image
+from .errors import ClassifierError, ErrorCode, model_failure
+from .model_card import ModelCard
+from .postprocessing import Prediction, softmax, to_prediction
+from .preprocessing import preprocess
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "card.json"
+OnRun = Callable[[int, float], None]  # (images in the run, seconds it took)
+
+
+class ModelLoadError(RuntimeError):
+    """The model files are missing or do not match their card: never serve from them."""
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    allowed_formats: tuple[str, ...] = DecodeLimits.allowed_formats
+    max_image_pixels: int = DecodeLimits.max_pixels
+    max_batch: int = 8  # most images in one model run (ONNX Runtime keeps memory for the largest)
+    intra_op_threads: int = 1
+    default_top_k: int = 3
+    grade_high: float = 0.90
+    grade_medium: float = 0.60
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        return ModelCard.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise ModelLoadError(f"no model card at {path}") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"invalid model card at {path}: {exc}") from None
+
+
+class Classifier:
+    """One ONNX Runtime session (its `run` is thread-safe, so one serves every thread)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        options: ClassifierOptions = ClassifierOptions(),
+        on_run: OnRun | None = None,
+    ) -> None:
+        self.card = read_card(model_dir)
+        self.options = options
+        self.on_run = on_run
+        self.limits = DecodeLimits(options.allowed_formats, options.max_image_pixels)
+        self.session = _open_session(Path(model_dir) / self.card.onnx_file, options)
+        self._check_signature()
+
+    @property
+    def labels(self) -> list[str]:
+        return self.card.labels
+
+    def prepare(self, data: bytes, declared_type: str | None = None) -> np.ndarray:
+        """Bytes -> model input tensor, or ClassifierError (4xx) for anything wrong with them."""
+        check_declared_type(declared_type, self.limits.allowed_formats)
+        spec = self.card.preprocessing
+        image = decode_image(data, self.limits, declared_type, spec.decode_size_hint)
+        return preprocess(image, spec)
+
+    def run(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
+        """Tensors -> probabilities, in model runs of at most `max_batch` images."""
+        step = self.options.max_batch
+        runs = []
+        for start in range(0, len(tensors), step):
+            chunk = tensors[start : start + step]
+            started = time.perf_counter()
+            runs.append(self._probabilities(np.stack(chunk)))
+            if self.on_run is not None:
+                self.on_run(len(chunk), time.perf_counter() - started)
+        return np.concatenate(runs) if runs else np.zeros((0, len(self.labels)), np.float32)
+
+    def run_isolating_faults(self, tensors: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """Like run, but a run that fails is retried item by item: one poison input fails
+        alone (None) instead of taking every request merged with it down."""
+        try:
+            return list(self.run(tensors))
+        except Exception:
+            log.exception("a model run of %d items failed; retrying them one by one", len(tensors))
+        rows: list[np.ndarray | None] = []
+        for tensor in tensors:
+            try:
+                rows.append(self.run([tensor])[0])
+            except Exception:
+                log.exception("a model run failed on a single item")
+                rows.append(None)
+        return rows
+
+    def resolve_top_k(self, top_k: int | None) -> int:
+        classes = len(self.labels)
+        if top_k is None:
+            return min(self.options.default_top_k, classes)
+        if not 1 <= top_k <= classes:
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST, f"top_k must be between 1 and {classes}, got {top_k}"
+            )
+        return top_k
+
+    def to_prediction(self, probabilities: np.ndarray, top_k: int) -> Prediction:
+        options = self.options
+        return to_prediction(
+            probabilities, self.labels, top_k, high=options.grade_high, medium=options.grade_medium
+        )
+
+    def classify(self, data: bytes, top_k: int | None = None) -> Prediction:
+        """One image end to end in this process (offline use, tests)."""
+        k = self.resolve_top_k(top_k)
+        (row,) = self.run_isolating_faults([self.prepare(data)])
+        if row is None:
+            raise model_failure()
+        return self.to_prediction(row, k)
+
+    def warm_up(self) -> None:
+        """First runs allocate and tune; do them before the service says it is ready."""
+        sizes = sorted({1, self.options.max_batch})
+        for size in sizes:
+            batch = np.zeros((size, *self.card.preprocessing.tensor_shape), dtype=np.float32)
+            if not np.all(np.isfinite(self._probabilities(batch))):
+                raise ModelLoadError("model produced non-finite outputs on warm-up")
+        log.info("model %s warmed up with batch sizes %s", self.card.name, sizes)
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, *tensor_shape) float32 -> (N, labels) probabilities, whatever the model outputs."""
+        card = self.card
+        (output,) = self.session.run([card.output_name], {card.input_name: batch})
+        output = np.asarray(output, dtype=np.float32).reshape(len(batch), -1)
+        if output.shape[1] != len(self.labels):
+            raise ModelLoadError(
+                f"model returned {output.shape[1]} scores for {len(self.labels)} labels"
+            )
+        return softmax(output) if card.output_kind == "logits" else output
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        card = self.card
+        if card.input_name not in inputs:
+            raise ModelLoadError(f"model has no input {card.input_name!r} (has {list(inputs)})")
+        if card.output_name not in outputs:
+            raise ModelLoadError(f"model has no output {card.output_name!r} (has {outputs})")
+        declared = inputs[card.input_name].shape
+        expected = card.preprocessing.tensor_shape
+        if len(declared) != 4 or any(
+            isinstance(d, int) and d != e for d, e in zip(declared[1:], expected, strict=True)
+        ):
+            raise ModelLoadError(
+                f"model input {declared} does not fit the card's preprocessing {expected}"
+            )
+
+
+def _open_session(onnx_path: Path, options: ClassifierOptions) -> ort.InferenceSession:
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.inter_op_num_threads = 1
+    # Spin-waiting threads burn CPU that decoding needs (measured: +4 CPU-ms per image).
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(
+            str(onnx_path), sess_options=session_options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None

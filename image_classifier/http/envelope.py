@@ -1,0 +1,73 @@
+"""The one JSON envelope every failure is answered in, and the HTTP status of each error code.
+
+`error_response` is its only writer: the boundary middleware, the Starlette routes and the BentoML
+apis all answer a `ClassifierError` through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..core.errors import ClassifierError, ErrorCode
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNKNOWN_MODEL_VERSION: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.INVALID_IMAGE: 422,
+    ErrorCode.IMAGE_TOO_LARGE: 422,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.NOT_READY: 503,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.TIMEOUT: 504,
+}
+
+# The code for a non-2xx answer that this project did not write (BentoML's own, Starlette's).
+CODE_FOR_STATUS: dict[int, ErrorCode] = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.INVALID_REQUEST,
+    429: ErrorCode.RATE_LIMITED,
+    503: ErrorCode.OVERLOADED,
+    504: ErrorCode.TIMEOUT,
+}
+
+
+def error_envelope(code: ErrorCode | str, message: str, request_id: str) -> dict[str, Any]:
+    return {
+        "success": False,
+        "error": {"code": str(code), "message": message},
+        "request_id": request_id,
+    }
+
+
+def error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
+    """The envelope with its status (and Retry-After when the error says when to retry)."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse(
+        error_envelope(exc.code, exc.message, request_id),
+        status_code=HTTP_STATUS[exc.code],
+        headers=headers,
+    )
+
+
+def is_error_envelope(body: Any) -> bool:
+    return (
+        isinstance(body, dict)
+        and body.get("success") is False
+        and isinstance(body.get("error"), dict)
+        and "code" in body["error"]
+    )

@@ -1,0 +1,33 @@
+"""The BentoML model store, asked one way: `find(tag)` (the service at start, the training tools).
+
+Beside the floors, not in them: it is the one module here, besides `service.py`, that talks to
+BentoML, and the core stays free of it.
+"""
+
+from __future__ import annotations
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+MODEL_HELP = (
+    "Run `python -m training_export ensure-default` for the default model, or "
+    "`python -m training_export import-onnx` for your own, then start again."
+)
+
+
+def find(tag: str) -> bentoml.Model | None:
+    """The stored model, or None when the store has no such tag."""
+    try:
+        return bentoml.models.get(tag)
+    except NotFound:
+        return None
+
+
+def served(tag: str) -> bentoml.models.BentoModel | None:
+    """The model for the service class to pin (None for an empty tag). A missing model stops the
+    start with one line saying what to run, not a stack trace."""
+    if not tag:
+        return None
+    if find(tag) is None:
+        raise SystemExit(f"model {tag} is not in the BentoML model store. {MODEL_HELP}")
+    return bentoml.models.BentoModel(tag)

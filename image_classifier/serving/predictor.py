@@ -1,0 +1,236 @@
+"""From an upload's bytes to its answer, for every route of the service; no HTTP here.
+
+It holds what one worker serves with: the model versions (`routing`), the duplicate-input cache, a
+bounded pool of decode threads, one batcher per model version, and the shadow scoring of a
+candidate. It times and counts what the core does (metrics, drift).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from .. import __version__
+from ..core.classifier import Classifier, ModelLoadError
+from ..core.errors import ClassifierError, model_failure
+from ..core.postprocessing import Prediction
+from . import metrics
+from .batching import MicroBatcher
+from .cache import PredictionCache
+from .routing import ModelRef, ModelRouter, ServedVersion
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Upload = tuple[bytes | ClassifierError, str | None]  # bytes (or why they were refused), type
+
+
+@dataclass(frozen=True)
+class Answer:
+    prediction: Prediction
+    batch_size: int  # images that shared its model run (0: from the cache)
+    cached: bool
+
+
+class Predictor:
+    def __init__(self, router: ModelRouter, settings: Settings) -> None:
+        self.router = router
+        self.settings = settings
+        self.decode_limiter = anyio.CapacityLimiter(settings.threads)
+        self.cache = (
+            PredictionCache(settings.cache_size, settings.cache_ttl_s)
+            if settings.cache_size
+            else None
+        )
+        self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
+        self._shadow_tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    def for_models(cls, settings: Settings, models: Sequence[tuple[str, Path]]) -> Predictor:
+        """`(name:version, folder)` of the primary model, then of an optional candidate."""
+        served = [
+            ServedVersion(
+                ModelRef(name=tag.split(":")[0], version=tag.split(":")[1]),
+                role,
+                path,
+                drift_window=settings.drift_window,
+                drift_max_drop=settings.drift_max_drop,
+            )
+            for (tag, path), role in zip(models, ("primary", "candidate"), strict=False)
+        ]
+        router = ModelRouter(
+            *served,
+            canary_fraction=settings.canary_fraction,
+            shadow_fraction=settings.shadow_fraction,
+        )
+        return cls(router, settings)
+
+    def load_models(self) -> None:
+        """Load and warm up every served model (slow: call it off the event loop).
+
+        ModelLoadError names the model that cannot be served."""
+        for served in self.router.models:
+            version = served.ref.version
+            try:
+                classifier = Classifier(
+                    served.path,
+                    self.settings.classifier_options(),
+                    on_run=partial(metrics.observe_model_run, model_version=version),
+                )
+                classifier.warm_up()
+            except Exception as exc:
+                raise ModelLoadError(f"model {served.tag} cannot be served: {exc}") from exc
+            served.loaded(classifier)
+            self.batchers[version] = MicroBatcher(
+                classifier.run_isolating_faults, self.settings.batch_max_size, self.settings.threads
+            )
+            log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
+
+    def info(self) -> dict:
+        """What /info shows: the service, its versions, the card's contract and the limits."""
+        primary, candidate, settings = self.router.primary, self.router.candidate, self.settings
+        card = primary.ready_classifier().card
+        return {
+            "service": {"name": "image_classifier", "version": __version__},
+            "model": primary.ref.model_dump(),
+            "candidate": candidate
+            and {
+                **candidate.ref.model_dump(),
+                "canary_fraction": self.router.canary_fraction,
+                "shadow_fraction": self.router.shadow_fraction,
+            },
+            "source": card.source,
+            "benchmark_only": card.benchmark_only,
+            "labels": card.labels,
+            "preprocessing": card.preprocessing.model_dump(mode="json"),
+            "output_kind": card.output_kind,
+            "metrics": card.metrics.model_dump(mode="json"),
+            "training_data_sha256": card.training_data_sha256,
+            "batching": {"enabled": settings.batching, "max_batch_size": settings.batch_max_size},
+            "limits": {
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_batch_images": settings.max_batch_images,
+                "max_batch_bytes": settings.max_batch_bytes,
+                "max_image_pixels": settings.max_image_pixels,
+                "allowed_formats": list(settings.allowed_formats),
+            },
+            "grades": {"high": settings.grade_high, "medium": settings.grade_medium},
+        }
+
+    async def prepare(
+        self, classifier: Classifier, data: bytes, content_type: str | None
+    ) -> np.ndarray:
+        """Decode, validate and preprocess on the bounded thread pool (ClassifierError: 4xx)."""
+        return await anyio.to_thread.run_sync(
+            _timed_prepare, classifier, data, content_type, limiter=self.decode_limiter
+        )
+
+    async def answer(
+        self, served: ServedVersion, data: bytes, content_type: str | None, top_k: int
+    ) -> Answer:
+        """One image's prediction (from the cache when on); a fresh one may be shadowed too."""
+        cache = self.cache
+        key = None if cache is None else cache.key(data, served.ref.version, top_k)
+        if key is not None and (hit := cache.get(key)) is not None:
+            return Answer(hit, batch_size=0, cached=True)
+        classifier = served.ready_classifier()
+        tensor = await self.prepare(classifier, data, content_type)
+        probabilities, merged = await self._run_one(served, tensor)
+        prediction = classifier.to_prediction(probabilities, top_k)
+        if key is not None:
+            cache.put(key, prediction)
+        self._maybe_shadow(served, data, content_type, prediction.label)
+        return Answer(prediction, batch_size=merged, cached=False)
+
+    async def answer_each(
+        self, served: ServedVersion, uploads: Sequence[Upload], top_k: int
+    ) -> list[Prediction | ClassifierError]:
+        """Many images in shared model runs; an image refused (or failed) stays in its place."""
+        classifier = served.ready_classifier()
+
+        async def prepared(data: bytes | ClassifierError, content_type: str | None):
+            if isinstance(data, ClassifierError):
+                return data
+            try:
+                return await self.prepare(classifier, data, content_type)
+            except ClassifierError as exc:
+                return exc
+
+        items = await asyncio.gather(*(prepared(data, kind) for data, kind in uploads))
+        tensors = [item for item in items if not isinstance(item, ClassifierError)]
+        rows = iter(await anyio.to_thread.run_sync(classifier.run_isolating_faults, tensors))
+        outcomes: list[Prediction | ClassifierError] = []
+        for item in items:
+            row = item if isinstance(item, ClassifierError) else next(rows)
+            if row is None:
+                row = model_failure()
+            if isinstance(row, ClassifierError):
+                metrics.observe_item_error(row)
+                outcomes.append(row)
+            else:
+                prediction = classifier.to_prediction(row, top_k)
+                served.record(prediction)
+                outcomes.append(prediction)
+        return outcomes
+
+    async def probabilities(self, served: ServedVersion, tensors: list[np.ndarray]) -> np.ndarray:
+        """Every row, or one error for all: for callers whose request fails as a whole."""
+        classifier = served.ready_classifier()
+        rows = await anyio.to_thread.run_sync(classifier.run_isolating_faults, tensors)
+        if any(row is None for row in rows):
+            raise model_failure()
+        for row in rows:
+            served.record(classifier.to_prediction(row, 1))
+        return np.stack(rows)
+
+    async def _run_one(self, served: ServedVersion, tensor: np.ndarray) -> tuple[np.ndarray, int]:
+        """Through the batcher when batching is on, so concurrent requests share a model run.
+
+        Returns the probabilities and how many images shared the model run."""
+        if self.settings.batching:
+            row, merged = await self.batchers[served.ref.version].submit(tensor)
+        else:
+            classifier = served.ready_classifier()
+            (row,) = await anyio.to_thread.run_sync(classifier.run_isolating_faults, [tensor])
+            merged = 1
+        if row is None:
+            raise model_failure()
+        return row, merged
+
+    def _maybe_shadow(
+        self, answered: ServedVersion, data: bytes, content_type: str | None, label: str
+    ) -> None:
+        """Let the candidate score a share of the primary's traffic, after the answer is sent."""
+        shadow = self.router.shadow_for(answered)
+        if shadow is None:
+            return
+        task = asyncio.create_task(self._shadow(shadow, data, content_type, label))
+        self._shadow_tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self, shadow: ServedVersion, data: bytes, content_type: str | None, answered_label: str
+    ) -> None:
+        try:
+            classifier = shadow.ready_classifier()
+            tensor = await self.prepare(classifier, data, content_type)
+            probabilities, _ = await self._run_one(shadow, tensor)
+            label = classifier.to_prediction(probabilities, 1).label
+            metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
+        except Exception:
+            log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
+
+
+def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None) -> np.ndarray:
+    started = time.perf_counter()
+    tensor = classifier.prepare(data, content_type)
+    metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+    return tensor
