@@ -273,7 +273,3 @@ def build_and_save(
     say(f"saved {saved} (benchmark only): ONNX Runtime matches torch on {len(checks)} photos, "
         f"max probability difference {difference:.1e}")  # fmt: skip
     return saved
-
-
-def ensure_benchmark_models(say: Callable[[str], None] = print) -> list[str]:
-    return [build_and_save(model, say=say) for model in BENCHMARK_MODELS]

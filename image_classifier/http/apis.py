@@ -32,11 +32,9 @@ class UploadApis:
     async def analyze(
         self, ctx: Any, image: Path, top_k: int | None
     ) -> AnalyzeResponse | JSONResponse:
-        started = time.perf_counter()
-        request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
+        started, request_id = time.perf_counter(), _request_id(ctx)
         try:
-            served = self._route(ctx)
-            k = served.ready_classifier().resolve_top_k(top_k)
+            served, k = self._route(ctx, top_k)
             (part,) = scanned_parts(ctx.request.scope)
             data = await self._read(image, part)
             answer = await self.predictor.answer(served, data, part.content_type, k)
@@ -58,11 +56,9 @@ class UploadApis:
     async def analyze_batch(
         self, ctx: Any, images: list[Path], top_k: int | None
     ) -> AnalyzeBatchResponse | JSONResponse:
-        started = time.perf_counter()
-        request_id = ctx.request.headers.get(REQUEST_ID_HEADER, "")
+        started, request_id = time.perf_counter(), _request_id(ctx)
         try:
-            served = self._route(ctx)
-            k = served.ready_classifier().resolve_top_k(top_k)
+            served, k = self._route(ctx, top_k)
         except ClassifierError as exc:
             return _error(exc, request_id, ctx)
         parts = scanned_parts(ctx.request.scope)
@@ -81,11 +77,12 @@ class UploadApis:
             request_id=request_id, model=served.ref, results=results, latency_ms=_ms_since(started)
         )
 
-    def _route(self, ctx: Any) -> ServedVersion:
+    def _route(self, ctx: Any, top_k: int | None) -> tuple[ServedVersion, int]:
+        """The version that answers (named in the response headers and the log) and the top_k."""
         served = self.predictor.router.route(ctx.request.headers.get(MODEL_VERSION_HEADER))
         ctx.response.headers[MODEL_VERSION_HEADER] = served.ref.version
         logs.annotate(model_version=served.ref.version)
-        return served
+        return served, served.ready_classifier().resolve_top_k(top_k)
 
     async def _read(self, path: Path, part: UploadPart) -> bytes:
         if part.size > self.max_upload_bytes:
@@ -101,6 +98,10 @@ class UploadApis:
             return await self._read(path, part)
         except ClassifierError as exc:
             return exc
+
+
+def _request_id(ctx: Any) -> str:
+    return ctx.request.headers.get(REQUEST_ID_HEADER, "")
 
 
 def _error(exc: ClassifierError, request_id: str, ctx: Any) -> JSONResponse:
