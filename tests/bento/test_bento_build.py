@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from image_classifier.settings import DEFAULT_MODEL_TAG
-from tests.support import BIN, REPO
+from loadtest.servers import BIN, REPO
 
 
 def test_bento_pins_the_model_and_ships_only_serving_code(trained_store: Path):

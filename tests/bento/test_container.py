@@ -26,7 +26,9 @@ import pytest
 import yaml
 
 from image_classifier.settings import Settings
-from tests.support import BIN, REPO, encode, free_port, measured
+from loadtest.servers import BIN, REPO, free_port
+from tests.figures import measured
+from tests.pictures import encode
 
 BASE_IMAGE = "localhost/pybase:3.11"  # never pushed: it trusts this machine's extra CAs
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bento-image-classifier"

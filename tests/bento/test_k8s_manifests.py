@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from image_classifier.settings import Settings
-from tests.support import REPO
+from loadtest.servers import REPO
 
 K8S = REPO / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"

@@ -14,7 +14,8 @@ from image_classifier.errors import ClassifierError, ErrorCode
 from image_classifier.preprocessing import preprocess
 from image_classifier.runtime import ModelLoadError, OnnxModel
 from image_classifier.settings import Settings
-from tests.support import build_onnx_classifier, encode
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
 
 SETTINGS = Settings.from_env({})
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from image_classifier.decoding import DecodeLimits, check_declared_type, decode_image
 from image_classifier.errors import ClassifierError, ErrorCode
-from tests.support import EXIF_STORED_AS, encode
+from tests.pictures import EXIF_STORED_AS, encode, png_claiming
 
 LIMITS = DecodeLimits()
 
@@ -22,23 +21,6 @@ def picture(size=(64, 48), mode="RGB") -> Image.Image:
     image = Image.new("RGB", size, (20, 20, 20))
     ImageDraw.Draw(image).rectangle((0, 0, size[0] // 3, size[1] // 3), fill=(250, 250, 250))
     return image.convert(mode)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims any size: the decompression-bomb shape."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def code_of(data: bytes, declared: str | None = None, limits: DecodeLimits = LIMITS) -> ErrorCode:

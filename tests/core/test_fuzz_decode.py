@@ -22,7 +22,8 @@ from PIL import Image, ImageCms
 from image_classifier.classifier import Classifier
 from image_classifier.errors import ClassifierError
 from image_classifier.settings import Settings
-from tests.support import build_onnx_classifier, encode
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
 
 MUTATION_EXAMPLES = 1500
 RANDOM_EXAMPLES = 600

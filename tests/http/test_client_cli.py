@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import REPO, free_port, metric_value, serve
+from loadtest.servers import REPO, free_port, serve
+from tests.http.responses import metric_value
 
 MODEL_VERSION = "digits-cnn:v1"
 

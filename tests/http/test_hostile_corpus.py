@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from image_classifier.errors import is_error_envelope
+from loadtest.servers import REPO
+from tests.figures import measured
 from tests.hostile_corpus import (
     Case,
     case_by_id,
@@ -16,7 +18,7 @@ from tests.hostile_corpus import (
     markdown_table,
     send,
 )
-from tests.support import REPO, envelope_code, measured
+from tests.http.responses import envelope_code
 
 DIGITS = [str(d) for d in range(10)]
 DEFAULT_TOP_K = 3

@@ -13,8 +13,8 @@ from PIL import Image
 
 from image_classifier.preprocessing import preprocess
 from image_classifier.runtime import OnnxModel
-from tests.core.test_decoding import png_claiming
-from tests.support import encode, envelope_code, metric_value
+from tests.http.responses import envelope_code, metric_value
+from tests.pictures import encode, png_claiming
 
 
 @pytest.fixture(scope="module")

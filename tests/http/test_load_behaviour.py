@@ -11,8 +11,10 @@ import time
 import psutil
 import pytest
 
-from tests.load import closed_loops, open_rate, percentile, throughput
-from tests.support import encode, measured, serve
+from loadtest.load import closed_loops, open_rate, percentile, throughput
+from loadtest.servers import serve
+from tests.figures import measured
+from tests.pictures import encode
 
 REQUEST_TIMEOUT_S = 10
 

@@ -8,7 +8,11 @@ import time
 import httpx
 from PIL import Image
 
-from tests.support import build_onnx_classifier, encode, envelope_code, import_model, serve
+from loadtest.servers import serve
+from tests.http.responses import envelope_code
+from tests.model_store import import_model
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
 
 
 def post_image(url: str, image: Image.Image) -> httpx.Response:

@@ -12,7 +12,9 @@ import pytest
 
 from image_classifier.model_card import ModelCard
 from image_classifier.preprocessing import preprocess
-from tests.support import REPO, encode, envelope_code
+from loadtest.servers import REPO
+from tests.http.responses import envelope_code
+from tests.pictures import encode
 
 MODEL = "digits-cnn"
 

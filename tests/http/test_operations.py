@@ -18,7 +18,10 @@ import yaml
 from PIL import Image, PngImagePlugin
 
 from image_classifier.served_model import ServedModels, write_record
-from tests.support import REPO, encode, envelope_code, measured, serve
+from loadtest.servers import REPO, serve
+from tests.figures import measured
+from tests.http.responses import envelope_code
+from tests.pictures import encode
 
 TOKEN = "ops-test-token-5f1c9a"
 DRIFT_WINDOW = 30

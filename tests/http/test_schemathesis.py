@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from image_classifier.errors import is_error_envelope
-from tests.support import measured
+from tests.figures import measured
 
 EXAMPLES_PER_OPERATION_AND_MODE = 100
 OPERATIONS = [

@@ -12,8 +12,11 @@ import bentoml
 import httpx
 import pytest
 
-from tests.load import closed_loops
-from tests.support import BIN, REPO, encode, envelope_code, free_port, measured, serve
+from loadtest.load import closed_loops
+from loadtest.servers import BIN, REPO, free_port, serve
+from tests.figures import measured
+from tests.http.responses import envelope_code
+from tests.pictures import encode
 
 TOKENS = "first-token-Zq81,second-token-Hh07"
 

@@ -7,7 +7,8 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
-from tests.support import encode, envelope_code
+from tests.http.responses import envelope_code
+from tests.pictures import encode
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from client import (
     Unauthorized,
     Unreachable,
 )
-from tests.support import REPO, encode, free_port, serve
+from loadtest.servers import REPO, free_port, serve
+from tests.pictures import encode
 
 
 @pytest.fixture(scope="module")

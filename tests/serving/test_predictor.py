@@ -14,7 +14,8 @@ from image_classifier.routing import ModelRouter, ServedModel
 from image_classifier.runtime import ModelLoadError
 from image_classifier.schemas import ModelRef
 from image_classifier.settings import Settings
-from tests.support import build_onnx_classifier, encode
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
 
 
 def pictures(count: int) -> list[bytes]:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from image_classifier.runtime import read_card
-from tests.support import REPO, encode, serve, store_model_dir
+from loadtest.servers import REPO, serve
+from tests.model_store import store_model_dir
+from tests.pictures import encode
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,10 @@ import json
 import httpx
 
 from image_classifier.served_model import read_record
-from tests.support import build_onnx_classifier, encode, import_model, serve, training_cli
+from loadtest.servers import serve
+from tests.model_store import import_model, training_cli
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
 
 
 def served_version(server, image) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""A small asyncio load generator for the server tests: closed loops or an open arrival rate.
+"""An asyncio load generator for the benchmark and the server tests: closed loops or open arrivals.
 
 Every request is recorded with when it started, how long it took and how it ended, so a test can
 assert on each one (status, envelope, Retry-After, latency) rather than on averages. aiohttp, not
