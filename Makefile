@@ -31,8 +31,8 @@ $(BROWSER):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
-# The container test (tests/test_container.py) starts its own dockerd and builds its base image
-# with mmdebstrap from Debian's mirror: install both once.
+# The container test (tests/bento/test_container.py) starts its own dockerd and builds its base
+# image with mmdebstrap from Debian's mirror: install both once.
 DOCKERD := /usr/sbin/dockerd
 $(DOCKERD):
 	apt-get update -qq

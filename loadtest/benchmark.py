@@ -11,7 +11,7 @@
     Images: generated photo-like 640x480 and 4032x3024 JPEGs. Prints a table, writes
     docs/benchmarks.json and docs/benchmarks.md.
 
-The load generator is tests/load.py's aiohttp closed loop, in this process: its CPU is reported
+The load generator is loadtest/load.py's aiohttp closed loop, in this process: its CPU is reported
 (client and server share the machine's cores). `--quick` is a smoke test, not a measurement.
 """
 
@@ -40,8 +40,8 @@ import psutil
 from image_classifier.core.classifier import Classifier
 from image_classifier.serving.cache import PredictionCache
 from image_classifier.serving.settings import Settings
-from tests.load import closed_loops, percentile, throughput
-from tests.support import BIN, REPO, free_port, serve, stop, wait_until_ready
+from loadtest.load import closed_loops, percentile, throughput
+from loadtest.servers import BIN, REPO, free_port, serve, stop, wait_until_ready
 from training_export.photos import PHOTO_640, PHOTO_PHONE, photo_jpeg
 
 CONCURRENCIES = (1, 4, 16, 32)

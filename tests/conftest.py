@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from image_classifier.settings import DEFAULT_MODEL_TAG
-from tests.support import FIGURES, REPO, import_model, serve, store_model_dir
+from image_classifier.serving.settings import DEFAULT_MODEL_TAG
+from loadtest.servers import REPO, serve
+from tests.figures import FIGURES
+from tests.model_store import import_model, store_model_dir
 
 _HOME = Path(tempfile.mkdtemp(prefix="bentoml-test-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME)

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.support import EXIF_STORED_AS
+from tests.pictures import EXIF_STORED_AS
 
 MIB = 1024 * 1024
 MAX_UPLOAD_BYTES = 10 * MIB  # settings.py defaults, which the test server runs with

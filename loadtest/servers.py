@@ -1,0 +1,93 @@
+"""A real `bentoml serve` on a free loopback port, started and stopped for a benchmark or a test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready in {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def serve(
+    bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None, ready: bool = True
+) -> Iterator[Server]:
+    """A real `bentoml serve service:ImageClassifier` on a free loopback port.
+
+    Each server gets its own BENTOML_HOME sharing the model store through a symlink: BentoML
+    clears $BENTOML_HOME/prometheus_multiproc_dir when a server starts or stops, which would zero
+    the metrics of any other server on the same home.
+    """
+    port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="bentoml-server-home-"))
+    (home / "models").symlink_to(Path(bentoml_home) / "models", target_is_directory=True)
+    full_env = {**os.environ, "BENTOML_HOME": str(home), **(env or {})}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if ready:
+            wait_until_ready(url, process, log_path, timeout=90)
+        yield Server(url, process, log_path)
+    finally:
+        stop(process)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def stop(process: subprocess.Popen, grace: float = 20) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)

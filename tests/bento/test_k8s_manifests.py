@@ -1,0 +1,153 @@
+"""deploy/k8s/ checked offline: Kubernetes 1.37 schemas, and the references between the manifests.
+
+No cluster can be had here, so each manifest is validated strictly against the API schemas
+(kubernetes-validate), and what a schema cannot see is checked by hand: labels that must match,
+ports by name, probe paths on a real server, and a grace period long enough for the drain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from image_classifier.serving.settings import Settings
+from loadtest.servers import REPO
+
+K8S = REPO / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.37.0"
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the core schemas
+
+
+def _documents() -> list[tuple[Path, dict]]:
+    return [
+        (path, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def _one(kind: str) -> dict:
+    (doc,) = [
+        doc for path, doc in _documents() if doc["kind"] == kind and "example" not in path.name
+    ]
+    return doc
+
+
+def _container() -> dict:
+    (container,) = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container["env"]}
+
+
+@pytest.mark.parametrize(
+    "path,doc", _documents(), ids=[f"{p.name}:{d['kind']}" for p, d in _documents()]
+)
+def test_manifest_is_valid_against_the_kubernetes_schemas(path: Path, doc: dict):
+    if doc["kind"] == "Kustomization":
+        missing = [r for r in doc["resources"] if not (K8S / r).exists()]
+        assert not missing, missing
+        return
+    if (doc["apiVersion"], doc["kind"]) in CRDS:
+        return  # structurally checked in test_service_monitor_scrapes_the_service
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example():
+    listed = set(_one("Kustomization")["resources"])
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == {m for m in manifests if "example" not in m}
+
+
+def test_service_selects_the_deployment_pods_on_the_container_port():
+    deployment, service = _one("Deployment"), _one("Service")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    (port,) = service["spec"]["ports"]
+    target = port["targetPort"]
+    assert target in container_ports or target in container_ports.values(), (
+        target,
+        container_ports,
+    )
+    # The server listens where the container port says.
+    args = _container()["args"]
+    assert args[args.index("--port") + 1] == str(container_ports["http"])
+    assert _env(_container())["BENTOML_PORT"]["value"] == str(container_ports["http"])
+
+
+def test_pdb_and_hpa_target_the_deployment():
+    deployment = _one("Deployment")
+    pdb, hpa = _one("PodDisruptionBudget"), _one("HorizontalPodAutoscaler")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # drains can proceed
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert "cpu" in _container()["resources"]["requests"]  # Utilization is relative to it
+
+
+def test_service_monitor_scrapes_the_service():
+    monitor, service = _one("ServiceMonitor"), _one("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+
+
+def test_grace_period_covers_pre_stop_and_the_drain():
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    command = _container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = float(_env(_container())["SHUTDOWN_GRACE_S"]["value"])
+    assert drain == Settings().shutdown_grace_s  # the manifest states the service default
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + drain + 5
+
+
+def test_pod_runs_non_root_on_a_read_only_root_with_a_writable_tmp():
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    container = _container()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    (mount,) = container["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mount["mountPath"] == "/tmp" and "emptyDir" in volumes[mount["name"]]
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys() <= resources["limits"].keys()
+
+
+def test_settings_env_is_known_and_tokens_come_from_a_secret():
+    env = _env(_container())
+    known = {f.metadata["env"] for f in Settings.__dataclass_fields__.values()}
+    assert {"WORKERS", "THREADS", "MODEL_TAG", "API_TOKENS"} <= env.keys()
+    assert env.keys() - {"BENTOML_PORT"} <= known
+    assert "value" not in env["API_TOKENS"]
+    assert env["API_TOKENS"]["valueFrom"]["secretKeyRef"]["key"] == "api-tokens"
+    Settings.from_env({k: v["value"] for k, v in env.items() if "value" in v})  # valid values
+
+
+def test_probe_paths_answer_200_on_a_real_server(server):
+    container = _container()
+    paths = {
+        probe: container[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert paths["readinessProbe"] == "/readyz" and paths["livenessProbe"] == "/livez"
+    for probe, path in paths.items():
+        assert container[probe]["httpGet"]["port"] == "http"
+        assert httpx.get(server.url + path, timeout=5).status_code == 200, (probe, path)

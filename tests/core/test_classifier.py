@@ -1,0 +1,116 @@
+"""The core end to end in one process, on small ONNX models the tests build themselves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.core.classifier import Classifier, ClassifierOptions, ModelLoadError
+from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.core.preprocessing import preprocess
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
+
+OPTIONS = ClassifierOptions(max_batch=32)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Classifier:
+    model_dir = build_onnx_classifier(tmp_path_factory.mktemp("model"), mean=(0.5,), std=(0.5,))
+    instance = Classifier(model_dir, OPTIONS)
+    instance.warm_up()
+    return instance
+
+
+def test_core_and_serving_run_without_a_web_framework():
+    code = (
+        "import sys, importlib, pkgutil, image_classifier.core, image_classifier.serving\n"
+        "for package in (image_classifier.core, image_classifier.serving):\n"
+        "    for m in pkgutil.iter_modules(package.__path__):\n"
+        "        importlib.import_module(package.__name__ + '.' + m.name)\n"
+        "loaded = {'bentoml', 'starlette', 'fastapi'} & set(sys.modules)\n"
+        "assert not loaded, f'imported below the http floor: {loaded}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_classify_matches_a_direct_model_run(classifier):
+    image = Image.effect_noise((40, 30), 80).convert("L")
+    prediction = classifier.classify(encode(image, "PNG"), top_k=4)
+    expected = classifier.run([preprocess(image, classifier.card.preprocessing)])
+    assert prediction.label == classifier.card.labels[int(expected[0].argmax())]
+    assert prediction.confidence == pytest.approx(float(expected[0].max()), rel=1e-6)
+    assert len(prediction.top_k) == 4
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_batched_and_single_runs_agree(classifier):
+    tensors = [preprocess(Image.effect_noise((28, 28), s).convert("L"),
+                          classifier.card.preprocessing) for s in range(5, 45)]  # fmt: skip
+    batched = classifier.run(tensors)  # 40 items: two runs of at most 32
+    singles = np.concatenate([classifier.run([t]) for t in tensors])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 11, -1])
+def test_top_k_out_of_range(classifier, top_k):
+    with pytest.raises(ClassifierError) as caught:
+        classifier.resolve_top_k(top_k)
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_default_top_k(classifier):
+    assert classifier.resolve_top_k(None) == OPTIONS.default_top_k
+
+
+def test_probability_models_are_not_softmaxed_twice(tmp_path):
+    model_dir = build_onnx_classifier(tmp_path, labels=4, output_kind="probabilities")
+    classifier = Classifier(model_dir, OPTIONS)
+    probabilities = classifier.run([np.ones((1, 28, 28), np.float32)])
+    raw = classifier.session.run(None, {"input": np.ones((1, 1, 28, 28), np.float32)})[0]
+    np.testing.assert_allclose(probabilities, raw, rtol=1e-6)
+
+
+def test_rgb_models_are_served_from_their_card(tmp_path):
+    model_dir = build_onnx_classifier(
+        tmp_path, labels=3, input_size=(32, 48), color_mode="RGB", resize_mode="letterbox"
+    )
+    prediction = Classifier(model_dir, OPTIONS).classify(encode(Image.new("L", (5, 90)), "PNG"))
+    assert prediction.label in {"class_0", "class_1", "class_2"}
+
+
+def test_one_poison_input_fails_alone(tmp_path):
+    model_dir = build_onnx_classifier(tmp_path, fail_when_mean_below=-0.5)
+    classifier = Classifier(model_dir, OPTIONS)
+    classifier.warm_up()  # zeros are fine: the fault needs a dark input
+    good = np.ones((1, 28, 28), np.float32)
+    poison = -np.ones((1, 28, 28), np.float32)
+    with pytest.raises(Exception):  # noqa: B017 - ONNX Runtime's own error type
+        classifier.run([good, poison, good])
+    results = classifier.run_isolating_faults([good, poison, good])
+    assert results[1] is None
+    assert results[0] is not None and results[2] is not None
+
+
+def test_mismatched_card_is_refused_at_load(tmp_path):
+    model_dir = build_onnx_classifier(tmp_path)
+    card = (
+        (model_dir / "card.json")
+        .read_text()
+        .replace('"input_size":[28,28]', '"input_size":[32,32]')
+    )
+    (model_dir / "card.json").write_text(card)
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        Classifier(model_dir)
+
+
+def test_corrupt_onnx_file_is_refused_at_load(tmp_path):
+    model_dir = build_onnx_classifier(tmp_path)
+    (model_dir / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        Classifier(model_dir)

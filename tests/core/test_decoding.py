@@ -1,0 +1,180 @@
+"""Decoding client bytes: allowed formats, header-first size checks, orientation, hostile files."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from image_classifier.core.decoding import DecodeLimits, check_declared_type, decode_image
+from image_classifier.core.errors import ClassifierError, ErrorCode
+from tests.pictures import EXIF_STORED_AS, encode, png_claiming
+
+LIMITS = DecodeLimits()
+
+
+def picture(size=(64, 48), mode="RGB") -> Image.Image:
+    """Asymmetric content: a white block in the top-left corner of a dark picture."""
+    image = Image.new("RGB", size, (20, 20, 20))
+    ImageDraw.Draw(image).rectangle((0, 0, size[0] // 3, size[1] // 3), fill=(250, 250, 250))
+    return image.convert(mode)
+
+
+def code_of(data: bytes, declared: str | None = None, limits: DecodeLimits = LIMITS) -> ErrorCode:
+    with pytest.raises(ClassifierError) as caught:
+        decode_image(data, limits, declared)
+    return caught.value.code
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("PNG", "RGB", {}),
+        ("PNG", "L", {}),
+        ("PNG", "LA", {}),
+        ("PNG", "1", {}),
+        ("PNG", "P", {"transparency": 0}),
+        ("JPEG", "RGB", {"quality": 90}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("WEBP", "RGB", {"lossless": True}),
+        ("WEBP", "RGBA", {}),
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("TIFF", "RGB", {}),
+        ("HEIF", "RGB", {"quality": 90}),
+        ("AVIF", "RGB", {"quality": 90}),
+        ("MPO", "RGB", {}),
+    ],
+)
+def test_allowed_formats_and_modes_decode(fmt, mode, options):
+    image = decode_image(encode(picture(mode=mode), fmt, **options), LIMITS)
+    assert image.size == (64, 48)
+
+
+def test_sixteen_bit_png_decodes():
+    data = encode(Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)), "PNG")
+    assert decode_image(data, LIMITS).size == (30, 20)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<svg xmlns='http://www.w3.org/2000/svg'></svg>",
+        b"<!doctype html><html><body>hi</body></html>",
+        b"just some text",
+        b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n",
+        b"\x7fELF\x02\x01\x01" + b"\x00" * 60,
+        b"MZ\x90\x00" + b"\x00" * 60,
+        b"PK\x03\x04" + b"\x00" * 60,
+    ],
+)
+def test_non_images_are_unsupported_media(data):
+    assert code_of(data) is ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+def test_formats_outside_the_allow_list_are_refused():
+    only_png = DecodeLimits(allowed_formats=("PNG",))
+    assert code_of(encode(picture(), "JPEG"), limits=only_png) is ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+def test_empty_and_truncated_files_are_invalid_images():
+    assert code_of(b"") is ErrorCode.INVALID_IMAGE
+    for fmt in ("PNG", "JPEG"):
+        data = encode(picture((400, 300)), fmt)
+        assert code_of(data[: len(data) // 2]) is ErrorCode.INVALID_IMAGE
+
+
+def test_decompression_bomb_refused_from_the_header_quickly():
+    for width, height in [(50_000, 50_000), (8_000, 7_000)]:
+        data = png_claiming(width, height)
+        assert len(data) < 1024
+        started = time.perf_counter()
+        assert code_of(data) is ErrorCode.IMAGE_TOO_LARGE
+        assert time.perf_counter() - started < 0.1
+
+
+def test_declared_type_must_match_the_bytes():
+    png = encode(picture(), "PNG")
+    assert code_of(png, "image/jpeg") is ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    assert decode_image(png, LIMITS, "image/png").size == (64, 48)
+    assert decode_image(png, LIMITS, "application/octet-stream").size == (64, 48)
+    assert decode_image(encode(picture(), "JPEG"), LIMITS, "image/jpg").size == (64, 48)
+
+
+def test_declared_non_image_types_are_refused_early():
+    with pytest.raises(ClassifierError) as caught:
+        check_declared_type("text/html", LIMITS.allowed_formats)
+    assert caught.value.code is ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    check_declared_type("image/png; charset=binary", LIMITS.allowed_formats)
+    check_declared_type(None, LIMITS.allowed_formats)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    upright = picture((120, 80))
+    stored = upright
+    for op in EXIF_STORED_AS[orientation]:
+        stored = stored.transpose(op)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(stored, "JPEG", quality=95, exif=exif), LIMITS)
+    assert decoded.size == upright.size
+    values = np.asarray(decoded.convert("L"), dtype=float)
+    assert values[:20, :30].mean() > 200  # the white block is back in the top-left corner
+    assert values[-20:, -30:].mean() < 60
+
+
+def test_broken_exif_is_ignored():
+    data = encode(picture(), "JPEG")
+    broken_app1 = (
+        b"\xff\xe1" + struct.pack(">H", 20) + b"Exif\x00\x00II*\x00\xff\xff\xff\xff\x00\x00"
+    )
+    data = data[:2] + broken_app1 + data[2:]
+    assert decode_image(data, LIMITS).size == (64, 48)
+
+
+def test_huge_icc_profile_and_appended_zip_are_harmless():
+    with_icc = encode(picture(), "JPEG", icc_profile=b"\x00" * 2_000_000)
+    assert decode_image(with_icc, LIMITS).size == (64, 48)
+    polyglot = encode(picture(), "JPEG") + b"PK\x03\x04" + b"\x00" * 500
+    assert decode_image(polyglot, LIMITS).size == (64, 48)
+
+
+def test_animated_gif_gives_the_first_frame():
+    frames = [Image.new("L", (20, 20), value) for value in (255, 0, 0)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert decode_image(data, LIMITS).convert("L").getpixel((10, 10)) == 255
+
+
+def test_big_jpeg_is_draft_decoded_but_not_below_the_hint():
+    photo = Image.effect_noise((4000, 3000), 60).convert("RGB")
+    image = decode_image(encode(photo, "JPEG", quality=85), LIMITS, size_hint=(448, 448))
+    assert 448 <= image.width < 4000
+    assert image.height >= 448
+
+
+@pytest.mark.parametrize(
+    ("fmt", "declared", "options"),
+    [
+        ("HEIF", "image/heic", {}),  # what an iPhone sends
+        ("HEIF", "image/heif", {}),
+        ("AVIF", "image/avif", {}),
+        # A phone JPEG with a second (depth or preview) picture is MPO to Pillow: still a JPEG.
+        ("MPO", "image/jpeg", {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]}),
+    ],
+)
+def test_phone_formats_keep_their_usual_declared_types(fmt, declared, options):
+    image = decode_image(encode(picture(), fmt, **options), LIMITS, declared)
+    assert image.size == (64, 48)
+
+
+def test_a_big_mpo_photo_is_draft_decoded_like_a_jpeg():
+    photo = Image.effect_noise((4000, 3000), 60).convert("RGB")
+    data = encode(photo, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    image = decode_image(data, LIMITS, "image/jpeg", size_hint=(448, 448))
+    assert 448 <= image.width < 4000

@@ -1,0 +1,165 @@
+"""The one preprocessing function that training and serving share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from image_classifier.core.preprocessing import (
+    IMAGENET_SPEC,
+    PreprocessSpec,
+    crop_to_content,
+    preprocess,
+    to_color_mode,
+)
+
+DIGITS = PreprocessSpec(
+    input_size=(28, 28), color_mode="L", content_crop=True, mean=(0.5,), std=(0.5,)
+)
+
+
+def stroke(canvas=(200, 200), box=(80, 40, 110, 160), ink=0, paper=255, mode="L") -> Image.Image:
+    """A dark bar (a '1') on light paper, anywhere on a canvas of any size."""
+    image = Image.new(mode, canvas, paper)
+    ImageDraw.Draw(image).rectangle(box, fill=ink)
+    return image
+
+
+def test_output_shape_dtype_and_range():
+    tensor = preprocess(stroke(), DIGITS)
+    assert tensor.shape == (1, 28, 28)
+    assert tensor.dtype == np.float32
+    assert tensor.min() == pytest.approx(-1.0)  # ink: 0 -> (0 - 0.5) / 0.5
+    assert tensor.max() == pytest.approx(1.0)  # paper: 255 -> 1
+
+
+def test_margins_do_not_change_what_the_model_sees():
+    small_margin = stroke(canvas=(60, 140), box=(15, 10, 45, 130))
+    huge_margin = stroke(canvas=(900, 700), box=(415, 290, 445, 410))
+    a, b = preprocess(small_margin, DIGITS), preprocess(huge_margin, DIGITS)
+    assert np.abs(a - b).mean() < 0.05
+
+
+def test_light_ink_on_dark_paper_is_flipped_to_dark_on_light():
+    dark_on_light = preprocess(stroke(ink=0, paper=255), DIGITS)
+    light_on_dark = preprocess(stroke(ink=255, paper=0), DIGITS)
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-6)
+
+
+def test_blank_picture_is_kept_whole():
+    blank = Image.new("L", (50, 80), 255)
+    assert crop_to_content(blank, 0.15).size == (50, 80)
+    assert np.allclose(preprocess(blank, DIGITS), 1.0)
+
+
+def test_specks_do_not_stretch_the_crop():
+    clean = stroke()
+    specked = clean.copy()
+    specked.putpixel((3, 3), 0)  # one dust pixel far from the digit
+    a, b = preprocess(clean, DIGITS), preprocess(specked, DIGITS)
+    assert np.abs(a - b).mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F"]
+)
+def test_every_mode_becomes_the_model_mode(mode):
+    source = stroke(mode="RGB", ink=(0, 0, 0), paper=(255, 255, 255))
+    if mode in ("I", "I;16", "F"):
+        image = Image.fromarray(
+            (np.asarray(source.convert("L"), dtype=np.float32) * 257).astype(
+                {"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode]
+            ),
+        )
+        if mode == "I;16":
+            assert image.mode == "I;16"
+    else:
+        image = source.convert(mode)
+    for spec in (DIGITS, IMAGENET_SPEC):
+        tensor = preprocess(image, spec)
+        assert tensor.shape == spec.tensor_shape
+        assert np.isfinite(tensor).all()
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    mid_grey = Image.fromarray(np.full((10, 10), 32768, dtype=np.uint16))
+    assert mid_grey.mode == "I;16"
+    assert to_color_mode(mid_grey, "L").getpixel((0, 0)) == 128  # clipping would give 255
+
+
+def test_float_nan_and_infinity_become_the_ends_of_the_range():
+    values = np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)
+    grey = np.asarray(to_color_mode(Image.fromarray(values, mode="F"), "L"))
+    assert grey.tolist() == [[0, 255, 0, 128]]  # the finite peak (0.5) is <= 1: scaled by 255
+
+
+def test_sixteen_bit_conversion_memory_stays_near_the_picture_size():
+    """A 16-bit PNG of ~100 KB can declare 50 MP: converting it must not cost float64 copies
+    of the whole picture (over a gigabyte at that size)."""
+    import tracemalloc
+
+    big = Image.fromarray(np.full((2000, 3000), 40000, dtype=np.uint16))
+    picture_bytes = 2000 * 3000 * 2
+    tracemalloc.start()
+    try:
+        grey = to_color_mode(big, "L")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grey.getpixel((0, 0)) == round(40000 / 257)
+    assert peak < 3 * picture_bytes, peak  # whole-picture float64 arrays: 8x and more
+
+
+def test_lab_pictures_are_converted_by_colour_not_refused():
+    from PIL import ImageCms
+
+    red = Image.new("RGB", (40, 30), (200, 30, 40))
+    to_lab = ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
+    )
+    lab = ImageCms.applyTransform(red, to_lab)
+    assert lab.mode == "LAB"
+    back = to_color_mode(lab, "RGB").getpixel((5, 5))
+    assert all(abs(a - b) <= 3 for a, b in zip(back, (200, 30, 40), strict=True)), back
+    for spec in (DIGITS, IMAGENET_SPEC):
+        tensor = preprocess(lab, spec)
+        assert tensor.shape == spec.tensor_shape
+        assert np.isfinite(tensor).all()
+
+
+def test_transparency_is_composited_over_white():
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
+    assert to_color_mode(rgba, "L").getpixel((5, 5)) == 255
+    palette = Image.new("P", (10, 10), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert to_color_mode(palette, "RGB").getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("resize_mode", ["stretch", "center_crop", "letterbox"])
+@pytest.mark.parametrize("size", [(1, 1), (10000, 1), (1, 3000), (640, 480)])
+def test_resize_modes_handle_extreme_shapes(resize_mode, size):
+    spec = IMAGENET_SPEC.model_copy(update={"resize_mode": resize_mode})
+    tensor = preprocess(Image.new("RGB", size, (10, 200, 30)), spec)
+    assert tensor.shape == (3, 224, 224)
+
+
+def test_imagenet_normalisation_and_layout():
+    red = Image.new("RGB", (300, 300), (255, 0, 0))
+    tensor = preprocess(red, IMAGENET_SPEC)
+    assert tensor[0].mean() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+    assert tensor[1].mean() == pytest.approx((0 - 0.456) / 0.224, rel=1e-5)
+    nhwc = preprocess(red, IMAGENET_SPEC.model_copy(update={"layout": "NHWC"}))
+    np.testing.assert_array_equal(nhwc, tensor.transpose(1, 2, 0))
+
+
+def test_spec_rejects_inconsistent_values():
+    with pytest.raises(ValueError, match="mean"):
+        PreprocessSpec(input_size=(8, 8), color_mode="RGB", mean=(0.1, 0.2))
+    with pytest.raises(ValueError, match="std"):
+        PreprocessSpec(input_size=(8, 8), color_mode="L", std=(0.0,))
+
+
+def test_spec_round_trips_through_json():
+    assert PreprocessSpec.model_validate_json(DIGITS.model_dump_json()) == DIGITS

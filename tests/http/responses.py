@@ -1,0 +1,21 @@
+"""Reading what the server answered: the error envelope's code, a Prometheus metric's value."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (all label sets)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def envelope_code(response: httpx.Response) -> str:
+    body = response.json()
+    assert body["success"] is False, body
+    assert body["request_id"] == response.headers["x-request-id"], body
+    return body["error"]["code"]

@@ -1,0 +1,141 @@
+"""The admission gate alone and behind the ASGI boundary: tokens, rate limit, in-flight cap,
+deadline, drain, and routes only the service may call."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.http.admission import AdmissionPolicy, Gate
+from image_classifier.http.boundary import BoundaryMiddleware, UploadRoute
+from image_classifier.http.uploads import UploadRule
+
+TOKEN = "s3cret-token"
+FILES = {"image": ("a.png", b"x" * 10, "image/png")}
+
+
+def test_gate_accepts_only_listed_tokens_and_keys_clients_by_token():
+    gate = Gate(AdmissionPolicy(api_tokens=("one", TOKEN)))
+    assert gate.authenticate(f"Bearer {TOKEN}") == gate.authenticate(f"bearer  {TOKEN}")
+    assert gate.authenticate("Bearer one") != gate.authenticate(f"Bearer {TOKEN}")
+    for bad in (None, "", TOKEN, f"Basic {TOKEN}", "Bearer s3cret", f"Bearer {TOKEN}x"):
+        with pytest.raises(ClassifierError) as caught:
+            gate.authenticate(bad)
+        assert caught.value.code is ErrorCode.UNAUTHORIZED
+        assert TOKEN not in caught.value.message
+
+
+def test_gate_without_tokens_lets_everyone_in():
+    assert Gate(AdmissionPolicy()).authenticate(None) is None
+
+
+def test_rate_limit_is_per_client_and_says_when_to_retry():
+    gate = Gate(AdmissionPolicy(rate_limit="2/minute"))
+    gate.check_rate("a")
+    gate.check_rate("a")
+    gate.check_rate("b")  # another client has its own budget
+    with pytest.raises(ClassifierError) as caught:
+        gate.check_rate("a")
+    assert caught.value.code is ErrorCode.RATE_LIMITED
+    assert 1 <= caught.value.retry_after_s <= 60
+
+
+def test_slots_refuse_past_the_cap_and_while_draining():
+    gate = Gate(AdmissionPolicy(max_concurrency=2))
+    gate.enter()
+    gate.enter()
+    with pytest.raises(ClassifierError) as caught:
+        gate.enter()
+    assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retry_after_s == 1
+    gate.leave()
+    gate.enter()
+    gate.leave()
+    gate.draining = True
+    with pytest.raises(ClassifierError) as caught:
+        gate.enter()
+    assert caught.value.code is ErrorCode.SHUTTING_DOWN
+
+
+# --- behind the boundary ---------------------------------------------------------------------
+
+
+async def upload(request: Request) -> JSONResponse:
+    if request.query_params.get("hold"):
+        await asyncio.sleep(float(request.query_params["hold"]))
+    return JSONResponse({"ok": True})
+
+
+async def info(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+def boundary(**policy) -> TestClient:
+    app = Starlette(
+        routes=[
+            Route("/upload", upload, methods=["POST"]),
+            Route("/info", info),
+            Route("/readyz", info),
+            Route("/metrics", info),
+        ]
+    )
+    wrapped = BoundaryMiddleware(
+        app,
+        upload_routes={"/upload": UploadRoute(UploadRule("image", 1, 1), 1000)},
+        gate=Gate(AdmissionPolicy(**policy)),
+    )
+    return TestClient(wrapped, raise_server_exceptions=False)
+
+
+def envelope(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["success"] is False and body["request_id"] == response.headers["x-request-id"]
+    return body["error"]["code"]
+
+
+def test_apis_need_the_token_but_probes_and_metrics_do_not():
+    client = boundary(api_tokens=(TOKEN,))
+    assert envelope(client.post("/upload", files=FILES), 401) == "UNAUTHORIZED"
+    assert envelope(client.get("/info"), 401) == "UNAUTHORIZED"
+    wrong = {"Authorization": "Bearer nope"}
+    assert envelope(client.post("/upload", files=FILES, headers=wrong), 401) == "UNAUTHORIZED"
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/upload", files=FILES, headers=good).status_code == 200
+    assert client.get("/info", headers=good).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_rate_limited_requests_get_429_with_retry_after():
+    client = boundary(rate_limit="3/minute")
+    statuses = [client.post("/upload", files=FILES).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    refused = client.post("/upload", files=FILES)
+    assert envelope(refused, 429) == "RATE_LIMITED"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert client.get("/readyz").status_code == 200  # probes are never rate limited
+
+
+def test_a_slow_request_gets_504_in_the_envelope():
+    client = boundary(request_timeout_s=0.2)
+    assert envelope(client.post("/upload?hold=2", files=FILES), 504) == "TIMEOUT"
+    assert client.post("/upload", files=FILES).status_code == 200
+
+
+def test_requests_past_the_cap_get_503_overloaded_at_once():
+    client = boundary(max_concurrency=1)
+    with TestClient(client.app) as shared, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(shared.post, "/upload?hold=0.5", files=FILES) for _ in range(4)]
+        responses = [f.result() for f in futures]
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200 and 503 in statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert envelope(refused, 503) == "OVERLOADED" and refused.headers["retry-after"] == "1"

@@ -1,0 +1,34 @@
+"""The duplicate-input cache in a real server (tests/serving/test_cache.py: on its own)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from loadtest.servers import serve
+from tests.http.responses import metric_value
+from tests.pictures import encode
+
+
+def test_a_repeated_picture_is_answered_from_the_cache(trained_store, heldout, artifacts):
+    env = {"CACHE_SIZE": "16", "CACHE_TTL_S": "3"}
+    with serve(trained_store, artifacts / "cache-server.log", env=env) as server:
+
+        def analyze(image, **form):
+            files = {"image": ("d.png", encode(image, "PNG"), "image/png")}
+            response = httpx.post(f"{server.url}/analyze", files=files, data=form, timeout=30)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        first, again = analyze(heldout[5][0]), analyze(heldout[5][0])
+        assert (first["cached"], again["cached"]) == (False, True)
+        assert again["prediction"] == first["prediction"]
+        assert analyze(heldout[5][0], top_k="2")["cached"] is False  # top_k is part of the key
+        assert analyze(heldout[6][0])["cached"] is False
+        time.sleep(3.5)
+        assert analyze(heldout[5][0])["cached"] is False  # expired
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="hit"}') == 1
+        assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="miss"}') == 4
+        assert metric_value(metrics, "image_classifier_predictions_total") == 5  # hits count too

@@ -1,0 +1,164 @@
+"""The ASGI boundary alone: request ids, streaming caps, multipart shape, the error envelope."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from image_classifier.http.boundary import BoundaryMiddleware
+from image_classifier.http.uploads import UploadRoute, UploadRule, scanned_parts
+
+CAP = 1000
+
+
+async def echo_upload(request: Request) -> JSONResponse:
+    parts = scanned_parts(request.scope)
+    form = await request.form()  # the framework can still parse the replayed body
+    return JSONResponse(
+        {
+            "parts": [[p.name, p.filename, p.content_type, p.size] for p in parts],
+            "fields": sorted(form.keys()),
+            "request_id": request.headers["x-request-id"],
+        }
+    )
+
+
+async def framework_400(request: Request) -> JSONResponse:
+    detail = [{"type": "missing", "loc": ["body", "image"], "msg": "Field required"}]
+    return JSONResponse({"error": "1 validation error", "detail": detail}, status_code=400)
+
+
+async def crash(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("Traceback: secret /etc/passwd details", status_code=500)
+
+
+async def overloaded(request: Request) -> JSONResponse:
+    return JSONResponse({"error": "process is overloaded"}, status_code=503)
+
+
+APP = Starlette(
+    routes=[
+        Route("/upload", echo_upload, methods=["POST"]),
+        Route("/bad", framework_400, methods=["POST"]),
+        Route("/crash", crash),
+        Route("/busy", overloaded),
+    ]
+)
+CLIENT = TestClient(
+    BoundaryMiddleware(
+        APP,
+        upload_routes={
+            "/upload": UploadRoute(
+                UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})), CAP
+            )
+        },
+    ),
+    raise_server_exceptions=False,
+)
+
+
+def code(response) -> str:
+    body = response.json()
+    assert body["success"] is False
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body["error"]["code"]
+
+
+def test_a_good_upload_reaches_the_app_with_its_parts():
+    response = CLIENT.post(
+        "/upload", files={"image": ("a.png", b"x" * 10, "image/png")}, data={"top_k": "2"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["parts"] == [["image", "a.png", "image/png", 10]]
+    assert body["fields"] == ["image", "top_k"]
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("abc-123_X.y", True), ("a" * 128, True), ("a" * 129, False), ("bad id", False),
+     ("<script>", False), (None, False)],
+)  # fmt: skip
+def test_request_id_is_kept_only_when_safe(given, kept):
+    headers = {"x-request-id": given} if given is not None else {}
+    response = CLIENT.post("/upload", files={"image": ("a", b"1")}, headers=headers)
+    returned = response.headers["x-request-id"]
+    assert response.json()["request_id"] == returned
+    assert (returned == given) is kept
+    if not kept:
+        assert len(returned) == 36  # a UUID4
+
+
+def test_content_length_over_the_cap_is_refused_before_reading():
+    body = b"--b\r\n" + b"x" * (CAP * 2)
+    response = CLIENT.post(
+        "/upload", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 413
+    assert code(response) == "PAYLOAD_TOO_LARGE"
+
+
+def test_a_chunked_body_is_cut_at_the_cap():
+    def chunks():
+        for _ in range(50):
+            yield b"y" * 100
+
+    response = CLIENT.post(
+        "/upload", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 413
+    assert code(response) == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "expected"),
+    [
+        ({"json": {"image": "http://169.254.169.254/"}}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ({"data": {"image": "http://example.com/a.png"}, "files": {"x": ("", b"")}}, 400,
+         "INVALID_REQUEST"),
+        ({"files": {"file": ("a.png", b"1")}}, 400, "INVALID_REQUEST"),
+        ({"files": [("image", ("a", b"1")), ("image", ("b", b"2"))]}, 400, "INVALID_REQUEST"),
+        ({"files": [("image", ("a", b"1"))], "data": {"top_k": "1" * 2000}}, 413,
+         "PAYLOAD_TOO_LARGE"),
+        ({"content": b"--b\r\nnot multipart at all", "headers": {
+            "content-type": "multipart/form-data; boundary=b"}}, 400, "INVALID_REQUEST"),
+    ],
+)  # fmt: skip
+def test_malformed_uploads_get_precise_codes(kwargs, status, expected):
+    response = CLIENT.post("/upload", **kwargs)
+    assert response.status_code == status, response.text
+    assert code(response) == expected
+
+
+def test_framework_validation_errors_are_rewritten_readably():
+    response = CLIENT.post("/bad")
+    assert response.status_code == 400
+    assert code(response) == "INVALID_REQUEST"
+    assert response.json()["error"]["message"] == "image: Field required"
+
+
+def test_server_errors_leak_nothing():
+    response = CLIENT.get("/crash")
+    assert response.status_code == 500
+    assert code(response) == "INTERNAL_ERROR"
+    assert "passwd" not in response.text and "Traceback" not in response.text
+
+
+def test_overload_gets_retry_after():
+    response = CLIENT.get("/busy")
+    assert response.status_code == 503
+    assert code(response) == "OVERLOADED"
+    assert response.headers["retry-after"] == "1"
+
+
+def test_unknown_routes_are_enveloped_too():
+    response = CLIENT.get("/nowhere")
+    assert response.status_code == 404
+    assert code(response) == "NOT_FOUND"
+    assert json.loads(response.content)["error"]["message"]

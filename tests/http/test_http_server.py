@@ -1,0 +1,197 @@
+"""A real `bentoml serve` of the trained default model, over HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.core.classifier import Classifier
+from image_classifier.core.preprocessing import preprocess
+from tests.http.responses import envelope_code, metric_value
+from tests.pictures import encode, png_claiming
+
+
+@pytest.fixture(scope="module")
+def offline_labels(default_model_dir, heldout) -> list[str]:
+    """What ONNX Runtime says for each held-out picture, with no server in between."""
+    model = Classifier(default_model_dir)
+    batch = [preprocess(image, model.card.preprocessing) for image, _ in heldout]
+    return [model.labels[i] for i in model.run(batch).argmax(axis=1)]
+
+
+def analyze(url: str, data: bytes, name="digit.png", mime="image/png", **fields) -> httpx.Response:
+    files = {"image": (name, data, mime)}
+    return httpx.post(f"{url}/analyze", files=files, data=fields, timeout=30)
+
+
+def analyze_batch(url: str, items: list[tuple[str, bytes, str]]) -> list[dict]:
+    files = [("images", item) for item in items]
+    response = httpx.post(f"{url}/analyze_batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def labels_via_analyze(url: str, encoded: list[bytes], mime: str) -> list[str]:
+    def one(data: bytes) -> str:
+        response = analyze(url, data, mime=mime)
+        assert response.status_code == 200, response.text
+        return response.json()["prediction"]["label"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, encoded))
+
+
+def labels_via_batch(url: str, encoded: list[bytes], mime: str) -> list[str]:
+    labels = []
+    for start in range(0, len(encoded), 64):
+        chunk = [(f"{i}", data, mime) for i, data in enumerate(encoded[start : start + 64])]
+        results = analyze_batch(url, chunk)
+        assert all(r["success"] for r in results), results
+        labels += [r["prediction"]["label"] for r in results]
+    return labels
+
+
+def test_probes_and_info(server):
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["model"] == {"name": "digits-cnn", "version": "v1"}
+    assert info["metrics"]["accuracy"] >= 0.97
+    assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
+
+
+def test_png_predictions_equal_offline_onnx(server, heldout, offline_labels):
+    encoded = [encode(image, "PNG") for image, _ in heldout]
+    assert labels_via_analyze(server.url, encoded, "image/png") == offline_labels
+    assert labels_via_batch(server.url, encoded, "image/png") == offline_labels
+
+
+def test_jpeg_accuracy(server, heldout):
+    encoded = [encode(image.convert("RGB"), "JPEG", quality=85) for image, _ in heldout]
+    truth = [str(label) for _, label in heldout]
+    for labels in (
+        labels_via_analyze(server.url, encoded, "image/jpeg"),
+        labels_via_batch(server.url, encoded, "image/jpeg"),
+    ):
+        accuracy = np.mean([a == b for a, b in zip(labels, truth, strict=True)])
+        assert accuracy >= 0.97, accuracy
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "options"),
+    [
+        ("HEIF", "image/heic", {"quality": 90}),
+        ("AVIF", "image/avif", {"quality": 90}),
+        ("MPO", "image/jpeg", {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]}),
+    ],
+)
+def test_phone_camera_formats_are_classified(server, heldout, fmt, mime, options):
+    """HEIC (iPhone default), AVIF, and MPO JPEGs, each with the type phones declare."""
+    sample = heldout[:40]
+    encoded = [encode(image.convert("RGB"), fmt, **options) for image, _ in sample]
+    labels = labels_via_batch(server.url, encoded, mime)
+    accuracy = np.mean(
+        [label == str(truth) for label, (_, truth) in zip(labels, sample, strict=True)]
+    )
+    assert accuracy >= 0.95, (fmt, labels)
+
+
+def test_concurrent_requests_share_model_runs(server, heldout):
+    metrics_url = f"{server.url}/metrics"
+    runs_before = metric_value(httpx.get(metrics_url).text, "image_classifier_model_runs_total")
+    encoded = [encode(image, "PNG") for image, _ in heldout[:64]]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda data: analyze(server.url, data).status_code, encoded))
+    assert statuses == [200] * len(encoded)
+    runs = metric_value(httpx.get(metrics_url).text, "image_classifier_model_runs_total")
+    assert 0 < runs - runs_before < len(encoded), (runs_before, runs)
+
+
+def test_sync_http_client(server, heldout, tmp_path):
+    paths = []
+    for index, (image, _) in enumerate(heldout[:3]):
+        path = tmp_path / f"digit{index}.png"
+        image.save(path)
+        paths.append(path)
+    with bentoml.SyncHTTPClient(server.url) as client:
+        single = client.analyze(image=paths[0], top_k=2)
+        batch = client.analyze_batch(images=paths)
+    assert single["prediction"]["label"] == str(heldout[0][1])
+    assert len(single["prediction"]["top_k"]) == 2
+    assert [r["prediction"]["label"] for r in batch["results"]] == [str(d) for _, d in heldout[:3]]
+
+
+def test_request_id_round_trip(server, heldout):
+    data = encode(heldout[0][0], "PNG")
+    given = httpx.post(
+        f"{server.url}/analyze",
+        files={"image": ("d.png", data, "image/png")},
+        headers={"X-Request-ID": "trace-42.a_b"},
+    )
+    assert given.headers["x-request-id"] == "trace-42.a_b" == given.json()["request_id"]
+    unsafe = httpx.post(
+        f"{server.url}/analyze", files={"image": ("", b"", "")}, headers={"X-Request-ID": "a b"}
+    )
+    assert unsafe.headers["x-request-id"] != "a b"
+    assert unsafe.json()["request_id"] == unsafe.headers["x-request-id"]
+
+
+def _real_error_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
+    return [
+        ("/analyze", {"files": {"file": ("d.png", png, "image/png")}}, 400, "INVALID_REQUEST"),
+        ("/analyze", {"files": {"image": ("d.png", png)}, "data": {"top_k": "x"}}, 400,
+         "INVALID_REQUEST"),
+        ("/analyze", {"files": {"image": ("d.png", png)}, "data": {"top_k": "11"}}, 400,
+         "INVALID_REQUEST"),
+        ("/analyze", {"files": [("image", ("a.png", png)), ("image", ("b.png", png))]}, 400,
+         "INVALID_REQUEST"),
+        ("/analyze", {"files": {"image": ("big.png", b"\0" * (10 * 1024 * 1024 + 1))}}, 413,
+         "PAYLOAD_TOO_LARGE"),
+        ("/analyze", {"files": {"image": ("x.jpg", b"<html>hi</html>", "image/jpeg")}}, 415,
+         "UNSUPPORTED_MEDIA_TYPE"),
+        ("/analyze", {"files": {"image": ("d.png", png, "image/jpeg")}}, 415,
+         "UNSUPPORTED_MEDIA_TYPE"),
+        ("/analyze", {"json": {"image": "http://127.0.0.1:1/x.png"}}, 415,
+         "UNSUPPORTED_MEDIA_TYPE"),
+        ("/analyze", {"files": {"image": ("t.png", png[: len(png) // 2], "image/png")}}, 422,
+         "INVALID_IMAGE"),
+        ("/analyze", {"files": {"image": ("e.png", b"", "image/png")}}, 422, "INVALID_IMAGE"),
+        ("/analyze", {"files": {"image": ("bomb.png", png_claiming(50_000, 50_000))}}, 422,
+         "IMAGE_TOO_LARGE"),
+        ("/analyze_batch", {"files": [("images", ("a.png", png))] * 65}, 413,
+         "PAYLOAD_TOO_LARGE"),
+        ("/nowhere", {}, 404, "NOT_FOUND"),
+    ]  # fmt: skip
+
+
+def test_every_error_code_from_real_requests(server, heldout):
+    png = encode(heldout[0][0], "PNG")
+    for path, kwargs, status, code in _real_error_requests(png):
+        response = httpx.post(f"{server.url}{path}", timeout=30, **kwargs)
+        assert response.status_code == status, (path, code, response.text)
+        assert envelope_code(response) == code
+        assert "Traceback" not in response.text
+    assert httpx.get(f"{server.url}/analyze").status_code == 405
+
+
+def test_server_logged_no_tracebacks_for_client_errors(server):
+    assert "Traceback" not in server.log()
+
+
+def test_readme_curl_example_shape(server, heldout, tmp_path):
+    """The README's curl line, as a user types it (curl guesses the type from the name)."""
+    import subprocess
+
+    path = Path(tmp_path) / "digit.png"
+    heldout[0][0].save(path)
+    out = subprocess.run(
+        ["curl", "-s", "-F", f"image=@{path}", f"{server.url}/analyze"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert '"success":true' in out.stdout.replace(" ", ""), out.stdout

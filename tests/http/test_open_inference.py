@@ -1,0 +1,140 @@
+"""The Open Inference Protocol v2 routes on a real server, with the protocol's own JSON shapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.preprocessing import preprocess
+from loadtest.servers import REPO
+from tests.http.responses import envelope_code
+from tests.pictures import encode
+
+MODEL = "digits-cnn"
+
+
+@pytest.fixture(scope="module")
+def card(default_model_dir) -> ModelCard:
+    return ModelCard.model_validate_json((default_model_dir / "card.json").read_text())
+
+
+def infer(server, body: dict, model: str = MODEL) -> httpx.Response:
+    # json.dumps, not httpx's json=: a test sends NaN, which JSON clients do emit as a bare token
+    content = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    return httpx.post(
+        f"{server.url}/v2/models/{model}/infer", content=content, headers=headers, timeout=60
+    )
+
+
+def bytes_request(images: list[bytes], **extra) -> dict:
+    data = [base64.b64encode(image).decode() for image in images]
+    return {"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}],
+            **extra}  # fmt: skip
+
+
+def test_health_and_metadata(server, card):
+    assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready").json()["ready"] is True
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/v1/ready").status_code == 200
+    metadata = httpx.get(f"{server.url}/v2/models/{MODEL}").json()
+    assert metadata["name"] == MODEL and metadata["versions"] == ["v1"]
+    shapes = {tensor["name"]: tensor["shape"] for tensor in metadata["inputs"]}
+    assert shapes[card.input_name] == [-1, *card.preprocessing.tensor_shape]
+    assert metadata["outputs"][0] == {
+        "name": "probabilities",
+        "datatype": "FP32",
+        "shape": [-1, 10],
+    }
+    assert httpx.get(f"{server.url}/v2").json()["name"] == "image_classifier"
+
+
+def test_bytes_tensor_answers_like_analyze(server, heldout):
+    images = [encode(image, "PNG") for image, _ in heldout[:6]]
+    response = infer(server, bytes_request(images, id="req-7"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == MODEL and body["model_version"] == "v1" and body["id"] == "req-7"
+    outputs = {output["name"]: output for output in body["outputs"]}
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(
+        outputs["probabilities"]["shape"]
+    )
+    assert probabilities.shape == (6, 10)
+    assert outputs["label"]["data"] == [str(label) for _, label in heldout[:6]]
+    for row, image in zip(probabilities, images, strict=True):
+        analyzed = httpx.post(
+            f"{server.url}/analyze", files={"image": ("d.png", image, "image/png")}
+        ).json()["prediction"]["probabilities"]
+        np.testing.assert_allclose(row, [analyzed[str(d)] for d in range(10)], atol=1e-6)
+
+
+def test_fp32_tensor_is_served_as_given(server, heldout, card):
+    tensors = np.stack([preprocess(image, card.preprocessing) for image, _ in heldout[:3]])
+    body = {
+        "inputs": [{"name": card.input_name, "shape": list(tensors.shape), "datatype": "FP32",
+                    "data": tensors.ravel().tolist()}],
+        "outputs": [{"name": "label"}],
+    }  # fmt: skip
+    response = infer(server, body)
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert output["name"] == "label"
+    assert output["data"] == [str(label) for _, label in heldout[:3]]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"inputs": []}, 400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
+         400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]},
+         400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                      "data": [base64.b64encode(b"<html></html>").decode()]}]},
+         415, "UNSUPPORTED_MEDIA_TYPE"),
+        ({"inputs": [{"name": "x", "shape": [1, 3, 28, 28], "datatype": "FP32", "data": [0.0]}]},
+         400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                      "data": [float("nan")] * 784}]}, 400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0]}]},
+         400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "image", "shape": [65], "datatype": "BYTES", "data": ["aGk="] * 65}]},
+         413, "PAYLOAD_TOO_LARGE"),
+    ],
+    ids=["no-inputs", "bad-base64", "shape-mismatch", "not-an-image", "wrong-fp32-shape",
+         "nan", "int64", "too-many"],
+)  # fmt: skip
+def test_bad_requests_get_enveloped_4xx(server, body, status, code):
+    response = infer(server, body)
+    assert response.status_code == status, response.text
+    assert envelope_code(response) == code
+
+
+def test_unknown_model_and_version_are_404(server, heldout):
+    request = bytes_request([encode(heldout[0][0], "PNG")])
+    assert envelope_code(infer(server, request, model="resnet")) == "NOT_FOUND"
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/v9/infer", json=request)
+    assert response.status_code == 404 and envelope_code(response) == "NOT_FOUND"
+
+
+def test_readme_example_runs(server, heldout, tmp_path):
+    """The README's Open Inference example, run as written (only the address differs)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- oip-example", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    image, truth = heldout[4]
+    image.save(tmp_path / "digit.png")
+    script = block.replace("http://127.0.0.1:3000", server.url)
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = {output["name"]: output for output in json.loads(result.stdout)["outputs"]}
+    assert outputs["label"]["data"] == [str(truth)]

@@ -1,0 +1,274 @@
+"""Operating a real server with two workers, a candidate version beside the served one, canary
+and shadow traffic: metrics merged across workers and labelled by version, the drift alarm, and
+one JSON log line per request."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, PngImagePlugin
+
+from image_classifier.serving.release_record import ReleaseRecord, write_record
+from loadtest.servers import REPO, serve
+from tests.figures import measured
+from tests.http.responses import envelope_code
+from tests.pictures import encode
+
+TOKEN = "ops-test-token-5f1c9a"
+DRIFT_WINDOW = 30
+CANARY_FRACTION = 0.3
+MARKER = "PIXEL-MARKER-93b1e4"  # hidden in an uploaded file: must never reach the log
+SENT: list[dict] = []  # every request the tests made: the log test finds each one
+
+
+@pytest.fixture(scope="module")
+def ops_server(trained_store, second_version, artifacts, tmp_path_factory):
+    record = tmp_path_factory.mktemp("ops") / "served_model.json"
+    write_record(record, ReleaseRecord(model_tag="digits-cnn:v1", candidate_tag=second_version))
+    env = {
+        "WORKERS": "2",
+        "SERVED_MODEL_FILE": str(record),
+        "CANARY_FRACTION": str(CANARY_FRACTION),
+        "SHADOW_FRACTION": "0.5",
+        "DRIFT_WINDOW": str(DRIFT_WINDOW),
+        "API_TOKENS": TOKEN,
+    }
+    with serve(trained_store, artifacts / "ops-server.log", env=env) as server:
+        yield server
+
+
+def post(server, data: bytes, pin: str | None = None, token: str = TOKEN) -> httpx.Response:
+    """A fresh connection per request, so the kernel may hand it to either worker."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if pin:
+        headers["X-Model-Version"] = pin
+    files = {"image": ("picture.png", data, "image/png")}
+    response = httpx.post(f"{server.url}/analyze", files=files, headers=headers, timeout=30)
+    SENT.append({
+        "request_id": response.headers["x-request-id"],
+        "status": response.status_code,
+        "version": response.headers.get("x-model-version"),
+        "body": response.json(),
+    })  # fmt: skip
+    return response
+
+
+def scrape(server) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=10).text
+
+
+def samples(metrics_text: str, name: str) -> dict[str, float]:
+    """Label set -> value for one metric (labels as their raw text)."""
+    found = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def total(metrics_text: str, name: str, labels: str = "") -> float:
+    """Sum of a metric's samples whose label text contains `labels`."""
+    return sum(v for k, v in samples(metrics_text, name).items() if labels in k)
+
+
+def access_lines(server) -> list[dict]:
+    lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    return [line for line in lines if line.get("logger") == "image_classifier.access"]
+
+
+def test_metrics_are_whole_across_two_workers_and_labelled_by_version(ops_server, heldout):
+    ready = samples(scrape(ops_server), "image_classifier_ready")
+    assert len(ready) == 2 and set(ready.values()) == {1.0}, ready  # one series per worker pid
+    before = scrape(ops_server)
+    answered = Counter()
+    for image, _ in heldout[:120]:
+        response = post(ops_server, encode(image, "PNG"))
+        assert response.status_code == 200, response.text
+        version = response.json()["model"]["version"]
+        assert response.headers["x-model-version"] == version  # header and body agree
+        answered[version] += 1
+    workers = {line["component"] for line in access_lines(ops_server)}
+    assert len(workers) == 2, f"all requests reached one worker: {workers}"
+    time.sleep(0.5)  # shadow scoring runs after the answers
+    after = scrape(ops_server)
+
+    def grew(name: str, labels: str) -> float:
+        return total(after, name, labels) - total(before, name, labels)
+
+    for version in ("v1", "v2"):  # nothing lost between the two workers' metric files
+        by_version = f'model_version="{version}"'
+        assert grew("image_classifier_predictions_total", by_version) == answered[version]
+        assert grew("image_classifier_top1_confidence_count", by_version) == answered[version]
+    served_ok = 'endpoint="/analyze",http_response_code="200"'
+    assert grew("bentoml_service_request_total", served_ok) == 120
+    share = answered["v2"] / 120
+    assert 0.15 <= share <= 0.45, answered  # CANARY_FRACTION 0.3, 120 draws: ±3.5 sd
+    shadow = samples(after, "image_classifier_shadow_comparisons_total")
+    agreed = sum(v for k, v in shadow.items() if 'agreed="true"' in k)
+    assert agreed > 0 and agreed == sum(shadow.values()), shadow  # same weights: always agree
+    info = samples(after, "image_classifier_model_info")
+    assert set(info) == {
+        'name="digits-cnn",role="primary",version="v1"',
+        'name="digits-cnn",role="candidate",version="v2"',
+    }, info
+    measured(
+        f"operations: 2 workers, 120 requests: {answered['v1']} by v1, {answered['v2']} by the "
+        f"v2 canary ({share:.0%} for CANARY_FRACTION {CANARY_FRACTION}); {agreed:.0f} shadowed, "
+        f"all agreeing; metrics matched exactly"
+    )
+
+
+def test_a_request_pins_a_version_and_an_unknown_one_is_refused(ops_server, heldout):
+    data = encode(heldout[0][0], "PNG")
+    for _ in range(5):
+        response = post(ops_server, data, pin="v2")
+        assert response.status_code == 200 and response.json()["model"]["version"] == "v2"
+    response = post(ops_server, data, pin="digits-cnn:v1")
+    assert response.json()["model"]["version"] == "v1"
+    response = post(ops_server, data, pin="v7")
+    assert response.status_code == 404 and envelope_code(response) == "UNKNOWN_MODEL_VERSION"
+
+
+def _out_of_distribution(count: int) -> list[bytes]:
+    rng = np.random.default_rng(7)
+    pictures = []
+    for i in range(count):
+        if i % 5 == 4:
+            pictures.append(encode(Image.new("L", (96, 96), int(rng.integers(0, 256))), "PNG"))
+        else:
+            noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            pictures.append(encode(Image.fromarray(noise), "PNG"))
+    return pictures
+
+
+def _alarm(server, version: str) -> float:
+    return samples(scrape(server), "image_classifier_drift_alarm")[f'model_version="{version}"']
+
+
+def test_drift_alarm_rises_on_noise_and_blanks_not_on_digits(ops_server, heldout):
+    # Twice the window on fresh connections: whichever way they split, a worker's window fills.
+    for image, _ in heldout[200 : 200 + 2 * DRIFT_WINDOW]:
+        assert post(ops_server, encode(image, "PNG"), pin="v1").status_code == 200
+    assert _alarm(ops_server, "v1") == 0
+    change = samples(scrape(ops_server), "image_classifier_drift_relative_change")
+    in_distribution = change['model_version="v1"']
+    assert in_distribution > -0.05, change
+    for data in _out_of_distribution(2 * DRIFT_WINDOW):
+        assert post(ops_server, data, pin="v1").status_code == 200
+    assert _alarm(ops_server, "v1") == 1
+    assert _alarm(ops_server, "v2") == 0  # the candidate's answers were not the odd ones
+    drifted = total(scrape(ops_server), "image_classifier_drift_relative_change", '"v1"')
+    measured(
+        f"drift: rolling-mean change {in_distribution:+.1%} on held-out digits (no alarm), "
+        f"{drifted:+.1%} on noise/blank pictures (alarm)"
+    )
+
+
+def test_every_log_line_is_json_and_each_request_has_one_access_line(ops_server, heldout):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", MARKER)
+    marked = heldout[1][0].copy()
+    buffer = encode(marked, "PNG", pnginfo=info)
+    assert MARKER.encode() in buffer
+    assert post(ops_server, buffer).status_code == 200
+    assert post(ops_server, buffer, token="wrong-token-77e2").status_code == 401
+    assert post(ops_server, b"not an image at all").status_code == 415
+    time.sleep(0.3)
+
+    raw = ops_server.log()
+    lines = [json.loads(line) for line in raw.splitlines() if line.strip()]  # raises if not JSON
+    assert all({"timestamp", "level", "logger", "message"} <= line.keys() for line in lines)
+    assert any(line["logger"].startswith("bentoml") for line in lines)  # BentoML's own, as JSON
+    assert TOKEN not in raw and "wrong-token-77e2" not in raw and MARKER not in raw
+    by_id = {}
+    for line in access_lines(ops_server):
+        assert line["request_id"] not in by_id, f"two access lines for {line['request_id']}"
+        by_id[line["request_id"]] = line
+    for sent in SENT:
+        line = by_id[sent["request_id"]]
+        assert line["endpoint"] == "/analyze" and line["status"] == sent["status"]
+        assert line["latency_ms"] > 0
+        if sent["status"] == 200:
+            prediction = sent["body"]["prediction"]
+            assert line["model_version"] == sent["version"]
+            assert line["label"] == prediction["label"]
+            assert line["confidence"] == pytest.approx(prediction["confidence"])
+            assert line["batch_size"] >= 1 and "error_code" not in line
+        else:
+            assert line["error_code"] == sent["body"]["error"]["code"]
+    refused = by_id[SENT[-2]["request_id"]]
+    assert refused["error_code"] == "UNAUTHORIZED" and refused["level"] == "INFO"
+    measured(f"logs: {len(lines)} JSON lines, {len(by_id)} access lines, every request found")
+
+
+def test_probes_are_not_access_logged(ops_server):
+    before = len(access_lines(ops_server))
+    for path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{ops_server.url}{path}", timeout=10).status_code == 200
+    assert len(access_lines(ops_server)) == before
+
+
+# Monitoring as code (deploy/monitoring): the rules parse and pass their unit tests, the
+# dashboard's queries parse, and every metric either uses exists on this live server.
+
+MONITORING = REPO / "deploy" / "monitoring"
+_METRIC_NAME = re.compile(r"\b((?:image_classifier|bentoml_service)_[a-z0-9_]+)")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    assert shutil.which("promtool"), "promtool missing: `make test` installs Debian's prometheus"
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_alert_rules_parse_and_pass_their_unit_tests():
+    checked = promtool("check", "rules", str(MONITORING / "alerts.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = promtool("test", "rules", str(MONITORING / "alerts.test.yml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_dashboard_queries_parse(tmp_path):
+    queries = dashboard_queries()
+    recorded = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    rules = {"groups": [{"name": "dashboard", "rules": recorded}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldout):
+    data = encode(heldout[2][0], "PNG")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    batch = [("images", ("ok.png", data, "image/png")), ("images", ("bad.png", b"x", "image/png"))]
+    response = httpx.post(f"{ops_server.url}/analyze_batch", files=batch, headers=headers)
+    assert response.status_code == 200, response.text
+    for _ in range(40):  # until the candidate has shadowed an answer (SHADOW_FRACTION 0.5)
+        post(ops_server, data)
+        if "image_classifier_shadow_comparisons_total{" in scrape(ops_server):
+            break
+    live = {
+        line.split("{")[0].split(" ")[0]
+        for line in scrape(ops_server).splitlines()
+        if line and not line.startswith("#")
+    }
+    rules_text = (MONITORING / "alerts.yml").read_text()
+    used = set(_METRIC_NAME.findall(rules_text + "\n".join(dashboard_queries())))
+    assert len(used) >= 10, used
+    missing = {name for name in used if name not in live}
+    assert not missing, f"referenced but not on /metrics: {sorted(missing)}"

@@ -1,0 +1,161 @@
+"""Real servers with their own settings: no model, auth and rate limit, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import bentoml
+import httpx
+import pytest
+
+from loadtest.load import closed_loops
+from loadtest.servers import BIN, REPO, free_port, serve
+from tests.figures import measured
+from tests.http.responses import envelope_code
+from tests.pictures import encode
+
+TOKENS = "first-token-Zq81,second-token-Hh07"
+
+
+@pytest.fixture(scope="module")
+def digit_png(heldout) -> bytes:
+    return encode(heldout[0][0], "PNG")
+
+
+def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, artifacts):
+    log_path = artifacts / "server-missing-model.log"
+    env = {**os.environ, "BENTOML_HOME": str(trained_store), "MODEL_TAG": "absent-model:v7"}
+    with open(log_path, "wb") as log_file:
+        result = subprocess.run(
+            [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
+             "--host", "127.0.0.1", "--port", str(free_port())],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=120,
+        )  # fmt: skip
+    log = log_path.read_text()
+    assert result.returncode != 0
+    lines = [line for line in log.splitlines() if "absent-model:v7" in line]
+    assert len(lines) == 1 and "training_export ensure-default" in lines[0], log
+    assert "Traceback" not in log
+
+
+def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artifacts, digit_png):
+    log_path = artifacts / "server-auth.log"
+    env = {"API_TOKENS": TOKENS, "RATE_LIMIT": "10/minute"}
+    files = {"image": ("d.png", digit_png, "image/png")}
+    first, second = TOKENS.split(",")
+    with serve(trained_store, log_path, env=env) as server:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        refused = httpx.post(f"{server.url}/analyze", files=files)
+        assert refused.status_code == 401 and envelope_code(refused) == "UNAUTHORIZED"
+        wrong = httpx.post(
+            f"{server.url}/analyze", files=files, headers={"Authorization": "Bearer guess"}
+        )
+        assert wrong.status_code == 401
+        assert httpx.get(f"{server.url}/info").status_code == 401
+
+        with bentoml.SyncHTTPClient(server.url, token=first) as client:
+            assert client.analyze(image=_digit_file(artifacts, digit_png))["success"] is True
+        statuses = []
+        for _ in range(12):
+            response = httpx.post(
+                f"{server.url}/analyze", files=files, headers={"Authorization": f"Bearer {second}"}
+            )
+            statuses.append(response.status_code)
+        assert statuses[:10] == [200] * 10 and statuses[10:] == [429, 429]
+        assert envelope_code(response) == "RATE_LIMITED"
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        # The first token is another client with its own budget.
+        other = httpx.post(
+            f"{server.url}/analyze", files=files, headers={"Authorization": f"Bearer {first}"}
+        )
+        assert other.status_code == 200
+        log = server.log()
+    for token in TOKENS.split(","):
+        assert token not in log
+
+
+def _digit_file(artifacts, digit_png: bytes):
+    path = artifacts / "digit.png"
+    path.write_bytes(digit_png)
+    return path
+
+
+def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts, heldout):
+    """Steady load plus one long batch in work when SIGTERM arrives: nothing accepted is lost."""
+    digit = encode(heldout[0][0], "PNG")
+    # Big enough to take seconds to decode, so it is still in work when the signal arrives.
+    big = [encode(image.resize((3000, 3000)), "PNG") for image, _ in heldout[:64]]
+    log_path = artifacts / "server-sigterm.log"
+    with serve(trained_store, log_path, env={"SHUTDOWN_GRACE_S": "30"}) as server:
+        report = asyncio.run(_load_then_sigterm(server, digit, big))
+        exit_code = server.process.wait(60)
+        log = server.log()
+    summary = {k: v for k, v in report.items() if k not in ("outcomes", "signalled_at")}
+    measured(f"\nSIGTERM drain: {summary}")
+    outcomes, signalled_at = report["outcomes"], report["signalled_at"]
+    assert report["batch_status"] == 200 and report["batch_items_ok"] == len(big)
+    assert report["readyz_while_draining"] == 503
+    for outcome in outcomes:
+        if outcome.started < signalled_at - 0.2:  # sent well before the signal: accepted
+            assert outcome.status == 200, outcome
+        if outcome.status is None:  # no answer at all: only once the server has stopped listening
+            assert outcome.failure == "ConnectError" and outcome.started > signalled_at, outcome
+        elif outcome.status != 200:
+            assert (outcome.status, outcome.code) == (503, "SHUTTING_DOWN"), outcome
+            assert outcome.retry_after == "1"
+    assert sum(o.status == 200 for o in outcomes) > 20
+    assert "drain done, 0 request(s) still in work" in log, log[-3000:]
+    assert exit_code is not None
+
+
+async def _until_in_work(client: httpx.AsyncClient, url: str, endpoint: str) -> None:
+    """Wait until the server counts a request to `endpoint` in progress (BentoML's gauge)."""
+    wanted = f'bentoml_service_request_in_progress{{endpoint="{endpoint}"'
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        metrics = (await client.get(f"{url}/metrics")).text
+        if any(
+            line.startswith(wanted) and not line.endswith(" 0.0") for line in metrics.splitlines()
+        ):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{endpoint} never in progress")
+
+
+async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
+    async with httpx.AsyncClient(timeout=120) as client:
+        batch = asyncio.create_task(
+            client.post(
+                f"{server.url}/analyze_batch",
+                files=[("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(big)],
+            )
+        )
+        steady = asyncio.create_task(
+            closed_loops(
+                f"{server.url}/analyze", digit, concurrency=8, seconds=15, stop_on_refusal=True
+            )
+        )
+        await asyncio.sleep(0.5)  # the steady load gets answers meanwhile
+        await _until_in_work(client, server.url, "/analyze_batch")
+        signalled_at = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes or `docker stop` would
+        await asyncio.sleep(0.05)
+        readyz = await client.get(f"{server.url}/readyz")
+        batch_response = await batch
+        outcomes = await steady
+    results = batch_response.json().get("results", [])
+    return {
+        "signalled_at": signalled_at,
+        "outcomes": outcomes,
+        "readyz_while_draining": readyz.status_code,
+        "batch_status": batch_response.status_code,
+        "batch_items_ok": sum(r["success"] for r in results),
+        "ok": sum(o.status == 200 for o in outcomes),
+        "refused": sum(o.status == 503 for o in outcomes),
+        "unanswered": sum(o.status is None for o in outcomes),
+    }

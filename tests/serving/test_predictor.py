@@ -1,0 +1,126 @@
+"""The service's request path without HTTP: routing, cache, batching, shadow, per-item errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.core.classifier import ModelLoadError
+from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.serving.predictor import Predictor
+from image_classifier.serving.routing import ModelRef, ModelRouter, ServedVersion
+from image_classifier.serving.settings import Settings
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
+
+
+def pictures(count: int) -> list[bytes]:
+    rng = np.random.default_rng(3)
+    return [
+        encode(Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)), "PNG")
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_onnx_classifier(tmp_path_factory.mktemp("model"), mean=(0.5,), std=(0.5,))
+
+
+def predictor_for(model_dir, candidate_dir=None, **env) -> Predictor:
+    settings = Settings.from_env({key.upper(): str(value) for key, value in env.items()})
+    primary = ServedVersion(ModelRef(name="tiny", version="v1"), "primary", model_dir)
+    candidate = candidate_dir and ServedVersion(
+        ModelRef(name="tiny", version="v2"), "candidate", candidate_dir
+    )
+    router = ModelRouter(primary, candidate, shadow_fraction=settings.shadow_fraction)
+    predictor = Predictor(router, settings)
+    predictor.load_models()
+    return predictor
+
+
+def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
+    predictor = predictor_for(model_dir, batch_max_size=8)
+    served = predictor.router.primary
+    data = pictures(24)
+
+    async def together():
+        return await asyncio.gather(*(predictor.answer(served, d, "image/png", 3) for d in data))
+
+    merged = asyncio.run(together())
+    classifier = served.ready_classifier()
+    for answer, picture in zip(merged, data, strict=True):
+        assert answer.prediction == classifier.classify(picture, 3) and not answer.cached
+        assert 1 <= answer.batch_size <= 8
+    assert max(answer.batch_size for answer in merged) > 1  # some requests really shared a run
+
+
+def test_the_cache_answers_repeats_when_on(model_dir):
+    predictor = predictor_for(model_dir, cache_size=8)
+    served = predictor.router.primary
+    (data,) = pictures(1)
+
+    async def twice():
+        first = await predictor.answer(served, data, "image/png", 2)
+        return first, await predictor.answer(served, data, "image/png", 2)
+
+    first, again = asyncio.run(twice())
+    assert (first.cached, again.cached, again.batch_size) == (False, True, 0)
+    assert again.prediction == first.prediction
+
+
+def test_a_bad_item_is_refused_alone_in_a_batch(model_dir):
+    predictor = predictor_for(model_dir)
+    good = pictures(2)
+    uploads = [(good[0], "image/png"), (b"not an image", "image/png"), (good[1], None)]
+    outcomes = asyncio.run(predictor.answer_each(predictor.router.primary, uploads, 3))
+    assert isinstance(outcomes[1], ClassifierError)
+    assert outcomes[1].code == ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    assert not isinstance(outcomes[0], ClassifierError) and not isinstance(
+        outcomes[2], ClassifierError
+    )
+
+
+def test_shadow_scoring_counts_agreement_off_the_answer_path(model_dir, tmp_path):
+    from prometheus_client import REGISTRY
+
+    other = build_onnx_classifier(tmp_path / "other", mean=(0.5,), std=(0.5,), seed=9)
+    predictor = predictor_for(model_dir, other, shadow_fraction=1)
+    served = predictor.router.primary
+
+    def compared() -> float:
+        return sum(
+            REGISTRY.get_sample_value("image_classifier_shadow_comparisons_total", labels) or 0
+            for labels in ({"candidate_version": "v2", "agreed": a} for a in ("true", "false"))
+        )
+
+    before = compared()
+
+    async def answer_then_settle():
+        for data in pictures(5):
+            await predictor.answer(served, data, "image/png", 1)
+        await asyncio.sleep(0.5)  # shadow tasks run after the answers
+
+    asyncio.run(answer_then_settle())
+    assert compared() - before == 5
+
+
+def test_all_or_nothing_callers_get_one_clean_error(tmp_path):
+    model_dir = build_onnx_classifier(tmp_path / "poisonable", fail_when_mean_below=-0.5)
+    predictor = predictor_for(model_dir)
+    served = predictor.router.primary
+    good, poison = np.ones((1, 28, 28), np.float32), -np.ones((1, 28, 28), np.float32)
+    assert asyncio.run(predictor.probabilities(served, [good, good])).shape == (2, 10)
+    with pytest.raises(ClassifierError) as caught:  # e.g. an Open Inference request: one 500
+        asyncio.run(predictor.probabilities(served, [good, poison]))
+    assert caught.value.code is ErrorCode.INTERNAL_ERROR
+
+
+def test_a_model_that_cannot_load_is_named(tmp_path):
+    broken = build_onnx_classifier(tmp_path / "broken")
+    (broken / "model.onnx").write_bytes(b"truncated")
+    with pytest.raises(ModelLoadError, match="tiny:v1"):
+        predictor_for(broken)

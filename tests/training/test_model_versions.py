@@ -1,0 +1,73 @@
+"""Rollout and rollback end to end: the models CLI changes the record, a restart serves it."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from image_classifier.serving.release_record import read_record
+from loadtest.servers import serve
+from tests.model_store import import_model, training_cli
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
+
+
+def served_version(server, image) -> tuple[str, str]:
+    files = {"image": ("digit.png", encode(image, "PNG"), "image/png")}
+    response = httpx.post(f"{server.url}/analyze", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    info = httpx.get(f"{server.url}/info", timeout=10).json()
+    assert info["model"]["version"] == response.json()["model"]["version"]
+    return response.json()["model"]["version"], response.headers["x-model-version"]
+
+
+def test_promote_then_roll_back_with_a_restart_each(
+    trained_store, second_version, heldout, artifacts, tmp_path
+):
+    record = tmp_path / "served_model.json"
+    env = {"SERVED_MODEL_FILE": str(record)}
+    cli = {"home": trained_store, "extra_env": env}
+    image = heldout[3][0]
+
+    with serve(trained_store, artifacts / "versions-1.log", env=env) as server:
+        assert served_version(server, image) == ("v1", "v1")  # no record yet: the default
+
+    promoted = training_cli("models", "promote", second_version, **cli)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert read_record(record).model_tag == second_version
+    listing = training_cli("models", "list", "digits-cnn", **cli).stdout
+    assert "digits-cnn:v2" in listing and "served" in listing and "previous" in listing
+    with serve(trained_store, artifacts / "versions-2.log", env=env) as server:
+        assert served_version(server, image) == ("v2", "v2")
+
+    rolled_back = training_cli("models", "rollback", **cli)
+    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
+    assert "digits-cnn:v2 -> digits-cnn:v1" in rolled_back.stdout
+    with serve(trained_store, artifacts / "versions-3.log", env=env) as server:
+        assert served_version(server, image) == ("v1", "v1")
+
+    nothing_left = training_cli("models", "rollback", **cli)
+    assert nothing_left.returncode == 1 and "nothing to roll back" in nothing_left.stderr
+
+
+def test_promote_refuses_what_cannot_be_served_and_changes_nothing(trained_store, tmp_path):
+    record = tmp_path / "served_model.json"
+    cli = {"home": trained_store, "extra_env": {"SERVED_MODEL_FILE": str(record)}}
+    missing = training_cli("models", "promote", "digits-cnn:v404", **cli)
+    assert missing.returncode == 1 and "not in the model store" in missing.stderr
+    untagged = training_cli("models", "promote", "digits-cnn", **cli)
+    assert untagged.returncode == 1 and "name:version" in untagged.stderr
+    home = tmp_path / "home"
+    stored = import_model(home, build_onnx_classifier(tmp_path / "m"), "broken:v2")
+    (stored / "model.onnx").write_bytes(b"truncated")
+    broken = training_cli("models", "promote", "broken:v2", home=home, extra_env=cli["extra_env"])
+    assert broken.returncode == 1 and "cannot be served" in broken.stderr
+    assert not record.exists()
+
+
+def test_show_prints_the_card(trained_store, second_version):
+    shown = training_cli("models", "show", second_version, home=trained_store)
+    assert shown.returncode == 0, shown.stderr
+    card = json.loads(shown.stdout)["card"]
+    assert card["labels"] == [str(d) for d in range(10)] and card["metrics"]["accuracy"] > 0.95
