@@ -39,6 +39,8 @@ log = logging.getLogger("image_classifier.service")
     workers=SETTINGS.workers,
     # One access line per request is ours (JSON, with model version, label and error code).
     logging={"access": {"enabled": False}},
+    # BentoML's OpenTelemetry spans cost more CPU than a refusal itself: only with TRACING=1.
+    tracing={} if SETTINGS.tracing else {"excluded_urls": [".*"]},
 )
 @bentoml.asgi_app(  # /info, /ui and /v2: it claims only its own routes
     build_app(lambda: bentoml.get_current_service().predictor, SETTINGS.max_batch_images), path="/"

@@ -24,7 +24,7 @@ from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
-from .envelope import CODE_FOR_STATUS, error_response, is_error_envelope
+from .envelope import CODE_FOR_STATUS, HTTP_STATUS, error_body, is_error_envelope
 from .headers import REQUEST_ID_HEADER
 from .uploads import UploadRoute, canonical_content_type, remember_parts, scan_multipart
 
@@ -78,13 +78,12 @@ class BoundaryMiddleware:
             async with asyncio.timeout(self.gate.policy.request_timeout_s):
                 await self._admit(scope, receive, send)
         except ClassifierError as exc:
-            await error_response(exc, request_id)(scope, receive, send)
+            await send.error(exc)
         except TimeoutError:
             if send.started:  # too late for an answer of our own; the client sees a cut response
                 raise
             message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
-            timeout = ClassifierError(ErrorCode.TIMEOUT, message)
-            await error_response(timeout, request_id)(scope, receive, send)
+            await send.error(ClassifierError(ErrorCode.TIMEOUT, message))
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -227,6 +226,19 @@ class _EnvelopingSend:
             return
         await self.send(message)
 
+    async def error(self, exc: ClassifierError) -> None:
+        """Our own error: already in the envelope, so sent straight on (a refusal stays cheap)."""
+        body = error_body(exc, self.request_id)
+        status = HTTP_STATUS[exc.code]
+        headers = [*_json_headers(body), (_REQUEST_ID_KEY, self.request_id.encode("latin-1"))]
+        if exc.retry_after_s is not None or status in (429, 503):
+            retry_after = _RETRY_AFTER_SECONDS if exc.retry_after_s is None else exc.retry_after_s
+            headers.append((b"retry-after", str(retry_after).encode()))
+        self.started, self.status, self.error_code = True, status, exc.code.value
+        metrics.ERRORS.labels(code=self.error_code).inc()
+        await self.send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
     async def _send_enveloped(self) -> None:
         start, body = self.held_start, b"".join(self.held_body)
         assert start is not None
@@ -243,7 +255,7 @@ class _EnvelopingSend:
         else:
             code = self._code_for(status)
             message = _message_from(status, parsed, body)
-            body = error_response(ClassifierError(code, message), self.request_id).body
+            body = error_body(ClassifierError(code, message), self.request_id)
         self.error_code = str(code)
         metrics.ERRORS.labels(code=self.error_code).inc()
         if status in (429, 503):

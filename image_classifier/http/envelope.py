@@ -1,14 +1,15 @@
 """The one JSON envelope every failure is answered in, and the HTTP status of each error code.
 
-`error_response` is its only writer: the boundary middleware, the Starlette routes and the BentoML
-apis all answer a `ClassifierError` through it.
+`error_body` is its only writer: the boundary middleware sends it as it is, and the Starlette
+routes and the apis answer a `ClassifierError` with `error_response`, which wraps it.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
 
@@ -54,13 +55,18 @@ def error_envelope(code: ErrorCode | str, message: str, request_id: str) -> dict
     }
 
 
-def error_response(exc: ClassifierError, request_id: str) -> JSONResponse:
+def error_body(exc: ClassifierError, request_id: str) -> bytes:
+    return json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
+
+
+def error_response(exc: ClassifierError, request_id: str) -> Response:
     """The envelope with its status (and Retry-After when the error says when to retry)."""
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
-    return JSONResponse(
-        error_envelope(exc.code, exc.message, request_id),
+    return Response(
+        error_body(exc, request_id),
         status_code=HTTP_STATUS[exc.code],
         headers=headers,
+        media_type="application/json",
     )
 
 

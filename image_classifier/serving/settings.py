@@ -47,6 +47,9 @@ class Settings:
     cache_size: int = _env("CACHE_SIZE", 0, "duplicate-input cache entries for /analyze (0: off)")
     cache_ttl_s: float = _env("CACHE_TTL_S", 300.0, "how long a cached prediction is reused")
     log_format: str = _env("LOG_FORMAT", "json", "json (one object per line) or text")
+    tracing: bool = _env(
+        "TRACING", False, "BentoML's OpenTelemetry spans per request (configure an exporter too)"
+    )
     max_upload_bytes: int = _env(
         "MAX_UPLOAD_BYTES", 10 * MIB, "largest request body for /analyze (413 above)"
     )

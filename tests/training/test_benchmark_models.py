@@ -68,13 +68,14 @@ def test_quantize_saves_digits_int8_with_its_gate_figures(digits_int8_tag, bento
 def test_quantize_refuses_a_broken_calibration(trained_store):
     """Calibrated on washed-out pictures, the activation ranges are far too narrow: refused."""
     from training_export.quantize import QuantizationError, quantization_data, quantize_and_save
-    from training_export.store import load_card, model_exists
+    from image_classifier.model_store import find
+    from training_export.store import load_card
 
     data = quantization_data(load_card("digits-cnn:v1"))
     data.calibration = data.calibration * 0.05  # measured: INT8 accuracy 11% (fp32 99.7%)
     with pytest.raises(QuantizationError, match="below fp32"):
         quantize_and_save("digits-cnn:v1", "digits-cnn-int8-broken:v1", data=data)
-    assert not model_exists("digits-cnn-int8-broken:v1")
+    assert find("digits-cnn-int8-broken:v1") is None
 
 
 def test_quantize_cli_refuses_an_impossible_gate_with_exit_1(trained_store):

@@ -1,0 +1,89 @@
+"""How many CPUs this process may really use, and the worker and thread counts that follow.
+
+`os.cpu_count()` counts the host's CPUs; a container limited to two by its cgroup quota
+(`cpu.max`) or pinned to two by `taskset` (the affinity mask) would then start a worker per host
+CPU and thrash. The budget is the tightest of the affinity mask and every cgroup v2 quota on the
+way from this process's cgroup up to the root (a quota of 1.5 CPUs counts as 2: the half is real
+time to use).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    cpus: int
+    reason: str  # what the number came from, for /info and the start log
+
+
+@dataclass(frozen=True)
+class Sizing:
+    workers: int
+    threads: int  # decode and model-run threads per worker
+    ort_intra_op_threads: int
+    reason: str
+
+
+def cpu_budget(
+    cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> CpuBudget:
+    affinity = len(os.sched_getaffinity(0))
+    quota = cgroup_quota(cgroup_root, proc_cgroup)
+    if quota is None:
+        return CpuBudget(affinity, f"affinity mask: {affinity} CPU(s); no cgroup CPU quota")
+    cpus = max(1, min(affinity, math.ceil(quota - 1e-9)))
+    return CpuBudget(cpus, f"affinity mask: {affinity} CPU(s); cgroup cpu.max: {quota:g} CPU(s)")
+
+
+def cgroup_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
+    """The tightest cgroup v2 `cpu.max` quota (in CPUs) from this process's cgroup to the root."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    relative = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if relative is None:  # cgroup v1 only: no unified hierarchy to read
+        return None
+    folder = cgroup_root / relative.lstrip("/")
+    quotas = []
+    while True:
+        quota = _read_cpu_max(folder / "cpu.max")
+        if quota is not None:
+            quotas.append(quota)
+        if folder == cgroup_root or cgroup_root not in folder.parents:
+            break
+        folder = folder.parent
+    return min(quotas) if quotas else None
+
+
+def _read_cpu_max(path: Path) -> float | None:
+    """`max 100000` (no quota) or `200000 100000` (2 CPUs' worth per period)."""
+    try:
+        limit, _, period = path.read_text().strip().partition(" ")
+    except OSError:
+        return None
+    if limit == "max" or not limit.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return int(limit) / int(period)
+
+
+def size_for(budget: CpuBudget) -> Sizing:
+    """One worker per two CPUs, each with two threads and 1-thread ONNX Runtime runs.
+
+    A worker process drives about two cores (decoding and ONNX Runtime release the GIL, the
+    event loop does not), and two 1-thread model runs in parallel beat one 2-thread run on a
+    busy machine (shared/notes/performance.md); fewer processes keep memory down."""
+    workers = max(1, math.ceil(budget.cpus / 2))
+    threads = 2 if budget.cpus >= 2 else 1
+    reason = (
+        f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s) x {threads} "
+        f"thread(s), 1 ONNX Runtime thread per run"
+    )
+    return Sizing(workers, threads, 1, reason)
