@@ -67,8 +67,8 @@ def test_quantize_saves_digits_int8_with_its_gate_figures(digits_int8_tag, bento
 
 def test_quantize_refuses_a_broken_calibration(trained_store):
     """Calibrated on washed-out pictures, the activation ranges are far too narrow: refused."""
-    from training_export.quantize import QuantizationError, quantization_data, quantize_and_save
     from image_classifier.model_store import find
+    from training_export.quantize import QuantizationError, quantization_data, quantize_and_save
     from training_export.store import load_card
 
     data = quantization_data(load_card("digits-cnn:v1"))
