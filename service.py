@@ -16,7 +16,7 @@ import bentoml_compat
 from image_classifier import model_store
 from image_classifier.http import logs
 from image_classifier.http.admission import AdmissionPolicy, Gate
-from image_classifier.http.apis import UploadApis
+from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
@@ -77,21 +77,23 @@ class ImageClassifier:
         self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None
     ) -> AnalyzeResponse:
         """Classify one image (multipart field `image`). Header `X-Model-Version` pins a version."""
-        return await self.apis.analyze(ctx, image, top_k)
+        return await self.apis.analyze(upload_of([image], top_k, ctx.request.headers))
 
     @bentoml.api(route="/analyze_batch")
     async def analyze_batch(
         self, images: list[Path], top_k: int | None = None, ctx: bentoml.Context = None
     ) -> AnalyzeBatchResponse:
         """Classify many images (multipart field `images`); a bad image fails only its own item."""
-        return await self.apis.analyze_batch(ctx, images, top_k)
+        return await self.apis.analyze_batch(upload_of(images, top_k, ctx.request.headers))
 
 
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
     gate=GATE,
     upload_routes={
-        **routes_of_apis(ImageClassifier.apis.values(), SETTINGS),
+        **routes_of_apis(
+            ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis
+        ),
         **infer_upload_routes(SETTINGS),
     },
 )

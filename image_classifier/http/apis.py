@@ -1,27 +1,28 @@
-"""What the service's upload apis do, so `service.py` only declares them.
+"""What the upload apis do, so `service.py` only declares them.
 
-Each api gets BentoML's request context (`ctx.request` is a Starlette request, `ctx.response`
-takes headers and a status code) and answers a response model, or the error envelope with its
-status: the boundary middleware has already admitted the request and scanned its multipart body.
+The boundary middleware admits the request, parses its multipart body in memory and hands the
+`Upload` to the method named like the api; the answer is the response model as JSON, or the
+error envelope with its status. The BentoML api methods (called in-process, not over HTTP, where
+the middleware answers first) reach the same methods through `Upload`s made from their files.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import anyio
-from starlette.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving.predictor import Predictor
 from ..serving.routing import ServedVersion
 from . import logs
-from .envelope import HTTP_STATUS, error_response
+from .envelope import error_response
 from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
 from .schemas import AnalyzeBatchResponse, AnalyzeResponse, BatchItem
-from .uploads import UploadPart, scanned_parts
+from .uploads import Upload, UploadPart
 
 
 class UploadApis:
@@ -29,84 +30,104 @@ class UploadApis:
         self.predictor = predictor
         self.max_upload_bytes = predictor.settings.max_upload_bytes
 
-    async def analyze(
-        self, ctx: Any, image: Path, top_k: int | None
-    ) -> AnalyzeResponse | JSONResponse:
-        started, request_id = time.perf_counter(), _request_id(ctx)
+    async def analyze(self, upload: Upload) -> Response:
+        started, served = time.perf_counter(), None
         try:
-            served, k = self._route(ctx, top_k)
-            (part,) = scanned_parts(ctx.request.scope)
-            data = await self._read(image, part)
-            answer = await self.predictor.answer(served, data, part.content_type, k)
+            served = self._route(upload)
+            top_k = _top_k(served, upload)
+            (part,) = upload.files
+            self._check_size(part)
+            answer = await self.predictor.answer(served, part.data, part.content_type, top_k)
         except ClassifierError as exc:
-            return _error(exc, request_id, ctx)
+            return _error(exc, upload, served)
         served.record(answer.prediction)
         logs.annotate(
             label=answer.prediction.label, confidence=answer.prediction.confidence,
             batch_size=answer.batch_size, cached=answer.cached,
         )  # fmt: skip
-        return AnalyzeResponse(
-            request_id=request_id,
+        response = AnalyzeResponse(
+            request_id=upload.request_id,
             model=served.ref,
             prediction=answer.prediction,
             latency_ms=_ms_since(started),
             cached=answer.cached,
         )
+        return _json(response, served)
 
-    async def analyze_batch(
-        self, ctx: Any, images: list[Path], top_k: int | None
-    ) -> AnalyzeBatchResponse | JSONResponse:
-        started, request_id = time.perf_counter(), _request_id(ctx)
+    async def analyze_batch(self, upload: Upload) -> Response:
+        started, served = time.perf_counter(), None
         try:
-            served, k = self._route(ctx, top_k)
+            served = self._route(upload)
+            top_k = _top_k(served, upload)
         except ClassifierError as exc:
-            return _error(exc, request_id, ctx)
-        parts = scanned_parts(ctx.request.scope)
-        uploads = [
-            (await self._read_or_error(path, part), part.content_type)
-            for path, part in zip(images, parts, strict=True)
-        ]
-        outcomes = await self.predictor.answer_each(served, uploads, k)
+            return _error(exc, upload, served)
+        items = [self._bytes_or_error(part) for part in upload.files]
+        outcomes = await self.predictor.answer_each(served, items, top_k)
         failed = sum(isinstance(outcome, ClassifierError) for outcome in outcomes)
         logs.annotate(batch_size=len(outcomes), failed_items=failed)
         results = [
             BatchItem.of(i, part.filename, outcome)
-            for i, (outcome, part) in enumerate(zip(outcomes, parts, strict=True))
+            for i, (outcome, part) in enumerate(zip(outcomes, upload.files, strict=True))
         ]
-        return AnalyzeBatchResponse(
-            request_id=request_id, model=served.ref, results=results, latency_ms=_ms_since(started)
+        response = AnalyzeBatchResponse(
+            request_id=upload.request_id,
+            model=served.ref,
+            results=results,
+            latency_ms=_ms_since(started),
         )
+        return _json(response, served)
 
-    def _route(self, ctx: Any, top_k: int | None) -> tuple[ServedVersion, int]:
-        """The version that answers (named in the response headers and the log) and the top_k."""
-        served = self.predictor.router.route(ctx.request.headers.get(MODEL_VERSION_HEADER))
-        ctx.response.headers[MODEL_VERSION_HEADER] = served.ref.version
+    def _route(self, upload: Upload) -> ServedVersion:
+        """The version that answers (named in the response and the log)."""
+        served = self.predictor.router.route(upload.model_version)
         logs.annotate(model_version=served.ref.version)
-        return served, served.ready_classifier().resolve_top_k(top_k)
+        return served
 
-    async def _read(self, path: Path, part: UploadPart) -> bytes:
+    def _check_size(self, part: UploadPart) -> None:
         if part.size > self.max_upload_bytes:
             raise ClassifierError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"the file is over the limit of {self.max_upload_bytes:,} bytes",
             )
-        return await anyio.Path(path).read_bytes()
 
-    async def _read_or_error(self, path: Path, part: UploadPart) -> bytes | ClassifierError:
+    def _bytes_or_error(self, part: UploadPart) -> tuple[bytes | ClassifierError, str | None]:
         """One /analyze_batch item's bytes, or the error that refuses only this item."""
         try:
-            return await self._read(path, part)
+            self._check_size(part)
         except ClassifierError as exc:
-            return exc
+            return exc, part.content_type
+        return part.data, part.content_type
 
 
-def _request_id(ctx: Any) -> str:
-    return ctx.request.headers.get(REQUEST_ID_HEADER, "")
+def upload_of(files: list[Path], top_k: int | None, headers: Mapping[str, str]) -> Upload:
+    """An `Upload` from the files an api method was given in-process (types from the bytes)."""
+    parts = []
+    for path in files:
+        data = path.read_bytes()
+        parts.append(UploadPart("file", path.name, None, len(data), data))
+    integers = {} if top_k is None else {"top_k": top_k}
+    return Upload(
+        headers.get(REQUEST_ID_HEADER, ""), headers.get(MODEL_VERSION_HEADER), parts, integers
+    )
 
 
-def _error(exc: ClassifierError, request_id: str, ctx: Any) -> JSONResponse:
-    ctx.response.status_code = HTTP_STATUS[exc.code]  # BentoML applies it to what an api returns
-    return error_response(exc, request_id)
+def _top_k(served: ServedVersion, upload: Upload) -> int:
+    return served.ready_classifier().resolve_top_k(upload.integers.get("top_k"))
+
+
+def _error(exc: ClassifierError, upload: Upload, served: ServedVersion | None) -> Response:
+    response = error_response(exc, upload.request_id)
+    if served is not None:  # the version that refused it, as on every answer
+        response.headers[MODEL_VERSION_HEADER] = served.ref.version
+    return response
+
+
+def _json(body: BaseModel, served: ServedVersion) -> Response:
+    return Response(
+        body.model_dump_json(),
+        media_type="application/json",
+        headers={MODEL_VERSION_HEADER: served.ref.version},
+    )
 
 
 def _ms_since(started: float) -> float:

@@ -4,7 +4,9 @@ It sits in front of the framework's request handling, so:
 - every response carries `X-Request-ID` (the client's, when it is a safe token, else a new UUID4),
   and the handlers see the same id in the request headers;
 - upload routes get their byte cap enforced while the body streams in (Content-Length over the cap
-  is refused before a byte is read), and their multipart shape checked (`uploads.py`);
+  is refused before a byte is read); their multipart body is parsed once, in memory, and handed
+  to the api that answers it (`uploads.py`), below the framework's own IO layer (which would
+  parse it again and write each file to a temporary file first);
 - API routes pass the admission gate (token, rate limit, in-flight cap, deadline; `admission.py`);
 - every non-2xx answer, whoever produced it, leaves in the project's envelope with a stable code.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
+import logging
 import re
 import time
 import uuid
@@ -25,8 +28,8 @@ from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
 from .envelope import CODE_FOR_STATUS, HTTP_STATUS, error_body, is_error_envelope
-from .headers import REQUEST_ID_HEADER
-from .uploads import UploadRoute, canonical_content_type, remember_parts, scan_multipart
+from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
+from .uploads import Upload, UploadRoute, parse_multipart
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,6 +37,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
@@ -76,7 +80,7 @@ class BoundaryMiddleware:
     async def _answer(self, scope: Scope, receive: Receive, send: _EnvelopingSend, request_id: str):
         try:
             async with asyncio.timeout(self.gate.policy.request_timeout_s):
-                await self._admit(scope, receive, send)
+                await self._admit(scope, receive, send, request_id)
         except ClassifierError as exc:
             await send.error(exc)
         except TimeoutError:
@@ -84,8 +88,13 @@ class BoundaryMiddleware:
                 raise
             message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
             await send.error(ClassifierError(ErrorCode.TIMEOUT, message))
+        except Exception:  # a bug: logged with its traceback, the client gets the envelope only
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            if send.started:
+                raise
+            await send.error(ClassifierError(ErrorCode.INTERNAL_ERROR, _INTERNAL_MESSAGE))
 
-    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path = scope["path"]
         if not is_open_path(path):
             client_key = self.gate.authenticate(_header(scope, "authorization"))
@@ -101,12 +110,14 @@ class BoundaryMiddleware:
             raise
         try:
             body = await _read_capped_body(scope, receive, route.max_bytes)
-            if route.rule is not None:
-                content_type = _header(scope, "content-type")
-                parts = scan_multipart(content_type, body, route.rule)
-                _set_header(scope, "content-type", canonical_content_type(content_type or ""))
-                remember_parts(scope, parts)
-            await self.app(scope, _replay(body, receive), send)
+            if route.rule is None or route.answer is None:  # capped only: the framework parses
+                await self.app(scope, _replay(body, receive), send)
+                return
+            files, integers = parse_multipart(_header(scope, "content-type"), body, route.rule)
+            del body  # the files hold their own bytes now
+            upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
+            response = await route.answer(upload)
+            await response(scope, receive, send)
         finally:
             self.gate.leave()
 

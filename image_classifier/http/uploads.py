@@ -1,27 +1,28 @@
-"""Check a multipart upload's shape before any framework parses it.
+"""Multipart uploads, parsed once and in memory, with the shape each api declares.
 
-BentoML would otherwise accept a JSON body or a text field in place of a file, and fetch a URL
-given there (a server-side request on the client's behalf). Scanning the parts first lets every
-such request get a precise 4xx, and hands the declared type and size of each file to the service.
+The body is parsed by python-multipart's streaming parser, right where the boundary middleware has
+read it: every malformed or unexpected request gets a precise 4xx (a text value in a file field,
+an unknown field, one file too many, `top_k=abc`), and the files' bytes go to the api as they are,
+with no temporary file and no second parse by the framework.
 """
 
 from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving.settings import Settings
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
-_PARTS_KEY = "upload_parts"  # where the boundary leaves the scanned parts for the api
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,50 @@ class UploadRule:
     max_text_bytes: int = 32
 
 
+@dataclass
+class UploadPart:
+    name: str
+    filename: str | None
+    content_type: str | None
+    size: int = 0
+    data: bytes = field(default=b"", repr=False)  # a file's bytes, or a field's value
+    chunks: list[bytes] = field(default_factory=list, repr=False)  # while it is being parsed
+
+    @property
+    def is_file(self) -> bool:
+        return self.filename is not None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One parsed upload request, as the api that answers it sees it."""
+
+    request_id: str
+    model_version: str | None  # the X-Model-Version pin, if any
+    files: list[UploadPart]
+    integers: dict[str, int]  # the integer form fields given (e.g. top_k)
+
+
+Answer = Callable[[Upload], Awaitable[Response]]
+
+
 @dataclass(frozen=True)
 class UploadRoute:
-    """A POST route whose body is capped at `max_bytes`; with a rule, its multipart is checked."""
+    """A POST route whose body is capped at `max_bytes`; with a rule its multipart is parsed here
+    and `answer` gets the parsed upload (without one the body goes on to the framework)."""
 
     rule: UploadRule | None
     max_bytes: int
+    answer: Answer | None = None
 
 
-def routes_of_apis(apis: Iterable[Any], settings: Settings) -> dict[str, UploadRoute]:
-    """The upload rule each api (`.route`, `.func`) declares in its signature: a `Path` parameter
-    is one file (capped at MAX_UPLOAD_BYTES), `list[Path]` up to MAX_BATCH_IMAGES files
-    (MAX_BATCH_BYTES), and its `int` parameters are form fields that must hold integers."""
+def routes_of_apis(
+    apis: Iterable[Any], settings: Settings, answerer: Callable[[], Any]
+) -> dict[str, UploadRoute]:
+    """The upload rule each api (`.name`, `.route`, `.func`) declares in its signature: a `Path`
+    parameter is one file (capped at MAX_UPLOAD_BYTES), `list[Path]` up to MAX_BATCH_IMAGES files
+    (MAX_BATCH_BYTES), and its `int` parameters are form fields that must hold integers. The
+    route is answered by the method of the same name on `answerer()`."""
     routes = {}
     for api in apis:
         hints = typing.get_type_hints(api.func)
@@ -59,39 +92,28 @@ def routes_of_apis(apis: Iterable[Any], settings: Settings) -> dict[str, UploadR
         integers = frozenset(
             name for name, hint in hints.items() if int in (hint, *typing.get_args(hint))
         )
+        answer = _method_of(answerer, api.name)
         if many:
             rule = UploadRule(many[0], 1, settings.max_batch_images, integers)
-            routes[api.route] = UploadRoute(rule, settings.max_batch_bytes)
+            routes[api.route] = UploadRoute(rule, settings.max_batch_bytes, answer)
         elif one:
             rule = UploadRule(one[0], 1, 1, integers)
-            routes[api.route] = UploadRoute(rule, settings.max_upload_bytes)
+            routes[api.route] = UploadRoute(rule, settings.max_upload_bytes, answer)
     return routes
 
 
-def remember_parts(scope: MutableMapping[str, Any], parts: list[UploadPart]) -> None:
-    scope.setdefault("state", {})[_PARTS_KEY] = parts
+def _method_of(answerer: Callable[[], Any], name: str) -> Answer:
+    async def answer(upload: Upload) -> Response:
+        return await getattr(answerer(), name)(upload)
+
+    return answer
 
 
-def scanned_parts(scope: MutableMapping[str, Any]) -> list[UploadPart]:
-    """The file parts the boundary scanned, in body order (declared type, size, filename)."""
-    return scope["state"][_PARTS_KEY]
-
-
-@dataclass
-class UploadPart:
-    name: str
-    filename: str | None
-    content_type: str | None
-    size: int = 0
-    text: bytearray = field(default_factory=bytearray)
-
-    @property
-    def is_file(self) -> bool:
-        return self.filename is not None
-
-
-def scan_multipart(content_type: str | None, body: bytes, rule: UploadRule) -> list[UploadPart]:
-    """The file parts, in body order, or a ClassifierError saying what is wrong with the request."""
+def parse_multipart(
+    content_type: str | None, body: bytes, rule: UploadRule
+) -> tuple[list[UploadPart], dict[str, int]]:
+    """The file parts in body order and the integer fields, or a ClassifierError saying what is
+    wrong with the request."""
     media, options = parse_options_header(content_type or "")
     if media != b"multipart/form-data" or not options.get(b"boundary"):
         raise ClassifierError(
@@ -100,13 +122,6 @@ def scan_multipart(content_type: str | None, body: bytes, rule: UploadRule) -> l
         )
     parts = _parse_parts(options[b"boundary"], body, rule)
     return _check_parts(parts, rule)
-
-
-def canonical_content_type(content_type: str) -> str:
-    """`MULTIPART/Form-Data; boundary=X` -> `multipart/form-data; boundary=X`: media types are
-    case-insensitive, but BentoML compares them exactly and would parse the body as JSON."""
-    media, _, rest = content_type.partition(";")
-    return media.strip().lower() + (";" + rest if rest else "")
 
 
 def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadPart]:
@@ -144,8 +159,12 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
         part.size += end - start
-        if not part.is_file and len(part.text) <= rule.max_text_bytes:
-            part.text += data[start:end]
+        if part.is_file or part.size <= rule.max_text_bytes + (end - start):
+            part.chunks.append(data[start:end])
+
+    def on_part_end() -> None:
+        part = parts[-1]
+        part.data, part.chunks = b"".join(part.chunks), []
 
     parser = MultipartParser(
         boundary,
@@ -156,6 +175,7 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
         },
     )
     malformed = ClassifierError(ErrorCode.INVALID_REQUEST, "the multipart body is malformed")
@@ -169,10 +189,12 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
     return parts
 
 
-def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
+def _check_parts(
+    parts: list[UploadPart], rule: UploadRule
+) -> tuple[list[UploadPart], dict[str, int]]:
     expected = ", ".join([rule.file_field, *sorted(rule.integer_fields)])
     files = []
-    seen_text: set[str] = set()
+    integers: dict[str, int] = {}
     for part in parts:
         if part.name == rule.file_field:
             if not part.is_file:
@@ -182,10 +204,9 @@ def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
                 )
             files.append(part)
         elif part.name in rule.integer_fields and not part.is_file:
-            if part.name in seen_text:
+            if part.name in integers:
                 raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
-            _check_integer(part, rule)
-            seen_text.add(part.name)
+            integers[part.name] = _integer(part, rule)
         else:
             raise ClassifierError(
                 ErrorCode.INVALID_REQUEST, f"unexpected field {part.name!r}; expected: {expected}"
@@ -204,12 +225,13 @@ def _check_parts(parts: list[UploadPart], rule: UploadRule) -> list[UploadPart]:
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"{len(files)} files sent; at most {rule.max_files} per request",
         )
-    return files
+    return files, integers
 
 
-def _check_integer(part: UploadPart, rule: UploadRule) -> None:
-    text = part.text.decode("utf-8", "replace").strip()
+def _integer(part: UploadPart, rule: UploadRule) -> int:
+    text = part.data.decode("utf-8", "replace").strip()
     if part.size > rule.max_text_bytes or not _INTEGER.fullmatch(text):
         raise ClassifierError(
             ErrorCode.INVALID_REQUEST, f"field {part.name!r} must be an integer, got {text[:20]!r}"
         )
+    return int(text)

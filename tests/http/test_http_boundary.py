@@ -12,21 +12,26 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from image_classifier.http.boundary import BoundaryMiddleware
-from image_classifier.http.uploads import UploadRoute, UploadRule, scanned_parts
+from image_classifier.http.uploads import Upload, UploadRoute, UploadRule
 
 CAP = 1000
 
 
-async def echo_upload(request: Request) -> JSONResponse:
-    parts = scanned_parts(request.scope)
-    form = await request.form()  # the framework can still parse the replayed body
+async def echo_upload(upload: Upload) -> JSONResponse:
+    """The api's side: the upload as the boundary parsed it, bytes and all."""
     return JSONResponse(
         {
-            "parts": [[p.name, p.filename, p.content_type, p.size] for p in parts],
-            "fields": sorted(form.keys()),
-            "request_id": request.headers["x-request-id"],
+            "parts": [[p.name, p.filename, p.content_type, p.size] for p in upload.files],
+            "data": [p.data.decode("latin-1") for p in upload.files],
+            "integers": upload.integers,
+            "model_version": upload.model_version,
+            "request_id": upload.request_id,
         }
     )
+
+
+async def crash_upload(upload: Upload) -> JSONResponse:
+    raise RuntimeError("Traceback: secret /etc/passwd details")
 
 
 async def framework_400(request: Request) -> JSONResponse:
@@ -55,8 +60,9 @@ CLIENT = TestClient(
         APP,
         upload_routes={
             "/upload": UploadRoute(
-                UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})), CAP
-            )
+                UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"})), CAP, echo_upload
+            ),
+            "/crash_upload": UploadRoute(UploadRule("image", 1, 1), CAP, crash_upload),
         },
     ),
     raise_server_exceptions=False,
@@ -70,14 +76,27 @@ def code(response) -> str:
     return body["error"]["code"]
 
 
-def test_a_good_upload_reaches_the_app_with_its_parts():
+def test_a_good_upload_reaches_its_api_parsed_once():
     response = CLIENT.post(
-        "/upload", files={"image": ("a.png", b"x" * 10, "image/png")}, data={"top_k": "2"}
+        "/upload",
+        files={"image": ("a.png", b"x\r\n--y" * 10, "image/png")},
+        data={"top_k": " +2 "},
+        headers={"x-model-version": "v2"},
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["parts"] == [["image", "a.png", "image/png", 10]]
-    assert body["fields"] == ["image", "top_k"]
+    assert body["parts"] == [["image", "a.png", "image/png", 60]]
+    assert body["data"] == ["x\r\n--y" * 10]  # the bytes as sent, boundary-like lines and all
+    assert body["integers"] == {"top_k": 2}
+    assert body["model_version"] == "v2"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_a_bug_in_an_api_is_one_enveloped_500_with_no_details():
+    response = CLIENT.post("/crash_upload", files={"image": ("a.png", b"1", "image/png")})
+    assert response.status_code == 500
+    assert code(response) == "INTERNAL_ERROR"
+    assert "passwd" not in response.text and "Traceback" not in response.text
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,11 @@ def access_lines(server) -> list[dict]:
 
 
 def test_metrics_are_whole_across_two_workers_and_labelled_by_version(ops_server, heldout):
-    ready = samples(scrape(ops_server), "image_classifier_ready")
-    assert len(ready) == 2 and set(ready.values()) == {1.0}, ready  # one series per worker pid
+    deadline = time.monotonic() + 60  # /readyz answered by one worker: the other may be loading
+    while set((ready := samples(scrape(ops_server), "image_classifier_ready")).values()) != {1.0}:
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.2)
+    assert len(ready) == 2, ready  # one series per worker pid
     before = scrape(ops_server)
     answered = Counter()
     for image, _ in heldout[:120]:
