@@ -32,6 +32,7 @@ logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before
 bentoml_compat.replace_leaking_timeout_middleware()
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 log = logging.getLogger("image_classifier.service")
+log.info("sized: %s", SETTINGS.sizing)
 
 
 @bentoml.service(

@@ -109,7 +109,9 @@ class BoundaryMiddleware:
             await _discard_body(receive)  # answer after the body: no reset under the client
             raise
         try:
+            receiving = time.perf_counter()
             body = await _read_capped_body(scope, receive, route.max_bytes)
+            metrics.BODY_SECONDS.observe(time.perf_counter() - receiving)
             if route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(body, receive), send)
                 return
@@ -117,7 +119,9 @@ class BoundaryMiddleware:
             del body  # the files hold their own bytes now
             upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
             response = await route.answer(upload)
+            answered = time.perf_counter()
             await response(scope, receive, send)
+            metrics.RESPOND_SECONDS.observe(time.perf_counter() - answered)
         finally:
             self.gate.leave()
 

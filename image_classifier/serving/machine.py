@@ -26,7 +26,8 @@ class CpuBudget:
 @dataclass(frozen=True)
 class Sizing:
     workers: int
-    threads: int  # decode and model-run threads per worker
+    threads: int  # worker threads per process, each decoding an image and running the model
+    model_runs: int  # model runs at once per process
     ort_intra_op_threads: int
     reason: str
 
@@ -75,15 +76,17 @@ def _read_cpu_max(path: Path) -> float | None:
 
 
 def size_for(budget: CpuBudget) -> Sizing:
-    """One worker per two CPUs, each with two threads and 1-thread ONNX Runtime runs.
+    """One worker per two CPUs, each running as many 1-thread model runs at once as it has CPUs,
+    with twice as many threads (so the next images decode, and queue into batches, meanwhile).
 
     A worker process drives about two cores (decoding and ONNX Runtime release the GIL, the
     event loop does not), and two 1-thread model runs in parallel beat one 2-thread run on a
-    busy machine (shared/notes/performance.md); fewer processes keep memory down."""
+    busy machine; fewer processes keep memory down."""
     workers = max(1, math.ceil(budget.cpus / 2))
-    threads = 2 if budget.cpus >= 2 else 1
+    runs = max(1, budget.cpus // workers)
+    threads = 2 * runs
     reason = (
-        f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s) x {threads} "
-        f"thread(s), 1 ONNX Runtime thread per run"
+        f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s), each with "
+        f"{threads} threads and {runs} model run(s) at once of 1 ONNX Runtime thread"
     )
-    return Sizing(workers, threads, 1, reason)
+    return Sizing(workers, threads, runs, 1, reason)

@@ -49,6 +49,22 @@ PREPROCESS_SECONDS = Histogram(
     "Decode + validate + preprocess time of one image",
     buckets=_SECONDS_BUCKETS,
 )
+# The stages of a request beside preprocess and inference: where the time goes under load.
+BODY_SECONDS = Histogram(
+    "image_classifier_body_receive_seconds",
+    "Receiving an upload's body, from its first read to its last byte",
+    buckets=_SECONDS_BUCKETS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "image_classifier_queue_wait_seconds",
+    "An image's wait for a model run, from its tensor being ready to the run's start",
+    buckets=_SECONDS_BUCKETS,
+)
+RESPOND_SECONDS = Histogram(
+    "image_classifier_respond_seconds",
+    "Writing an answer: from the api's response to its last byte handed to the server",
+    buckets=_SECONDS_BUCKETS,
+)
 PREDICTIONS = Counter(
     "image_classifier_predictions", "Predictions by label", ["label", "model_version"]
 )

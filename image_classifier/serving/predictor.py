@@ -1,8 +1,11 @@
 """From an upload's bytes to its answer, for every route of the service; no HTTP here.
 
 It holds what one worker serves with: the model versions (`routing`), the duplicate-input cache, a
-bounded pool of decode threads, one batcher per model version, and the shadow scoring of a
+bounded pool of worker threads, one batcher per model version, and the shadow scoring of a
 candidate. It times and counts what the core does (metrics, drift).
+
+An /analyze image makes one thread hand-off: a worker thread decodes and preprocesses it, then
+runs it through the batcher (in the same thread: `batching.py`), and the event loop gets the row.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Predictor:
     def __init__(self, router: ModelRouter, settings: Settings) -> None:
         self.router = router
         self.settings = settings
-        self.decode_limiter = anyio.CapacityLimiter(settings.threads)
+        self.threads = anyio.CapacityLimiter(settings.threads)  # decoding and model runs
         self.cache = (
             PredictionCache(settings.cache_size, settings.cache_ttl_s)
             if settings.cache_size
@@ -90,7 +93,9 @@ class Predictor:
                 raise ModelLoadError(f"model {served.tag} cannot be served: {exc}") from exc
             served.loaded(classifier)
             self.batchers[version] = MicroBatcher(
-                classifier.run_isolating_faults, self.settings.batch_max_size, self.settings.threads
+                classifier.run_isolating_faults,
+                self.settings.batch_max_size,
+                runners=self.settings.model_runs,
             )
             log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
 
@@ -115,6 +120,13 @@ class Predictor:
             "metrics": card.metrics.model_dump(mode="json"),
             "training_data_sha256": card.training_data_sha256,
             "batching": {"enabled": settings.batching, "max_batch_size": settings.batch_max_size},
+            "sizing": {
+                "workers": settings.workers,
+                "threads": settings.threads,
+                "model_runs": settings.model_runs,
+                "ort_intra_op_threads": settings.ort_intra_op_threads,
+                "chosen_from": settings.sizing,
+            },
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_batch_images": settings.max_batch_images,
@@ -130,7 +142,7 @@ class Predictor:
     ) -> np.ndarray:
         """Decode, validate and preprocess on the bounded thread pool (ClassifierError: 4xx)."""
         return await anyio.to_thread.run_sync(
-            _timed_prepare, classifier, data, content_type, limiter=self.decode_limiter
+            _timed_prepare, classifier, data, content_type, limiter=self.threads
         )
 
     async def answer(
@@ -142,8 +154,7 @@ class Predictor:
         if key is not None and (hit := cache.get(key)) is not None:
             return Answer(hit, batch_size=0, cached=True)
         classifier = served.ready_classifier()
-        tensor = await self.prepare(classifier, data, content_type)
-        probabilities, merged = await self._run_one(served, tensor)
+        probabilities, merged = await self._predict_one(served, classifier, data, content_type)
         prediction = classifier.to_prediction(probabilities, top_k)
         if key is not None:
             cache.put(key, prediction)
@@ -153,32 +164,28 @@ class Predictor:
     async def answer_each(
         self, served: ServedVersion, uploads: Sequence[Upload], top_k: int
     ) -> list[Prediction | ClassifierError]:
-        """Many images in shared model runs; an image refused (or failed) stays in its place."""
+        """Many images, each on /analyze's path (so they share model runs with other requests),
+        at most half the threads at once: one big batch cannot starve single requests. An image
+        refused (or failed) stays in its place."""
         classifier = served.ready_classifier()
+        fair_share = anyio.CapacityLimiter(max(1, self.settings.threads // 2))
 
-        async def prepared(data: bytes | ClassifierError, content_type: str | None):
+        async def outcome(data: bytes | ClassifierError, content_type: str | None):
             if isinstance(data, ClassifierError):
                 return data
-            try:
-                return await self.prepare(classifier, data, content_type)
-            except ClassifierError as exc:
-                return exc
+            async with fair_share:
+                try:
+                    row, _ = await self._predict_one(served, classifier, data, content_type)
+                except ClassifierError as exc:
+                    return exc
+            return classifier.to_prediction(row, top_k)
 
-        items = await asyncio.gather(*(prepared(data, kind) for data, kind in uploads))
-        tensors = [item for item in items if not isinstance(item, ClassifierError)]
-        rows = iter(await anyio.to_thread.run_sync(classifier.run_isolating_faults, tensors))
-        outcomes: list[Prediction | ClassifierError] = []
-        for item in items:
-            row = item if isinstance(item, ClassifierError) else next(rows)
-            if row is None:
-                row = model_failure()
-            if isinstance(row, ClassifierError):
-                metrics.observe_item_error(row)
-                outcomes.append(row)
+        outcomes = await asyncio.gather(*(outcome(data, kind) for data, kind in uploads))
+        for item in outcomes:
+            if isinstance(item, ClassifierError):
+                metrics.observe_item_error(item)
             else:
-                prediction = classifier.to_prediction(row, top_k)
-                served.record(prediction)
-                outcomes.append(prediction)
+                served.record(item)
         return outcomes
 
     async def probabilities(self, served: ServedVersion, tensors: list[np.ndarray]) -> np.ndarray:
@@ -191,16 +198,20 @@ class Predictor:
             served.record(classifier.to_prediction(row, 1))
         return np.stack(rows)
 
-    async def _run_one(self, served: ServedVersion, tensor: np.ndarray) -> tuple[np.ndarray, int]:
-        """Through the batcher when batching is on, so concurrent requests share a model run.
+    async def _predict_one(
+        self, served: ServedVersion, classifier: Classifier, data: bytes, content_type: str | None
+    ) -> tuple[np.ndarray, int]:
+        """The probabilities and how many images shared the model run, in one worker thread."""
+        batcher = self.batchers[served.ref.version] if self.settings.batching else None
 
-        Returns the probabilities and how many images shared the model run."""
-        if self.settings.batching:
-            row, merged = await self.batchers[served.ref.version].submit(tensor)
-        else:
-            classifier = served.ready_classifier()
-            (row,) = await anyio.to_thread.run_sync(classifier.run_isolating_faults, [tensor])
-            merged = 1
+        def prepare_and_run() -> tuple[np.ndarray | None, int]:
+            tensor = _timed_prepare(classifier, data, content_type)
+            if batcher is not None:
+                return batcher.run(tensor)
+            (row,) = classifier.run_isolating_faults([tensor])
+            return row, 1
+
+        row, merged = await anyio.to_thread.run_sync(prepare_and_run, limiter=self.threads)
         if row is None:
             raise model_failure()
         return row, merged
@@ -221,8 +232,7 @@ class Predictor:
     ) -> None:
         try:
             classifier = shadow.ready_classifier()
-            tensor = await self.prepare(classifier, data, content_type)
-            probabilities, _ = await self._run_one(shadow, tensor)
+            probabilities, _ = await self._predict_one(shadow, classifier, data, content_type)
             label = classifier.to_prediction(probabilities, 1).label
             metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
         except Exception:

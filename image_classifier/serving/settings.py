@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from limits import parse as parse_rate_limit
 
 from ..core.classifier import ClassifierOptions
 from ..core.decoding import DecodeLimits
+from .machine import CpuBudget, cpu_budget, size_for
 from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
@@ -74,9 +75,16 @@ class Settings:
         8,
         "most images in one merged model run (ONNX Runtime keeps memory for the largest)",
     )
-    workers: int = _env("WORKERS", 1, "server processes, each with its own model session")
-    threads: int = _env("THREADS", 2, "decode/preprocess threads per worker")
-    ort_intra_op_threads: int = _env("ORT_INTRA_OP_THREADS", 1, "ONNX Runtime threads per run")
+    workers: int = _env(
+        "WORKERS", 0, "server processes, each with its own model session (0: from the CPUs)"
+    )
+    threads: int = _env(
+        "THREADS", 0, "threads per worker that decode and run the model (0: from the CPUs)"
+    )
+    model_runs: int = _env("MODEL_RUNS", 0, "model runs at once per worker (0: from the CPUs)")
+    ort_intra_op_threads: int = _env(
+        "ORT_INTRA_OP_THREADS", 0, "ONNX Runtime threads per model run (0: from the CPUs)"
+    )
     max_concurrency: int = _env(
         "MAX_CONCURRENCY", 128, "requests in work at once per worker (503 OVERLOADED above)"
     )
@@ -92,6 +100,8 @@ class Settings:
     shutdown_grace_s: float = _env(
         "SHUTDOWN_GRACE_S", 20.0, "on SIGTERM, time to finish accepted requests before exit"
     )
+    # Not read from the environment: how the process and thread counts were chosen (/info).
+    sizing: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         formats = tuple(fmt.upper() for fmt in self.allowed_formats)
@@ -108,11 +118,19 @@ class Settings:
             grade_medium=self.grade_medium,
         )
 
+    def sized(self, budget: CpuBudget) -> Settings:
+        """The settings with every process and thread count left at 0 taken from the CPUs."""
+        chosen = size_for(budget)
+        auto = {name: getattr(chosen, name) for name in _SIZED if getattr(self, name) == 0}
+        given = [f"{_env_name(name)}={getattr(self, name)}" for name in _SIZED if name not in auto]
+        sizing = chosen.reason + (f"; set in the environment: {', '.join(given)}" if given else "")
+        return replace(self, **auto, sizing=sizing)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         values = {}
-        for spec in fields(cls):
+        for spec in _env_fields():
             raw = environ.get(spec.metadata["env"])
             if raw is None or raw.strip() == "":
                 continue
@@ -120,7 +138,7 @@ class Settings:
         record = read_record(record_path(environ))
         values.setdefault("model_tag", record.model_tag)
         values.setdefault("candidate_model_tag", record.candidate_tag or "")
-        settings = cls(**values)
+        settings = cls(**values).sized(cpu_budget())
         settings.validate()
         return settings
 
@@ -134,6 +152,7 @@ class Settings:
             "batch_max_size",
             "workers",
             "threads",
+            "model_runs",
             "ort_intra_op_threads",
             "max_concurrency",
             "drift_window",
@@ -162,8 +181,15 @@ class Settings:
                 raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'") from None
 
 
+_SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads")
+
+
+def _env_fields() -> list:
+    return [spec for spec in fields(Settings) if "env" in spec.metadata]
+
+
 def _env_name(attribute: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == attribute)
+    return next(f.metadata["env"] for f in _env_fields() if f.name == attribute)
 
 
 def _parse(name: str, raw: str, default: object) -> object:
@@ -190,7 +216,7 @@ def describe() -> str:
     """The configuration table with current values (printed when this module is run)."""
     current = Settings.from_env()
     rows = [f"{'variable':<22} {'default':<40} {'current':<40} meaning"]
-    for spec in fields(Settings):
+    for spec in _env_fields():
         default = spec.default
         value = getattr(current, spec.name)
         if spec.name == "api_tokens" and value:

@@ -1,13 +1,12 @@
-"""The in-process adaptive batcher, with a stand-in model that records its runs."""
+"""The adaptive batcher, called from threads as the predictor does, with a stand-in model."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 
 from image_classifier.serving.batching import MicroBatcher
 
@@ -15,42 +14,49 @@ from image_classifier.serving.batching import MicroBatcher
 class RecordingModel:
     """Doubles each input; returns None for negative inputs (a model fault on that item)."""
 
-    def __init__(self, seconds: float = 0.0) -> None:
+    def __init__(self, seconds: float = 0.0, fail_outside_the_model: bool = False) -> None:
         self.runs: list[int] = []
+        self.threads: list[str] = []
         self.seconds = seconds
+        self.fail = fail_outside_the_model
         self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
 
     def run_each(self, tensors):
         with self.lock:
             self.runs.append(len(tensors))
+            self.threads.append(threading.current_thread().name)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        if self.fail:
+            raise RuntimeError("a bug, not a model fault")
         return [None if t[0] < 0 else t * 2 for t in tensors]
 
 
-def test_a_lone_request_runs_at_once():
+def run_all(batcher: MicroBatcher, values: list[float], threads: int) -> list:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda v: batcher.run(np.array([v])), values))
+
+
+def test_a_lone_request_runs_at_once_in_its_own_thread():
     model = RecordingModel()
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
-
-    async def one():
-        started = time.perf_counter()
-        row, merged = await batcher.submit(np.array([1.0]))
-        return row, merged, time.perf_counter() - started
-
-    row, merged, seconds = asyncio.run(one())
+    started = time.perf_counter()
+    row, merged = batcher.run(np.array([1.0]))
     assert row.tolist() == [2.0] and merged == 1 and model.runs == [1]
-    assert seconds < 0.5  # no waiting for a batch to fill
+    assert model.threads == [threading.current_thread().name]  # no hand-off to another thread
+    assert time.perf_counter() - started < 0.5  # no waiting for a batch to fill
 
 
 def test_requests_arriving_while_the_model_is_busy_share_a_run():
     model = RecordingModel(seconds=0.05)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
-
-    async def many():
-        results = await asyncio.gather(*(batcher.submit(np.array([float(i)])) for i in range(20)))
-        return results
-
-    results = asyncio.run(many())
-    assert [row.tolist() for row, _ in results] == [[2.0 * i] for i in range(20)]  # in order
+    results = run_all(batcher, [float(i) for i in range(20)], threads=20)
+    assert [row.tolist() for row, _ in results] == [[2.0 * i] for i in range(20)]
     assert sum(model.runs) == 20 and max(model.runs) == 8 and len(model.runs) < 20
     assert all(1 <= merged <= 8 for _, merged in results)
 
@@ -58,46 +64,22 @@ def test_requests_arriving_while_the_model_is_busy_share_a_run():
 def test_a_failing_item_fails_alone():
     model = RecordingModel(seconds=0.02)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
-
-    async def mixed():
-        results = await asyncio.gather(
-            *(batcher.submit(np.array([v])) for v in (1.0, -1.0, 3.0, 4.0))
-        )
-        return results
-
-    rows = [row for row, _ in asyncio.run(mixed())]
-    assert rows[1] is None and [r.tolist() for r in (rows[0], rows[2], rows[3])] == [
-        [2.0], [6.0], [8.0]
-    ]  # fmt: skip
+    rows = [row for row, _ in run_all(batcher, [1.0, -1.0, 3.0, 4.0], threads=4)]
+    assert rows[1] is None
+    assert [r.tolist() for r in (rows[0], rows[2], rows[3])] == [[2.0], [6.0], [8.0]]
 
 
-def test_a_request_that_gave_up_is_not_run():
-    model = RecordingModel(seconds=0.1)
+def test_a_bug_outside_the_model_fails_its_run_and_no_thread_hangs():
+    model = RecordingModel(seconds=0.02, fail_outside_the_model=True)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
-
-    async def scenario():
-        first = asyncio.create_task(batcher.submit(np.array([1.0])))
-        await asyncio.sleep(0.02)  # the first run is busy
-        gave_up = asyncio.create_task(batcher.submit(np.array([2.0])))
-        await asyncio.sleep(0.01)
-        gave_up.cancel()
-        kept = await batcher.submit(np.array([3.0]))
-        await first
-        with pytest.raises(asyncio.CancelledError):
-            await gave_up
-        return kept
-
-    kept = asyncio.run(scenario())
-    assert kept[0].tolist() == [6.0] and model.runs == [1, 1]
+    results = run_all(batcher, [1.0, 2.0, 3.0], threads=3)
+    assert [row for row, _ in results] == [None, None, None]
 
 
-def test_two_runners_run_in_parallel():
+def test_runners_bound_the_model_runs_at_once():
     model = RecordingModel(seconds=0.2)
     batcher = MicroBatcher(model.run_each, max_batch=1, runners=2)
-
-    async def pair():
-        started = time.perf_counter()
-        await asyncio.gather(batcher.submit(np.array([1.0])), batcher.submit(np.array([2.0])))
-        return time.perf_counter() - started
-
-    assert asyncio.run(pair()) < 0.35  # two 0.2 s runs at once, not one after the other
+    started = time.perf_counter()
+    run_all(batcher, [1.0, 2.0, 3.0, 4.0], threads=4)
+    assert model.most_at_once == 2
+    assert time.perf_counter() - started < 0.7  # two at a time: ~0.4 s, not 0.8 s serially

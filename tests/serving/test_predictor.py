@@ -43,7 +43,7 @@ def predictor_for(model_dir, candidate_dir=None, **env) -> Predictor:
 
 
 def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
-    predictor = predictor_for(model_dir, batch_max_size=8)
+    predictor = predictor_for(model_dir, batch_max_size=8, threads=8, model_runs=1)
     served = predictor.router.primary
     data = pictures(24)
 

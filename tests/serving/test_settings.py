@@ -40,7 +40,7 @@ def test_values_are_parsed_by_type():
     [
         ("MAX_UPLOAD_BYTES", "ten", "MAX_UPLOAD_BYTES"),
         ("BATCHING", "maybe", "BATCHING"),
-        ("THREADS", "0", "THREADS"),
+        ("THREADS", "-1", "THREADS"),
         ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE"),
         ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM"),
     ],

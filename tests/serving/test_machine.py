@@ -1,0 +1,83 @@
+"""Process and thread counts from the CPUs this process may use: cgroup quota and affinity mask."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from image_classifier.serving.machine import CpuBudget, cgroup_quota, cpu_budget, size_for
+from image_classifier.serving.settings import Settings
+
+
+def fake_cgroup(tmp_path: Path, quotas: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup v2 tree with `cpu.max` files, and a /proc/self/cgroup naming its leaf."""
+    root = tmp_path / "cgroup"
+    for folder, cpu_max in quotas.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "cpu.max").write_text(cpu_max + "\n")
+    leaf = max(quotas, key=len)
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(f"0::/{leaf}\n")
+    return root, proc
+
+
+def test_no_quota_means_the_affinity_mask(tmp_path):
+    root, proc = fake_cgroup(tmp_path, {"kubepods/pod1": "max 100000"})
+    budget = cpu_budget(root, proc)
+    assert budget.cpus == len(os.sched_getaffinity(0))
+    assert "no cgroup CPU quota" in budget.reason
+
+
+def test_the_tightest_quota_on_the_way_to_the_root_counts(tmp_path):
+    root, proc = fake_cgroup(
+        tmp_path, {"kubepods": "300000 100000", "kubepods/pod1": "150000 100000"}
+    )
+    assert cgroup_quota(root, proc) == 1.5
+    budget = cpu_budget(root, proc)
+    assert budget.cpus == min(2, len(os.sched_getaffinity(0)))  # 1.5 CPUs: two to schedule on
+    assert "cgroup cpu.max: 1.5 CPU(s)" in budget.reason
+
+
+def test_cgroup_v1_or_unreadable_files_mean_no_quota(tmp_path):
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("4:cpu,cpuacct:/docker/abc\n")
+    assert cgroup_quota(tmp_path, proc) is None
+    assert cgroup_quota(tmp_path, tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads", "runs"),
+    [(1, 1, 2, 1), (2, 1, 4, 2), (3, 2, 2, 1), (16, 8, 4, 2)],
+)
+def test_sizing_per_cpu_count(cpus, workers, threads, runs):
+    sizing = size_for(CpuBudget(cpus, "test"))
+    assert (sizing.workers, sizing.threads, sizing.model_runs) == (workers, threads, runs)
+    assert sizing.ort_intra_op_threads == 1 and f"{cpus} usable CPU(s)" in sizing.reason
+
+
+def test_given_values_win_and_are_named():
+    settings = Settings.from_env({"WORKERS": "3", "ORT_INTRA_OP_THREADS": "2"})
+    assert (settings.workers, settings.ort_intra_op_threads) == (3, 2)
+    assert settings.threads >= 1 and settings.model_runs >= 1
+    assert "set in the environment: WORKERS=3, ORT_INTRA_OP_THREADS=2" in settings.sizing
+
+
+@pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (1, 4, 2))])
+def test_taskset_limits_what_is_chosen(mask, expected):
+    code = (
+        "import json; from image_classifier.serving.settings import Settings; "
+        "s = Settings.from_env({}); "
+        "print(json.dumps([s.workers, s.threads, s.model_runs, s.sizing]))"
+    )
+    out = subprocess.run(
+        ["taskset", "-c", mask, sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    *counts, reason = json.loads(out)
+    assert tuple(counts) == expected
+    assert f"affinity mask: {len(mask.split(','))} CPU(s)" in reason
