@@ -38,6 +38,7 @@ class ClassifierOptions:
     max_image_pixels: int = DecodeLimits.max_pixels
     max_batch: int = 8  # most images in one model run (ONNX Runtime keeps memory for the largest)
     intra_op_threads: int = 1
+    solo_threads: int = 1  # > 1: a second session with these threads for an image run alone
     default_top_k: int = 3
     grade_high: float = 0.90
     grade_medium: float = 0.60
@@ -66,7 +67,15 @@ class Classifier:
         self.options = options
         self.on_run = on_run
         self.limits = DecodeLimits(options.allowed_formats, options.max_image_pixels)
-        self.session = _open_session(Path(model_dir) / self.card.onnx_file, options)
+        onnx_path = Path(model_dir) / self.card.onnx_file
+        self.session = _open_session(onnx_path, options.intra_op_threads, spinning=False)
+        # At low load one image may use every core: threads that spin between layers answer
+        # sooner, and with nothing else to run they take no CPU from anyone.
+        self.solo_session = (
+            _open_session(onnx_path, options.solo_threads, spinning=True)
+            if options.solo_threads > 1
+            else None
+        )
         self._check_signature()
 
     @property
@@ -80,23 +89,27 @@ class Classifier:
         image = decode_image(data, self.limits, declared_type, spec.decode_size_hint)
         return preprocess(image, spec)
 
-    def run(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
-        """Tensors -> probabilities, in model runs of at most `max_batch` images."""
+    def run(self, tensors: Sequence[np.ndarray], solo: bool = False) -> np.ndarray:
+        """Tensors -> probabilities, in model runs of at most `max_batch` images. `solo`: nothing
+        else runs meanwhile, so a single image may take the solo session's threads."""
+        session = self.solo_session if solo and len(tensors) == 1 else None
         step = self.options.max_batch
         runs = []
         for start in range(0, len(tensors), step):
             chunk = tensors[start : start + step]
             started = time.perf_counter()
-            runs.append(self._probabilities(np.stack(chunk)))
+            runs.append(self._probabilities(np.stack(chunk), session or self.session))
             if self.on_run is not None:
                 self.on_run(len(chunk), time.perf_counter() - started)
         return np.concatenate(runs) if runs else np.zeros((0, len(self.labels)), np.float32)
 
-    def run_isolating_faults(self, tensors: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+    def run_isolating_faults(
+        self, tensors: Sequence[np.ndarray], solo: bool = False
+    ) -> list[np.ndarray | None]:
         """Like run, but a run that fails is retried item by item: one poison input fails
         alone (None) instead of taking every request merged with it down."""
         try:
-            return list(self.run(tensors))
+            return list(self.run(tensors, solo))
         except Exception:
             log.exception("a model run of %d items failed; retrying them one by one", len(tensors))
         rows: list[np.ndarray | None] = []
@@ -137,14 +150,16 @@ class Classifier:
         sizes = sorted({1, self.options.max_batch})
         for size in sizes:
             batch = np.zeros((size, *self.card.preprocessing.tensor_shape), dtype=np.float32)
-            if not np.all(np.isfinite(self._probabilities(batch))):
+            if not np.all(np.isfinite(self._probabilities(batch, self.session))):
                 raise ModelLoadError("model produced non-finite outputs on warm-up")
+        if self.solo_session is not None:
+            self._probabilities(batch[:1], self.solo_session)
         log.info("model %s warmed up with batch sizes %s", self.card.name, sizes)
 
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+    def _probabilities(self, batch: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
         """(N, *tensor_shape) float32 -> (N, labels) probabilities, whatever the model outputs."""
         card = self.card
-        (output,) = self.session.run([card.output_name], {card.input_name: batch})
+        (output,) = session.run([card.output_name], {card.input_name: batch})
         output = np.asarray(output, dtype=np.float32).reshape(len(batch), -1)
         if output.shape[1] != len(self.labels):
             raise ModelLoadError(
@@ -170,13 +185,16 @@ class Classifier:
             )
 
 
-def _open_session(onnx_path: Path, options: ClassifierOptions) -> ort.InferenceSession:
+def _open_session(onnx_path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.intra_op_num_threads = threads
     session_options.inter_op_num_threads = 1
-    # Spin-waiting threads burn CPU that decoding needs (measured: +4 CPU-ms per image).
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Under load, spin-waiting threads burn CPU that decoding needs (measured: +4 CPU-ms per
+    # image); only the solo session, used when nothing else runs, spins.
+    session_options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if spinning else "0"
+    )
     try:
         return ort.InferenceSession(
             str(onnx_path), sess_options=session_options, providers=["CPUExecutionProvider"]

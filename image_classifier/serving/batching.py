@@ -28,7 +28,7 @@ from . import metrics
 
 log = logging.getLogger(__name__)
 
-RunEach = Callable[[Sequence[np.ndarray]], list[np.ndarray | None]]
+RunEach = Callable[[Sequence[np.ndarray], bool], list[np.ndarray | None]]  # (tensors, solo)
 
 
 @dataclass
@@ -42,7 +42,8 @@ class _Queued:
 
 class MicroBatcher:
     def __init__(self, run_each: RunEach, max_batch: int, runners: int) -> None:
-        self.run_each = run_each  # one row per tensor, None for an item the model failed on
+        self.run_each = run_each  # one row per tensor, None for an item the model failed on;
+        # told `solo` when it runs one image and nothing else is running or waiting
         self.max_batch = max_batch
         self.runners = runners  # model runs at once (each one ONNX Runtime call)
         self._changed = threading.Condition()
@@ -65,13 +66,14 @@ class MicroBatcher:
     def _lead_one_run(self) -> None:
         """Take what is queued and run it, with the lock released during the model run."""
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
+        solo = len(batch) == 1 and self._running == 0 and not self._queue
         self._running += 1
         self._changed.release()
         try:
             started = time.perf_counter()
             for item in batch:
                 metrics.QUEUE_WAIT_SECONDS.observe(started - item.queued_at)
-            rows = self._rows(batch)
+            rows = self._rows(batch, solo)
         finally:
             self._changed.acquire()
             self._running -= 1
@@ -79,9 +81,9 @@ class MicroBatcher:
             item.row, item.merged, item.done = row, len(batch), True
         self._changed.notify_all()
 
-    def _rows(self, batch: list[_Queued]) -> list[np.ndarray | None]:
+    def _rows(self, batch: list[_Queued], solo: bool) -> list[np.ndarray | None]:
         try:
-            return self.run_each([item.tensor for item in batch])
+            return self.run_each([item.tensor for item in batch], solo)
         except Exception:  # run_each isolates model faults; this is a bug: fail the run's items
             log.exception("a batched model run failed outside the model")
             return [None] * len(batch)

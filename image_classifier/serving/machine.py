@@ -29,6 +29,7 @@ class Sizing:
     threads: int  # worker threads per process, each decoding an image and running the model
     model_runs: int  # model runs at once per process
     ort_intra_op_threads: int
+    ort_solo_threads: int  # for an image that runs alone: all of the worker's CPUs
     reason: str
 
 
@@ -87,6 +88,7 @@ def size_for(budget: CpuBudget) -> Sizing:
     threads = 2 * runs
     reason = (
         f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s), each with "
-        f"{threads} threads and {runs} model run(s) at once of 1 ONNX Runtime thread"
+        f"{threads} threads and {runs} model run(s) at once of 1 ONNX Runtime thread "
+        f"({runs} for an image that runs alone)"
     )
-    return Sizing(workers, threads, runs, 1, reason)
+    return Sizing(workers, threads, runs, 1, runs, reason)

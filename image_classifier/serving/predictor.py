@@ -125,6 +125,7 @@ class Predictor:
                 "threads": settings.threads,
                 "model_runs": settings.model_runs,
                 "ort_intra_op_threads": settings.ort_intra_op_threads,
+                "ort_solo_threads": settings.ort_solo_threads,
                 "chosen_from": settings.sizing,
             },
             "limits": {

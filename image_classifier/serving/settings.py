@@ -85,6 +85,11 @@ class Settings:
     ort_intra_op_threads: int = _env(
         "ORT_INTRA_OP_THREADS", 0, "ONNX Runtime threads per model run (0: from the CPUs)"
     )
+    ort_solo_threads: int = _env(
+        "ORT_SOLO_THREADS",
+        0,
+        "ONNX Runtime threads for an image that runs alone, at low load (0: from the CPUs; 1: off)",
+    )
     max_concurrency: int = _env(
         "MAX_CONCURRENCY", 128, "requests in work at once per worker (503 OVERLOADED above)"
     )
@@ -113,6 +118,7 @@ class Settings:
             max_image_pixels=self.max_image_pixels,
             max_batch=self.batch_max_size,
             intra_op_threads=self.ort_intra_op_threads,
+            solo_threads=self.ort_solo_threads,
             default_top_k=self.default_top_k,
             grade_high=self.grade_high,
             grade_medium=self.grade_medium,
@@ -154,6 +160,7 @@ class Settings:
             "threads",
             "model_runs",
             "ort_intra_op_threads",
+            "ort_solo_threads",
             "max_concurrency",
             "drift_window",
         )
@@ -181,7 +188,7 @@ class Settings:
                 raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'") from None
 
 
-_SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads")
+_SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads", "ort_solo_threads")
 
 
 def _env_fields() -> list:

@@ -16,6 +16,7 @@ class RecordingModel:
 
     def __init__(self, seconds: float = 0.0, fail_outside_the_model: bool = False) -> None:
         self.runs: list[int] = []
+        self.solo: list[bool] = []
         self.threads: list[str] = []
         self.seconds = seconds
         self.fail = fail_outside_the_model
@@ -23,9 +24,10 @@ class RecordingModel:
         self.running = 0
         self.most_at_once = 0
 
-    def run_each(self, tensors):
+    def run_each(self, tensors, solo):
         with self.lock:
             self.runs.append(len(tensors))
+            self.solo.append(solo)
             self.threads.append(threading.current_thread().name)
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
@@ -49,6 +51,7 @@ def test_a_lone_request_runs_at_once_in_its_own_thread():
     row, merged = batcher.run(np.array([1.0]))
     assert row.tolist() == [2.0] and merged == 1 and model.runs == [1]
     assert model.threads == [threading.current_thread().name]  # no hand-off to another thread
+    assert model.solo == [True]  # alone: it may use every core
     assert time.perf_counter() - started < 0.5  # no waiting for a batch to fill
 
 
@@ -59,6 +62,8 @@ def test_requests_arriving_while_the_model_is_busy_share_a_run():
     assert [row.tolist() for row, _ in results] == [[2.0 * i] for i in range(20)]
     assert sum(model.runs) == 20 and max(model.runs) == 8 and len(model.runs) < 20
     assert all(1 <= merged <= 8 for _, merged in results)
+    assert not any(solo for solo, size in zip(model.solo, model.runs, strict=True) if size > 1)
+    assert model.solo.count(True) <= 1  # only the first run can have found nobody else
 
 
 def test_a_failing_item_fails_alone():
