@@ -44,7 +44,13 @@ $(PROMTOOL):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 
-test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL)
+# Tests run the README's curl line and pin CPUs with taskset (util-linux, always on Debian).
+CURL := /usr/bin/curl
+$(CURL):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl
+
+test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL) $(CURL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

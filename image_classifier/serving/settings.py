@@ -195,6 +195,11 @@ def _env_fields() -> list:
     return [spec for spec in fields(Settings) if "env" in spec.metadata]
 
 
+def variable_names() -> set[str]:
+    """Every environment variable the service reads."""
+    return {spec.metadata["env"] for spec in _env_fields()}
+
+
 def _env_name(attribute: str) -> str:
     return next(f.metadata["env"] for f in _env_fields() if f.name == attribute)
 
