@@ -75,10 +75,7 @@ def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlet
         infer_request = open_inference.parse_request(await request.body(), max_items)
         tensor = infer_request.inputs[0]
         if tensor.datatype == "BYTES":
-            inputs = [
-                await predictor.prepare(classifier, data, None)
-                for data in open_inference.encoded_images(tensor)
-            ]
+            inputs = open_inference.encoded_images(tensor)
         else:
             inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
         probabilities = await predictor.probabilities(served, inputs)

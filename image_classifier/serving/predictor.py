@@ -4,8 +4,10 @@ It holds what one worker serves with: the model versions (`routing`), the duplic
 bounded pool of worker threads, one batcher per model version, and the shadow scoring of a
 candidate. It times and counts what the core does (metrics, drift).
 
-An /analyze image makes one thread hand-off: a worker thread decodes and preprocesses it, then
-runs it through the batcher (in the same thread: `batching.py`), and the event loop gets the row.
+Every image, whichever route brought it (/analyze, /analyze_batch, Open Inference `infer`),
+makes one thread hand-off: a worker thread decodes and preprocesses it, then runs it through the
+batcher (in the same thread: `batching.py`), and the event loop gets the row. Only /analyze
+answers come from the cache (it keeps finished predictions, not probability rows).
 """
 
 from __future__ import annotations
@@ -138,14 +140,6 @@ class Predictor:
             "grades": {"high": settings.grade_high, "medium": settings.grade_medium},
         }
 
-    async def prepare(
-        self, classifier: Classifier, data: bytes, content_type: str | None
-    ) -> np.ndarray:
-        """Decode, validate and preprocess on the bounded thread pool (ClassifierError: 4xx)."""
-        return await anyio.to_thread.run_sync(
-            _timed_prepare, classifier, data, content_type, limiter=self.threads
-        )
-
     async def answer(
         self, served: ServedVersion, data: bytes, content_type: str | None, top_k: int
     ) -> Answer:
@@ -189,24 +183,40 @@ class Predictor:
                 served.record(item)
         return outcomes
 
-    async def probabilities(self, served: ServedVersion, tensors: list[np.ndarray]) -> np.ndarray:
-        """Every row, or one error for all: for callers whose request fails as a whole."""
+    async def probabilities(
+        self, served: ServedVersion, items: Sequence[bytes | np.ndarray]
+    ) -> np.ndarray:
+        """Every item's probabilities, on /analyze's path (encoded images are decoded, tensors
+        taken as they are; both share model runs), or one error for all: for Open Inference
+        requests, which fail as a whole."""
         classifier = served.ready_classifier()
-        rows = await anyio.to_thread.run_sync(classifier.run_isolating_faults, tensors)
-        if any(row is None for row in rows):
-            raise model_failure()
-        for row in rows:
-            served.record(classifier.to_prediction(row, 1))
+        fair_share = anyio.CapacityLimiter(max(1, self.settings.threads // 2))
+
+        async def row(item: bytes | np.ndarray) -> np.ndarray:
+            async with fair_share:
+                return (await self._predict_one(served, classifier, item, None))[0]
+
+        rows = await asyncio.gather(*(row(item) for item in items))
+        for probabilities in rows:
+            served.record(classifier.to_prediction(probabilities, 1))
         return np.stack(rows)
 
     async def _predict_one(
-        self, served: ServedVersion, classifier: Classifier, data: bytes, content_type: str | None
+        self,
+        served: ServedVersion,
+        classifier: Classifier,
+        data: bytes | np.ndarray,
+        content_type: str | None,
     ) -> tuple[np.ndarray, int]:
-        """The probabilities and how many images shared the model run, in one worker thread."""
+        """The probabilities and how many images shared the model run, in one worker thread
+        (`data`: an encoded image, or a tensor already preprocessed)."""
         batcher = self.batchers[served.ref.version] if self.settings.batching else None
 
         def prepare_and_run() -> tuple[np.ndarray | None, int]:
-            tensor = _timed_prepare(classifier, data, content_type)
+            if isinstance(data, np.ndarray):
+                tensor = data
+            else:
+                tensor = _timed_prepare(classifier, data, content_type)
             if batcher is not None:
                 return batcher.run(tensor)
             (row,) = classifier.run_isolating_faults([tensor])
