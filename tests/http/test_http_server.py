@@ -65,6 +65,9 @@ def test_probes_and_info(server):
     assert info["model"] == {"name": "digits-cnn", "version": "v1"}
     assert info["metrics"]["accuracy"] >= 0.97
     assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
+    sizing = info["sizing"]  # chosen from the CPUs this process may use, and said so
+    assert sizing["workers"] >= 1 and sizing["threads"] >= sizing["model_runs"] >= 1
+    assert "usable CPU(s)" in sizing["chosen_from"] and "affinity mask" in sizing["chosen_from"]
 
 
 def test_png_predictions_equal_offline_onnx(server, heldout, offline_labels):
