@@ -159,7 +159,7 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
         part.size += end - start
-        if part.is_file or part.size <= rule.max_text_bytes + (end - start):
+        if part.is_file or part.size <= rule.max_text_bytes:  # a longer value is refused
             part.chunks.append(data[start:end])
 
     def on_part_end() -> None:

@@ -163,7 +163,7 @@ class Predictor:
         at most half the threads at once: one big batch cannot starve single requests. An image
         refused (or failed) stays in its place."""
         classifier = served.ready_classifier()
-        fair_share = anyio.CapacityLimiter(max(1, self.settings.threads // 2))
+        fair_share = self._share_of_a_many_image_request()
 
         async def outcome(data: bytes | ClassifierError, content_type: str | None):
             if isinstance(data, ClassifierError):
@@ -190,7 +190,7 @@ class Predictor:
         taken as they are; both share model runs), or one error for all: for Open Inference
         requests, which fail as a whole."""
         classifier = served.ready_classifier()
-        fair_share = anyio.CapacityLimiter(max(1, self.settings.threads // 2))
+        fair_share = self._share_of_a_many_image_request()
 
         async def row(item: bytes | np.ndarray) -> np.ndarray:
             async with fair_share:
@@ -200,6 +200,10 @@ class Predictor:
         for probabilities in rows:
             served.record(classifier.to_prediction(probabilities, 1))
         return np.stack(rows)
+
+    def _share_of_a_many_image_request(self) -> anyio.CapacityLimiter:
+        """Half the threads at most for one request's images, so single requests keep the rest."""
+        return anyio.CapacityLimiter(max(1, self.settings.threads // 2))
 
     async def _predict_one(
         self,
