@@ -154,6 +154,28 @@ def test_imagenet_normalisation_and_layout():
     np.testing.assert_array_equal(nhwc, tensor.transpose(1, 2, 0))
 
 
+@pytest.mark.parametrize(
+    ("mode", "mean", "std", "layout"),
+    [("RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "NCHW"),
+     ("RGB", (0.5,), (0.25, 0.5, 2.0), "NHWC"),
+     ("L", (0.1307,), (0.3081,), "NCHW")],
+)  # fmt: skip
+def test_normalisation_equals_the_arithmetic_on_every_pixel_value(mode, mean, std, layout):
+    """The lookup table must give bit for bit what `(pixels * scale - mean) / std` gives."""
+    values = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    values.reshape(-1, 3)[:256] = np.arange(256, dtype=np.uint8)[:, None]  # every 8-bit value
+    picture = Image.fromarray(values).convert(mode)
+    spec = PreprocessSpec(input_size=(16, 16), color_mode=mode, resize_mode="stretch",
+                          mean=mean, std=std, layout=layout)  # fmt: skip
+    pixels = np.asarray(picture, dtype=np.float32).reshape(16, 16, -1)
+    expected = (pixels * np.float32(spec.scale) - np.float32(mean)) / np.float32(std)
+    if layout == "NCHW":
+        expected = expected.transpose(2, 0, 1)
+    tensor = preprocess(picture, spec)
+    assert tensor.flags.c_contiguous and tensor.dtype == np.float32
+    np.testing.assert_array_equal(tensor, expected)
+
+
 def test_spec_rejects_inconsistent_values():
     with pytest.raises(ValueError, match="mean"):
         PreprocessSpec(input_size=(8, 8), color_mode="RGB", mean=(0.1, 0.2))
