@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from image_classifier.core.classifier import read_card
+from loadtest.benchmark import STAGES
 from loadtest.servers import REPO, serve
 from tests.model_store import store_model_dir
 from tests.pictures import encode
@@ -119,12 +121,19 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
-    ratios = ("service_over_limit", "service_over_baseline_640", "service_over_baseline_phone")
-    others = ("p99_over_baseline", "int8_over_fp32", "cold_start_s", "rss_mb_per_worker")
-    for key in (*ratios, *others):
+    for key in figures["targets"]:  # every target got a measured value
         assert isinstance(figures[key], float) and figures[key] > 0, (key, figures[key])
-    for key in ("model", "settings", "machine", "command", "date"):
+    assert set(figures["targets"]) >= {
+        "service_over_expert_baseline", "service_over_litserve", "p99_over_litserve",
+        "p50_c1_over_baseline", "int8_served_over_fp32_served", "int8_service_over_int8_limit",
+    }  # fmt: skip
+    for key in ("model", "settings", "machine", "command", "date", "sizing"):
         assert figures[key], key
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", figures["commit"]), figures["commit"]
+    assert set(figures["stages_c16_ms"]) == set(STAGES), figures["stages_c16_ms"]
     assert all(p["img_s"] > 0 and p["errors"] == 0 for p in figures["points"]), figures["points"]
+    assert len(figures["workers2_cpu_shares"]) >= 1 and sum(figures["workers2_cpu_shares"]) <= 1.01
     assert figures["cache"]["hit_over_miss_c16"] > 0 and figures["cache"]["key_ms"]["640"] > 0
-    assert "| service | 640 | 16 |" in out.with_suffix(".md").read_text()
+    markdown = out.with_suffix(".md").read_text()
+    for system in ("service", "tutorial", "expert", "litserve", "service WORKERS=2"):
+        assert f"| {system} | 640 | 16 |" in markdown, system
