@@ -76,14 +76,15 @@ def _read_cpu_max(path: Path) -> float | None:
     return int(limit) / int(period)
 
 
-def size_for(budget: CpuBudget) -> Sizing:
+def size_for(budget: CpuBudget, workers: int = 0) -> Sizing:
     """One worker per two CPUs, each running as many 1-thread model runs at once as it has CPUs,
     with twice as many threads (so the next images decode, and queue into batches, meanwhile).
+    `workers` > 0: that many workers (set by the operator), the CPUs shared among them.
 
     A worker process drives about two cores (decoding and ONNX Runtime release the GIL, the
     event loop does not), and two 1-thread model runs in parallel beat one 2-thread run on a
     busy machine; fewer processes keep memory down."""
-    workers = max(1, math.ceil(budget.cpus / 2))
+    workers = workers or max(1, math.ceil(budget.cpus / 2))
     runs = max(1, budget.cpus // workers)
     threads = 2 * runs
     reason = (

@@ -126,7 +126,7 @@ class Settings:
 
     def sized(self, budget: CpuBudget) -> Settings:
         """The settings with every process and thread count left at 0 taken from the CPUs."""
-        chosen = size_for(budget)
+        chosen = size_for(budget, workers=self.workers)
         auto = {name: getattr(chosen, name) for name in _SIZED if getattr(self, name) == 0}
         given = [f"{_env_name(name)}={getattr(self, name)}" for name in _SIZED if name not in auto]
         sizing = chosen.reason + (f"; set in the environment: {', '.join(given)}" if given else "")

@@ -60,6 +60,16 @@ def test_sizing_per_cpu_count(cpus, workers, threads, runs):
     assert sizing.ort_intra_op_threads == 1 and f"{cpus} usable CPU(s)" in sizing.reason
 
 
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads", "runs"), [(2, 2, 2, 1), (16, 4, 8, 4), (2, 4, 2, 1)]
+)
+def test_workers_set_by_the_operator_share_the_cpus(cpus, workers, threads, runs):
+    """WORKERS=2 on 2 CPUs: one model run each, not the two a lone worker would get."""
+    sizing = size_for(CpuBudget(cpus, "test"), workers=workers)
+    assert (sizing.workers, sizing.threads, sizing.model_runs) == (workers, threads, runs)
+    assert sizing.ort_solo_threads == runs
+
+
 def test_given_values_win_and_are_named():
     settings = Settings.from_env({"WORKERS": "3", "ORT_INTRA_OP_THREADS": "2"})
     assert (settings.workers, settings.ort_intra_op_threads) == (3, 2)
