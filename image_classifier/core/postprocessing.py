@@ -52,5 +52,5 @@ def to_prediction(
         confidence=confidence,
         grade=grade(confidence, high, medium),
         top_k=[LabelProbability(label=labels[i], probability=float(row[i])) for i in order],
-        probabilities={label: float(p) for label, p in zip(labels, row, strict=True)},
+        probabilities=dict(zip(labels, row.tolist(), strict=True)),  # one C call, not 1 per item
     )
