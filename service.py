@@ -17,6 +17,7 @@ from image_classifier import model_store
 from image_classifier.http import logs
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
+from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
@@ -91,6 +92,7 @@ class ImageClassifier:
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
     gate=GATE,
+    pace=BodyPace.from_settings(SETTINGS),
     upload_routes={
         **routes_of_apis(
             ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis

@@ -335,6 +335,7 @@ def machine() -> dict:
 
 def git_commit() -> str:
     """The commit measured; "+dirty" when the work tree differs from it."""
+
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], cwd=REPO, capture_output=True, text=True).stdout
 

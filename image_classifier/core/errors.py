@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "OVERLOADED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     TIMEOUT = "TIMEOUT"
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # the request's body came too slowly
 
 
 class ClassifierError(Exception):

@@ -1,4 +1,10 @@
-"""Who gets in, and when: bearer tokens, a per-client rate limit, an in-flight cap, a deadline.
+"""Who gets in, and when: bearer tokens, a per-client rate limit, caps on the uploads arriving
+and on the requests in work, and deadlines.
+
+A request is counted twice in turn: while its body arrives (`start_receiving`, a larger cap, per
+client too) and then while it is worked on (`enter`, the in-flight cap). So slow uploads cannot
+take the slots of work in progress: they wait in their own, larger room, and leave it within the
+body deadline (`body.py`).
 
 BentoML 1.4's own `traffic` limits answer from outside every user middleware (their 429/504 bodies
 could not be put in the envelope), so the service enforces its own, here, and sets BentoML's
@@ -7,6 +13,7 @@ timeout above ours as a backstop. Everything is per worker process.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import math
@@ -36,6 +43,8 @@ class AdmissionPolicy:
     rate_limit: str = Settings.rate_limit  # `limits` notation, e.g. "20/second"; empty: off
     max_concurrency: int = Settings.max_concurrency  # in work at once; more: 503 OVERLOADED
     request_timeout_s: float = Settings.request_timeout_s  # still in work after: 504 TIMEOUT
+    max_receiving: int = Settings.max_receiving  # bodies arriving at once; more: 503 OVERLOADED
+    max_receiving_per_client: int = Settings.max_receiving_per_client  # more: 429 RATE_LIMITED
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdmissionPolicy:
@@ -44,6 +53,8 @@ class AdmissionPolicy:
             rate_limit=settings.rate_limit,
             max_concurrency=settings.max_concurrency,
             request_timeout_s=settings.request_timeout_s,
+            max_receiving=settings.max_receiving,
+            max_receiving_per_client=settings.max_receiving_per_client,
         )
 
 
@@ -61,7 +72,14 @@ class Gate:
         self._rate = parse(policy.rate_limit) if policy.rate_limit else None
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._rate else None
         self.in_flight = 0
+        self.receiving = 0  # bodies arriving (admitted, not yet in work)
+        self._receiving_by_client: collections.Counter[str] = collections.Counter()
         self.draining = False  # set on SIGTERM: finish what is in work, take nothing new
+
+    @property
+    def admitted(self) -> int:
+        """Requests let in and not finished: what a SIGTERM drain waits for."""
+        return self.in_flight + self.receiving
 
     def authenticate(self, authorization: str | None) -> str | None:
         """The client's key for rate limiting (a digest of its token), or None when auth is off."""
@@ -91,24 +109,53 @@ class Gate:
             retry_after_s=retry_after,
         )
 
-    def enter(self) -> None:
-        """Take a slot, or refuse at once: a fast honest 503 beats a queue that times out."""
+    def start_receiving(self, client_key: str) -> None:
+        """On arrival: refuse at once (cheap, before any body is read) when draining, when work is
+        at its cap, or when too many bodies are arriving, in all or from this client."""
         if self.draining:
             raise ClassifierError(
                 ErrorCode.SHUTTING_DOWN,
                 "this server is shutting down; retry on another replica",
                 retry_after_s=OVERLOADED_RETRY_AFTER_S,
             )
+        self._check_work_slot()
+        if self.receiving >= self.policy.max_receiving:
+            raise ClassifierError(
+                ErrorCode.OVERLOADED,
+                f"the server is receiving its limit of {self.policy.max_receiving} uploads",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        if self._receiving_by_client[client_key] >= self.policy.max_receiving_per_client:
+            raise ClassifierError(
+                ErrorCode.RATE_LIMITED,
+                f"this client is already sending {self.policy.max_receiving_per_client} uploads",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        self.receiving += 1
+        self._receiving_by_client[client_key] += 1
+
+    def stop_receiving(self, client_key: str) -> None:
+        self.receiving -= 1
+        self._receiving_by_client[client_key] -= 1
+        if not self._receiving_by_client[client_key]:
+            del self._receiving_by_client[client_key]
+
+    def enter(self) -> None:
+        """Take a work slot once the body is in, or refuse: a fast honest 503 beats a queue that
+        times out. Not refused for draining: the request was admitted before the SIGTERM."""
+        self._check_work_slot()
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def _check_work_slot(self) -> None:
         if self.in_flight >= self.policy.max_concurrency:
             raise ClassifierError(
                 ErrorCode.OVERLOADED,
                 f"the server is at its limit of {self.policy.max_concurrency} requests in work",
                 retry_after_s=OVERLOADED_RETRY_AFTER_S,
             )
-        self.in_flight += 1
-
-    def leave(self) -> None:
-        self.in_flight -= 1
 
 
 def _digest(token: str) -> bytes:

@@ -20,22 +20,18 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
+from .body import BodyPace, discard_body, read_body
 from .envelope import CODE_FOR_STATUS, HTTP_STATUS, error_body, is_error_envelope
 from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
 from .uploads import Upload, UploadRoute, parse_multipart
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
@@ -54,10 +50,12 @@ class BoundaryMiddleware:
         upload_routes: dict[str, UploadRoute],
         gate: Gate | None = None,
         readiness_path: str = "/readyz",
+        pace: BodyPace | None = None,
     ) -> None:
         self.app = app
         self.upload_routes = upload_routes
         self.gate = gate or Gate(AdmissionPolicy())
+        self.pace = pace or BodyPace()
         self.readiness_path = readiness_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,22 +94,31 @@ class BoundaryMiddleware:
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path = scope["path"]
+        client = None
         if not is_open_path(path):
-            client_key = self.gate.authenticate(_header(scope, "authorization"))
-            self.gate.check_rate(client_key or _client_address(scope))
+            client = self.gate.authenticate(_header(scope, "authorization"))
+            client = client or _client_address(scope)
+            self.gate.check_rate(client)
         route = self._route_for(path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        client = client or _client_address(scope)
         try:
-            self.gate.enter()  # from arrival: a SIGTERM drain also waits for bodies coming in
+            self.gate.start_receiving(client)  # a SIGTERM drain also waits for bodies coming in
         except ClassifierError:
-            await _discard_body(receive)  # answer after the body: no reset under the client
+            await discard_body(receive, self.pace)  # answer after the body: no reset under it
             raise
         try:
             receiving = time.perf_counter()
-            body = await _read_capped_body(scope, receive, route.max_bytes)
+            body = await read_body(
+                receive, _header(scope, "content-length"), route.max_bytes, self.pace
+            )
             metrics.BODY_SECONDS.observe(time.perf_counter() - receiving)
+        finally:
+            self.gate.stop_receiving(client)
+        self.gate.enter()
+        try:
             if route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(body, receive), send)
                 return
@@ -160,35 +167,6 @@ def _adopt_request_id(scope: Scope) -> str:
     request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
     _set_header(scope, REQUEST_ID_HEADER, request_id)
     return request_id
-
-
-async def _read_capped_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
-    too_large = ClassifierError(
-        ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the limit of {max_bytes:,} bytes"
-    )
-    declared = _header(scope, "content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClassifierError(ErrorCode.INVALID_REQUEST, "the client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _discard_body(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -249,6 +227,8 @@ class _EnvelopingSend:
         if exc.retry_after_s is not None or status in (429, 503):
             retry_after = _RETRY_AFTER_SECONDS if exc.retry_after_s is None else exc.retry_after_s
             headers.append((b"retry-after", str(retry_after).encode()))
+        if exc.code is ErrorCode.REQUEST_TIMEOUT:  # the rest of a slow body is not waited for
+            headers.append((b"connection", b"close"))
         self.started, self.status, self.error_code = True, status, exc.code.value
         metrics.ERRORS.labels(code=self.error_code).inc()
         await self.send({"type": "http.response.start", "status": self.status, "headers": headers})

@@ -32,9 +32,9 @@ def drain_on_sigterm(gate: Gate, grace_s: float) -> bool:
 
     async def finish(signum: int, frame: FrameType | None) -> None:
         deadline = loop.time() + grace_s
-        while gate.in_flight and loop.time() < deadline:
+        while gate.admitted and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        log.warning("drain done, %d request(s) still in work; shutting down", gate.in_flight)
+        log.warning("drain done, %d request(s) still in work; shutting down", gate.admitted)
         if callable(previous):
             previous(signum, frame)
         else:
@@ -47,7 +47,7 @@ def drain_on_sigterm(gate: Gate, grace_s: float) -> bool:
         gate.draining = True
         log.warning(
             "SIGTERM: taking no new work; finishing %d accepted request(s) within %g s",
-            gate.in_flight,
+            gate.admitted,
             grace_s,
         )
         loop.call_soon_threadsafe(lambda: _tasks.add(loop.create_task(finish(signum, frame))))

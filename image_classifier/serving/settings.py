@@ -96,6 +96,24 @@ class Settings:
     request_timeout_s: float = _env(
         "REQUEST_TIMEOUT_S", 30.0, "a request still in work after this gets 504 TIMEOUT"
     )
+    body_timeout_s: float = _env(
+        "BODY_TIMEOUT_S", 10.0, "an upload body still arriving after this gets 408 REQUEST_TIMEOUT"
+    )
+    body_min_bytes_per_s: int = _env(
+        "BODY_MIN_BYTES_PER_S",
+        1024,
+        "after its first second, an upload body slower than this on average gets 408",
+    )
+    max_receiving: int = _env(
+        "MAX_RECEIVING",
+        512,
+        "upload bodies arriving at once per worker, apart from the requests in work (503 above)",
+    )
+    max_receiving_per_client: int = _env(
+        "MAX_RECEIVING_PER_CLIENT",
+        64,
+        "upload bodies arriving at once from one client (token, else address; 429 above)",
+    )
     api_tokens: tuple[str, ...] = _env(
         "API_TOKENS", (), "bearer tokens the APIs accept (comma-separated); empty: no auth"
     )
@@ -162,6 +180,9 @@ class Settings:
             "ort_intra_op_threads",
             "ort_solo_threads",
             "max_concurrency",
+            "body_min_bytes_per_s",
+            "max_receiving",
+            "max_receiving_per_client",
             "drift_window",
         )
         for name in positive:
@@ -171,6 +192,8 @@ class Settings:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
         if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
+        if not 0 < self.body_timeout_s <= self.request_timeout_s:
+            raise ValueError("BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ValueError("CACHE_SIZE must be >= 0 and CACHE_TTL_S > 0")
         if not (0 <= self.canary_fraction <= 1 and 0 <= self.shadow_fraction <= 1):

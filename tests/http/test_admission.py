@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import time
 
 import pytest
 from starlette.applications import Starlette
@@ -15,6 +17,7 @@ from starlette.testclient import TestClient
 
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.http.admission import AdmissionPolicy, Gate
+from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware, UploadRoute
 from image_classifier.http.uploads import UploadRule
 
@@ -48,20 +51,44 @@ def test_rate_limit_is_per_client_and_says_when_to_retry():
     assert 1 <= caught.value.retry_after_s <= 60
 
 
-def test_slots_refuse_past_the_cap_and_while_draining():
+def test_slots_refuse_past_the_cap_and_arrivals_while_draining():
     gate = Gate(AdmissionPolicy(max_concurrency=2))
     gate.enter()
     gate.enter()
     with pytest.raises(ClassifierError) as caught:
         gate.enter()
     assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retry_after_s == 1
+    with pytest.raises(ClassifierError) as caught:  # work is full: refused on arrival already
+        gate.start_receiving("a")
+    assert caught.value.code is ErrorCode.OVERLOADED
     gate.leave()
-    gate.enter()
-    gate.leave()
+    gate.start_receiving("a")
     gate.draining = True
     with pytest.raises(ClassifierError) as caught:
-        gate.enter()
+        gate.start_receiving("b")
     assert caught.value.code is ErrorCode.SHUTTING_DOWN
+    gate.stop_receiving("a")
+    gate.enter()  # admitted before the SIGTERM: it still gets its slot
+    assert gate.admitted == 2
+
+
+def test_bodies_arriving_have_their_own_caps_in_all_and_per_client():
+    gate = Gate(AdmissionPolicy(max_concurrency=1, max_receiving=3, max_receiving_per_client=2))
+    gate.start_receiving("a")
+    gate.start_receiving("a")
+    with pytest.raises(ClassifierError) as caught:
+        gate.start_receiving("a")
+    assert caught.value.code is ErrorCode.RATE_LIMITED and caught.value.retry_after_s == 1
+    gate.start_receiving("b")
+    with pytest.raises(ClassifierError) as caught:
+        gate.start_receiving("c")
+    assert caught.value.code is ErrorCode.OVERLOADED
+    assert (gate.receiving, gate.in_flight, gate.admitted) == (3, 0, 3)
+    gate.stop_receiving("a")
+    gate.start_receiving("c")
+    for client in ("a", "b", "c"):
+        gate.stop_receiving(client)
+    assert gate.receiving == 0 and gate.admitted == 0
 
 
 # --- behind the boundary ---------------------------------------------------------------------
@@ -139,3 +166,55 @@ def test_requests_past_the_cap_get_503_overloaded_at_once():
     assert statuses[0] == 200 and 503 in statuses
     refused = next(r for r in responses if r.status_code == 503)
     assert envelope(refused, 503) == "OVERLOADED" and refused.headers["retry-after"] == "1"
+
+
+def slow_body_exchange(pace: BodyPace, chunks: list[bytes], gate: Gate) -> tuple[int, dict, dict]:
+    """One multipart POST whose body arrives as `chunks`, then nothing: (status, headers, body)."""
+    app = BoundaryMiddleware(
+        Starlette(routes=[Route("/upload", upload, methods=["POST"])]),
+        upload_routes={"/upload": UploadRoute(UploadRule("image", 1, 1), 10_000)},
+        gate=gate,
+        pace=pace,
+    )
+    sent: list[dict] = []
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": True}
+        await asyncio.sleep(3600)  # the client sends nothing more
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=x")]
+    scope = {"type": "http", "method": "POST", "path": "/upload", "headers": headers,
+             "client": ("10.0.0.9", 5)}  # fmt: skip
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), json.loads(body)
+
+
+def test_a_body_that_stops_coming_is_cut_with_408_and_frees_its_place():
+    gate = Gate(AdmissionPolicy())
+    started = time.monotonic()
+    status, headers, body = slow_body_exchange(
+        BodyPace(timeout_s=5, min_bytes_per_s=100, grace_s=0.2), [b"--x\r\n"], gate
+    )
+    waited = time.monotonic() - started
+    assert status == 408 and body["error"]["code"] == "REQUEST_TIMEOUT", body
+    assert "5 bytes" in body["error"]["message"]
+    assert headers[b"connection"] == b"close"
+    assert 0.2 <= waited < 2  # cut by the rate (5 bytes were due by 0.25 s), not the deadline
+    assert gate.admitted == 0
+
+
+def test_a_body_that_keeps_its_rate_is_still_cut_at_the_body_deadline():
+    gate = Gate(AdmissionPolicy())
+    started = time.monotonic()
+    status, _, body = slow_body_exchange(
+        BodyPace(timeout_s=0.5, min_bytes_per_s=1, grace_s=10), [b"--x\r\n"] * 3, gate
+    )
+    assert status == 408 and body["error"]["code"] == "REQUEST_TIMEOUT"
+    assert 0.5 <= time.monotonic() - started < 2 and gate.admitted == 0

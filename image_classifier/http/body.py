@@ -1,0 +1,91 @@
+"""Reading an upload's body against the clock: a byte cap, a body deadline and a minimum rate.
+
+Without them a client that sends its headers and then one byte a second (or nothing) keeps its
+connection and its place until the request deadline, and a few hundred such clients lock honest
+ones out. So the body must arrive within `timeout_s` and, after its first `grace_s`, at
+`min_bytes_per_s` on average; otherwise the request is cut with 408 REQUEST_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from starlette.types import Receive
+
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class BodyPace:
+    timeout_s: float = Settings.body_timeout_s
+    min_bytes_per_s: int = Settings.body_min_bytes_per_s
+    grace_s: float = 1.0  # the rate is judged after the body's first second (TCP slow start)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BodyPace:
+        return cls(settings.body_timeout_s, settings.body_min_bytes_per_s)
+
+    def next_bytes_due(self, started: float, received: int) -> float:
+        """When more bytes must have come (loop time): the body deadline, or the moment the
+        average rate since the grace period would fall below the minimum."""
+        by_rate = started + self.grace_s + received / self.min_bytes_per_s
+        return min(started + self.timeout_s, by_rate)
+
+
+async def read_body(
+    receive: Receive, declared: str | None, max_bytes: int, pace: BodyPace
+) -> bytes:
+    """The whole body, or ClassifierError: 413 over `max_bytes` (a Content-Length over it is
+    refused before a byte is read), 408 too slow, 400 when the client hangs up."""
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in _paced_chunks(receive, pace):
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def discard_body(receive: Receive, pace: BodyPace) -> None:
+    """Read and drop the body (so a refusal is not a reset under the client), at most until the
+    pace gives up on it."""
+    try:
+        async for _ in _paced_chunks(receive, pace):
+            pass
+    except ClassifierError:
+        return
+
+
+async def _paced_chunks(receive: Receive, pace: BodyPace):
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(pace.next_bytes_due(started, received)):
+                message = await receive()
+        except TimeoutError:
+            elapsed = loop.time() - started
+            raise ClassifierError(
+                ErrorCode.REQUEST_TIMEOUT,
+                f"the request body came too slowly ({received:,} bytes in {elapsed:.1f} s): send "
+                f"it within {pace.timeout_s:g} s, at {pace.min_bytes_per_s:,} bytes/s or more",
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClassifierError(ErrorCode.INVALID_REQUEST, "the client disconnected")
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _too_large(max_bytes: int) -> ClassifierError:
+    return ClassifierError(
+        ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the limit of {max_bytes:,} bytes"
+    )
