@@ -104,10 +104,12 @@ class BoundaryMiddleware:
             await self.app(scope, receive, send)
             return
         client = client or _client_address(scope)
+        send.close_connection = True  # an answer before the whole body is in ends the connection
         try:
             self.gate.start_receiving(client)  # a SIGTERM drain also waits for bodies coming in
         except ClassifierError:
-            await discard_body(receive, self.pace)  # answer after the body: no reset under it
+            # Answer after the body (no reset under the client), unless it comes too slowly.
+            send.close_connection = not await discard_body(receive, self.pace)
             raise
         try:
             receiving = time.perf_counter()
@@ -115,6 +117,7 @@ class BoundaryMiddleware:
                 receive, _header(scope, "content-length"), route.max_bytes, self.pace
             )
             metrics.BODY_SECONDS.observe(time.perf_counter() - receiving)
+            send.close_connection = False
         finally:
             self.gate.stop_receiving(client)
         self.gate.enter()
@@ -198,6 +201,7 @@ class _EnvelopingSend:
         self.started = False
         self.status: int | None = None
         self.error_code: str | None = None
+        self.close_connection = False  # answering before the request's body was read
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -227,7 +231,7 @@ class _EnvelopingSend:
         if exc.retry_after_s is not None or status in (429, 503):
             retry_after = _RETRY_AFTER_SECONDS if exc.retry_after_s is None else exc.retry_after_s
             headers.append((b"retry-after", str(retry_after).encode()))
-        if exc.code is ErrorCode.REQUEST_TIMEOUT:  # the rest of a slow body is not waited for
+        if self.close_connection:  # the rest of the body is not waited for
             headers.append((b"connection", b"close"))
         self.started, self.status, self.error_code = True, status, exc.code.value
         metrics.ERRORS.labels(code=self.error_code).inc()

@@ -1,0 +1,124 @@
+"""Slow uploads against a real server: they are cut, and honest clients keep their throughput.
+
+The attacker opens its connections from other loopback addresses (127.0.0.0/8 is all local), as
+many machines would; honest clients come from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pytest
+
+from loadtest.load import closed_loops, percentile, throughput
+from loadtest.servers import serve
+from tests.figures import measured
+from tests.pictures import encode
+
+SLOW_CONNECTIONS = 500
+ATTACKER_ADDRESSES = 50  # 10 slow connections each
+BODY_TIMEOUT_S = 10  # the default
+HONEST_SECONDS = 8
+
+
+@pytest.fixture(scope="module")
+def digit_png(heldout) -> bytes:
+    return encode(heldout[0][0], "PNG")
+
+
+@dataclass
+class SlowAttack:
+    """Connections that send an upload's headers, then one body byte a second; each one cut is
+    opened again at once, so `connections` stay open all along."""
+
+    host: str
+    port: int
+    connections: int
+    lifetimes: list[float] = field(default_factory=list)  # seconds until the server closed it
+    statuses: dict[int | None, int] = field(default_factory=dict)
+
+    async def run(self, seconds: float) -> None:
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(*(self._one(i, stop_at) for i in range(self.connections)))
+
+    async def _one(self, index: int, stop_at: float) -> None:
+        source = f"127.0.0.{2 + index % ATTACKER_ADDRESSES}"
+        head = (
+            f"POST /analyze HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        ).encode()
+        while time.monotonic() < stop_at:
+            opened = time.monotonic()
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, local_addr=(source, 0)
+            )
+            answer = b""
+            try:
+                writer.write(head)
+                while True:
+                    writer.write(b"-")
+                    await writer.drain()
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(65536), timeout=1.0)
+                    except TimeoutError:
+                        if time.monotonic() - opened > 4 * BODY_TIMEOUT_S:
+                            break  # never cut: recorded as such
+                        continue
+                    if not chunk:
+                        break  # the server closed the connection
+                    answer += chunk
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+            self.lifetimes.append(time.monotonic() - opened)
+            status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+def _attack(host: str, port: int, seconds: float) -> SlowAttack:
+    attack = SlowAttack(host, port, SLOW_CONNECTIONS)
+    asyncio.run(attack.run(seconds))
+    return attack
+
+
+def test_slow_uploads_are_cut_and_do_not_starve_honest_clients(trained_store, artifacts, digit_png):
+    env = {"BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+    with serve(trained_store, artifacts / "server-slow-bodies.log", env=env) as server:
+        url = f"{server.url}/analyze"
+        address = urlsplit(server.url)
+        usual = asyncio.run(closed_loops(url, digit_png, concurrency=4, seconds=HONEST_SECONDS))
+        # The attacker runs in a process of its own (on other machines in real life): sharing
+        # the honest clients' event loop would slow them down by itself.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            attacking = pool.apply_async(
+                _attack, (address.hostname, address.port, HONEST_SECONDS + 4)
+            )
+            time.sleep(2)  # every slow connection is open
+            during = asyncio.run(
+                closed_loops(url, digit_png, concurrency=4, seconds=HONEST_SECONDS)
+            )
+            attack = attacking.get(timeout=4 * BODY_TIMEOUT_S + 30)
+        log = server.log()
+
+    ok = [o.seconds for o in during if o.status == 200]
+    ratio = throughput(during) / throughput(usual)
+    measured(
+        f"slow bodies: {SLOW_CONNECTIONS} connections from {ATTACKER_ADDRESSES} addresses at "
+        f"1 byte/s, reopened when cut: {len(attack.lifetimes)} cut, statuses {attack.statuses}, "
+        f"longest held {max(attack.lifetimes):.1f} s (BODY_TIMEOUT_S {BODY_TIMEOUT_S}); honest "
+        f"clients {throughput(during):.1f} req/s vs {throughput(usual):.1f} without the attack "
+        f"({ratio:.0%}), p99 {percentile(ok, 0.99) * 1000:.0f} ms"
+    )
+    assert all(o.status == 200 for o in during), [o for o in during if o.status != 200][:5]
+    assert ratio >= 0.9
+    assert percentile(ok, 0.99) < 1.0
+    assert len(attack.lifetimes) >= SLOW_CONNECTIONS  # every connection was cut at least once
+    assert max(attack.lifetimes) <= BODY_TIMEOUT_S + 1
+    assert set(attack.statuses) <= {408, 429, 503}, attack.statuses
+    assert "Traceback" not in log
