@@ -14,7 +14,7 @@ import bentoml
 
 import bentoml_compat
 from image_classifier import model_store
-from image_classifier.http import logs
+from image_classifier.http import header_limits, logs
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.body import BodyPace
@@ -31,6 +31,7 @@ SETTINGS = Settings.from_env()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 bentoml_compat.replace_leaking_timeout_middleware()
+header_limits.install()  # before the server loads its config: request heads are capped
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 log = logging.getLogger("image_classifier.service")
 log.info("sized: %s", SETTINGS.sizing)

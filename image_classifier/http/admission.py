@@ -14,10 +14,12 @@ timeout above ours as a backstop. Everything is per worker process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import hmac
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from limits import parse
@@ -73,13 +75,24 @@ class Gate:
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._rate else None
         self.in_flight = 0
         self.receiving = 0  # bodies arriving (admitted, not yet in work)
+        self._responding = 0  # answers being written (work done)
         self._receiving_by_client: collections.Counter[str] = collections.Counter()
         self.draining = False  # set on SIGTERM: finish what is in work, take nothing new
 
     @property
     def admitted(self) -> int:
         """Requests let in and not finished: what a SIGTERM drain waits for."""
-        return self.in_flight + self.receiving
+        return self.in_flight + self.receiving + self._responding
+
+    @contextlib.contextmanager
+    def responding(self) -> Iterator[None]:
+        """Writing an answer: no work slot (a client that never reads must not keep one from
+        others), but a SIGTERM drain still waits for it."""
+        self._responding += 1
+        try:
+            yield
+        finally:
+            self._responding -= 1
 
     def authenticate(self, authorization: str | None) -> str | None:
         """The client's key for rate limiting (a digest of its token), or None when auth is off."""

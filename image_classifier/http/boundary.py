@@ -129,11 +129,12 @@ class BoundaryMiddleware:
             del body  # the files hold their own bytes now
             upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
             response = await route.answer(upload)
+        finally:
+            self.gate.leave()
+        with self.gate.responding():  # a client that never reads its answer holds no work slot
             answered = time.perf_counter()
             await response(scope, receive, send)
             metrics.RESPOND_SECONDS.observe(time.perf_counter() - answered)
-        finally:
-            self.gate.leave()
 
     def _route_for(self, path: str) -> UploadRoute | None:
         """Exact paths first, then glob patterns such as `/v2/models/*/infer`."""

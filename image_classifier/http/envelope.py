@@ -25,6 +25,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_IMAGE: 422,
     ErrorCode.IMAGE_TOO_LARGE: 422,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.HEADERS_TOO_LARGE: 431,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.NOT_READY: 503,
     ErrorCode.OVERLOADED: 503,
@@ -44,6 +45,7 @@ CODE_FOR_STATUS: dict[int, ErrorCode] = {
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     422: ErrorCode.INVALID_REQUEST,
     429: ErrorCode.RATE_LIMITED,
+    431: ErrorCode.HEADERS_TOO_LARGE,
     503: ErrorCode.OVERLOADED,
     504: ErrorCode.TIMEOUT,
 }

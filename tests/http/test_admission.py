@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import time
 
@@ -19,7 +20,7 @@ from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware, UploadRoute
-from image_classifier.http.uploads import UploadRule
+from image_classifier.http.uploads import Upload, UploadRule
 
 TOKEN = "s3cret-token"
 FILES = {"image": ("a.png", b"x" * 10, "image/png")}
@@ -218,3 +219,40 @@ def test_a_body_that_keeps_its_rate_is_still_cut_at_the_body_deadline():
     )
     assert status == 408 and body["error"]["code"] == "REQUEST_TIMEOUT"
     assert 0.5 <= time.monotonic() - started < 2 and gate.admitted == 0
+
+
+def test_a_client_that_never_reads_its_answer_holds_no_work_slot():
+    """The answer is written after the work slot is given back; the deadline ends the wait."""
+    gate = Gate(AdmissionPolicy(max_concurrency=1, request_timeout_s=1.0))
+
+    async def answer(upload: Upload) -> JSONResponse:
+        return JSONResponse({"files": len(upload.files)})
+
+    app = BoundaryMiddleware(
+        Starlette(),
+        upload_routes={"/upload": UploadRoute(UploadRule("image", 1, 1), 10_000, answer)},
+        gate=gate,
+    )
+    body = (b"--x\r\nContent-Disposition: form-data; name=image; filename=a.png\r\n"
+            b"Content-Type: image/png\r\n\r\nxx\r\n--x--\r\n")  # fmt: skip
+    scope = {"type": "http", "method": "POST", "path": "/upload", "client": ("10.0.0.9", 5),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x")]}  # fmt: skip
+    seen: dict[str, int] = {}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def never_read(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            seen["in_flight"], seen["admitted"] = gate.in_flight, gate.admitted
+            await asyncio.sleep(3600)  # the socket buffer is full: the client reads nothing
+
+    async def exchange() -> float:
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await app(dict(scope), receive, never_read)
+        return time.monotonic() - started
+
+    waited = asyncio.run(asyncio.wait_for(exchange(), timeout=10))
+    assert seen == {"in_flight": 0, "admitted": 1}  # writing: no work slot, still drained for
+    assert 1.0 <= waited < 3 and gate.admitted == 0  # cut at REQUEST_TIMEOUT_S
