@@ -54,6 +54,8 @@ class ImageClassifier:
     candidate = model_store.served(SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
+        for pid in metrics.forget_dead_workers():
+            log.warning("worker %d died without shutting down; this worker replaces it", pid)
         served = [(str(m.tag), Path(m.path)) for m in (self.model, self.candidate) if m]
         self.predictor = Predictor.for_models(SETTINGS, served)
         self.apis = UploadApis(self.predictor)

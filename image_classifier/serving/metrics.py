@@ -1,14 +1,19 @@
 """Prometheus metrics of the service (served on BentoML's /metrics beside its own).
 
 BentoML runs prometheus_client in multiprocess mode (one file per worker, merged at scrape), so
-every gauge says how worker values merge; `live*` modes drop a worker's values when it exits.
+every gauge says how worker values merge; `live*` modes drop a worker's values when it exits
+cleanly, and `forget_dead_workers` drops those of a worker that was killed.
 Request counts and latency per endpoint and status are BentoML's own
 (`bentoml_service_request_total`, `bentoml_service_request_duration_seconds`).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.multiprocess import mark_process_dead
 
 from ..core.errors import ClassifierError
 from ..core.postprocessing import Prediction
@@ -146,3 +151,36 @@ def observe_item_error(error: ClassifierError) -> None:
 
 def observe_shadow(candidate_version: str, agreed: bool) -> None:
     SHADOW_COMPARISONS.labels(candidate_version=candidate_version, agreed=str(agreed).lower()).inc()
+
+
+WORKERS_REPLACED = Counter(
+    "image_classifier_workers_replaced",
+    "Worker processes that died without shutting down (killed, out of memory) and were replaced",
+)
+
+
+def forget_dead_workers() -> list[int]:
+    """The pids of workers that died without shutting down, their live gauges removed and each
+    counted in WORKERS_REPLACED; call when a worker starts (its replacement does).
+
+    prometheus_client keeps a killed process's files, so its `ready` gauge would read 1 for ever
+    (measured: after a SIGKILL, /metrics showed 3 ready workers of 2)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    pids = {int(file.stem.rsplit("_", 1)[1]) for file in Path(directory).glob("gauge_live*_*.db")}
+    dead = sorted(pid for pid in pids if pid != os.getpid() and not _alive(pid))
+    for pid in dead:
+        mark_process_dead(pid, directory)
+        WORKERS_REPLACED.inc()
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,12 +12,13 @@ import time
 
 import bentoml
 import httpx
+import psutil
 import pytest
 
 from loadtest.load import closed_loops
 from loadtest.servers import BIN, REPO, free_port, serve
 from tests.figures import measured
-from tests.http.responses import envelope_code
+from tests.http.responses import envelope_code, metric_value
 from tests.pictures import encode
 
 TOKENS = "first-token-Zq81,second-token-Hh07"
@@ -159,3 +162,58 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
         "refused": sum(o.status == 503 for o in outcomes),
         "unanswered": sum(o.status is None for o in outcomes),
     }
+
+
+def _workers(server_pid: int) -> list[int]:
+    """Live BentoML worker processes under the server (a killed one lingers as a zombie)."""
+    pids = []
+    for process in psutil.Process(server_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(
+                process.cmdline()
+            ):
+                pids.append(process.pid)
+    return pids
+
+
+def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
+    trained_store, artifacts, digit_png
+):
+    """SIGKILL one of two workers under load: only the requests it held fail, the survivor keeps
+    answering (and /readyz with it), the worker is replaced, and /metrics and the log say so."""
+    with serve(trained_store, artifacts / "server-worker-killed.log", env={"WORKERS": "2"}) as s:
+        first = _workers(s.process.pid)
+        assert len(first) == 2, first
+        url = f"{s.url}/analyze"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            load = pool.submit(asyncio.run, closed_loops(url, digit_png, concurrency=4, seconds=14))
+            time.sleep(3)
+            killed_at = time.monotonic()
+            os.kill(first[0], signal.SIGKILL)
+            readyz, replaced_after = [], None
+            while time.monotonic() - killed_at < 30 and replaced_after is None:
+                readyz.append(httpx.get(f"{s.url}/readyz", timeout=5).status_code)
+                metrics_text = httpx.get(f"{s.url}/metrics", timeout=5).text
+                ready_lines = [line for line in metrics_text.splitlines()
+                               if line.startswith("image_classifier_ready{")]  # fmt: skip
+                replaced = metric_value(metrics_text, "image_classifier_workers_replaced_total")
+                if replaced == 1 and [line[-4:] for line in ready_lines] == [" 1.0"] * 2:
+                    replaced_after = time.monotonic() - killed_at
+                time.sleep(0.2)
+            outcomes = load.result(timeout=60)
+        now = _workers(s.process.pid)
+        log = s.log()
+
+    failed = [o for o in outcomes if o.status != 200]
+    assert replaced_after is not None, f"not replaced and ready within 30 s: {ready_lines}"
+    measured(
+        f"worker killed (SIGKILL, 1 of 2, 4 clients): {len(outcomes)} requests, {len(failed)} "
+        f"failed (all in the killed worker at the time), replaced and ready after "
+        f"{replaced_after:.1f} s; /readyz {set(readyz)} meanwhile"
+    )
+    assert len(now) == 2 and first[0] not in now and first[1] in now, (first, now)
+    assert len(failed) <= 4, failed  # at most one in-flight request per client
+    assert all(o.started < killed_at + 0.05 for o in failed), (killed_at, failed)
+    assert [o for o in outcomes if o.started > killed_at + 0.05 and o.status == 200]
+    assert set(readyz) == {200}, readyz
+    assert f"worker {first[0]} died without shutting down" in log
