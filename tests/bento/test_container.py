@@ -157,7 +157,10 @@ def image(docker: Docker, base_image: str, trained_store: Path, tmp_path_factory
     )  # fmt: skip
     elapsed = time.monotonic() - started
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
-    measured(f"\n[container] {tag}: containerize {elapsed:.1f} s, image {size / 1e6:.0f} MB")
+    measured(
+        f"\n[container] {tag}: containerize {elapsed:.1f} s, image {size / 1e6:.0f} MB",
+        doc="deploy",
+    )
     try:
         yield tag
     finally:
@@ -209,7 +212,10 @@ def _analyze(url: str, picture) -> dict:
 def test_image_classifies_read_only_as_non_root_and_turns_healthy(docker, image, heldout):
     """The production settings: read-only root, only /tmp writable, not root, HEALTHCHECK real."""
     with running(docker, image, "--read-only", "--tmpfs", "/tmp") as (url, name, to_ready):
-        measured(f"[container] docker run -> /readyz 200 in {to_ready:.1f} s (read-only root)")
+        measured(
+            f"[container] docker run -> /readyz 200 in {to_ready:.1f} s (read-only root)",
+            doc="deploy",
+        )
         sample = heldout[:10]
         right = sum(_analyze(url, picture)["prediction"]["label"] == str(label)
                     for picture, label in sample)  # fmt: skip
@@ -230,13 +236,13 @@ def test_image_classifies_read_only_as_non_root_and_turns_healthy(docker, image,
             time.sleep(1)
         last = status["Log"][-1]
         assert last["ExitCode"] == 0 and last["Output"].startswith("healthy: label="), last
-        measured(f"[container] HEALTHCHECK healthy: {last['Output'].strip()}")
+        measured(f"[container] HEALTHCHECK healthy: {last['Output'].strip()}", doc="deploy")
 
 
 def test_workers_come_from_the_environment(docker, image, heldout):
     """WORKERS=2 starts two server processes (BentoML names each worker's lines `[:N]`)."""
     with running(docker, image, "-e", "WORKERS=2", "-e", "THREADS=1") as (url, name, to_ready):
-        measured(f"[container] WORKERS=2: /readyz 200 in {to_ready:.1f} s")
+        measured(f"[container] WORKERS=2: /readyz 200 in {to_ready:.1f} s", doc="deploy")
         picture, label = heldout[0]
         assert _analyze(url, picture)["success"] is True
         deadline = time.monotonic() + 30

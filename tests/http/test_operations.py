@@ -127,7 +127,8 @@ def test_metrics_are_whole_across_two_workers_and_labelled_by_version(ops_server
     measured(
         f"operations: 2 workers, 120 requests: {answered['v1']} by v1, {answered['v2']} by the "
         f"v2 canary ({share:.0%} for CANARY_FRACTION {CANARY_FRACTION}); {agreed:.0f} shadowed, "
-        f"all agreeing; metrics matched exactly"
+        f"all agreeing; metrics matched exactly",
+        doc="operations",
     )
 
 
@@ -173,7 +174,8 @@ def test_drift_alarm_rises_on_noise_and_blanks_not_on_digits(ops_server, heldout
     drifted = total(scrape(ops_server), "image_classifier_drift_relative_change", '"v1"')
     measured(
         f"drift: rolling-mean change {in_distribution:+.1%} on held-out digits (no alarm), "
-        f"{drifted:+.1%} on noise/blank pictures (alarm)"
+        f"{drifted:+.1%} on noise/blank pictures (alarm)",
+        doc="operations",
     )
 
 
@@ -211,7 +213,10 @@ def test_every_log_line_is_json_and_each_request_has_one_access_line(ops_server,
             assert line["error_code"] == sent["body"]["error"]["code"]
     refused = by_id[SENT[-2]["request_id"]]
     assert refused["error_code"] == "UNAUTHORIZED" and refused["level"] == "INFO"
-    measured(f"logs: {len(lines)} JSON lines, {len(by_id)} access lines, every request found")
+    measured(
+        f"logs: {len(lines)} JSON lines, {len(by_id)} access lines, every request found",
+        doc="operations",
+    )
 
 
 def test_probes_are_not_access_logged(ops_server):

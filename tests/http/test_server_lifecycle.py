@@ -209,7 +209,8 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
     measured(
         f"worker killed (SIGKILL, 1 of 2, 4 clients): {len(outcomes)} requests, {len(failed)} "
         f"failed (all in the killed worker at the time), replaced and ready after "
-        f"{replaced_after:.1f} s; /readyz {set(readyz)} meanwhile"
+        f"{replaced_after:.1f} s; /readyz {set(readyz)} meanwhile",
+        doc="operations",
     )
     assert len(now) == 2 and first[0] not in now and first[1] in now, (first, now)
     assert len(failed) <= 4, failed  # at most one in-flight request per client
