@@ -27,6 +27,9 @@ class _HeadTooLarge(Exception):
 
 
 class CappedHttpToolsProtocol(HttpToolsProtocol):
+    _in_head = False  # between a request's first byte and the end of its headers
+    _head_refused = False
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
@@ -45,13 +48,13 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if getattr(self, "_in_head", False) and not self.transport.is_closing():
+        if self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)  # this chunk ended inside a head
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
 
     def send_400_response(self, msg: str) -> None:
-        if getattr(self, "_head_refused", False):
+        if self._head_refused:
             self._refuse_head()
         else:
             super().send_400_response(msg)
