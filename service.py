@@ -46,7 +46,12 @@ log.info("sized: %s", SETTINGS.sizing)
     tracing={} if SETTINGS.tracing else {"excluded_urls": [".*"]},
 )
 @bentoml.asgi_app(  # /info, /ui and /v2: it claims only its own routes
-    build_app(lambda: bentoml.get_current_service().predictor, SETTINGS.max_batch_images), path="/"
+    build_app(
+        lambda: bentoml.get_current_service().predictor,
+        SETTINGS.max_batch_images,
+        SETTINGS.max_upload_bytes,
+    ),
+    path="/",
 )
 class ImageClassifier:
     # Class level, so `bentoml build` packages them: the served version and an optional candidate.

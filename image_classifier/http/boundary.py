@@ -29,12 +29,21 @@ from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
 from .body import BodyPace, discard_body, read_body
-from .envelope import CODE_FOR_STATUS, HTTP_STATUS, error_body, is_error_envelope
-from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
+from .envelope import (
+    CODE_FOR_STATUS,
+    HTTP_STATUS,
+    error_body,
+    is_error_envelope,
+    is_open_inference_error,
+    is_open_inference_path,
+)
+from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER
 from .uploads import Upload, UploadRoute, parse_multipart
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
+_ERROR_CODE_KEY = ERROR_CODE_HEADER.encode("latin-1")
+_REPLACED_HEADERS = (b"content-length", b"content-type", b"retry-after", _ERROR_CODE_KEY)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
@@ -64,7 +73,10 @@ class BoundaryMiddleware:
             return
         started = time.perf_counter()
         request_id = _adopt_request_id(scope)
-        send = _EnvelopingSend(send, request_id, scope["path"] == self.readiness_path)
+        path = scope["path"]
+        send = _EnvelopingSend(
+            send, request_id, path == self.readiness_path, is_open_inference_path(path)
+        )
         with logs.request_context(request_id, scope["method"], scope["path"]) as log_fields:
             try:
                 await self._answer(scope, receive, send, request_id)
@@ -191,12 +203,16 @@ def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
 
 
 class _EnvelopingSend:
-    """Adds X-Request-ID to every response and rewrites foreign error bodies into the envelope."""
+    """Adds X-Request-ID to every response and rewrites foreign error bodies into the envelope
+    (into the protocol's error shape on Open Inference routes)."""
 
-    def __init__(self, send: Send, request_id: str, is_readiness: bool) -> None:
+    def __init__(
+        self, send: Send, request_id: str, is_readiness: bool, open_inference: bool = False
+    ) -> None:
         self.send = send
         self.request_id = request_id
         self.is_readiness = is_readiness
+        self.open_inference = open_inference
         self.held_start: Message | None = None
         self.held_body: list[bytes] = []
         self.started = False
@@ -226,9 +242,13 @@ class _EnvelopingSend:
 
     async def error(self, exc: ClassifierError) -> None:
         """Our own error: already in the envelope, so sent straight on (a refusal stays cheap)."""
-        body = error_body(exc, self.request_id)
+        body = error_body(exc, self.request_id, self.open_inference)
         status = HTTP_STATUS[exc.code]
-        headers = [*_json_headers(body), (_REQUEST_ID_KEY, self.request_id.encode("latin-1"))]
+        headers = [
+            *_json_headers(body),
+            (_REQUEST_ID_KEY, self.request_id.encode("latin-1")),
+            (_ERROR_CODE_KEY, exc.code.value.encode()),
+        ]
         if exc.retry_after_s is not None or status in (429, 503):
             retry_after = _RETRY_AFTER_SECONDS if exc.retry_after_s is None else exc.retry_after_s
             headers.append((b"retry-after", str(retry_after).encode()))
@@ -250,21 +270,21 @@ class _EnvelopingSend:
             parsed = None
         extra: list[tuple[bytes, bytes]] = []
         retry_after = _header({"headers": start["headers"]}, "retry-after") or _RETRY_AFTER_SECONDS
+        given_code = _header({"headers": start["headers"]}, ERROR_CODE_HEADER)
         if is_error_envelope(parsed):
             code = parsed["error"]["code"]
+        elif given_code and self.open_inference and is_open_inference_error(parsed):
+            code = given_code  # our own, already in the protocol's shape
         else:
             code = self._code_for(status)
             message = _message_from(status, parsed, body)
-            body = error_body(ClassifierError(code, message), self.request_id)
+            body = error_body(ClassifierError(code, message), self.request_id, self.open_inference)
         self.error_code = str(code)
         metrics.ERRORS.labels(code=self.error_code).inc()
         if status in (429, 503):
             extra.append((b"retry-after", retry_after.encode("latin-1")))
-        kept = [
-            (k, v)
-            for k, v in start["headers"]
-            if k.lower() not in (b"content-length", b"content-type", b"retry-after")
-        ]
+        kept = [(k, v) for k, v in start["headers"] if k.lower() not in _REPLACED_HEADERS]
+        extra.append((_ERROR_CODE_KEY, str(code).encode("latin-1")))
         start["headers"] = kept + _json_headers(body) + extra
         await self.send(start)
         await self.send({"type": "http.response.body", "body": body})

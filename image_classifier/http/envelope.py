@@ -1,7 +1,10 @@
 """The one JSON envelope every failure is answered in, and the HTTP status of each error code.
 
 `error_body` is its only writer: the boundary middleware sends it as it is, and the Starlette
-routes and the apis answer a `ClassifierError` with `error_response`, which wraps it.
+routes and the apis answer a `ClassifierError` with `error_response`, which wraps it. Open
+Inference routes (`/v2...`) answer in that protocol's own error shape, `{"error": "<CODE>:
+<message>"}`, which Triton's and KServe's clients read; every error answer also carries its code in
+`X-Error-Code` and the request id in `X-Request-ID`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
+from .headers import ERROR_CODE_HEADER
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -59,19 +63,32 @@ def error_envelope(code: ErrorCode | str, message: str, request_id: str) -> dict
     }
 
 
-def error_body(exc: ClassifierError, request_id: str) -> bytes:
+def error_body(exc: ClassifierError, request_id: str, open_inference: bool = False) -> bytes:
+    if open_inference:
+        return json.dumps({"error": f"{exc.code}: {exc.message}"}).encode()
     return json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
 
 
-def error_response(exc: ClassifierError, request_id: str) -> Response:
-    """The envelope with its status (and Retry-After when the error says when to retry)."""
-    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+def is_open_inference_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(exc: ClassifierError, request_id: str, open_inference: bool = False) -> Response:
+    """The error body with its status, its code header (and Retry-After when the error says when
+    to retry)."""
+    headers = {ERROR_CODE_HEADER: str(exc.code)}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
     return Response(
-        error_body(exc, request_id),
+        error_body(exc, request_id, open_inference),
         status_code=HTTP_STATUS[exc.code],
         headers=headers,
         media_type="application/json",
     )
+
+
+def is_open_inference_error(body: Any) -> bool:
+    return isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str)
 
 
 def is_error_envelope(body: Any) -> bool:

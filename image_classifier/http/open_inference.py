@@ -1,150 +1,200 @@
-"""The Open Inference Protocol v2 (KServe, Triton) request and response shapes, without HTTP.
+"""The Open Inference Protocol's REST form: JSON, and Triton's binary tensor data extension.
 
-A client of that ecosystem sends either encoded images as a BYTES tensor (base64 strings, the
-protocol's JSON form for binary data) or an FP32 tensor already preprocessed to the model's input
-shape; it gets the probabilities tensor and the top-1 labels back.
+A request body is JSON, or (binary) a JSON header of `Inference-Header-Content-Length` bytes
+followed by the raw data of the inputs whose `parameters` give a `binary_data_size`, in order.
+Binary BYTES elements are each a 4-byte little-endian length and the bytes (an encoded image, as
+Triton clients send it); JSON BYTES elements are base64 strings. Outputs come back as JSON data,
+or as raw data after the JSON header when the output's `binary_data` parameter (else the request's
+`binary_data_output`) asks for it: how `tritonclient.http` calls by default.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import json
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from ..core.errors import ClassifierError, ErrorCode
-from ..core.model_card import ModelCard
+from ..serving import open_inference as oip
 
+HEADER_LENGTH = "inference-header-content-length"
 _URLSAFE = str.maketrans("-_", "+/")
-PROBABILITIES = "probabilities"
-LABEL = "label"
 
 
-class InferInput(BaseModel):
+class _Input(BaseModel):
     name: str
     shape: list[int] = Field(min_length=1, max_length=8)
-    datatype: Literal["BYTES", "FP32"]
-    data: list[Any]
+    datatype: str
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 
-class RequestedOutput(BaseModel):
+class _Output(BaseModel):
     name: str
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferInput] = Field(min_length=1, max_length=1)
-    outputs: list[RequestedOutput] | None = None
     parameters: dict[str, Any] | None = None
 
 
-def parse_request(body: bytes, max_items: int) -> InferRequest:
+class _Request(BaseModel):
+    id: str | None = None
+    inputs: list[_Input] = Field(min_length=1, max_length=8)
+    outputs: list[_Output] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class RestRequest:
+    """A parsed REST inference request, and which of its outputs go back binary."""
+
+    def __init__(self, request: oip.InferenceRequest, binary_outputs: dict[str, bool]) -> None:
+        self.request = request
+        self.binary_outputs = binary_outputs  # by output name; absent: `default_binary`
+        self.default_binary = binary_outputs.get("", False)
+
+
+def parse_request(body: bytes, header_length: str | None) -> RestRequest:
+    json_part, binary_part = _split(body, header_length)
     try:
-        request = InferRequest.model_validate_json(body)
+        parsed = _Request.model_validate_json(json_part)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST, f"not an inference request: {where}: {first['msg']}"
-        ) from None
-    items = request.inputs[0].shape[0]
-    if not 1 <= items <= max_items:
-        raise ClassifierError(
-            ErrorCode.PAYLOAD_TOO_LARGE if items > max_items else ErrorCode.INVALID_REQUEST,
-            f"the batch dimension is {items}; send 1..{max_items} items",
-        )
-    return request
-
-
-def encoded_images(tensor: InferInput) -> list[bytes]:
-    """A BYTES tensor of shape [N] or [N, 1]: one base64-encoded image file per item."""
-    if tensor.shape not in ([len(tensor.data)], [len(tensor.data), 1]):
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST,
-            f"a BYTES input has shape [N] or [N, 1] with N = {len(tensor.data)} strings",
-        )
-    images = []
-    for index, item in enumerate(tensor.data):
-        if not isinstance(item, str):
-            raise ClassifierError(
-                ErrorCode.INVALID_REQUEST, f"item {index}: BYTES data must be base64 strings"
+        raise oip.invalid(f"not an inference request: {where}: {first['msg']}") from None
+    inputs, offset = [], 0
+    for tensor in parsed.inputs:
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            inputs.append(_json_input(tensor))
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise oip.invalid(f"input {tensor.name}: binary_data_size must be a byte count")
+        if offset + size > len(binary_part):
+            raise oip.invalid(
+                f"input {tensor.name}: binary_data_size {size} runs past the body's binary data"
             )
-        try:  # standard or URL-safe alphabet
+        inputs.append(_binary_input(tensor, binary_part[offset : offset + size]))
+        offset += size
+    if offset != len(binary_part):
+        raise oip.invalid(
+            f"the body has {len(binary_part) - offset} bytes of binary data no input claims"
+        )
+    binary = {"": _flag(parsed.parameters, "binary_data_output")}
+    outputs = []
+    for output in parsed.outputs or []:
+        parameters = output.parameters or {}
+        if "binary_data" in parameters:
+            binary[output.name] = _flag(parameters, "binary_data")
+        count = parameters.get("classification")
+        classification = 0 if count is None else oip.requested_classification(output.name, count)
+        outputs.append(oip.RequestedOutput(output.name, classification))
+    return RestRequest(oip.InferenceRequest(inputs, outputs, parsed.id), binary)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.strip().isdigit() or int(header_length) > len(body):
+        raise oip.invalid(
+            f"Inference-Header-Content-Length must be the JSON header's byte count, at most the "
+            f"body's {len(body)} bytes"
+        )
+    return body[: int(header_length)], body[int(header_length) :]
+
+
+def _flag(parameters: dict[str, Any] | None, name: str) -> bool:
+    value = (parameters or {}).get(name, False)
+    if not isinstance(value, bool):
+        raise oip.invalid(f"parameter {name!r} must be true or false")
+    return value
+
+
+def _binary_input(tensor: _Input, raw: bytes) -> oip.InputTensor:
+    if tensor.data is not None:
+        raise oip.invalid(f"input {tensor.name}: send data or binary_data_size, not both")
+    if tensor.datatype == oip.BYTES:
+        data: list[bytes] | np.ndarray = oip.split_bytes_elements(raw)
+    elif tensor.datatype == oip.FP32:
+        data = oip.fp32_from_raw(raw)
+    else:
+        data = []  # the datatype is refused, with the reason, by the protocol's checks
+    return oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
+
+
+def _json_input(tensor: _Input) -> oip.InputTensor:
+    if tensor.data is None:
+        raise oip.invalid(f"input {tensor.name}: no data and no binary_data_size")
+    if tensor.datatype == oip.BYTES:
+        data: list[bytes] | np.ndarray = _base64_images(tensor.data)
+    elif tensor.datatype == oip.FP32:
+        try:
+            data = np.asarray(tensor.data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise oip.invalid(f"input {tensor.name}: FP32 data must be numbers") from None
+    else:
+        data = []
+    return oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
+
+
+def _base64_images(data: list[Any]) -> list[bytes]:
+    """JSON carries an image file as a base64 string (standard or URL-safe alphabet)."""
+    images = []
+    for index, item in enumerate(data):
+        if not isinstance(item, str):
+            raise oip.invalid(f"item {index}: BYTES data must be base64 strings")
+        try:
             images.append(base64.b64decode(item.translate(_URLSAFE), validate=True))
         except (binascii.Error, ValueError):
-            raise ClassifierError(
-                ErrorCode.INVALID_REQUEST, f"item {index}: not valid base64"
-            ) from None
+            raise oip.invalid(f"item {index}: not valid base64") from None
     return images
 
 
-def preprocessed_tensor(tensor: InferInput, card: ModelCard) -> np.ndarray:
-    """An FP32 tensor already in the model's input shape, [N, *tensor_shape]."""
-    expected = list(card.preprocessing.tensor_shape)
-    if tensor.shape[1:] != expected:
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST,
-            f"an FP32 input has shape [N, {', '.join(map(str, expected))}], got {tensor.shape}",
-        )
-    try:
-        array = np.asarray(tensor.data, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise ClassifierError(ErrorCode.INVALID_REQUEST, "FP32 data must be numbers") from None
-    if array.size != int(np.prod(tensor.shape)) or not np.isfinite(array).all():
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST,
-            f"FP32 data must hold {int(np.prod(tensor.shape))} finite numbers for shape "
-            f"{tensor.shape}",
-        )
-    return array.reshape(tensor.shape)
-
-
-def infer_response(
-    request: InferRequest, probabilities: np.ndarray, card: ModelCard, name: str, version: str
-) -> dict[str, Any]:
-    labels = [card.labels[int(i)] for i in probabilities.argmax(axis=1)]
-    outputs = {
-        PROBABILITIES: {
-            "name": PROBABILITIES,
-            "shape": list(probabilities.shape),
-            "datatype": "FP32",
-            "data": [round(float(p), 7) for p in probabilities.ravel()],
-            "parameters": {"labels": card.labels},
-        },
-        LABEL: {"name": LABEL, "shape": [len(labels)], "datatype": "BYTES", "data": labels},
-    }
-    wanted = [output.name for output in request.outputs or []] or list(outputs)
-    unknown = [name for name in wanted if name not in outputs]
-    if unknown:
-        raise ClassifierError(
-            ErrorCode.INVALID_REQUEST, f"unknown outputs {unknown}; this model has {list(outputs)}"
-        )
+def encode_response(
+    result: oip.InferenceResult, rest: RestRequest, labels: list[str]
+) -> tuple[bytes, dict[str, str]]:
+    """The body and its headers: JSON, or a JSON header and the binary outputs after it."""
+    outputs, binary_parts = [], []
+    for output in result.outputs:
+        described: dict[str, Any] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": output.shape,
+        }
+        parameters = dict(output.parameters)
+        if output.name == oip.PROBABILITIES and output.datatype == oip.FP32:
+            parameters["labels"] = labels
+        if rest.binary_outputs.get(output.name, rest.default_binary):
+            raw = _raw(output)
+            parameters["binary_data_size"] = len(raw)
+            binary_parts.append(raw)
+        else:
+            described["data"] = _json_data(output)
+        if parameters:
+            described["parameters"] = parameters
+        outputs.append(described)
     response: dict[str, Any] = {
-        "model_name": name,
-        "model_version": version,
-        "outputs": [outputs[name] for name in wanted],
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "outputs": outputs,
     }
-    if request.id is not None:
-        response["id"] = request.id
-    return response
+    if result.id is not None:
+        response["id"] = result.id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not binary_parts:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(binary_parts), {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header)),
+    }
 
 
-def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> dict[str, Any]:
-    tensor_shape = list(card.preprocessing.tensor_shape)
-    return {
-        "name": name,
-        "versions": [version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [-1]},
-            {"name": card.input_name, "datatype": "FP32", "shape": [-1, *tensor_shape]},
-        ],
-        "outputs": [
-            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(card.labels)]},
-            {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
-        ],
-        "parameters": {"max_batch_size": max_items, "labels": card.labels},
-    }
+def _raw(output: oip.OutputTensor) -> bytes:
+    if output.datatype == oip.BYTES:
+        return oip.join_bytes_elements(output.data)
+    return np.asarray(output.data, dtype="<f4").tobytes()
+
+
+def _json_data(output: oip.OutputTensor) -> list[Any]:
+    if output.datatype == oip.BYTES:
+        return [element.decode() for element in output.data]
+    return [round(value, 7) for value in np.asarray(output.data).ravel().tolist()]

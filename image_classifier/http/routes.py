@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .. import __version__
 from ..core.errors import ClassifierError, ErrorCode
+from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.routing import ModelRouter, ServedVersion
 from ..serving.settings import Settings
 from . import open_inference
-from .envelope import error_response
+from .envelope import error_response, is_open_inference_path
 from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
 from .uploads import UploadRoute
 
@@ -37,7 +37,9 @@ def infer_upload_routes(settings: Settings) -> dict[str, UploadRoute]:
     return {path.replace("{name}", "*").replace("{version}", "*"): cap for path in INFER_PATHS}
 
 
-def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlette:
+def build_app(
+    get_predictor: Callable[[], Predictor], max_items: int, max_item_bytes: int
+) -> Starlette:
     """`get_predictor` is called per request: the service instance exists only once serving."""
     ui_page = UI_PAGE.read_text(encoding="utf-8")
 
@@ -48,7 +50,7 @@ def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlet
         return HTMLResponse(ui_page)
 
     async def server_metadata(request: Request) -> JSONResponse:
-        return JSONResponse({"name": "image_classifier", "version": __version__, "extensions": []})
+        return JSONResponse(oip.server_metadata())
 
     async def live(request: Request) -> JSONResponse:
         return JSONResponse({"live": True})
@@ -66,26 +68,24 @@ def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlet
     async def model_metadata(request: Request) -> JSONResponse:
         served = _model(request, get_predictor().router)
         ref, card = served.ref, served.ready_classifier().card
-        return JSONResponse(open_inference.model_metadata(card, ref.name, ref.version, max_items))
+        return JSONResponse(oip.model_metadata(card, ref.name, ref.version, max_items))
 
-    async def infer(request: Request) -> JSONResponse:
+    async def model_config(request: Request) -> JSONResponse:
+        served = _model(request, get_predictor().router)
+        card = served.ready_classifier().card
+        return JSONResponse(oip.model_config(card, served.ref.name, max_items))
+
+    async def infer(request: Request) -> Response:
         predictor = get_predictor()
         served = _model(request, predictor.router)
-        classifier = served.ready_classifier()
-        infer_request = open_inference.parse_request(await request.body(), max_items)
-        tensor = infer_request.inputs[0]
-        if tensor.datatype == "BYTES":
-            inputs = open_inference.encoded_images(tensor)
-        else:
-            inputs = list(open_inference.preprocessed_tensor(tensor, classifier.card))
-        probabilities = await predictor.probabilities(served, inputs)
-        ref = served.ref
-        return JSONResponse(
-            open_inference.infer_response(
-                infer_request, probabilities, classifier.card, ref.name, ref.version
-            ),
-            headers={MODEL_VERSION_HEADER: ref.version},
+        rest = open_inference.parse_request(
+            await request.body(), request.headers.get(open_inference.HEADER_LENGTH)
         )
+        result = await oip.infer(predictor, served, rest.request, max_items, max_item_bytes)
+        labels = served.ready_classifier().card.labels
+        body, headers = open_inference.encode_response(result, rest, labels)
+        headers[MODEL_VERSION_HEADER] = served.ref.version
+        return Response(body, headers=headers)
 
     routes = [
         Route("/info", info),
@@ -95,6 +95,7 @@ def build_app(get_predictor: Callable[[], Predictor], max_items: int) -> Starlet
         Route("/v2/health/ready", ready),
         *(Route(base, model_metadata) for base in (_MODEL, _VERSIONED)),
         *(Route(f"{base}/ready", model_ready) for base in (_MODEL, _VERSIONED)),
+        *(Route(f"{base}/config", model_config) for base in (_MODEL, _VERSIONED)),
         *(Route(path, infer, methods=["POST"]) for path in INFER_PATHS),
     ]
     return Starlette(routes=routes, exception_handlers={ClassifierError: _envelope})
@@ -124,4 +125,5 @@ def _model(request: Request, router: ModelRouter) -> ServedVersion:
 
 async def _envelope(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ClassifierError)
-    return error_response(exc, request.headers.get(REQUEST_ID_HEADER, ""))
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    return error_response(exc, request_id, is_open_inference_path(request.url.path))

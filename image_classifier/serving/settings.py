@@ -120,6 +120,9 @@ class Settings:
     rate_limit: str = _env(
         "RATE_LIMIT", "", "per-client limit, e.g. '20/second' (key: token, else address); off"
     )
+    grpc_port: int = _env(
+        "GRPC_PORT", 3001, "Open Inference gRPC port, served by every worker (0: no gRPC)"
+    )
     shutdown_grace_s: float = _env(
         "SHUTDOWN_GRACE_S", 20.0, "on SIGTERM, time to finish accepted requests before exit"
     )
@@ -190,6 +193,8 @@ class Settings:
                 raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.grade_medium <= self.grade_high <= 1:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"GRPC_PORT must be a port number (0: off), got {self.grpc_port}")
         if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
         if not 0 < self.body_timeout_s <= self.request_timeout_s:

@@ -1,4 +1,5 @@
-"""Reading what the server answered: the error envelope's code, a Prometheus metric's value."""
+"""Reading what the server answered: an error's code (envelope or Open Inference shape), a
+Prometheus metric's value."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ def envelope_code(response: httpx.Response) -> str:
     assert body["success"] is False, body
     assert body["request_id"] == response.headers["x-request-id"], body
     return body["error"]["code"]
+
+
+def open_inference_code(response: httpx.Response) -> str:
+    """The code of an Open Inference error: `{"error": "<CODE>: <message>"}`, code in a header."""
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    code = response.headers["x-error-code"]
+    assert body["error"].startswith(f"{code}: "), body
+    assert response.headers["x-request-id"], response.headers
+    return code

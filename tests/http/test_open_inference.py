@@ -13,7 +13,7 @@ import pytest
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
 from loadtest.servers import REPO
-from tests.http.responses import envelope_code
+from tests.http.responses import open_inference_code
 from tests.pictures import encode
 
 MODEL = "digits-cnn"
@@ -115,14 +115,14 @@ def test_fp32_tensor_is_served_as_given(server, heldout, card):
 def test_bad_requests_get_enveloped_4xx(server, body, status, code):
     response = infer(server, body)
     assert response.status_code == status, response.text
-    assert envelope_code(response) == code
+    assert open_inference_code(response) == code
 
 
 def test_unknown_model_and_version_are_404(server, heldout):
     request = bytes_request([encode(heldout[0][0], "PNG")])
-    assert envelope_code(infer(server, request, model="resnet")) == "NOT_FOUND"
+    assert open_inference_code(infer(server, request, model="resnet")) == "NOT_FOUND"
     response = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/v9/infer", json=request)
-    assert response.status_code == 404 and envelope_code(response) == "NOT_FOUND"
+    assert response.status_code == 404 and open_inference_code(response) == "NOT_FOUND"
 
 
 def test_readme_example_runs(server, heldout, tmp_path):

@@ -1,0 +1,267 @@
+"""The Open Inference Protocol v2 (KServe, Triton) without a transport.
+
+The REST codec (`http/open_inference.py`: JSON, and Triton's binary tensor extension) and the gRPC
+servicer (`http/grpc_inference.py`) turn their wire formats into an `InferenceRequest` and back;
+everything between (which tensors are accepted, what the model answers, Triton's classification
+extension, the metadata) is decided here once, so both transports answer alike. Inference goes
+through the `Predictor`, on /analyze's path: the same batching, metrics and drift.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..core.errors import ClassifierError, ErrorCode
+from ..core.model_card import ModelCard
+from .predictor import Predictor
+from .routing import ServedVersion
+
+SERVER_NAME = "image_classifier"
+# What `GET /v2` and ServerMetadata announce. Triton's names: binary tensor data (HTTP), the
+# classification parameter on an output, and the model configuration route.
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
+PROBABILITIES = "probabilities"
+LABEL = "label"
+IMAGE_INPUT = "image"
+BYTES, FP32 = "BYTES", "FP32"
+_LENGTH = struct.Struct("<I")  # a BYTES element in binary form: its length, then its bytes
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One input as the client sent it: BYTES elements (encoded images), or FP32 numbers."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: Sequence[bytes] | np.ndarray
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # > 0: the top-k classes as "score:index:label" strings
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    inputs: Sequence[InputTensor]
+    outputs: Sequence[RequestedOutput] = ()  # empty: every output
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]  # FP32 values, or BYTES elements
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: str | None = None
+
+
+def invalid(message: str) -> ClassifierError:
+    return ClassifierError(ErrorCode.INVALID_REQUEST, message)
+
+
+def split_bytes_elements(raw: bytes) -> list[bytes]:
+    """A BYTES tensor in binary form (each element: 4-byte little-endian length, then bytes)."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + _LENGTH.size > len(raw):
+            raise invalid("binary BYTES data ends inside an element's length prefix")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise invalid("binary BYTES data ends inside an element")
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
+
+
+def join_bytes_elements(elements: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
+def fp32_from_raw(raw: bytes) -> np.ndarray:
+    if len(raw) % 4:
+        raise invalid(f"binary FP32 data has {len(raw)} bytes, not a multiple of 4")
+    return np.frombuffer(raw, dtype="<f4")
+
+
+def requested_classification(name: str, value: Any) -> int:
+    """Triton's `classification` output parameter: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise invalid(f"output {name}: 'classification' must be a positive integer")
+    try:
+        count = int(value)
+    except ValueError:
+        raise invalid(f"output {name}: 'classification' must be a positive integer") from None
+    if count < 1:
+        raise invalid(f"output {name}: 'classification' must be a positive integer")
+    return count
+
+
+def model_items(
+    request: InferenceRequest, card: ModelCard, max_items: int, max_item_bytes: int
+) -> list[bytes | np.ndarray]:
+    """The request's items for the model: encoded images, or tensors already preprocessed."""
+    if len(request.inputs) != 1:
+        raise invalid(
+            f"send one input ({IMAGE_INPUT!r} BYTES, or {card.input_name!r} FP32); "
+            f"got {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    if not tensor.shape or any(dim < 0 for dim in tensor.shape):
+        raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
+    items = tensor.shape[0]
+    if not 1 <= items <= max_items:
+        raise ClassifierError(
+            ErrorCode.PAYLOAD_TOO_LARGE if items > max_items else ErrorCode.INVALID_REQUEST,
+            f"the batch dimension is {items}; send 1..{max_items} items",
+        )
+    if tensor.datatype == BYTES:
+        return _images(tensor, max_item_bytes)
+    if tensor.datatype == FP32:
+        return list(_preprocessed(tensor, card))
+    raise invalid(f"input {tensor.name}: datatype BYTES (images) or FP32, got {tensor.datatype}")
+
+
+def _images(tensor: InputTensor, max_item_bytes: int) -> list[bytes]:
+    count = len(tensor.data)
+    if list(tensor.shape) not in ([count], [count, 1]):
+        raise invalid(
+            f"input {tensor.name}: a BYTES input has shape [N] or [N, 1] with N = {count} "
+            f"elements, got {list(tensor.shape)}"
+        )
+    for index, image in enumerate(tensor.data):
+        if len(image) > max_item_bytes:
+            raise ClassifierError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"item {index}: {len(image)} bytes; an image may have {max_item_bytes}",
+            )
+    return list(tensor.data)
+
+
+def _preprocessed(tensor: InputTensor, card: ModelCard) -> np.ndarray:
+    expected = list(card.preprocessing.tensor_shape)
+    if list(tensor.shape[1:]) != expected:
+        raise invalid(
+            f"input {tensor.name}: an FP32 input has shape [N, {', '.join(map(str, expected))}], "
+            f"got {list(tensor.shape)}"
+        )
+    array = np.asarray(tensor.data, dtype=np.float32).ravel()
+    size = int(np.prod(tensor.shape))
+    if array.size != size or not np.isfinite(array).all():
+        raise invalid(
+            f"input {tensor.name}: FP32 data must hold {size} finite numbers for shape "
+            f"{list(tensor.shape)}"
+        )
+    return array.reshape(tensor.shape)
+
+
+async def infer(
+    predictor: Predictor,
+    served: ServedVersion,
+    request: InferenceRequest,
+    max_items: int,
+    max_item_bytes: int,
+) -> InferenceResult:
+    card = served.ready_classifier().card
+    outputs = _checked_outputs(request.outputs)
+    items = model_items(request, card, max_items, max_item_bytes)
+    probabilities = await predictor.probabilities(served, items)
+    return InferenceResult(
+        model_name=served.ref.name,
+        model_version=served.ref.version,
+        outputs=[_output(wanted, probabilities, card) for wanted in outputs],
+        id=request.id,
+    )
+
+
+def _checked_outputs(wanted: Sequence[RequestedOutput]) -> Sequence[RequestedOutput]:
+    """Checked before the model runs: a bad output name must not cost a model run."""
+    if not wanted:
+        return (RequestedOutput(PROBABILITIES), RequestedOutput(LABEL))
+    unknown = [output.name for output in wanted if output.name not in (PROBABILITIES, LABEL)]
+    if unknown:
+        raise invalid(f"unknown outputs {unknown}; this model has {[PROBABILITIES, LABEL]}")
+    for output in wanted:
+        if output.classification and output.name != PROBABILITIES:
+            raise invalid(f"'classification' applies to the {PROBABILITIES!r} output")
+    return wanted
+
+
+def _output(wanted: RequestedOutput, probabilities: np.ndarray, card: ModelCard) -> OutputTensor:
+    items, classes = probabilities.shape
+    if wanted.name == LABEL:
+        labels = [card.labels[int(i)].encode() for i in probabilities.argmax(axis=1)]
+        return OutputTensor(LABEL, BYTES, [items], labels)
+    if wanted.classification:
+        top = min(wanted.classification, classes)
+        return OutputTensor(PROBABILITIES, BYTES, [items, top], _classes(probabilities, top, card))
+    return OutputTensor(PROBABILITIES, FP32, [items, classes], probabilities.astype(np.float32))
+
+
+def _classes(probabilities: np.ndarray, top: int, card: ModelCard) -> list[bytes]:
+    """Triton's classification strings, best first: "score:index:label" (score as float32)."""
+    strings = []
+    for row in probabilities:
+        for index in np.argsort(-row, kind="stable")[:top]:
+            score = np.format_float_positional(np.float32(row[index]), trim="-")
+            strings.append(f"{score}:{index}:{card.labels[int(index)]}".encode())
+    return strings
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+
+def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> dict[str, Any]:
+    tensor_shape = list(card.preprocessing.tensor_shape)
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
+            {"name": card.input_name, "datatype": FP32, "shape": [-1, *tensor_shape]},
+        ],
+        "outputs": [
+            {"name": PROBABILITIES, "datatype": FP32, "shape": [-1, len(card.labels)]},
+            {"name": LABEL, "datatype": BYTES, "shape": [-1]},
+        ],
+        "parameters": {"max_batch_size": max_items, "labels": card.labels},
+    }
+
+
+def model_config(card: ModelCard, name: str, max_items: int) -> dict[str, Any]:
+    """Triton's model configuration (the fields its clients read), for `.../config`."""
+    metadata = model_metadata(card, name, "", max_items)
+
+    def config_tensor(tensor: dict[str, Any]) -> dict[str, Any]:
+        kind = "STRING" if tensor["datatype"] == BYTES else tensor["datatype"]
+        dims = tensor["shape"][1:] or [1]
+        return {"name": tensor["name"], "data_type": f"TYPE_{kind}", "dims": dims}
+
+    return {
+        "name": name,
+        "platform": metadata["platform"],
+        "backend": "onnxruntime",
+        "max_batch_size": max_items,
+        "input": [config_tensor(tensor) for tensor in metadata["inputs"]],
+        "output": [config_tensor(tensor) for tensor in metadata["outputs"]],
+    }
