@@ -14,7 +14,7 @@ import bentoml
 
 import bentoml_compat
 from image_classifier import model_store
-from image_classifier.http import header_limits, logs
+from image_classifier.http import grpc_inference, header_limits, logs
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.body import BodyPace
@@ -67,7 +67,8 @@ class ImageClassifier:
         # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
         # and early requests get NOT_READY instead of a refused or hanging connection.
         threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
-        drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s)
+        stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
+        drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
 
     def _load_models(self) -> None:
         try:

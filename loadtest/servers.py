@@ -32,6 +32,7 @@ class Server:
     url: str
     process: subprocess.Popen
     log_path: Path
+    grpc_target: str | None = None  # host:port of its Open Inference gRPC (None: GRPC_PORT=0)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -62,7 +63,13 @@ def serve(
     port = free_port()
     home = Path(tempfile.mkdtemp(prefix="bentoml-server-home-"))
     (home / "models").symlink_to(Path(bentoml_home) / "models", target_is_directory=True)
-    full_env = {**os.environ, "BENTOML_HOME": str(home), **(env or {})}
+    # A free gRPC port too: with SO_REUSEPORT two servers on one port would share its calls.
+    full_env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "GRPC_PORT": str(free_port()),
+        **(env or {}),
+    }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
@@ -74,7 +81,8 @@ def serve(
     try:
         if ready:
             wait_until_ready(url, process, log_path, timeout=90)
-        yield Server(url, process, log_path)
+        grpc_port = int(full_env["GRPC_PORT"])
+        yield Server(url, process, log_path, f"127.0.0.1:{grpc_port}" if grpc_port else None)
     finally:
         stop(process)
         shutil.rmtree(home, ignore_errors=True)

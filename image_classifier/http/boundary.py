@@ -17,9 +17,7 @@ import asyncio
 import fnmatch
 import json
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,24 +30,23 @@ from .body import BodyPace, discard_body, read_body
 from .envelope import (
     CODE_FOR_STATUS,
     HTTP_STATUS,
+    INTERNAL_MESSAGE,
     error_body,
     is_error_envelope,
     is_open_inference_error,
     is_open_inference_path,
 )
-from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER
+from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .uploads import Upload, UploadRoute, parse_multipart
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _ERROR_CODE_KEY = ERROR_CODE_HEADER.encode("latin-1")
 _REPLACED_HEADERS = (b"content-length", b"content-type", b"retry-after", _ERROR_CODE_KEY)
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
                              "/v2/health/ready"})  # fmt: skip
 _RETRY_AFTER_SECONDS = "1"
-_INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
 
 
 class BoundaryMiddleware:
@@ -102,7 +99,7 @@ class BoundaryMiddleware:
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
             if send.started:
                 raise
-            await send.error(ClassifierError(ErrorCode.INTERNAL_ERROR, _INTERNAL_MESSAGE))
+            await send.error(ClassifierError(ErrorCode.INTERNAL_ERROR, INTERNAL_MESSAGE))
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path = scope["path"]
@@ -179,8 +176,7 @@ def _client_address(scope: Scope) -> str:
 
 def _adopt_request_id(scope: Scope) -> str:
     """Keep the client's id when safe; either way, downstream sees exactly one valid id."""
-    given = _header(scope, REQUEST_ID_HEADER)
-    request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
+    request_id = request_id_for(_header(scope, REQUEST_ID_HEADER))
     _set_header(scope, REQUEST_ID_HEADER, request_id)
     return request_id
 
@@ -300,7 +296,7 @@ class _EnvelopingSend:
 def _message_from(status: int, parsed: Any, raw: bytes) -> str:
     """A client-safe message from a framework error body; 5xx details are never passed on."""
     if status >= 500 and status not in (503, 504):
-        return _INTERNAL_MESSAGE
+        return INTERNAL_MESSAGE
     if isinstance(parsed, list) and parsed:
         parsed = parsed[0]
     if isinstance(parsed, dict):

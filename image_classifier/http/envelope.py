@@ -17,6 +17,8 @@ from starlette.responses import Response
 from ..core.errors import ClassifierError, ErrorCode
 from .headers import ERROR_CODE_HEADER
 
+INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
+
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.UNAUTHORIZED: 401,

@@ -164,7 +164,7 @@ def encode_response(
         if output.name == oip.PROBABILITIES and output.datatype == oip.FP32:
             parameters["labels"] = labels
         if rest.binary_outputs.get(output.name, rest.default_binary):
-            raw = _raw(output)
+            raw = oip.raw_contents(output)
             parameters["binary_data_size"] = len(raw)
             binary_parts.append(raw)
         else:
@@ -186,12 +186,6 @@ def encode_response(
         "content-type": "application/octet-stream",
         HEADER_LENGTH: str(len(header)),
     }
-
-
-def _raw(output: oip.OutputTensor) -> bytes:
-    if output.datatype == oip.BYTES:
-        return oip.join_bytes_elements(output.data)
-    return np.asarray(output.data, dtype="<f4").tobytes()
 
 
 def _json_data(output: oip.OutputTensor) -> list[Any]:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..core.errors import ClassifierError, ErrorCode
+from ..core.errors import ClassifierError
 from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.routing import ModelRouter, ServedVersion
@@ -102,25 +102,8 @@ def build_app(
 
 
 def _model(request: Request, router: ModelRouter) -> ServedVersion:
-    """The model a /v2/models/{name}[/versions/{version}] path names; without a version, the
-    router chooses (X-Model-Version pin, canary share) among the models of that name."""
-    name, version = request.path_params["name"], request.path_params.get("version")
-    served_tags = ", ".join(served.tag for served in router.models)
-    not_served = ClassifierError(
-        ErrorCode.NOT_FOUND, f"model {name}:{version or '*'} is not served here ({served_tags})"
-    )
-    if version is not None:  # a path that names nothing served is NOT_FOUND, as any other path
-        try:
-            return router.find(f"{name}:{version}")
-        except ClassifierError:
-            raise not_served from None
-    chosen = router.route(request.headers.get(MODEL_VERSION_HEADER))
-    if chosen.ref.name == name:
-        return chosen
-    for served in router.models:
-        if served.ref.name == name:
-            return served
-    raise not_served
+    params, pinned = request.path_params, request.headers.get(MODEL_VERSION_HEADER)
+    return oip.served_model(router, params["name"], params.get("version"), pinned)
 
 
 async def _envelope(request: Request, exc: Exception) -> Response:

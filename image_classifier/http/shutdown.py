@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 from .admission import Gate
@@ -20,8 +21,11 @@ log = logging.getLogger(__name__)
 _tasks: set[asyncio.Task] = set()
 
 
-def drain_on_sigterm(gate: Gate, grace_s: float) -> bool:
-    """Install the handler (main thread of a running event loop only); True when installed."""
+def drain_on_sigterm(
+    gate: Gate, grace_s: float, then: Callable[[], Awaitable[None]] | None = None
+) -> bool:
+    """Install the handler (main thread of a running event loop only); True when installed.
+    `then` runs after the drain, before the server's own handler (e.g. stops the gRPC server)."""
     if threading.current_thread() is not threading.main_thread():
         return False
     try:
@@ -35,6 +39,8 @@ def drain_on_sigterm(gate: Gate, grace_s: float) -> bool:
         while gate.admitted and loop.time() < deadline:
             await asyncio.sleep(0.02)
         log.warning("drain done, %d request(s) still in work; shutting down", gate.admitted)
+        if then is not None:
+            await then()
         if callable(previous):
             previous(signum, frame)
         else:

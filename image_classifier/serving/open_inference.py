@@ -20,7 +20,7 @@ from .. import __version__
 from ..core.errors import ClassifierError, ErrorCode
 from ..core.model_card import ModelCard
 from .predictor import Predictor
-from .routing import ServedVersion
+from .routing import ModelRouter, ServedVersion
 
 SERVER_NAME = "image_classifier"
 # What `GET /v2` and ServerMetadata announce. Triton's names: binary tensor data (HTTP), the
@@ -73,6 +73,29 @@ class InferenceResult:
     id: str | None = None
 
 
+def served_model(
+    router: ModelRouter, name: str, version: str | None, pinned: str | None = None
+) -> ServedVersion:
+    """The model a request names; without a version, the router chooses (an X-Model-Version pin,
+    the canary share) among the served models of that name."""
+    served_tags = ", ".join(served.tag for served in router.models)
+    not_served = ClassifierError(
+        ErrorCode.NOT_FOUND, f"model {name}:{version or '*'} is not served here ({served_tags})"
+    )
+    if version:  # a version that names nothing served is NOT_FOUND, as any other unknown path
+        try:
+            return router.find(f"{name}:{version}")
+        except ClassifierError:
+            raise not_served from None
+    chosen = router.route(pinned)
+    if chosen.ref.name == name:
+        return chosen
+    for served in router.models:
+        if served.ref.name == name:
+            return served
+    raise not_served
+
+
 def invalid(message: str) -> ClassifierError:
     return ClassifierError(ErrorCode.INVALID_REQUEST, message)
 
@@ -94,6 +117,13 @@ def split_bytes_elements(raw: bytes) -> list[bytes]:
 
 def join_bytes_elements(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
+def raw_contents(output: OutputTensor) -> bytes:
+    """An output in binary form (HTTP binary data, gRPC `raw_output_contents`)."""
+    if output.datatype == BYTES:
+        return join_bytes_elements(output.data)
+    return np.asarray(output.data, dtype="<f4").tobytes()
 
 
 def fp32_from_raw(raw: bytes) -> np.ndarray:

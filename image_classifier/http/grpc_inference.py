@@ -1,0 +1,306 @@
+"""Open Inference over gRPC (KServe's `inference.GRPCInferenceService`), served by every worker.
+
+Each worker runs a `grpc.aio` server on GRPC_PORT in its own event loop, on the address its HTTP
+socket listens on (SO_REUSEPORT: the kernel spreads connections over the workers, as for HTTP).
+A call meets what an HTTP request meets: the bearer token (`authorization` metadata), the rate
+limit, the size caps, the in-flight cap and the deadline of the `Gate`; then
+`serving.open_inference`, on /analyze's predictor path (batching, metrics, drift). Errors are gRPC
+status codes with the stable code in front of the message ("INVALID_IMAGE: ..."), repeated in the
+`x-error-code` trailing metadata; every call logs one access line with its request id (the
+`x-request-id` metadata when it is a safe token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from ..core.errors import ClassifierError, ErrorCode
+from ..serving import metrics
+from ..serving import open_inference as oip
+from ..serving.predictor import Predictor
+from ..serving.settings import Settings
+from . import logs
+from .admission import OVERLOADED_RETRY_AFTER_S, Gate
+from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
+from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
+from .protos import grpc_predict_v2_pb2 as pb
+from .protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SERVICE = "/inference.GRPCInferenceService/"
+_background: set[asyncio.Task] = set()  # keeps the start task referenced until it is done
+
+GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.INVALID_IMAGE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.IMAGE_TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNKNOWN_MODEL_VERSION: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.HEADERS_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.NOT_READY: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
+}
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings):
+        self.get_predictor = get_predictor
+        self.gate = gate
+        self.max_items = settings.max_batch_images
+        self.max_item_bytes = settings.max_upload_bytes
+        self.max_request_bytes = settings.max_batch_bytes
+
+    # Health: open (no token), unlogged, like /v2/health/* over HTTP.
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        ready = self.get_predictor().router.all_loaded() and not self.gate.draining
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return await self._answer(
+            context,
+            "ServerMetadata",
+            lambda: _done(pb.ServerMetadataResponse(**oip.server_metadata())),
+        )
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
+        async def ready() -> pb.ModelReadyResponse:
+            served = self._model(request.name, request.version, context)
+            return pb.ModelReadyResponse(ready=served.classifier is not None)
+
+        return await self._answer(context, "ModelReady", ready)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Any:
+        async def metadata() -> pb.ModelMetadataResponse:
+            served = self._model(request.name, request.version, context)
+            described = oip.model_metadata(
+                served.ready_classifier().card, served.ref.name, served.ref.version, self.max_items
+            )
+            return pb.ModelMetadataResponse(
+                name=described["name"],
+                versions=described["versions"],
+                platform=described["platform"],
+                inputs=described["inputs"],
+                outputs=described["outputs"],
+            )
+
+        return await self._answer(context, "ModelMetadata", metadata)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+        async def infer() -> pb.ModelInferResponse:
+            if request.ByteSize() > self.max_request_bytes:
+                raise ClassifierError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the request has {request.ByteSize()} bytes; the limit is "
+                    f"{self.max_request_bytes} (MAX_BATCH_BYTES)",
+                )
+            predictor = self.get_predictor()
+            served = self._model(request.model_name, request.model_version, context)
+            result = await oip.infer(
+                predictor, served, _inference_request(request), self.max_items, self.max_item_bytes
+            )
+            return _infer_response(result)
+
+        return await self._answer(context, "ModelInfer", infer, in_work=True)
+
+    def _model(self, name: str, version: str, context: Any):  # noqa: ANN202
+        pinned = _metadata(context).get(MODEL_VERSION_HEADER)
+        return oip.served_model(self.get_predictor().router, name, version or None, pinned)
+
+    async def _answer(
+        self, context: Any, method: str, work: Callable[[], Awaitable[T]], in_work: bool = False
+    ) -> T:
+        """Admit the call, do the work, log one access line; an error aborts with its status."""
+        metadata = _metadata(context)
+        request_id = request_id_for(metadata.get(REQUEST_ID_HEADER))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        started = time.perf_counter()
+        error: ClassifierError | None = None
+        with logs.request_context(request_id, "GRPC", SERVICE + method) as fields:
+            try:
+                client = self.gate.authenticate(metadata.get("authorization"))
+                self.gate.check_rate(client or _peer_address(context))
+                async with self._work_slot(in_work):
+                    async with asyncio.timeout(self.gate.policy.request_timeout_s):
+                        return await work()
+            except ClassifierError as exc:
+                error = exc
+            except TimeoutError:
+                limit = self.gate.policy.request_timeout_s
+                error = ClassifierError(ErrorCode.TIMEOUT, f"no answer within {limit:g} s")
+            except Exception:  # a bug: logged with its traceback, the client gets the code only
+                log.exception("unexpected error answering %s", method)
+                error = ClassifierError(ErrorCode.INTERNAL_ERROR, INTERNAL_MESSAGE)
+            finally:
+                status = 200 if error is None else HTTP_STATUS[error.code]
+                if error is not None:
+                    fields["error_code"] = error.code.value
+                    metrics.ERRORS.labels(code=error.code.value).inc()
+                logs.log_request(fields, status, (time.perf_counter() - started) * 1000)
+        await _abort(context, error, request_id)
+        raise AssertionError("unreachable: abort raises")
+
+    @contextlib.asynccontextmanager
+    async def _work_slot(self, in_work: bool):  # noqa: ANN202
+        if not in_work:
+            yield
+            return
+        if self.gate.draining:
+            raise ClassifierError(
+                ErrorCode.SHUTTING_DOWN,
+                "this server is shutting down; retry on another replica",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        self.gate.enter()
+        try:
+            yield
+        finally:
+            self.gate.leave()
+
+
+async def _done(value: T) -> T:
+    return value
+
+
+async def _abort(context: Any, error: ClassifierError, request_id: str) -> None:
+    trailing = [(ERROR_CODE_HEADER, error.code.value), (REQUEST_ID_HEADER, request_id)]
+    if error.retry_after_s is not None:
+        trailing.append(("retry-after", str(error.retry_after_s)))
+    context.set_trailing_metadata(tuple(trailing))
+    await context.abort(GRPC_STATUS[error.code], f"{error.code.value}: {error.message}")
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    return {
+        key.lower(): value
+        for key, value in (context.invocation_metadata() or ())
+        if isinstance(value, str)
+    }
+
+
+def _peer_address(context: Any) -> str:
+    """The client's address for rate limiting, as HTTP keys it ("ipv4:1.2.3.4:5678" → host)."""
+    peer = context.peer() or "unknown"
+    host = peer.split(":", 1)[1].rsplit(":", 1)[0] if ":" in peer else peer
+    return "addr:" + host.strip("[]")
+
+
+def _inference_request(message: pb.ModelInferRequest) -> oip.InferenceRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise oip.invalid(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
+        )
+    inputs = []
+    for index, tensor in enumerate(message.inputs):
+        data: list[bytes] | np.ndarray = []
+        if tensor.datatype == oip.BYTES:
+            data = (
+                oip.split_bytes_elements(raw[index])
+                if raw
+                else list(tensor.contents.bytes_contents)
+            )
+        elif tensor.datatype == oip.FP32:
+            data = (
+                oip.fp32_from_raw(raw[index])
+                if raw
+                else np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
+            )
+        inputs.append(oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+    outputs = [
+        oip.RequestedOutput(output.name, _classification(output)) for output in message.outputs
+    ]
+    return oip.InferenceRequest(inputs, outputs, message.id or None)
+
+
+def _classification(output: Any) -> int:
+    if "classification" not in output.parameters:
+        return 0
+    parameter = output.parameters["classification"]
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else None
+    return oip.requested_classification(output.name, value)
+
+
+def _infer_response(result: oip.InferenceResult) -> pb.ModelInferResponse:
+    """Outputs as raw contents, as Triton answers (its clients and KServe's read both forms)."""
+    response = pb.ModelInferResponse(
+        model_name=result.model_name, model_version=result.model_version, id=result.id or ""
+    )
+    for output in result.outputs:
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        response.raw_output_contents.append(oip.raw_contents(output))
+    return response
+
+
+def listening_host() -> str:
+    """The address this worker's HTTP socket listens on (BentoML hands workers `--fd N`), so
+    `--host 127.0.0.1` keeps gRPC local too; 127.0.0.1 when it cannot be told."""
+    try:
+        fd = int(sys.argv[sys.argv.index("--fd") + 1])
+        with socket.socket(fileno=os.dup(fd)) as listening:
+            host = listening.getsockname()[0]
+    except (ValueError, IndexError, OSError):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def build_server(
+    get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings
+) -> grpc.aio.Server:
+    """The server, not started (`await server.start()` in the worker's event loop). Messages
+    twice the batch cap still arrive, so that a large one gets the PAYLOAD_TOO_LARGE code."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 2 * settings.max_batch_bytes + 2**20),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(get_predictor, gate, settings), server
+    )
+    server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
+    return server
+
+
+def serve_in_background(
+    get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings
+) -> Callable[[], Awaitable[None]] | None:
+    """Start this worker's gRPC server in the running event loop (GRPC_PORT=0: none); returns
+    what stops it, for after the SIGTERM drain."""
+    if not settings.grpc_port:
+        return None
+    server = build_server(get_predictor, gate, settings)
+    loop = asyncio.get_running_loop()
+    started = loop.create_task(server.start())
+    _background.add(started)
+    started.add_done_callback(_background.discard)
+    log.info("Open Inference gRPC on port %d", settings.grpc_port)
+
+    async def stop() -> None:
+        await server.stop(grace=1)
+
+    return stop
