@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc
 import yaml
 
 from image_classifier.serving.settings import Settings
@@ -170,13 +172,14 @@ def image(docker: Docker, base_image: str, trained_store: Path, tmp_path_factory
 @contextlib.contextmanager
 def running(docker: Docker, image: str, *options: str) -> Iterator[tuple[str, str, float]]:
     """`docker run` on host networking and a free loopback port; yields (url, name, s to ready)."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     name = f"image-classifier-test-{port}"
     started = time.monotonic()
     docker(
         "run", "-d", "--name", name, "--network", "host",
         # BENTOML_PORT rather than --port: the HEALTHCHECK script reads it to find the server.
-        "-e", f"BENTOML_PORT={port}", "-e", "BENTOML_HOST=127.0.0.1", *options, image,
+        "-e", f"BENTOML_PORT={port}", "-e", "BENTOML_HOST=127.0.0.1",
+        "-e", f"GRPC_PORT={grpc_port}", *options, image,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -192,6 +195,21 @@ def running(docker: Docker, image: str, *options: str) -> Iterator[tuple[str, st
         yield url, name, time.monotonic() - started
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def _env_of(docker: Docker, name: str) -> dict[str, str]:
+    variables = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", name).stdout)
+    return dict(variable.split("=", 1) for variable in variables)
+
+
+def grpc_label(target: str, image: bytes) -> str:
+    """The top-1 label tritonclient.grpc gets for one encoded image."""
+    client = tritonclient.grpc.InferenceServerClient(target)
+    tensor = tritonclient.grpc.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=object))
+    result = client.infer("digits-cnn", [tensor], outputs=[
+        tritonclient.grpc.InferRequestedOutput("label")])  # fmt: skip
+    return result.as_numpy("label")[0].decode()
 
 
 def _logs(docker: Docker, name: str) -> str:
@@ -236,6 +254,13 @@ def test_image_classifies_read_only_as_non_root_and_turns_healthy(docker, image,
             time.sleep(1)
         last = status["Log"][-1]
         assert last["ExitCode"] == 0 and last["Output"].startswith("healthy: label="), last
+        # Open Inference gRPC from the container, with Triton's client (the port is exposed).
+        exposed = json.loads(docker("inspect", "-f", "{{json .Config.ExposedPorts}}", image).stdout)
+        assert "3001/tcp" in exposed, exposed
+        grpc_port = _env_of(docker, name)["GRPC_PORT"]
+        picture, truth = heldout[0]
+        label = grpc_label(f"127.0.0.1:{grpc_port}", encode(picture, "PNG"))
+        assert label == str(truth), label
         measured(f"[container] HEALTHCHECK healthy: {last['Output'].strip()}", doc="deploy")
 
 

@@ -72,12 +72,11 @@ def test_service_selects_the_deployment_pods_on_the_container_port():
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
-    (port,) = service["spec"]["ports"]
-    target = port["targetPort"]
-    assert target in container_ports or target in container_ports.values(), (
-        target,
-        container_ports,
-    )
+    targets = {port["name"]: port["targetPort"] for port in service["spec"]["ports"]}
+    assert targets == {"http": "http", "grpc": "grpc"}, targets
+    assert targets.keys() == container_ports.keys(), container_ports
+    # gRPC listens on the container's grpc port (the probes stay on HTTP).
+    assert _env(_container())["GRPC_PORT"]["value"] == str(container_ports["grpc"])
     # The server listens where the container port says.
     args = _container()["args"]
     assert args[args.index("--port") + 1] == str(container_ports["http"])

@@ -1,0 +1,293 @@
+"""Triton's own clients against a real server, in the modes their users call it with:
+`tritonclient.http` with binary tensors (its default) and with JSON, and `tritonclient.grpc`.
+
+Every answer is checked against /analyze's for the same picture; every error path reaches the
+client as the right status with the stable code in a readable message.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.preprocessing import preprocess
+from loadtest.servers import serve
+from tests.pictures import encode
+
+MODEL = "digits-cnn"
+TOKENS = ["reader-http", "reader-grpc", *(f"t{n}" for n in range(16))]
+
+
+@pytest.fixture(scope="module")
+def card(default_model_dir) -> ModelCard:
+    return ModelCard.model_validate_json((default_model_dir / "card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pngs(heldout) -> list[bytes]:
+    return [encode(image, "PNG") for image, _ in heldout[:5]]
+
+
+@pytest.fixture(scope="module")
+def analyzed(server, pngs) -> np.ndarray:
+    """/analyze's probabilities for each picture: what every Open Inference answer must equal."""
+    rows = []
+    for png in pngs:
+        response = httpx.post(f"{server.url}/analyze", files={"image": ("d.png", png, "image/png")})
+        probabilities = response.json()["prediction"]["probabilities"]
+        rows.append([probabilities[str(digit)] for digit in range(10)])
+    return np.array(rows)
+
+
+@pytest.fixture(scope="module")
+def http_client(server) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(server.grpc_target)
+
+
+@pytest.fixture(scope="module")
+def guarded(trained_store, artifacts):
+    """A server with tokens, a rate limit and one request in work at a time."""
+    env = {"API_TOKENS": ",".join(TOKENS), "RATE_LIMIT": "20/minute", "MAX_CONCURRENCY": "1"}
+    with serve(trained_store, artifacts / "server-triton-guarded.log", env) as running:
+        yield running
+
+
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+
+
+def client_of(kind: str, server) -> httpclient.InferenceServerClient:
+    url = server.url.removeprefix("http://") if kind == "http" else server.grpc_target
+    return CLIENTS[kind].InferenceServerClient(url)
+
+
+def image_input(kind: str, images: list[bytes], binary: bool = True):
+    tensor = CLIENTS[kind].InferInput("image", [len(images)], "BYTES")
+    if kind == "http" and not binary:  # JSON carries an image file as base64 text
+        tensor.set_data_from_numpy(
+            np.array([base64.b64encode(image) for image in images], dtype=object),
+            binary_data=False,
+        )
+    else:
+        tensor.set_data_from_numpy(np.array(images, dtype=object))
+    return tensor
+
+
+def outputs(kind: str, binary: bool = True, classification: int = 0) -> list:
+    module = CLIENTS[kind]
+    if kind == "grpc":
+        return [module.InferRequestedOutput("probabilities", class_count=classification),
+                module.InferRequestedOutput("label")]  # fmt: skip
+    return [module.InferRequestedOutput("probabilities", binary, classification),
+            module.InferRequestedOutput("label", binary)]  # fmt: skip
+
+
+MODES = ["http-binary", "http-json", "grpc"]
+
+
+def text(element: bytes | str) -> str:
+    """A BYTES element as text (binary answers give bytes, JSON answers give str)."""
+    return element.decode() if isinstance(element, bytes) else element
+
+
+def mode_parts(mode: str) -> tuple[str, bool]:
+    return mode.split("-")[0], mode != "http-json"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_health_and_metadata(server, mode, card):
+    kind, _ = mode_parts(mode)
+    client = client_of(kind, server)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "v1")
+    metadata = client.get_server_metadata()
+    metadata = metadata if isinstance(metadata, dict) else {"extensions": metadata.extensions}
+    assert {"binary_tensor_data", "classification"} <= set(metadata["extensions"])
+    model = client.get_model_metadata(MODEL)
+    if kind == "grpc":
+        inputs = {t.name: (t.datatype, list(t.shape)) for t in model.inputs}
+        versions = list(model.versions)
+    else:
+        inputs = {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]}
+        versions = model["versions"]
+    assert versions == ["v1"]
+    tensor_shape = [-1, *card.preprocessing.tensor_shape]
+    assert inputs == {"image": ("BYTES", [-1]), card.input_name: ("FP32", tensor_shape)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_images_answer_like_analyze(server, mode, pngs, analyzed, heldout):
+    kind, binary = mode_parts(mode)
+    client = client_of(kind, server)
+    result = client.infer(
+        MODEL, [image_input(kind, pngs, binary)], outputs=outputs(kind, binary), request_id="r-42"
+    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), analyzed, atol=1e-6)
+    labels = [text(label) for label in result.as_numpy("label")]
+    assert labels == [str(truth) for _, truth in heldout[:5]]
+    response = result.get_response()
+    response = response if isinstance(response, dict) else {"id": response.id}
+    assert response["id"] == "r-42"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_preprocessed_fp32_tensors_answer_like_analyze(server, mode, heldout, card, analyzed):
+    kind, binary = mode_parts(mode)
+    tensors = np.stack([preprocess(image, card.preprocessing) for image, _ in heldout[:5]])
+    tensor = CLIENTS[kind].InferInput(card.input_name, list(tensors.shape), "FP32")
+    if kind == "http":
+        tensor.set_data_from_numpy(tensors, binary_data=binary)
+    else:
+        tensor.set_data_from_numpy(tensors)
+    result = client_of(kind, server).infer(MODEL, [tensor], outputs=outputs(kind, binary))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), analyzed, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_classification_extension_gives_top_k_as_score_index_label(server, mode, pngs, analyzed):
+    kind, binary = mode_parts(mode)
+    result = client_of(kind, server).infer(
+        MODEL, [image_input(kind, pngs, binary)], outputs=outputs(kind, binary, classification=3)
+    )
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (5, 3)
+    for row, expected in zip(classes, analyzed, strict=True):
+        parsed = [text(entry).split(":") for entry in row]
+        best = np.argsort(-expected, kind="stable")[:3]
+        assert [int(index) for _, index, _ in parsed] == list(best)
+        assert [label for _, _, label in parsed] == [str(index) for index in best]
+        np.testing.assert_allclose([float(score) for score, _, _ in parsed], expected[best],
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_default_calls_of_each_client_work_unchanged(server, pngs, analyzed):
+    """No outputs named, nothing turned off: how most Triton client code calls."""
+    for kind in CLIENTS:
+        result = client_of(kind, server).infer(MODEL, [image_input(kind, pngs[:1])])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), analyzed[:1], atol=1e-6)
+
+
+def expect_error(call: Callable[[], object], kind: str, status: str, code: str) -> str:
+    with pytest.raises(InferenceServerException) as raised:
+        call()
+    error = raised.value
+    assert error.status() == status, (error.status(), str(error))
+    assert error.message().startswith(f"{code}: "), error.message()
+    assert len(error.message()) > len(code) + 10, "a readable reason follows the code"
+    return str(error)  # __str__ must work (it broke on the old envelope)
+
+
+HTTP_AND_GRPC_STATUS = {
+    "INVALID_IMAGE": ("422", "StatusCode.INVALID_ARGUMENT"),
+    "UNSUPPORTED_MEDIA_TYPE": ("415", "StatusCode.INVALID_ARGUMENT"),
+    "NOT_FOUND": ("404", "StatusCode.NOT_FOUND"),
+    "PAYLOAD_TOO_LARGE": ("413", "StatusCode.RESOURCE_EXHAUSTED"),
+    "INVALID_REQUEST": ("400", "StatusCode.INVALID_ARGUMENT"),
+    "UNAUTHORIZED": ("401", "StatusCode.UNAUTHENTICATED"),
+    "RATE_LIMITED": ("429", "StatusCode.RESOURCE_EXHAUSTED"),
+    "OVERLOADED": ("503", "StatusCode.UNAVAILABLE"),
+}
+
+
+def status_for(kind: str, code: str) -> str:
+    return HTTP_AND_GRPC_STATUS[code][0 if kind == "http" else 1]
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_bad_requests_reach_the_client_with_status_and_code(server, kind, pngs):
+    client = client_of(kind, server)
+    png = pngs[0]
+
+    def infer(images, model=MODEL, version="", **options):
+        return lambda: client.infer(model, [image_input(kind, images)], model_version=version,
+                                    **options)  # fmt: skip
+
+    cases = [
+        (infer([png[:40]]), "INVALID_IMAGE"),  # a truncated PNG
+        (infer([b"<html></html>"]), "UNSUPPORTED_MEDIA_TYPE"),
+        (infer([png], model="resnet"), "NOT_FOUND"),
+        (infer([png], version="v9"), "NOT_FOUND"),
+        (infer([png] * 65), "PAYLOAD_TOO_LARGE"),  # MAX_BATCH_IMAGES is 64
+        (infer([b"\xff\xd8" + bytes(11 * 2**20)]), "PAYLOAD_TOO_LARGE"),  # over MAX_UPLOAD_BYTES
+        (infer([png], outputs=[CLIENTS[kind].InferRequestedOutput("logits")]), "INVALID_REQUEST"),
+    ]
+    for call, code in cases:
+        expect_error(call, kind, status_for(kind, code), code)
+
+
+def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(server, pngs):
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{",
+                          headers={"x-request-id": "oip-err-1"})  # fmt: skip
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("INVALID_REQUEST: ")
+    assert set(response.json()) == {"error"}
+    assert response.headers["x-error-code"] == "INVALID_REQUEST"
+    assert response.headers["x-request-id"] == "oip-err-1"
+    unknown = httpx.get(f"{server.url}/v2/models/{MODEL}/nothing-here")
+    assert unknown.status_code == 404 and unknown.json()["error"].startswith("NOT_FOUND: ")
+
+
+def test_binary_bodies_that_lie_about_their_sizes_get_400(server, pngs):
+    header = b'{"inputs":[{"name":"image","shape":[1],"datatype":"BYTES",' \
+             b'"parameters":{"binary_data_size":999}}]}'  # fmt: skip
+    for body, length in [
+        (header + b"\x05\x00\x00\x00abc", len(header)),  # fewer bytes than it claims
+        (header, len(header) + 5),  # a header length past the body
+        (header.replace(b"999", b"4") + b"\x09\x00\x00\x00", len(header) - 2),  # element cut
+    ]:
+        response = httpx.post(
+            f"{server.url}/v2/models/{MODEL}/infer",
+            content=body,
+            headers={"inference-header-content-length": str(length)},
+        )
+        assert response.status_code == 400, response.text
+        assert response.headers["x-error-code"] == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_tokens_rate_limit_and_overload_reach_the_client(guarded, kind, pngs):
+    client = client_of(kind, guarded)
+
+    def infer(token: str | None, images: list[bytes]):
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        return client_of(kind, guarded).infer(MODEL, [image_input(kind, images)], headers=headers)
+
+    expect_error(lambda: infer(None, pngs[:1]), kind, status_for(kind, "UNAUTHORIZED"),
+                 "UNAUTHORIZED")  # fmt: skip
+    expect_error(lambda: infer("wrong", pngs[:1]), kind, status_for(kind, "UNAUTHORIZED"),
+                 "UNAUTHORIZED")  # fmt: skip
+    assert infer(f"reader-{kind}", pngs[:1]).as_numpy("label").shape == (1,)
+    assert client.is_server_live()  # health needs no token
+    # One request in work at a time: 16 clients at once, some are told to come back.
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        calls = [pool.submit(infer, f"t{n}", pngs * 12) for n in range(16)]
+        errors = [call.exception() for call in calls]
+    refused = [error for error in errors if error is not None]
+    assert refused, "MAX_CONCURRENCY=1 refused none of 16 concurrent calls"
+    for error in refused:
+        assert error.status() == status_for(kind, "OVERLOADED"), str(error)
+        assert error.message().startswith("OVERLOADED: "), error.message()
+    assert len(refused) < 16, "every call was refused"
+    # 20/minute per token (over both transports: one reader token for each): they run out.
+    for _ in range(25):
+        try:
+            infer(f"reader-{kind}", pngs[:1])
+        except InferenceServerException as error:
+            assert error.status() == status_for(kind, "RATE_LIMITED"), str(error)
+            assert error.message().startswith("RATE_LIMITED: "), error.message()
+            break
+    else:
+        pytest.fail("25 calls within a minute were all allowed under RATE_LIMIT=20/minute")
