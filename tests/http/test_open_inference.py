@@ -12,9 +12,9 @@ import pytest
 
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
-from loadtest.servers import REPO
 from tests.http.responses import open_inference_code
 from tests.pictures import encode
+from tests.readme import readme_block
 
 MODEL = "digits-cnn"
 
@@ -127,8 +127,7 @@ def test_unknown_model_and_version_are_404(server, heldout):
 
 def test_readme_example_runs(server, heldout, tmp_path):
     """The README's Open Inference example, run as written (only the address differs)."""
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- oip-example", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = readme_block("oip-example", "bash")
     image, truth = heldout[4]
     image.save(tmp_path / "digit.png")
     script = block.replace("http://127.0.0.1:3000", server.url)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import subprocess
+import sys
 from collections.abc import Callable
 
 import httpx
@@ -22,6 +24,7 @@ from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
 from loadtest.servers import serve
 from tests.pictures import encode
+from tests.readme import readme_block
 
 MODEL = "digits-cnn"
 TOKENS = ["reader-http", "reader-grpc", *(f"t{n}" for n in range(16))]
@@ -291,3 +294,21 @@ def test_tokens_rate_limit_and_overload_reach_the_client(guarded, kind, pngs):
             break
     else:
         pytest.fail("25 calls within a minute were all allowed under RATE_LIMIT=20/minute")
+
+
+@pytest.mark.parametrize("example", ["triton-http-example", "triton-grpc-example"])
+def test_readme_examples_run(server, heldout, tmp_path, example):
+    """The README's client snippets, run as written (only the addresses differ)."""
+    script = readme_block(example, "python")
+    script = script.replace("127.0.0.1:3000", server.url.removeprefix("http://"))
+    script = script.replace("127.0.0.1:3001", server.grpc_target)
+    image, truth = heldout[4]
+    image.save(tmp_path / "digit.png")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    if example == "triton-http-example":  # the best class first: "score:index:label"
+        assert f":{truth}:{truth}'" in result.stdout.split()[0], result.stdout
+    else:
+        assert result.stdout.startswith(f"b'{truth}' 0."), result.stdout
