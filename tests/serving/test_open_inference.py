@@ -1,0 +1,93 @@
+"""The Open Inference Protocol without a transport: binary BYTES, the classification strings,
+and the checks every request meets before the model runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.preprocessing import PreprocessSpec
+from image_classifier.serving import open_inference as oip
+
+
+def test_bytes_elements_round_trip_and_refuse_cut_data():
+    elements = [b"", b"\x00\x01", bytes(range(256)) * 3]
+    raw = oip.join_bytes_elements(elements)
+    assert raw[:4] == b"\x00\x00\x00\x00" and raw[4:8] == b"\x02\x00\x00\x00"
+    assert oip.split_bytes_elements(raw) == elements
+    for cut in (raw[:-1], raw[:6], raw + b"\x01"):
+        with pytest.raises(ClassifierError) as refused:
+            oip.split_bytes_elements(cut)
+        assert refused.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_fp32_raw_must_be_whole_floats():
+    values = np.array([0.5, -1.25, 3.0], dtype="<f4")
+    np.testing.assert_array_equal(oip.fp32_from_raw(values.tobytes()), values)
+    with pytest.raises(ClassifierError):
+        oip.fp32_from_raw(values.tobytes()[:-1])
+
+
+def card_of(labels: list[str]) -> ModelCard:
+    """A card with a 2×2 grey input (tensor shape [1, 2, 2])."""
+    return ModelCard(
+        name="tiny", labels=labels, input_name="x", output_name="y", output_kind="probabilities",
+        preprocessing=PreprocessSpec(input_size=(2, 2), color_mode="L"),
+    )  # fmt: skip
+
+
+def test_classification_strings_are_best_first_with_float32_scores():
+    card = card_of(["cat", "dog", "bird"])
+    probabilities = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]], dtype=np.float32)
+    output = oip._output(oip.RequestedOutput("probabilities", 2), probabilities, card)
+    assert output.datatype == "BYTES" and output.shape == [2, 2]
+    assert output.data == [b"0.7:1:dog", b"0.2:0:cat", b"0.5:0:cat", b"0.25:1:dog"]
+    wide = oip._output(oip.RequestedOutput("probabilities", 9), probabilities, card)
+    assert wide.shape == [2, 3]  # more than the classes: all of them
+
+
+@pytest.mark.parametrize(
+    ("tensor", "code"),
+    [
+        (oip.InputTensor("image", "BYTES", (2,), [b"a"]), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("image", "BYTES", (1, 2), [b"a", b"b"]), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("image", "BYTES", (65,), [b"a"] * 65), ErrorCode.PAYLOAD_TOO_LARGE),
+        (oip.InputTensor("image", "BYTES", (1,), [b"a" * 101]), ErrorCode.PAYLOAD_TOO_LARGE),
+        (oip.InputTensor("image", "BYTES", (0,), []), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("x", "FP32", (1, 1, 2, 3), np.zeros(6)), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.zeros(3)), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.full(4, np.inf)), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("x", "INT64", (1, 1, 2, 2), np.zeros(4)), ErrorCode.INVALID_REQUEST),
+    ],
+    ids=["count", "shape", "too-many", "too-big", "empty", "fp32-shape", "fp32-size", "inf",
+         "int64"],
+)  # fmt: skip
+def test_inputs_are_checked_before_the_model(tensor, code):
+    with pytest.raises(ClassifierError) as refused:
+        oip.model_items(oip.InferenceRequest([tensor]), card_of(["a", "b"]), 64, 100)
+    assert refused.value.code is code, refused.value.message
+
+
+def test_good_inputs_become_model_items():
+    card = card_of(["a", "b"])
+    images = oip.model_items(
+        oip.InferenceRequest([oip.InputTensor("image", "BYTES", (2, 1), [b"p", b"q"])]), card, 64, 9
+    )
+    assert images == [b"p", b"q"]
+    tensor = oip.InputTensor("x", "FP32", (2, 1, 2, 2), np.arange(8, dtype=np.float32))
+    items = oip.model_items(oip.InferenceRequest([tensor]), card, 64, 9)
+    assert [item.shape for item in items] == [(1, 2, 2), (1, 2, 2)]
+    np.testing.assert_array_equal(items[1].ravel(), [4, 5, 6, 7])
+
+
+def test_outputs_are_checked_and_classification_only_on_probabilities():
+    with pytest.raises(ClassifierError):
+        oip._checked_outputs([oip.RequestedOutput("logits")])
+    with pytest.raises(ClassifierError):
+        oip._checked_outputs([oip.RequestedOutput("label", 3)])
+    for bad in (0, -1, True, 2.5, "x"):
+        with pytest.raises(ClassifierError):
+            oip.requested_classification("probabilities", bad)
+    assert oip.requested_classification("probabilities", "4") == 4
