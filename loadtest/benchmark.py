@@ -10,6 +10,8 @@
     histograms of /metrics); (c) the peers on the same images: the tutorial FastAPI server,
     the expert's FastAPI `def` server (both loadtest/baseline_app.py) and LitServe
     (loadtest/litserve_app.py);
+    (b') the same service over the Open Inference Protocol at 16 clients, as Triton's clients call
+    it: HTTP with binary tensor data, and gRPC (tritonclient.grpc.aio), the same image;
     (d) the service with WORKERS=2 (with each worker's share of the CPU: how evenly the kernel
     spread the connections) and with BATCHING=0; (e) the duplicate-input cache (CACHE_SIZE on, the
     same picture every time: all hits but the first) and the cost of its key; (f) with --int8, the
@@ -35,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from image_classifier.core.classifier import Classifier
 from image_classifier.serving.cache import PredictionCache
 from image_classifier.serving.settings import Settings
-from loadtest.load import closed_loops, percentile, throughput
+from loadtest.load import Outcome, closed_loops, percentile, repeat, throughput
 from loadtest.servers import BIN, REPO, free_port, serve, stop, wait_until_ready
 from training_export.photos import PHOTO_640, PHOTO_PHONE, photo_jpeg
 
@@ -71,6 +73,9 @@ TARGETS = {
     "int8_over_fp32": (">=", 2.0),
     "cold_start_s": ("<=", 5.0),
     "rss_mb_per_worker": ("<=", 300.0),
+    # Issue 14: Open Inference over HTTP (binary) and gRPC, not slower than /analyze.
+    "oip_http_over_analyze": (">=", 1.0),
+    "oip_grpc_over_analyze": (">=", 1.0),
 }
 STAGES = ("body_receive", "preprocess", "queue_wait", "inference", "respond")
 
@@ -183,11 +188,49 @@ def worker_rss_mb(pid: int) -> float:
     return round(max(sizes) / 2**20, 1)
 
 
+def open_inference_body(image: bytes) -> tuple[bytes, dict[str, str]]:
+    """One encoded image in Triton's binary form, outputs binary: tritonclient.http's default."""
+    header = json.dumps({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(image) + 4}}],
+        "parameters": {"binary_data_output": True},
+    }).encode()  # fmt: skip
+    headers = {"inference-header-content-length": str(len(header)),
+               "content-type": "application/octet-stream"}  # fmt: skip
+    return header + len(image).to_bytes(4, "little") + image, headers
+
+
+async def grpc_loops(
+    target: str, model: str, image: bytes, concurrency: int, seconds: float
+) -> list[Outcome]:
+    """Closed loops of tritonclient.grpc.aio ModelInfer calls (one channel, as its users do)."""
+    import tritonclient.grpc.aio as grpc_client  # the loadtest extra only
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_client.InferenceServerClient(target)
+    tensor = grpc_client.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=object))
+
+    async def send() -> Outcome:
+        started = time.monotonic()
+        try:
+            await client.infer(model, [tensor])
+        except InferenceServerException as exc:
+            return Outcome(started, time.monotonic() - started, None, failure=str(exc.status()))
+        return Outcome(started, time.monotonic() - started, 200)
+
+    try:
+        return await repeat(send, concurrency=concurrency, seconds=seconds)
+    finally:
+        await client.close()
+
+
 def http_point(
     system: str, url: str, pid: int, images: list[bytes], kind: str, concurrency: int,
-    seconds: float, batch: int = 1,
+    seconds: float, batch: int = 1, load: Callable[[], Awaitable[list[Outcome]]] | None = None,
 ) -> dict:  # fmt: skip
-    """One closed-loop run; `batch` > 1 posts that many images per request to /analyze_batch.
+    """One closed-loop run; `batch` > 1 posts that many images per request to /analyze_batch;
+    `load`, when given, is the closed loop to run instead of /analyze's (Open Inference).
 
     `worker_cpu_shares`: each busy server process's share of the server's CPU, largest first
     (with several workers, how evenly the kernel spread the keep-alive connections)."""
@@ -199,6 +242,7 @@ def http_point(
     client_cpu, server_cpu = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
     started = time.monotonic()
     outcomes = asyncio.run(
+        load() if load is not None else
         closed_loops(url + route, payload, concurrency=concurrency, seconds=seconds,
                      content_type="image/jpeg", **options)
     )  # fmt: skip
@@ -396,6 +440,19 @@ def run(args: argparse.Namespace) -> dict:
             if c == 16:
                 result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
+        say("(b') Open Inference at c=16: HTTP binary, gRPC ...")
+        model_name = args.model.split(":")[0]
+        body, headers = open_inference_body(images["640"][0])
+        infer_url = f"{url}/v2/models/{model_name}/infer"
+        for system, load in (
+            ("service OIP-HTTP", lambda: closed_loops(infer_url, body, concurrency=16,
+                                                      seconds=seconds, raw_headers=headers)),
+            ("service OIP-gRPC", lambda: grpc_loops(server.grpc_target, model_name,
+                                                    images["640"][0], 16, seconds)),
+        ):  # fmt: skip
+            point = http_point(system, url, pid, images["640"], "640", 16, seconds, load=load)
+            result["points"].append(point)
+            say(_row(point))
         measure("service", url, pid, "640", 2, batch=BATCH_IMAGES)
         rss_640 = worker_rss_mb(pid)
         measure("service", url, pid, "phone", 16)
@@ -480,6 +537,8 @@ def _ratios(result: dict) -> dict:
         "p50_c1_over_baseline": ratio(at("service", concurrency=1)["p50_ms"],
                                       at("tutorial", concurrency=1)["p50_ms"]),
         "p99_over_baseline": ratio(service["p99_ms"], tutorial["p99_ms"]),
+        "oip_http_over_analyze": ratio(at("service OIP-HTTP")["img_s"], service["img_s"]),
+        "oip_grpc_over_analyze": ratio(at("service OIP-gRPC")["img_s"], service["img_s"]),
     }  # fmt: skip
     if "limit_int8" in result:
         int8 = at("service INT8")

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import aiohttp
 
@@ -38,22 +41,29 @@ async def post_image(
     field: str = "image",
 ) -> Outcome:
     """One multipart POST; a list of images goes as repeated `field` parts (/analyze_batch)."""
-    started = time.monotonic()
     form = aiohttp.FormData()
     for index, data in enumerate(image if isinstance(image, list) else [image]):
         form.add_field(field, data, filename=f"picture{index}", content_type=content_type)
+    return await post(client, url, data=form)
+
+
+async def post(client: aiohttp.ClientSession, url: str, **request: Any) -> Outcome:
+    """One POST (`request`: aiohttp's data=, headers=), recorded as an Outcome."""
+    started = time.monotonic()
     try:
-        async with client.post(url, data=form) as response:
+        async with client.post(url, **request) as response:
             body = await response.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Outcome(started, time.monotonic() - started, None, failure=type(exc).__name__)
     outcome = Outcome(started, time.monotonic() - started, response.status)
     if response.status >= 400:
-        try:
-            parsed = json.loads(body)
-            outcome.code = parsed["error"]["code"] if parsed.get("success") is False else None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            outcome.code = None
+        outcome.code = response.headers.get("x-error-code")
+        if outcome.code is None:  # an answer from outside the service's own error writers
+            try:
+                parsed = json.loads(body)
+                outcome.code = parsed["error"]["code"] if parsed.get("success") is False else None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                outcome.code = None
         outcome.retry_after = response.headers.get("retry-after")
     return outcome
 
@@ -72,22 +82,40 @@ async def closed_loops(
     concurrency: int,
     seconds: float,
     stop_on_refusal: bool = False,
-    **post_options: str,
+    **post_options: Any,
 ) -> list[Outcome]:
     """`concurrency` clients, each sending its next request when the last one is answered.
-    `post_options` go to `post_image` (content_type, field)."""
+    `post_options` go to `post_image` (content_type, field); with `raw_headers`, `image` is
+    posted as the whole body with those headers instead of as a multipart upload."""
+    raw_headers = post_options.pop("raw_headers", None)
+    async with _client(concurrency, timeout=60) as client:
+        if raw_headers is not None:
+            send = partial(post, client, url, data=image, headers=raw_headers)
+        else:
+            send = partial(post_image, client, url, image, **post_options)
+        return await repeat(send, concurrency=concurrency, seconds=seconds,
+                            stop_on_refusal=stop_on_refusal)  # fmt: skip
+
+
+async def repeat(
+    send: Callable[[], Awaitable[Outcome]],
+    *,
+    concurrency: int,
+    seconds: float,
+    stop_on_refusal: bool = False,
+) -> list[Outcome]:
+    """Closed loops of any client call (HTTP here, gRPC in the benchmark)."""
     outcomes: list[Outcome] = []
     deadline = time.monotonic() + seconds
-    async with _client(concurrency, timeout=60) as client:
 
-        async def loop() -> None:
-            while time.monotonic() < deadline:
-                outcome = await post_image(client, url, image, **post_options)
-                outcomes.append(outcome)
-                if stop_on_refusal and outcome.status != 200:
-                    return
+    async def loop() -> None:
+        while time.monotonic() < deadline:
+            outcome = await send()
+            outcomes.append(outcome)
+            if stop_on_refusal and outcome.status != 200:
+                return
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
     return outcomes
 
 

@@ -12,8 +12,11 @@ import time
 
 import bentoml
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc.aio as grpc_aio
+from tritonclient.utils import InferenceServerException
 
 from loadtest.load import closed_loops
 from loadtest.servers import BIN, REPO, free_port, serve
@@ -103,6 +106,11 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     outcomes, signalled_at = report["outcomes"], report["signalled_at"]
     assert report["batch_status"] == 200 and report["batch_items_ok"] == len(big)
     assert report["readyz_while_draining"] == 503
+    # gRPC drains alike: the call in work finishes, a new one is told to go elsewhere.
+    assert report["grpc_in_work"] == ("OK", len(big)), report["grpc_in_work"]
+    assert report["grpc_ready_while_draining"] is False
+    assert report["grpc_new_call"][0] == "StatusCode.UNAVAILABLE", report["grpc_new_call"]
+    assert report["grpc_new_call"][1].startswith("SHUTTING_DOWN: "), report["grpc_new_call"]
     for outcome in outcomes:
         if outcome.started < signalled_at - 0.2:  # sent well before the signal: accepted
             assert outcome.status == 200, outcome
@@ -138,6 +146,7 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
                 files=[("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(big)],
             )
         )
+        grpc_in_work = asyncio.create_task(_grpc_infer(server.grpc_target, big))
         steady = asyncio.create_task(
             closed_loops(
                 f"{server.url}/analyze", digit, concurrency=8, seconds=15, stop_on_refusal=True
@@ -149,6 +158,8 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
         os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes or `docker stop` would
         await asyncio.sleep(0.05)
         readyz = await client.get(f"{server.url}/readyz")
+        grpc_ready = await _grpc_ready(server.grpc_target)
+        grpc_new_call = await _grpc_infer(server.grpc_target, [digit])
         batch_response = await batch
         outcomes = await steady
     results = batch_response.json().get("results", [])
@@ -156,12 +167,37 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
         "signalled_at": signalled_at,
         "outcomes": outcomes,
         "readyz_while_draining": readyz.status_code,
+        "grpc_in_work": await grpc_in_work,
+        "grpc_ready_while_draining": grpc_ready,
+        "grpc_new_call": grpc_new_call,
         "batch_status": batch_response.status_code,
         "batch_items_ok": sum(r["success"] for r in results),
         "ok": sum(o.status == 200 for o in outcomes),
         "refused": sum(o.status == 503 for o in outcomes),
         "unanswered": sum(o.status is None for o in outcomes),
     }
+
+
+async def _grpc_infer(target: str, images: list[bytes]) -> tuple[str, int | str]:
+    """("OK", labels answered) or (gRPC status, message): tritonclient.grpc.aio's view."""
+    client = grpc_aio.InferenceServerClient(target)
+    tensor = grpc_aio.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    try:
+        result = await client.infer("digits-cnn", [tensor], client_timeout=60)
+        return "OK", len(result.as_numpy("label"))
+    except InferenceServerException as exc:
+        return str(exc.status()), exc.message()
+    finally:
+        await client.close()
+
+
+async def _grpc_ready(target: str) -> bool:
+    client = grpc_aio.InferenceServerClient(target)
+    try:
+        return await client.is_server_ready()
+    finally:
+        await client.close()
 
 
 def _workers(server_pid: int) -> list[int]:
