@@ -121,6 +121,8 @@ SHARED_STATE_ERRORS = Counter(
     "Failed Redis calls, by part (rate_limit, cache); the service went on without Redis",
     ["part"],
 )
+for _part in ("rate_limit", "cache"):  # shown at 0 from the start, so alerts see them
+    SHARED_STATE_ERRORS.labels(part=_part)
 SHADOW_COMPARISONS = Counter(
     "image_classifier_shadow_comparisons",
     "Primary answers the candidate also scored in shadow, by whether the top-1 labels agreed",
