@@ -7,11 +7,15 @@ alert rules (their `for:` shortened in a copy). In one run, in order:
 - the drift alert and the refused-uploads alert fire in Prometheus from real traffic;
 - a rolling restart under steady load loses no request;
 - Redis stopped: every request is still answered, one log line per part and replica, counted.
+
+`make test` runs it with 2 replicas and 4 clients; other shapes: SCALE_OUT_REPLICAS=3
+SCALE_OUT_CLIENTS=8 python -m pytest tests/http/test_scale_out.py
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import Counter
@@ -28,11 +32,12 @@ from tests.figures import measured
 from tests.http.responses import metric_value
 from tests.pictures import encode
 
-REPLICAS = 2
+REPLICAS = int(os.environ.get("SCALE_OUT_REPLICAS", "2"))
+CLIENTS = int(os.environ.get("SCALE_OUT_CLIENTS", "4"))  # threads of load in every step
+ATTEMPTS = 120  # the attacker's, over all its threads
 LIMIT, WINDOW_S = 40, 10  # RATE_LIMIT per client; the attack lasts well inside one window
 # The steady traffic comes from many clients, each well under the limit.
 TOKENS = [f"scale-out-client-{i:02d}" for i in range(64)]
-CLIENTS = 4  # threads of steady load in the rolling restart
 ATTACKER = "scale-out-attacker"
 DRIFT_WINDOW = 20
 FOR_S = 5  # every alert's `for:`, for this test only
@@ -97,21 +102,20 @@ def noise_pictures(count: int, seed: int) -> list[bytes]:
 
 def test_the_rate_limit_holds_for_all_replicas_through_the_balancer(cluster, heldout):
     picture = encode(heldout[0][0], "PNG")
-    statuses, upstreams = Counter(), Counter()
     started = time.monotonic()
 
-    def attack(_: int) -> None:
-        for _ in range(30):  # 4 x 30 attempts, over in a few seconds: inside one window
-            response = post(cluster.balancer, picture, token=ATTACKER)
-            statuses[response.status_code] += 1
-            upstreams[response.headers["x-upstream"]] += 1
+    def attack(_: int) -> list[httpx.Response]:
+        # Over in a few seconds: inside one window.
+        return [post(cluster.balancer, picture, token=ATTACKER) for _ in range(ATTEMPTS // CLIENTS)]
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(attack, range(4)))
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        responses = [r for answered in pool.map(attack, range(CLIENTS)) for r in answered]
     elapsed = time.monotonic() - started
+    statuses = Counter(response.status_code for response in responses)
+    upstreams = Counter(response.headers["x-upstream"] for response in responses)
     assert elapsed < WINDOW_S, "the attack outlasted the window: the count below means nothing"
     assert set(statuses) == {200, 429}, statuses
-    assert len(upstreams) == REPLICAS, upstreams  # both replicas took part
+    assert len(upstreams) == REPLICAS, upstreams  # every replica took part
     accepted = statuses[200]
     assert accepted == LIMIT, f"{accepted} let in for a limit of {LIMIT} (per replica: x{REPLICAS})"
     measured(
