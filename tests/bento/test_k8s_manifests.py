@@ -16,6 +16,7 @@ import yaml
 
 from image_classifier.serving.settings import Settings, variable_names
 from loadtest.servers import REPO
+from tests.http.responses import metric_names
 from tests.http.test_operations import promtool
 
 K8S = REPO / "deploy" / "k8s"
@@ -117,11 +118,7 @@ def _adapter_rules() -> list[dict]:
 
 
 def test_adapter_queries_parse_and_their_series_exist_on_a_real_server(server, tmp_path):
-    live = {
-        line.split("{")[0].split(" ")[0]
-        for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
-        if line and not line.startswith("#")
-    }
+    live = metric_names(httpx.get(server.url + "/metrics", timeout=10).text)
     recorded = []
     for index, rule in enumerate(_adapter_rules()):
         series = rule["seriesQuery"].split("{")[0]
