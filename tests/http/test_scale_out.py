@@ -27,7 +27,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cluster import nginx, prometheus, redis_server, replicas, shortened_rules, wait_for
+from tests.cluster import (
+    Prometheus,
+    RedisServer,
+    Replicas,
+    nginx,
+    prometheus,
+    redis_server,
+    replicas,
+    shortened_rules,
+    wait_for,
+)
 from tests.figures import measured
 from tests.http.responses import metric_value
 from tests.pictures import encode
@@ -35,9 +45,9 @@ from tests.pictures import encode
 REPLICAS = int(os.environ.get("SCALE_OUT_REPLICAS", "2"))
 CLIENTS = int(os.environ.get("SCALE_OUT_CLIENTS", "4"))  # threads of load in every step
 ATTEMPTS = 120  # the attacker's, over all its threads
-LIMIT, WINDOW_S = 40, 10  # RATE_LIMIT per client; the attack lasts well inside one window
+LIMIT, WINDOW_S = 40, 30  # RATE_LIMIT per client; the attack lasts well inside one window
 # The steady traffic comes from many clients, each well under the limit.
-TOKENS = [f"scale-out-client-{i:02d}" for i in range(64)]
+TOKENS = [f"scale-out-client-{i:03d}" for i in range(128)]
 ATTACKER = "scale-out-attacker"
 DRIFT_WINDOW = 20
 FOR_S = 5  # every alert's `for:`, for this test only
@@ -47,9 +57,9 @@ ALERTS = ("ImageClassifierDrift", "ImageClassifierRefusedUploads")
 @dataclass
 class Cluster:
     balancer: str
-    replicas: object
-    prometheus: object
-    redis: object
+    replicas: Replicas
+    prometheus: Prometheus
+    redis: RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +88,10 @@ def cluster(trained_store, artifacts, tmp_path_factory):
 _clients = itertools.cycle(TOKENS)
 
 
-def post(url: str, data: bytes, token: str | None = None, kind: str = "image/png"):
+def post(url: str, data: bytes, token: str | None = None) -> httpx.Response:
+    """One /analyze from `token`, else from the next of the many steady clients."""
     headers = {"Authorization": f"Bearer {token or next(_clients)}"}
-    files = {"image": ("picture.png", data, kind)}
+    files = {"image": ("picture.png", data, "image/png")}
     return httpx.post(f"{url}/analyze", files=files, headers=headers, timeout=60)
 
 
