@@ -44,13 +44,21 @@ $(PROMTOOL):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 
+# The scale-out test (tests/http/test_scale_out.py) runs a real redis-server and nginx in front
+# of the replicas (prometheus comes with $(PROMTOOL) above).
+REDIS_SERVER := /usr/bin/redis-server
+NGINX := /usr/sbin/nginx
+$(REDIS_SERVER) $(NGINX):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server nginx
+
 # Tests run the README's curl line and pin CPUs with taskset (util-linux, always on Debian).
 CURL := /usr/bin/curl
 $(CURL):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl
 
-test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL) $(CURL)
+test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL) $(REDIS_SERVER) $(NGINX) $(CURL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -52,15 +52,20 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeou
 
 @contextlib.contextmanager
 def serve(
-    bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None, ready: bool = True
+    bentoml_home: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    ready: bool = True,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    """A real `bentoml serve service:ImageClassifier` on a free loopback port.
+    """A real `bentoml serve service:ImageClassifier` on a free loopback port (or on `port`: a
+    replica restarted where its load balancer expects it).
 
     Each server gets its own BENTOML_HOME sharing the model store through a symlink: BentoML
     clears $BENTOML_HOME/prometheus_multiproc_dir when a server starts or stops, which would zero
     the metrics of any other server on the same home.
     """
-    port = free_port()
+    port = port or free_port()
     home = Path(tempfile.mkdtemp(prefix="bentoml-server-home-"))
     (home / "models").symlink_to(Path(bentoml_home) / "models", target_is_directory=True)
     # A free gRPC port too: with SO_REUSEPORT two servers on one port would share its calls.

@@ -8,7 +8,8 @@ body deadline (`body.py`).
 
 BentoML 1.4's own `traffic` limits answer from outside every user middleware (their 429/504 bodies
 could not be put in the envelope), so the service enforces its own, here, and sets BentoML's
-timeout above ours as a backstop. Everything is per worker process.
+timeout above ours as a backstop. Everything is per worker process, but the rate limit when
+`REDIS_URL` is set: then it is counted in Redis, once for all workers and replicas.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from limits import parse
-from limits.storage import MemoryStorage
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter as SharedRateLimiter
+from limits.errors import StorageError
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving.settings import Settings
+from ..serving.shared_state import CONNECTION_OPTIONS, SharedStateHealth
 
 # Reachable without a token: probes, metrics, the API description and the (static) browser page.
 OPEN_PATHS = frozenset(
@@ -47,6 +51,7 @@ class AdmissionPolicy:
     request_timeout_s: float = Settings.request_timeout_s  # still in work after: 504 TIMEOUT
     max_receiving: int = Settings.max_receiving  # bodies arriving at once; more: 503 OVERLOADED
     max_receiving_per_client: int = Settings.max_receiving_per_client  # more: 429 RATE_LIMITED
+    redis_url: str = Settings.redis_url  # empty: the rate limit is counted per worker
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdmissionPolicy:
@@ -57,6 +62,7 @@ class AdmissionPolicy:
             request_timeout_s=settings.request_timeout_s,
             max_receiving=settings.max_receiving,
             max_receiving_per_client=settings.max_receiving_per_client,
+            redis_url=settings.redis_url,
         )
 
 
@@ -71,8 +77,8 @@ class Gate:
         self.policy = policy
         # Compare digests, not tokens: equal length for every candidate, and no token kept around.
         self._token_digests = tuple(_digest(token) for token in policy.api_tokens)
-        self._rate = parse(policy.rate_limit) if policy.rate_limit else None
-        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._rate else None
+        rate = parse(policy.rate_limit) if policy.rate_limit else None
+        self._rate_limit = RateLimit(rate, policy.redis_url) if rate else None
         self.in_flight = 0
         self.receiving = 0  # bodies arriving (admitted, not yet in work)
         self._responding = 0  # answers being written (work done)
@@ -109,12 +115,12 @@ class Gate:
             )
         return "token:" + given.hex()[:16]
 
-    def check_rate(self, client_key: str) -> None:
-        if self._limiter is None or self._rate is None:
+    async def check_rate(self, client_key: str) -> None:
+        if self._rate_limit is None:
             return
-        if self._limiter.hit(self._rate, client_key):
+        reset_at = await self._rate_limit.hit(client_key)
+        if reset_at is None:
             return
-        reset_at = self._limiter.get_window_stats(self._rate, client_key).reset_time
         retry_after = max(1, math.ceil(reset_at - time.time()))
         raise ClassifierError(
             ErrorCode.RATE_LIMITED,
@@ -169,6 +175,48 @@ class Gate:
                 f"the server is at its limit of {self.policy.max_concurrency} requests in work",
                 retry_after_s=OVERLOADED_RETRY_AFTER_S,
             )
+
+
+class RateLimit:
+    """One `RATE_LIMIT` for each client, counted in Redis when it is given, else in this worker.
+
+    Redis down: it fails open to this worker's own count of the same limit (logged once, counted
+    in image_classifier_shared_state_errors_total{part="rate_limit"}). A client then gets at most
+    the limit from each worker, instead of every request refused (fail closed: an outage of the
+    whole service for an outage of an optimisation) or none limited (fail wide open)."""
+
+    def __init__(self, rate: RateLimitItem, redis_url: str = "") -> None:
+        self.rate = rate
+        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._shared = None
+        if redis_url:
+            storage = storage_from_string(
+                "async+" + redis_url,
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix="image_classifier:rate",
+                **CONNECTION_OPTIONS,
+            )
+            self._shared = SharedRateLimiter(storage)
+        self.health = SharedStateHealth("rate_limit")
+
+    async def hit(self, client_key: str) -> float | None:
+        """Count one request: None when it is let in, else when the client may come back."""
+        if self._shared is not None and self.health.usable():
+            try:
+                if await self._shared.hit(self.rate, client_key):
+                    reset_at = None
+                else:
+                    stats = await self._shared.get_window_stats(self.rate, client_key)
+                    reset_at = stats.reset_time
+            except (StorageError, OSError) as error:
+                self.health.failed(error, "limiting in each worker on its own")
+            else:
+                self.health.succeeded()
+                return reset_at
+        if self._local.hit(self.rate, client_key):
+            return None
+        return self._local.get_window_stats(self.rate, client_key).reset_time
 
 
 def _digest(token: str) -> bytes:

@@ -107,7 +107,7 @@ class BoundaryMiddleware:
         if not is_open_path(path):
             client = self.gate.authenticate(_header(scope, "authorization"))
             client = client or _client_address(scope)
-            self.gate.check_rate(client)
+            await self.gate.check_rate(client)
         route = self._route_for(path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)

@@ -142,7 +142,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         with logs.request_context(request_id, "GRPC", SERVICE + method) as fields:
             try:
                 client = self.gate.authenticate(metadata.get("authorization"))
-                self.gate.check_rate(client or _peer_address(context))
+                await self.gate.check_rate(client or _peer_address(context))
                 async with self._work_slot(in_work):
                     async with asyncio.timeout(self.gate.policy.request_timeout_s):
                         return await work()

@@ -4,6 +4,10 @@ Keyed by the SHA-256 of the uploaded bytes (never the bytes themselves), so a cl
 the same picture again (retries, thumbnails re-posted, a popular image) skips decode, preprocess
 and the model run. Entries expire after a TTL and the least recently used go first when full.
 Off by default (`CACHE_SIZE=0`): it pays only where traffic repeats itself (docs/benchmarks.md).
+
+With `REDIS_URL` the answers are shared by every worker and replica (`SharedPredictionCache`);
+this worker's LRU stays in front of Redis, since an entry never changes (same bytes, version and
+top_k: same answer) and a repeat on the same worker then costs no network round trip.
 """
 
 from __future__ import annotations
@@ -12,30 +16,101 @@ import hashlib
 import threading
 
 from cachetools import TTLCache
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from ..core.postprocessing import Prediction
 from . import metrics
+from .shared_state import SharedStateHealth
+
+CacheKey = tuple[str, str, int]  # SHA-256 of the bytes, model version, top_k
+REDIS_KEY_PREFIX = "image_classifier:prediction:"
 
 
 class PredictionCache:
     def __init__(self, max_entries: int, ttl_s: float) -> None:
-        self._entries: TTLCache[tuple[str, str, int], Prediction] = TTLCache(max_entries, ttl_s)
+        self.ttl_s = ttl_s
+        self._entries: TTLCache[CacheKey, Prediction] = TTLCache(max_entries, ttl_s)
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
 
     @staticmethod
-    def key(data: bytes, model_version: str, top_k: int) -> tuple[str, str, int]:
+    def key(data: bytes, model_version: str, top_k: int) -> CacheKey:
         return hashlib.sha256(data).hexdigest(), model_version, top_k
 
-    def get(self, key: tuple[str, str, int]) -> Prediction | None:
-        with self._lock:
-            found = self._entries.get(key)
-        metrics.CACHE_LOOKUPS.labels(result="hit" if found is not None else "miss").inc()
-        return found
+    def get(self, key: CacheKey) -> Prediction | None:
+        return _counted(self.peek(key))
 
-    def put(self, key: tuple[str, str, int], prediction: Prediction) -> None:
+    def peek(self, key: CacheKey) -> Prediction | None:
+        """`get` without counting the lookup."""
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: CacheKey, prediction: Prediction) -> None:
         with self._lock:
             self._entries[key] = prediction
+
+    async def lookup(self, key: CacheKey) -> Prediction | None:
+        """The request path's interface, the same for this class and the shared one."""
+        return self.get(key)
+
+    async def store(self, key: CacheKey, prediction: Prediction) -> None:
+        self.put(key, prediction)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+class SharedPredictionCache(PredictionCache):
+    """This worker's LRU, then Redis. Redis down: the LRU alone (`shared_state.py`)."""
+
+    def __init__(self, max_entries: int, ttl_s: float, redis: Redis) -> None:
+        super().__init__(max_entries, ttl_s)
+        self._redis = redis
+        self.health = SharedStateHealth("cache")
+
+    async def lookup(self, key: CacheKey) -> Prediction | None:
+        found = self.peek(key)
+        if found is None and self.health.usable():
+            try:
+                stored = await self._redis.get(_redis_key(key))
+            except (RedisError, OSError) as error:
+                self.health.failed(error, "using this worker's cache alone")
+            else:
+                self.health.succeeded()
+                found = _parsed(stored)
+                if found is not None:
+                    metrics.SHARED_CACHE_HITS.inc()
+                    self.put(key, found)
+        return _counted(found)
+
+    async def store(self, key: CacheKey, prediction: Prediction) -> None:
+        self.put(key, prediction)
+        if not self.health.usable():
+            return
+        try:
+            ttl_ms = max(1, int(self.ttl_s * 1000))
+            await self._redis.set(_redis_key(key), prediction.model_dump_json(), px=ttl_ms)
+        except (RedisError, OSError) as error:
+            self.health.failed(error, "using this worker's cache alone")
+        else:
+            self.health.succeeded()
+
+
+def _redis_key(key: CacheKey) -> str:
+    digest, model_version, top_k = key
+    return f"{REDIS_KEY_PREFIX}{digest}:{model_version}:{top_k}"
+
+
+def _parsed(stored: bytes | None) -> Prediction | None:
+    if stored is None:
+        return None
+    try:
+        return Prediction.model_validate_json(stored)
+    except ValueError:  # not ours, or from an incompatible release: computed again
+        return None
+
+
+def _counted(found: Prediction | None) -> Prediction | None:
+    metrics.CACHE_LOOKUPS.labels(result="hit" if found is not None else "miss").inc()
+    return found

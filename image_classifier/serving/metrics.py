@@ -112,6 +112,17 @@ CACHE_LOOKUPS = Counter(
     "Duplicate-input cache lookups of /analyze, by result: hit or miss (CACHE_SIZE > 0 only)",
     ["result"],
 )
+SHARED_CACHE_HITS = Counter(
+    "image_classifier_shared_cache_hits",
+    "Cache hits found in Redis, answered before by another worker or replica (REDIS_URL only)",
+)
+SHARED_STATE_ERRORS = Counter(
+    "image_classifier_shared_state_errors",
+    "Failed Redis calls, by part (rate_limit, cache); the service went on without Redis",
+    ["part"],
+)
+for _part in ("rate_limit", "cache"):  # shown at 0 from the start, so alerts see them
+    SHARED_STATE_ERRORS.labels(part=_part)
 SHADOW_COMPARISONS = Counter(
     "image_classifier_shadow_comparisons",
     "Primary answers the candidate also scored in shadow, by whether the top-1 labels agreed",

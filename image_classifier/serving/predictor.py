@@ -29,9 +29,10 @@ from ..core.errors import ClassifierError, model_failure
 from ..core.postprocessing import Prediction
 from . import metrics
 from .batching import MicroBatcher
-from .cache import PredictionCache
+from .cache import PredictionCache, SharedPredictionCache
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
+from .shared_state import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,7 @@ class Predictor:
         self.router = router
         self.settings = settings
         self.threads = anyio.CapacityLimiter(settings.threads)  # decoding and model runs
-        self.cache = (
-            PredictionCache(settings.cache_size, settings.cache_ttl_s)
-            if settings.cache_size
-            else None
-        )
+        self.cache = prediction_cache(settings)
         self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
         self._shadow_tasks: set[asyncio.Task] = set()
 
@@ -146,13 +143,13 @@ class Predictor:
         """One image's prediction (from the cache when on); a fresh one may be shadowed too."""
         cache = self.cache
         key = None if cache is None else cache.key(data, served.ref.version, top_k)
-        if key is not None and (hit := cache.get(key)) is not None:
+        if key is not None and (hit := await cache.lookup(key)) is not None:
             return Answer(hit, batch_size=0, cached=True)
         classifier = served.ready_classifier()
         probabilities, merged = await self._predict_one(served, classifier, data, content_type)
         prediction = classifier.to_prediction(probabilities, top_k)
         if key is not None:
-            cache.put(key, prediction)
+            await cache.store(key, prediction)
         self._maybe_shadow(served, data, content_type, prediction.label)
         return Answer(prediction, batch_size=merged, cached=False)
 
@@ -252,6 +249,16 @@ class Predictor:
             metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
         except Exception:
             log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
+
+
+def prediction_cache(settings: Settings) -> PredictionCache | None:
+    """None with CACHE_SIZE=0; shared by every replica through Redis when REDIS_URL is set."""
+    if not settings.cache_size:
+        return None
+    if settings.redis_url:
+        redis = redis_client(settings.redis_url)
+        return SharedPredictionCache(settings.cache_size, settings.cache_ttl_s, redis)
+    return PredictionCache(settings.cache_size, settings.cache_ttl_s)
 
 
 def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None) -> np.ndarray:

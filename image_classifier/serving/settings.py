@@ -21,6 +21,7 @@ from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
 MIB = 1024 * 1024
+REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 def _env(name: str, default: object, doc: str):  # noqa: ANN202 - dataclass field factory
@@ -120,6 +121,11 @@ class Settings:
     rate_limit: str = _env(
         "RATE_LIMIT", "", "per-client limit, e.g. '20/second' (key: token, else address); off"
     )
+    redis_url: str = _env(
+        "REDIS_URL",
+        "",
+        "Redis shared by all replicas for RATE_LIMIT and the cache, e.g. redis://host:6379/0; off",
+    )
     grpc_port: int = _env(
         "GRPC_PORT", 3001, "Open Inference gRPC port, served by every worker (0: no gRPC)"
     )
@@ -209,6 +215,8 @@ class Settings:
             raise ValueError("LOG_FORMAT must be 'json' or 'text'")
         if self.candidate_model_tag and self.candidate_model_tag == self.model_tag:
             raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
+        if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
         if self.rate_limit:
             try:
                 parse_rate_limit(self.rate_limit)

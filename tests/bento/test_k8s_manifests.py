@@ -16,19 +16,28 @@ import yaml
 
 from image_classifier.serving.settings import Settings, variable_names
 from loadtest.servers import REPO
+from tests.http.responses import metric_names
+from tests.http.test_operations import promtool
 
 K8S = REPO / "deploy" / "k8s"
+REDIS_COMPONENT = K8S / "components" / "redis"
+WITH_REDIS = REPO / "deploy" / "k8s-with-redis"  # the overlay: base + component
+ADAPTER_RULES = REPO / "deploy" / "monitoring" / "prometheus-adapter.yaml"
 KUBERNETES_VERSION = "1.37.0"
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in the core schemas
 
 
-def _documents() -> list[tuple[Path, dict]]:
+def _documents(folder: Path = K8S) -> list[tuple[Path, dict]]:
     return [
         (path, doc)
-        for path in sorted(K8S.glob("*.yaml"))
+        for path in sorted(folder.glob("*.yaml"))
         for doc in yaml.safe_load_all(path.read_text())
         if doc
     ]
+
+
+def _all_documents() -> list[tuple[Path, dict]]:
+    return _documents() + _documents(REDIS_COMPONENT)
 
 
 def _one(kind: str) -> dict:
@@ -48,13 +57,16 @@ def _env(container: dict) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize(
-    "path,doc", _documents(), ids=[f"{p.name}:{d['kind']}" for p, d in _documents()]
+    "path,doc", _all_documents(), ids=[f"{p.name}:{d['kind']}" for p, d in _all_documents()]
 )
 def test_manifest_is_valid_against_the_kubernetes_schemas(path: Path, doc: dict):
-    if doc["kind"] == "Kustomization":
-        missing = [r for r in doc["resources"] if not (K8S / r).exists()]
+    if doc["kind"] in ("Kustomization", "Component"):
+        listed = doc["resources"] + [patch["path"] for patch in doc.get("patches", [])]
+        missing = [r for r in listed if not (path.parent / r).exists()]
         assert not missing, missing
         return
+    if path.name.endswith(".patch.yaml"):
+        return  # a partial Deployment: checked in test_redis_component_points_the_service_at_it
     if (doc["apiVersion"], doc["kind"]) in CRDS:
         return  # structurally checked in test_service_monitor_scrapes_the_service
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -91,9 +103,70 @@ def test_pdb_and_hpa_target_the_deployment():
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # drains can proceed
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
+    by_type = {metric["type"]: metric for metric in hpa["spec"]["metrics"]}
+    assert by_type.keys() == {"Resource", "Pods"}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
     assert "cpu" in _container()["resources"]["requests"]  # Utilization is relative to it
+    # The per-pod metric is one the Prometheus adapter's rules serve.
+    served = {rule["name"]["as"] for rule in _adapter_rules()}
+    assert by_type["Pods"]["pods"]["metric"]["name"] in served, served
+
+
+def _adapter_rules() -> list[dict]:
+    return yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+
+
+def test_adapter_queries_parse_and_their_series_exist_on_a_real_server(server, tmp_path):
+    live = metric_names(httpx.get(server.url + "/metrics", timeout=10).text)
+    recorded = []
+    for index, rule in enumerate(_adapter_rules()):
+        series = rule["seriesQuery"].split("{")[0]
+        assert series in live, f"{series} is not on /metrics"
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        query = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", 'namespace="default",pod="image-classifier-0"')
+            .replace("<<.GroupBy>>", "pod")
+        )
+        assert "<<" not in query, query
+        recorded.append({"record": f"adapter:rule_{index}", "expr": query})
+    path = tmp_path / "adapter-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": recorded}]}))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_replicas_spread_over_nodes_and_zones():
+    pod = _one("Deployment")["spec"]["template"]
+    constraints = pod["spec"]["topologySpreadConstraints"]
+    keys = {c["topologyKey"] for c in constraints}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    labels = pod["metadata"]["labels"].items()
+    for constraint in constraints:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels
+
+
+def test_redis_component_points_the_service_at_it():
+    docs = {(doc["kind"], path.name): doc for path, doc in _documents(REDIS_COMPONENT)}
+    component = docs[("Component", "kustomization.yaml")]
+    assert component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    redis_pods = docs[("Deployment", "redis.yaml")]["spec"]["template"]
+    service = docs[("Service", "redis.yaml")]
+    assert service["spec"]["selector"].items() <= redis_pods["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    (container,) = redis_pods["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    patch = docs[("Deployment", "redis-url.patch.yaml")]
+    assert patch["metadata"]["name"] == _one("Deployment")["metadata"]["name"]
+    (patched,) = patch["spec"]["template"]["spec"]["containers"]
+    assert patched["name"] == _container()["name"]
+    url = _env(patched)["REDIS_URL"]["value"]
+    assert url == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+    overlay = yaml.safe_load((WITH_REDIS / "kustomization.yaml").read_text())
+    assert [(WITH_REDIS / r).resolve() for r in overlay["resources"]] == [K8S]
+    assert [(WITH_REDIS / c).resolve() for c in overlay["components"]] == [REDIS_COMPONENT]
 
 
 def test_service_monitor_scrapes_the_service():

@@ -15,6 +15,15 @@ def metric_value(metrics_text: str, name: str) -> float:
     return total
 
 
+def metric_names(metrics_text: str) -> set[str]:
+    """Every metric with a sample in a /metrics text."""
+    return {
+        line.split("{")[0].split(" ")[0]
+        for line in metrics_text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 def envelope_code(response: httpx.Response) -> str:
     body = response.json()
     assert body["success"] is False, body

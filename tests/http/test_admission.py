@@ -43,11 +43,11 @@ def test_gate_without_tokens_lets_everyone_in():
 
 def test_rate_limit_is_per_client_and_says_when_to_retry():
     gate = Gate(AdmissionPolicy(rate_limit="2/minute"))
-    gate.check_rate("a")
-    gate.check_rate("a")
-    gate.check_rate("b")  # another client has its own budget
+    asyncio.run(gate.check_rate("a"))
+    asyncio.run(gate.check_rate("a"))
+    asyncio.run(gate.check_rate("b"))  # another client has its own budget
     with pytest.raises(ClassifierError) as caught:
-        gate.check_rate("a")
+        asyncio.run(gate.check_rate("a"))
     assert caught.value.code is ErrorCode.RATE_LIMITED
     assert 1 <= caught.value.retry_after_s <= 60
 

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from image_classifier.serving.release_record import ReleaseRecord, write_record
 from loadtest.servers import REPO, serve
 from tests.figures import measured
-from tests.http.responses import envelope_code
+from tests.http.responses import envelope_code, metric_names
 from tests.pictures import encode
 
 TOKEN = "ops-test-token-5f1c9a"
@@ -270,11 +270,7 @@ def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldou
         post(ops_server, data)
         if "image_classifier_shadow_comparisons_total{" in scrape(ops_server):
             break
-    live = {
-        line.split("{")[0].split(" ")[0]
-        for line in scrape(ops_server).splitlines()
-        if line and not line.startswith("#")
-    }
+    live = metric_names(scrape(ops_server))
     rules_text = (MONITORING / "alerts.yml").read_text()
     used = set(_METRIC_NAME.findall(rules_text + "\n".join(dashboard_queries())))
     assert len(used) >= 10, used
