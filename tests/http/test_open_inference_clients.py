@@ -1,5 +1,6 @@
-"""Triton's own clients against a real server, in the modes their users call it with:
-`tritonclient.http` with binary tensors (its default) and with JSON, and `tritonclient.grpc`.
+"""Triton's and KServe's own clients against a real server, in the modes their users call it
+with: `tritonclient.http` with binary tensors (its default) and with JSON, `tritonclient.grpc`,
+and KServe's `InferenceRESTClient` (binary and JSON) and `InferenceGRPCClient`.
 
 Every answer is checked against /analyze's for the same picture; every error path reaches the
 client as the right status with the stable code in a readable message.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
-from loadtest.servers import serve
+from loadtest.servers import REPO, serve
 from tests.pictures import encode
 from tests.readme import readme_block
 
@@ -312,3 +314,23 @@ def test_readme_examples_run(server, heldout, tmp_path, example):
         assert f":{truth}:{truth}'" in result.stdout.split()[0], result.stdout
     else:
         assert result.stdout.startswith(f"b'{truth}' 0."), result.stdout
+
+
+def test_kserve_clients_answer_like_analyze(server, pngs, analyzed, heldout, tmp_path):
+    (tmp_path / "digit.png").write_bytes(pngs[0])
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.http.kserve_calls", server.url, server.grpc_target, MODEL,
+         str(tmp_path / "digit.png")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers["rest_ready"] is True and answers["grpc_ready"] is True
+    for mode in ("rest_binary", "rest_json", "grpc"):
+        np.testing.assert_allclose(answers[mode]["probabilities"], analyzed[0], atol=1e-6)
+        assert answers[mode]["label"] == str(heldout[0][1]), mode
+    status, message = answers["rest_error"]
+    assert status == 415 and message.startswith("UNSUPPORTED_MEDIA_TYPE: "), answers
+    status, message = answers["grpc_error"]
+    assert status == "StatusCode.INVALID_ARGUMENT", answers
+    assert message.startswith("UNSUPPORTED_MEDIA_TYPE: "), answers
