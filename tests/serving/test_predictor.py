@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,16 @@ def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
     predictor = predictor_for(model_dir, batch_max_size=8, threads=8, model_runs=1)
     served = predictor.router.primary
     data = pictures(24)
+    # A tiny model runs in microseconds: give each run the time of a real one (20 ms), so that
+    # requests arrive while it runs on any machine, however loaded, and queue for the next.
+    batcher = predictor.batchers[served.ref.version]
+    run_each = batcher.run_each
+
+    def like_a_real_model(tensors, solo):
+        time.sleep(0.02)
+        return run_each(tensors, solo)
+
+    batcher.run_each = like_a_real_model
 
     async def together():
         return await asyncio.gather(*(predictor.answer(served, d, "image/png", 3) for d in data))
