@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -13,7 +14,12 @@ from tests.pictures import encode
 
 @pytest.fixture(scope="module")
 def client(trained_store):
-    from service import ImageClassifier
+    # No gRPC here: in this process it would bind the default port, whoever else holds it.
+    os.environ["GRPC_PORT"] = "0"  # read when service.py is imported
+    try:
+        from service import ImageClassifier
+    finally:
+        del os.environ["GRPC_PORT"]
 
     with TestClient(ImageClassifier.to_asgi(), raise_server_exceptions=False) as test_client:
         deadline = time.monotonic() + 60
