@@ -73,6 +73,11 @@ def resolve_spec(
             say(f"note: {name} {value} from the file, not the preset's {fields[name]}")
         fields[name] = value
     fields.update(declared)
+    if fields.get("color_mode") == "L" and preset:  # a grey model: the channels' average
+        for key in ("mean", "std"):
+            if key not in declared and len(fields[key]) == 3:
+                fields[key] = (round(sum(fields[key]) / 3, 4),)
+                say(f"note: {key} {fields[key][0]} for one grey channel (the preset's average)")
     try:
         return PreprocessSpec(**fields)
     except (TypeError, ValueError) as exc:
