@@ -10,6 +10,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from image_classifier import model_store
 from image_classifier.core.classifier import CARD_FILE, Classifier
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import IMAGENET_SPEC, PreprocessSpec
@@ -108,6 +109,9 @@ def import_onnx(
     """Validate and save; returns the tag. Flags (labels, preprocessing) override the config."""
     model_path = Path(model_path)
     config = dict(config or {})
+    tag = f"{name}:{version}" if version else name
+    if version and model_store.find(tag) is not None:
+        raise ModelImportError(f"{tag} is already in the model store: give another --version")
     signature = inspect_onnx(model_path)
     labels = labels or config.pop("labels", None)
     if not labels:
@@ -144,7 +148,6 @@ def import_onnx(
             versions=library_versions(),
         )
         _check_with_runtime(model_path, card)
-        tag = f"{name}:{version}" if version else name
         return save_to_store(model_path, card, tag)
 
 
