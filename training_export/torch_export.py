@@ -95,8 +95,14 @@ def parity(
     import onnxruntime as ort
     import torch
 
-    with torch.no_grad():
-        expected = module(torch.from_numpy(inputs)).numpy()
+    try:
+        with torch.no_grad():
+            expected = module(torch.from_numpy(inputs)).numpy()
+    except Exception as exc:
+        raise ExportError(
+            f"the module itself fails on a batch of {len(inputs)} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}): it must take any batch size (flatten(1), not view(1, -1))"
+        ) from None
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     try:
         actual = session.run(None, {session.get_inputs()[0].name: inputs})[0]
