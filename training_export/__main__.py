@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Static INT8 (ONNX Runtime QDQ) of a stored model. "
         "With --calibration: calibrated on your pictures, gated on "
         "--images (accuracy drop <= --max-drop) or else on top-1 agreement "
-        ">= 99%% with fp32 on every 4th calibration picture, held back. "
+        ">= 99% with fp32 on every 4th calibration picture, held back. "
         "Without: the built-in models' own data and gates.",
     )
     quant.add_argument("tag", help="the fp32 model, as name:version")

@@ -3,7 +3,9 @@
 Every version stays in the store with its card; `served_model.json` (see
 `image_classifier.serving.release_record`) names the served one. Promote and roll back change
 only that record, after checking the version really loads and answers; the service reads it at
-start, so a change takes effect on the next restart (or rollout).
+start, so a change takes effect on the next restart (or rollout). Promote also refuses a version
+whose last saved evaluation (`evaluate --save`) is worse than the served version's on the same
+pictures, unless forced: a number, not a hunch, decides.
 """
 
 from __future__ import annotations
