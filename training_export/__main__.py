@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, ExportError, VersionError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a user's model or files failing somewhere unforeseen: one line
+        print(f"error: {type(exc).__name__}: {str(exc)[:1000]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -154,7 +154,7 @@ def figures(labels: list[str], truth: np.ndarray, probabilities: np.ndarray) -> 
     a 1000-label model judged on five folders gets a readable table, not a million zeros.
     """
     predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
+    confidence = np.clip(probabilities.max(axis=1), 0.0, 1.0)  # float32 sums may pass 1
     seen = sorted(set(truth.tolist()) | set(predicted.tolist()))
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, predicted, labels=seen, zero_division=0

@@ -96,9 +96,7 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
-        outputs = {o.name for o in graph.output}
-        last = [n.name for n in graph.node if outputs & set(n.output) and n.op_type in _DENSE]
+        last = _last_dense(onnx.load(str(prepared)).graph)
         quantize_static(
             str(prepared),
             str(target),
@@ -112,6 +110,20 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
 
 
 _DENSE = {"Gemm", "MatMul"}
+_PASS_THROUGH = {"Softmax", "Identity", "Reshape", "Flatten", "Squeeze", "Sigmoid", "Add"}
+
+
+def _last_dense(graph: onnx.GraphProto) -> list[str]:
+    """The classifier layer: the dense node the output comes from, past a final softmax/reshape."""
+    producer = {output: node for node in graph.node for output in node.output}
+    found = []
+    for output in graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in _DENSE:
+            found.append(node.name)
+    return found
 
 
 def _logits(path: Path, input_name: str, tensors: np.ndarray) -> np.ndarray:

@@ -88,7 +88,8 @@ def with_evaluation(card: ModelCard, evaluation: SavedEvaluation | None) -> Mode
     """The card whose metrics are the saved evaluation's (its other metrics kept)."""
     if evaluation is None:
         return card
-    metrics = {**card.metrics.model_dump(exclude_none=True), **evaluation.model_dump()}
+    figures = evaluation.model_dump(exclude={"images"})  # a local path: not for /info
+    metrics = {**card.metrics.model_dump(exclude_none=True), **figures}
     return card.model_copy(update={"metrics": HeldOutMetrics(**metrics)})
 
 
