@@ -38,8 +38,13 @@ def test_the_walk_through_runs_as_written_and_serves_the_int8_model(
     int8 = saved.evaluations["colours-int8:v1"][-1]
     assert int8.samples == 60 and int8.accuracy >= 0.95, int8
     for line in out.splitlines():
-        if line.startswith(("parity with torch", "ms_per_picture_median", "accuracy ")):
-            measured(f"walk-through: {' '.join(line.split())}", doc="your-model")
+        words = " ".join(line.split())
+        if line.startswith("parity with torch"):
+            measured(f"export-torch: {words}", doc="your-model")
+        elif line.startswith("accuracy") and "mean top-1" in line:
+            measured(f"evaluate: {words}", doc="your-model")
+        elif line.startswith(("accuracy ", "ms_per_picture_median", "top-1 agreement")):
+            measured(f"compare colours:v1 | colours-int8:v1: {words}", doc="your-model")
 
     serve_block = doc_block("serve")
     curl = next(line for line in serve_block.splitlines() if line.startswith("curl"))
