@@ -6,7 +6,8 @@ writes every figure of the run to test-artifacts/figures.json with the commit an
     .venv/bin/python -m tests.figures
 
 rewrites the block between the markers in each doc (docs/security.md, operations.md,
-deploy.md) from that file. Speed is reported, not asserted: these machines are shared and noisy.
+deploy.md, your-model.md) from that file. Speed is reported, not asserted: these machines are
+shared and noisy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DOCS = {
     "security": REPO / "docs" / "security.md",
     "operations": REPO / "docs" / "operations.md",
     "deploy": REPO / "docs" / "deploy.md",
+    "your-model": REPO / "docs" / "your-model.md",
 }
 BEGIN = "<!-- figures measured by the tests: begin (python -m tests.figures writes this) -->"
 END = "<!-- figures measured by the tests: end -->"

@@ -16,13 +16,18 @@ def build_onnx_classifier(
     output_kind: str = "logits",
     fail_when_mean_below: float | None = None,
     seed: int = 0,
+    batch: int | str = "batch",
+    flatten_batch: int = -1,
+    output_dims: tuple[int, ...] | None = None,
     **spec_options,
 ) -> Path:
     """A linear ONNX classifier and its card.json in `model_dir` (a served-model folder).
 
     `fail_when_mean_below` makes the model fail at run time on inputs whose mean is below the
     threshold (a Reshape to a shape that cannot fit), and so does any batch holding one:
-    a real model fault, for error-path tests.
+    a real model fault, for error-path tests. `output_kind` "sigmoid" gives independent scores;
+    `batch` fixes the declared batch axis, `flatten_batch` = 1 makes the graph depend on it;
+    `output_dims` reshapes the output (-1 first) into something else than a class vector.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -35,7 +40,7 @@ def build_onnx_classifier(
     rng = np.random.default_rng(seed)
     init = [
         numpy_helper.from_array(rng.normal(size=(features, labels)).astype(np.float32), "W"),
-        numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([flatten_batch, features], np.int64), "flat_shape"),
     ]
     nodes = [
         helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
@@ -45,6 +50,13 @@ def build_onnx_classifier(
     if output_kind == "probabilities":
         nodes.append(helper.make_node("Softmax", ["scores"], ["probs"], axis=1))
         final = "probs"
+    elif output_kind == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["scores"], ["probs"]))
+        final = "probs"
+    if output_dims is not None:
+        init.append(numpy_helper.from_array(np.array(output_dims, np.int64), "out_dims"))
+        nodes.append(helper.make_node("Reshape", [final, "out_dims"], ["reshaped"]))
+        final = "reshaped"
     if fail_when_mean_below is not None:
         # shape = [-1, labels] normally, [-1, labels + 1] (impossible) when the input is dark.
         init += [
@@ -61,11 +73,14 @@ def build_onnx_classifier(
         ]
         final = "checked"
     nodes.append(helper.make_node("Identity", [final], ["output"]))
+    output_shape = (
+        [batch, labels] if output_dims is None else [batch, *("d" * (len(output_dims) - 1))]
+    )
     graph = helper.make_graph(
         nodes,
         "test-classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *spec.tensor_shape])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", labels])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *spec.tensor_shape])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
         init,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -77,7 +92,7 @@ def build_onnx_classifier(
         name="test-classifier",
         labels=[f"class_{i}" for i in range(labels)],
         preprocessing=spec,
-        output_kind=output_kind,
+        output_kind="logits" if output_kind == "sigmoid" else output_kind,
         input_name="input",
         output_name="output",
         opset=17,

@@ -3,7 +3,9 @@
 Every version stays in the store with its card; `served_model.json` (see
 `image_classifier.serving.release_record`) names the served one. Promote and roll back change
 only that record, after checking the version really loads and answers; the service reads it at
-start, so a change takes effect on the next restart (or rollout).
+start, so a change takes effect on the next restart (or rollout). Promote also refuses a version
+whose last saved evaluation (`evaluate --save`) is worse than the served version's on the same
+pictures, unless forced: a number, not a hunch, decides.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import bentoml
 from image_classifier import model_store
 from image_classifier.core.classifier import Classifier
 from image_classifier.core.model_card import ModelCard
+from image_classifier.serving.evaluation_record import (
+    EvaluationRecord,
+    SavedEvaluation,
+    evaluations_path,
+    file_sha256,
+    read_evaluations,
+)
 from image_classifier.serving.release_record import (
     ReleaseRecord,
     read_record,
@@ -81,15 +90,62 @@ def check_servable(tag: str) -> ModelCard:
     return classifier.card
 
 
-def promote(record: ReleaseRecord, tag: str) -> ReleaseRecord:
+def promote(
+    record: ReleaseRecord, tag: str, force: bool = False, say: Callable[[str], None] = print
+) -> ReleaseRecord:
     check_servable(tag)
     if tag == record.model_tag:
         raise VersionError(f"{tag} is already the served version")
+    worse = worse_than_served(tag, record.model_tag, say)
+    if worse and not force:
+        raise VersionError(f"{worse}; pass --force to promote it anyway")
+    if worse:
+        say(f"promoted anyway (--force): {worse}")
     return ReleaseRecord(
         model_tag=tag,
         candidate_tag=None if record.candidate_tag == tag else record.candidate_tag,
         history=[*record.history, record.model_tag],
     )
+
+
+def _evaluations_of(tag: str, record: EvaluationRecord) -> tuple[list[SavedEvaluation], str]:
+    """The saved evaluations of the file now stored under `tag`, and that file's sha256."""
+    model = model_store.find(tag)
+    card = _card_of(model) if model is not None else None
+    if card is None or tag not in record.evaluations:
+        return [], ""
+    digest = file_sha256(Path(model.path) / card.onnx_file)
+    return [e for e in record.evaluations[tag] if e.model_sha256 == digest], digest
+
+
+def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -> str | None:
+    """Why the candidate's last saved evaluation is worse than the served version's on the same
+    pictures (or cannot be compared once both were evaluated); None when it may go."""
+    record = read_evaluations(evaluations_path())
+    ours, _ = _evaluations_of(candidate, record)
+    theirs, digest = _evaluations_of(served, record)
+    if not ours or not theirs:
+        missing = candidate if not ours else served
+        say(f"note: {missing} has no saved evaluation (evaluate --save): not compared")
+        return None
+    last = ours[-1]
+    same = record.on_images(served, digest, last.images_sha256)
+    if same is None:
+        return (
+            f"{candidate} was last evaluated on {last.images}, and the served {served} never on "
+            f"those pictures: run `evaluate {served} --images {last.images} --save`"
+        )
+    if last.accuracy < same.accuracy:
+        return (
+            f"{candidate} is worse than the served {served} on {last.images}: accuracy "
+            f"{last.accuracy:.4f} vs {same.accuracy:.4f} "
+            f"({(same.accuracy - last.accuracy) * 100:.2f} points lower)"
+        )
+    say(
+        f"{candidate}: accuracy {last.accuracy:.4f} on {last.images}; "
+        f"served {served}: {same.accuracy:.4f}"
+    )
+    return None
 
 
 def rollback(record: ReleaseRecord) -> ReleaseRecord:
@@ -131,10 +187,12 @@ def run(args, say: Callable[[str], None] = print) -> None:  # noqa: ANN001 - arg
             "created": model.info.creation_time.isoformat(),
             "labels": model.info.labels,
             "card": card.model_dump(mode="json") if card else None,
+            "saved_evaluations": [e.model_dump() for e in _evaluations_of(
+                args.tag, read_evaluations(evaluations_path()))[0]],
         }, indent=2))  # fmt: skip
         return
     if action == "promote":
-        updated = promote(record, args.tag)
+        updated = promote(record, args.tag, force=args.force, say=say)
         message = f"served version: {record.model_tag} -> {updated.model_tag}"
     elif action == "rollback":
         updated = rollback(record)

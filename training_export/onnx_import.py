@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
+from image_classifier import model_store
 from image_classifier.core.classifier import CARD_FILE, Classifier
 from image_classifier.core.model_card import ModelCard
-from image_classifier.core.preprocessing import PreprocessSpec
+from image_classifier.core.preprocessing import IMAGENET_SPEC, PreprocessSpec
 
 from .export import ExportError, inspect_onnx
+from .onnx_facts import (
+    InputFacts,
+    ModelFileError,
+    check_float_input,
+    input_facts,
+    output_facts,
+    staging_folder,
+    with_dynamic_batch,
+)
 from .store import library_versions, save_to_store
 
 # Card fields a config file may set; the rest are read from the ONNX file or filled in here.
@@ -23,7 +33,7 @@ _DERIVED_FIELDS = {"name", "task", "onnx_file", "input_name", "output_name", "op
                    "versions", "git_commit", "training_data_sha256", "benchmark_only"}  # fmt: skip
 
 
-class ModelImportError(ValueError):
+class ModelImportError(ModelFileError):
     """The model and its description do not fit together."""
 
 
@@ -42,14 +52,44 @@ def read_config(path: Path) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key in _CONFIG_FIELDS}
 
 
-def detect_output_kind(session: ort.InferenceSession, spec: PreprocessSpec) -> str:
-    """Rows that are all in [0, 1] and sum to 1 on random inputs are probabilities."""
-    rng = np.random.default_rng(0)
-    batch = rng.normal(size=(4, *spec.tensor_shape)).astype(np.float32)
-    output = session.run(None, {session.get_inputs()[0].name: batch})[0].reshape(4, -1)
-    in_range = bool(((output >= 0) & (output <= 1)).all())
-    sums_to_one = bool(np.allclose(output.sum(axis=1), 1.0, atol=1e-3))
-    return "probabilities" if in_range and sums_to_one else "logits"
+PRESETS = {"imagenet": IMAGENET_SPEC}
+
+
+def resolve_spec(
+    facts: InputFacts,
+    preset: str | None = None,
+    config: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> PreprocessSpec:
+    """Preset < what the file says < config < flags; a declaration the file contradicts is an
+    error (the model would fail, or worse, run on wrongly shaped pixels)."""
+    declared = {**(config or {}), **(flags or {})}
+    fields = PRESETS[preset].model_dump() if preset else {}
+    for name, value in facts.as_spec_fields().items():
+        given = declared.get(name)
+        if given is not None and _normal(given) != _normal(value):
+            raise ModelImportError(f"{name} is given as {given} but the file's input says {value}")
+        if preset and fields.get(name) is not None and _normal(fields[name]) != _normal(value):
+            say(f"note: {name} {value} from the file, not the preset's {fields[name]}")
+        fields[name] = value
+    fields.update(declared)
+    if fields.get("color_mode") == "L" and preset:  # a grey model: the channels' average
+        for key in ("mean", "std"):
+            if key not in declared and len(fields[key]) == 3:
+                fields[key] = (round(sum(fields[key]) / 3, 4),)
+                say(f"note: {key} {fields[key][0]} for one grey channel (the preset's average)")
+    try:
+        return PreprocessSpec(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ModelImportError(
+            f"preprocessing is incomplete or invalid (the file leaves it open; give --preset "
+            f"imagenet or --input-size/--color-mode...): {exc}"
+        ) from None
+
+
+def _normal(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def import_onnx(
@@ -61,39 +101,54 @@ def import_onnx(
     preprocessing: dict[str, Any] | None = None,
     output_kind: str = "auto",
     description: str = "",
+    preset: str | None = None,
+    source: str = "imported",
+    extra_metrics: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
 ) -> str:
     """Validate and save; returns the tag. Flags (labels, preprocessing) override the config."""
     model_path = Path(model_path)
     config = dict(config or {})
+    tag = f"{name}:{version}" if version else name
+    if version and model_store.find(tag) is not None:
+        raise ModelImportError(f"{tag} is already in the model store: give another --version")
     signature = inspect_onnx(model_path)
     labels = labels or config.pop("labels", None)
     if not labels:
         raise ModelImportError("labels are required (--labels FILE or a config file)")
-    spec_fields = {**config.pop("preprocessing", {}), **(preprocessing or {})}
-    try:
-        spec = PreprocessSpec(**spec_fields)
-    except (TypeError, ValueError) as exc:
-        raise ModelImportError(f"preprocessing is incomplete or invalid: {exc}") from None
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    facts = input_facts(signature)
+    spec = resolve_spec(facts, preset, config.pop("preprocessing", {}), preprocessing, say)
     kind = config.pop("output_kind", output_kind) if output_kind == "auto" else output_kind
-    if kind == "auto":
-        kind = detect_output_kind(session, spec)
-    card = ModelCard(
-        name=name,
-        labels=labels,
-        preprocessing=spec,
-        output_kind=kind,
-        input_name=signature.input_name,
-        output_name=signature.output_name,
-        opset=signature.opset,
-        source="imported",
-        description=description or config.pop("description", ""),
-        metrics=config.pop("metrics", {}),
-        versions=library_versions(),
-    )
-    _check_with_runtime(model_path, card)
-    tag = f"{name}:{version}" if version else name
-    return save_to_store(model_path, card, tag)
+    with staging_folder() as folder:
+        if facts.static_batch is not None:
+            model_path = with_dynamic_batch(model_path, Path(folder), spec)
+            say(
+                f"note: the file fixes the batch axis at {facts.static_batch}; saved with a "
+                "dynamic one (a batch gave the same rows as single runs)"
+            )
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        check_float_input(session)
+        output = output_facts(session, spec, len(labels), kind)
+        height, width = spec.input_size
+        say(
+            f"input {spec.layout} {spec.color_mode} {height}x{width}, "
+            f"{len(labels)} labels; {output.note}"
+        )
+        card = ModelCard(
+            name=name,
+            labels=labels,
+            preprocessing=spec,
+            output_kind=output.kind,
+            input_name=signature.input_name,
+            output_name=signature.output_name,
+            opset=signature.opset,
+            source=source,
+            description=description or config.pop("description", ""),
+            metrics={**config.pop("metrics", {}), **(extra_metrics or {})},
+            versions=library_versions(),
+        )
+        _check_with_runtime(model_path, card)
+        return save_to_store(model_path, card, tag)
 
 
 def _check_with_runtime(model_path: Path, card: ModelCard) -> None:
@@ -108,4 +163,11 @@ def _check_with_runtime(model_path: Path, card: ModelCard) -> None:
             raise ModelImportError(f"{model_path} does not fit its card: {exc}") from None
 
 
-__all__ = ["ExportError", "ModelImportError", "import_onnx", "read_config", "read_labels"]
+__all__ = [
+    "ExportError",
+    "ModelFileError",
+    "ModelImportError",
+    "import_onnx",
+    "read_config",
+    "read_labels",
+]

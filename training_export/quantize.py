@@ -71,8 +71,8 @@ def quantization_data(card: ModelCard) -> QuantizationData:
             tensors[:DIGITS_CALIBRATION], tensors[DIGITS_CALIBRATION:], labels[DIGITS_CALIBRATION:]
         )
     raise QuantizationError(
-        f"no held-out data is known for {card.name!r}: only the digits model and the benchmark "
-        "models can be quantized and gated here"
+        f"no held-out data is known for {card.name!r}: give --calibration DIR (your own "
+        "pictures; --images DIR, a labelled folder, to gate on accuracy)"
     )
 
 
@@ -96,9 +96,7 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
-        outputs = {o.name for o in graph.output}
-        last = [n.name for n in graph.node if outputs & set(n.output) and n.op_type in _DENSE]
+        last = _last_dense(onnx.load(str(prepared)).graph)
         quantize_static(
             str(prepared),
             str(target),
@@ -112,11 +110,47 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
 
 
 _DENSE = {"Gemm", "MatMul"}
+_PASS_THROUGH = {"Softmax", "Identity", "Reshape", "Flatten", "Squeeze", "Sigmoid", "Add"}
+
+
+def _last_dense(graph: onnx.GraphProto) -> list[str]:
+    """The classifier layer: the dense node the output comes from, past a final softmax/reshape."""
+    producer = {output: node for node in graph.node for output in node.output}
+    found = []
+    for output in graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in _DENSE:
+            found.append(node.name)
+    return found
 
 
 def _logits(path: Path, input_name: str, tensors: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {input_name: tensors})[0]
+    step = 64  # bounded memory on large evaluation sets
+    return np.concatenate([session.run(None, {input_name: tensors[i : i + step]})[0]
+                           for i in range(0, len(tensors), step)])  # fmt: skip
+
+
+def judge_accuracy(fp32: float, int8: float, max_drop: float) -> float:
+    """The accuracy drop, or QuantizationError saying by how much it is too large."""
+    drop = round(fp32 - int8, 4)
+    if drop > max_drop:
+        raise QuantizationError(
+            f"INT8 accuracy {int8:.4f} is {drop * 100:.2f} points below fp32 {fp32:.4f} "
+            f"(at most {max_drop * 100:g}): not saved"
+        )
+    return drop
+
+
+def judge_agreement(agreement: float, pictures: int, min_agreement: float) -> None:
+    if agreement < min_agreement:
+        raise QuantizationError(
+            f"INT8 top-1 agrees with fp32 on {agreement:.2%} of {pictures} pictures (at least "
+            f"{min_agreement:.0%}, {(min_agreement - agreement) * 100:.2f} points short): "
+            "not saved"
+        )
 
 
 def gate(
@@ -140,20 +174,30 @@ def gate(
     if data.labels is not None:
         figures["fp32_accuracy"] = round(float((before == data.labels).mean()), 4)
         figures["int8_accuracy"] = round(float((after == data.labels).mean()), 4)
-        drop = figures["fp32_accuracy"] - figures["int8_accuracy"]
-        figures["accuracy_drop"] = round(drop, 4)
-        if drop > max_accuracy_drop:
-            raise QuantizationError(
-                f"INT8 accuracy {figures['int8_accuracy']:.4f} is {drop * 100:.2f} points below "
-                f"fp32 {figures['fp32_accuracy']:.4f} (at most {max_accuracy_drop * 100:g}): "
-                "not saved"
-            )
-    elif figures["top1_agreement"] < min_agreement:
-        raise QuantizationError(
-            f"INT8 top-1 agrees with fp32 on {figures['top1_agreement']:.2%} of "
-            f"{len(data.evaluation)} pictures (at least {min_agreement:.0%}): not saved"
+        figures["accuracy_drop"] = judge_accuracy(
+            figures["fp32_accuracy"], figures["int8_accuracy"], max_accuracy_drop
         )
+    else:
+        judge_agreement(figures["top1_agreement"], len(data.evaluation), min_agreement)
     return figures
+
+
+def save_int8(
+    int8: Path, card: ModelCard, source_tag: str, out_tag: str, metrics: dict, figures: dict
+) -> str:
+    """The INT8 file as its own store entry: the source's card, its gate's figures."""
+    figures["source_tag"] = source_tag
+    quantized = card.model_copy(
+        update={
+            "name": out_tag.split(":")[0],
+            "metrics": HeldOutMetrics(**metrics, int8_gate=figures),
+            "description": f"INT8 (ONNX Runtime static QDQ: uint8 activations, per-channel "
+            f"int8 weights) of {source_tag}. {card.description}",
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+        }
+    )
+    return save_to_store(int8, quantized, out_tag)
 
 
 def quantize_and_save(
@@ -178,20 +222,9 @@ def quantize_and_save(
         int8 = Path(folder) / "model.onnx"
         quantize_qdq(fp32, int8, card.input_name, data.calibration)
         figures = gate(fp32, int8, card, data, **gate_limits)
-        figures["source_tag"] = str(source.tag)
         metrics = card.metrics.model_dump(exclude_none=True)
         if "int8_accuracy" in figures:
             metrics.update(accuracy=figures["int8_accuracy"], samples=len(data.evaluation))
-        quantized = card.model_copy(
-            update={
-                "name": out_tag.split(":")[0],
-                "metrics": HeldOutMetrics(**metrics, int8_gate=figures),
-                "description": f"INT8 (ONNX Runtime static QDQ: uint8 activations, per-channel "
-                f"int8 weights) of {source.tag}. {card.description}",
-                "versions": library_versions(),
-                "git_commit": git_commit(),
-            }
-        )
-        saved = save_to_store(int8, quantized, out_tag)
+        saved = save_int8(int8, card, str(source.tag), out_tag, metrics, figures)
     say(f"saved {saved}: gate passed {figures}")
     return saved

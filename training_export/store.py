@@ -6,13 +6,14 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 import bentoml
 
 from image_classifier import model_store
-from image_classifier.core.classifier import CARD_FILE
+from image_classifier.core.classifier import CARD_FILE, Classifier, ModelLoadError
 from image_classifier.core.model_card import ModelCard
 
 _VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "pillow", "scikit-learn", "bentoml")
@@ -63,3 +64,19 @@ def save_to_store(onnx_path: Path, card: ModelCard, tag: str) -> str:
         shutil.copyfile(onnx_path, target / card.onnx_file)
         (target / CARD_FILE).write_text(card.model_dump_json(indent=2))
     return str(model.tag)
+
+
+def stored_classifier(tag: str, max_batch: int = 32) -> tuple[Classifier, Path]:
+    """The stored model, loaded exactly as the service loads it (same options); and its folder."""
+    from image_classifier.serving.settings import Settings
+
+    if ":" not in tag:
+        raise ValueError(f"give a full tag, name:version (got {tag!r})")
+    model = model_store.find(tag)
+    if model is None:
+        raise ValueError(f"{tag} is not in the model store")
+    options = replace(Settings.from_env({}).classifier_options(), max_batch=max_batch)
+    try:
+        return Classifier(Path(model.path), options), Path(model.path)
+    except ModelLoadError as exc:
+        raise ValueError(f"{tag} cannot be loaded: {exc}") from None

@@ -41,7 +41,9 @@ class ModelCard(BaseModel):
     opset: int | None = None
     metrics: HeldOutMetrics = HeldOutMetrics()
     training_data_sha256: str | None = None
-    source: Literal["trained", "imported"] = "trained"
+    source: Literal["trained", "imported", "exported"] = Field(
+        "trained", description="trained here, imported as ONNX, or exported from your PyTorch"
+    )
     benchmark_only: bool = Field(False, description="random weights: for timing, never for answers")
     description: str = ""
     versions: dict[str, str] = Field(default_factory=dict, description="libraries used to make it")

@@ -30,6 +30,7 @@ from ..core.postprocessing import Prediction
 from . import metrics
 from .batching import MicroBatcher
 from .cache import PredictionCache, SharedPredictionCache
+from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluations
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
 from .shared_state import redis_client
@@ -78,7 +79,10 @@ class Predictor:
     def load_models(self) -> None:
         """Load and warm up every served model (slow: call it off the event loop).
 
-        ModelLoadError names the model that cannot be served."""
+        ModelLoadError names the model that cannot be served. A version's latest saved
+        evaluation is merged into its card: the drift alarm's baseline."""
+        file = self.settings.evaluations_file
+        evaluations = read_evaluations(file) if file else EvaluationRecord()
         for served in self.router.models:
             version = served.ref.version
             try:
@@ -86,6 +90,9 @@ class Predictor:
                     served.path,
                     self.settings.classifier_options(),
                     on_run=partial(metrics.observe_model_run, model_version=version),
+                )
+                classifier.card = evaluated_card(
+                    classifier.card, served.tag, served.path, evaluations
                 )
                 classifier.warm_up()
             except Exception as exc:

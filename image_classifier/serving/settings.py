@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from limits import parse as parse_rate_limit
 
 from ..core.classifier import ClassifierOptions
 from ..core.decoding import DecodeLimits
+from .evaluation_record import evaluations_path
 from .machine import CpuBudget, cpu_budget, size_for
 from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
 
@@ -134,6 +136,8 @@ class Settings:
     )
     # Not read from the environment: how the process and thread counts were chosen (/info).
     sizing: str = field(default="", compare=False)
+    # Beside the release record: saved evaluations, whose latest is merged into a served card.
+    evaluations_file: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         formats = tuple(fmt.upper() for fmt in self.allowed_formats)
@@ -171,6 +175,7 @@ class Settings:
         record = read_record(record_path(environ))
         values.setdefault("model_tag", record.model_tag)
         values.setdefault("candidate_model_tag", record.candidate_tag or "")
+        values["evaluations_file"] = evaluations_path(environ)
         settings = cls(**values).sized(cpu_budget())
         settings.validate()
         return settings

@@ -1,0 +1,168 @@
+"""`evaluate`: figures through the service's own path, the report, the folder's odd cases, and
+`--save` as the served model's drift baseline (a real `bentoml serve`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.core.classifier import read_card
+from image_classifier.serving.evaluation_record import (
+    EvaluationRecord,
+    SavedEvaluation,
+    evaluated_card,
+    file_sha256,
+    read_evaluations,
+)
+from loadtest.servers import serve
+from tests.model_store import store_model_dir, training_cli
+from tests.pictures import encode
+from tests.training.own_model import LABELS
+from training_export.evaluation import calibration_bins, expected_calibration_error
+
+KEYS = {"accuracy", "mean_top1_confidence", "per_class", "confusion_matrix", "samples",
+        "expected_calibration_error", "skipped"}  # fmt: skip
+
+
+def evaluate(tag: str, images: Path, home: Path, tmp_path: Path, *extra: str):
+    """`evaluate TAG --images DIR --json` (report and record in tmp_path); (result, parsed)."""
+    result = training_cli(
+        "evaluate", tag, "--images", str(images), "--json", "--report", str(tmp_path / "report"),
+        *extra, home=home, extra_env={"SERVED_MODEL_FILE": str(tmp_path / "served_model.json")},
+    )  # fmt: skip
+    parsed = json.loads(result.stdout) if result.returncode == 0 else None
+    return result, parsed
+
+
+def labelled_copy(own_model: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "labelled"
+    shutil.copytree(own_model / "pictures" / "labelled", target)
+    return target
+
+
+def test_figures_follow_a_known_mislabelling_exactly(own_tag, own_model, bentoml_home, tmp_path):
+    images = labelled_copy(own_model, tmp_path)
+    clean, figures = evaluate(own_tag, images, bentoml_home, tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    assert figures["accuracy"] == 1.0 and figures["samples"] == 60, figures  # it learnt
+    assert figures.keys() >= KEYS
+    assert figures["skipped"] == {"not pictures (by extension)": 1}, figures  # the notes.txt
+    # Four red pictures filed under "blue things": exactly four wrong answers, all red.
+    red = sorted((images / "red things").glob("*.*"))[:4]
+    for path in red:
+        path.rename(images / "blue things" / path.name)
+    (images / "green things" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    moved, figures = evaluate(own_tag, images, bentoml_home, tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert figures["samples"] == 60 and figures["accuracy"] == 56 / 60
+    assert figures["skipped"]["unreadable pictures"] == 1
+    matrix = figures["confusion_matrix"]
+    assert matrix["labels"] == LABELS
+    assert matrix["matrix"][2][0] == 4 and np.trace(matrix["matrix"]) == 56
+    red_row, blue_row = figures["per_class"]["red things"], figures["per_class"]["blue things"]
+    assert red_row["precision"] == 16 / 20 and red_row["recall"] == 1.0
+    assert blue_row["recall"] == pytest.approx(20 / 24) and blue_row["support"] == 24
+    assert "skipped: 1 not pictures" in moved.stderr and "1 unreadable pictures" in moved.stderr
+    for name in ("confusion_matrix.png", "reliability_diagram.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert report["accuracy"] == figures["accuracy"]
+
+
+def test_expected_calibration_error_is_the_weighted_gap_of_the_bins():
+    correct = np.array([True, False, True, True])
+    confidence = np.array([0.9, 0.9, 0.6, 0.6])
+    bins = calibration_bins(correct, confidence)
+    assert sum(b["count"] for b in bins) == 4
+    # Two bins of two: |0.5 - 0.9| and |1.0 - 0.6|, each weighted by a half.
+    assert expected_calibration_error(bins) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def test_odd_folders_get_clear_errors_with_counts(own_tag, own_model, bentoml_home, tmp_path):
+    images = labelled_copy(own_model, tmp_path)
+    purple = images / "purple things"
+    purple.mkdir()
+    for i in range(2):
+        Image.new("RGB", (17, 9), (120, 0, 120)).save(purple / f"{i}.png")
+    unknown, _ = evaluate(own_tag, images, bentoml_home, tmp_path)
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "'purple things' (2 pictures" in unknown.stderr and "--skip-unknown" in unknown.stderr
+    skipped, figures = evaluate(own_tag, images, bentoml_home, tmp_path, "--skip-unknown")
+    assert skipped.returncode == 0, skipped.stderr
+    assert figures["skipped"][
+        "pictures in folders that are not labels of the model"] == 2  # fmt: skip
+    assert figures["samples"] == 60
+
+    empty = tmp_path / "empty"
+    (empty / "red things").mkdir(parents=True)
+    (empty / "red things" / "readme.md").write_text("nothing")
+    nothing, _ = evaluate(own_tag, empty, bentoml_home, tmp_path)
+    assert nothing.returncode == 1
+    assert "no pictures found" in nothing.stderr and "1 not pictures" in nothing.stderr
+    broken = tmp_path / "broken" / "red things"
+    broken.mkdir(parents=True)
+    for i in range(3):
+        (broken / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    unreadable, _ = evaluate(own_tag, broken.parent, bentoml_home, tmp_path)
+    assert unreadable.returncode == 1 and "none of the 3 pictures" in unreadable.stderr
+    assert "3 unreadable pictures" in unreadable.stderr
+
+
+def test_a_saved_evaluation_is_the_served_drift_baseline(
+    own_tag, own_model, bentoml_home, tmp_path, artifacts
+):
+    card = read_card(store_model_dir(bentoml_home, own_tag))
+    assert card.metrics.mean_top1_confidence is None  # exported: no baseline of its own
+    saved, figures = evaluate(own_tag, own_model / "pictures" / "labelled", bentoml_home,
+                              tmp_path, "--save")  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    baseline = read_evaluations(tmp_path / "model_evaluations.json").evaluations[own_tag][-1]
+    assert baseline.mean_top1_confidence == figures["mean_top1_confidence"]
+    env = {"SERVED_MODEL_FILE": str(tmp_path / "served_model.json"), "MODEL_TAG": own_tag,
+           "WORKERS": "1", "DRIFT_WINDOW": "4", "DRIFT_MAX_DROP": "0.05"}  # fmt: skip
+    greys = [encode(Image.new("RGB", (40, 30), (v, v, v)), "PNG") for v in (90, 128, 160, 200)]
+    with serve(bentoml_home, artifacts / "own-model-drift.log", env=env) as server:
+        info = httpx.get(f"{server.url}/info", timeout=10).json()
+        confidences = []
+        for data in greys:
+            answer = httpx.post(f"{server.url}/analyze", timeout=30,
+                                files={"image": ("g.png", data, "image/png")})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            confidences.append(answer.json()["prediction"]["confidence"])
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert info["metrics"]["mean_top1_confidence"] == baseline.mean_top1_confidence
+    assert info["metrics"]["images_sha256"] == baseline.images_sha256
+    drift_lines = [
+        line
+        for line in metrics.splitlines()
+        if 'model_version="v1"' in line and line.startswith("image_classifier_drift")
+    ]
+    gauges = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in drift_lines}
+    assert gauges["image_classifier_drift_baseline_confidence"] == pytest.approx(
+        baseline.mean_top1_confidence
+    )
+    change = (np.mean(confidences) - baseline.mean_top1_confidence) / baseline.mean_top1_confidence
+    assert gauges["image_classifier_drift_relative_change"] == pytest.approx(change, abs=1e-6)
+    assert gauges["image_classifier_drift_alarm"] == (1.0 if change < -0.05 else 0.0)
+
+
+def test_an_evaluation_of_other_bytes_under_the_same_tag_is_not_merged(own_tag, bentoml_home):
+    folder = store_model_dir(bentoml_home, own_tag)
+    card = read_card(folder)
+    evaluation = SavedEvaluation(
+        accuracy=0.5, mean_top1_confidence=0.7, samples=10, expected_calibration_error=0.1,
+        macro_f1=0.5, images="x", images_sha256="0" * 64, model_sha256="f" * 64,
+        evaluated_at="2026-12-01T00:00:00+00:00",
+    )  # fmt: skip
+    record = EvaluationRecord(evaluations={own_tag: [evaluation]})
+    assert evaluated_card(card, own_tag, folder, record) == card
+    same_file = evaluation.model_copy(update={"model_sha256": file_sha256(folder / "model.onnx")})
+    record.evaluations[own_tag].append(same_file)
+    merged = evaluated_card(card, own_tag, folder, record)
+    assert merged.metrics.mean_top1_confidence == 0.7 and merged.labels == card.labels

@@ -1,0 +1,118 @@
+"""import-onnx reads what the file says (layout, channels, size, batch axis, output kind) and
+refuses what is not an image classifier; the stored model then answers through the core."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from image_classifier.core.classifier import Classifier
+from image_classifier.core.postprocessing import softmax
+from image_classifier.core.preprocessing import IMAGENET_SPEC, preprocess
+from tests.model_store import store_model_dir, training_cli
+from tests.onnx_models import build_onnx_classifier
+from tests.pictures import encode
+from tests.training.own_model import colour_picture
+from training_export.onnx_facts import ModelFileError
+from training_export.onnx_import import import_onnx
+
+LABELS = [f"kind {i}" for i in range(5)]
+
+
+def imported(tmp_path, bentoml_home, name: str, notes: list[str] | None = None, **model):
+    """Build a test ONNX model, import it with the imagenet preset, load it as the service."""
+    folder = build_onnx_classifier(tmp_path / name, labels=5, **model)
+    say = (notes if notes is not None else []).append
+    tag = import_onnx(folder / "model.onnx", name, "v1", labels=LABELS, preset="imagenet", say=say)
+    return Classifier(store_model_dir(bentoml_home, tag)), folder
+
+
+def weights(folder) -> np.ndarray:
+    model = onnx.load(str(folder / "model.onnx"))
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "W")
+
+
+def test_nhwc_input_size_and_channels_come_from_the_file(tmp_path, bentoml_home):
+    notes: list[str] = []
+    classifier, folder = imported(tmp_path, bentoml_home, "nhwc-model", notes,
+                                  input_size=(40, 30), color_mode="RGB", layout="NHWC")  # fmt: skip
+    spec = classifier.card.preprocessing
+    assert (spec.layout, spec.color_mode, spec.input_size) == ("NHWC", "RGB", (40, 30))
+    assert spec.mean == IMAGENET_SPEC.mean and spec.resize_mode == "center_crop"
+    assert any("input_size (40, 30) from the file" in note for note in notes), notes
+    picture = colour_picture(0, 5, "RGBA")
+    # Expected through an NCHW preprocess, transposed by hand: the layout really is applied.
+    nchw = preprocess(picture, spec.model_copy(update={"layout": "NCHW"}))
+    expected = softmax(nchw.transpose(1, 2, 0).reshape(1, -1) @ weights(folder))[0]
+    answer = classifier.classify(encode(picture, "PNG"), top_k=5)
+    assert np.allclose([answer.probabilities[label] for label in LABELS], expected, atol=1e-5)
+
+
+def test_softmax_outputs_are_detected_as_probabilities_grey_gets_one_mean(tmp_path, bentoml_home):
+    notes: list[str] = []
+    classifier, folder = imported(tmp_path, bentoml_home, "softmax-model", notes,
+                                  input_size=(20, 20), color_mode="L",
+                                  output_kind="probabilities")  # fmt: skip
+    card = classifier.card
+    assert card.output_kind == "probabilities"
+    assert card.preprocessing.mean == (round(sum(IMAGENET_SPEC.mean) / 3, 4),), notes
+    picture = colour_picture(1, 6, "L")
+    flat = preprocess(picture, card.preprocessing).reshape(1, -1)
+    expected = softmax(flat @ weights(folder))[0]  # the model's own softmax, applied once
+    answer = classifier.classify(encode(picture, "PNG"), top_k=5)
+    assert np.allclose([answer.probabilities[label] for label in LABELS], expected, atol=1e-5)
+
+
+def test_a_batch_axis_fixed_at_one_is_made_dynamic_when_rows_stay_the_same(tmp_path, bentoml_home):
+    notes: list[str] = []
+    classifier, _ = imported(tmp_path, bentoml_home, "batch-one", notes,
+                             input_size=(20, 20), color_mode="RGB", batch=1)  # fmt: skip
+    assert any("fixes the batch axis at 1" in note for note in notes), notes
+    assert classifier.session.get_inputs()[0].shape[0] == "batch"
+    tensors = [np.full(classifier.card.preprocessing.tensor_shape, v, np.float32)
+               for v in (-1.0, 0.0, 0.5, 1.0)]  # fmt: skip
+    together = classifier.run(tensors)  # one run of 4: the service's merged batch
+    assert np.allclose(together, np.concatenate([classifier.run([t]) for t in tensors]))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"batch": 1, "flatten_batch": 1}, "batch axis is fixed and the graph depends on it"),
+        ({"output_kind": "sigmoid"}, "independent (sigmoid, multi-label) scores"),
+        ({"labels": 10, "output_dims": (-1, 2, 5)}, "not a class vector [N, C] with C = 10"),
+        ({"labels": 7}, "not a class vector [N, C] with C = 5 labels"),
+    ],
+    ids=["graph-fixes-batch", "sigmoid", "not-a-vector", "labels-mismatch"],
+)
+def test_what_is_not_a_servable_classifier_is_refused(tmp_path, bentoml_home, model, message):
+    labels = model.pop("labels", 5)
+    folder = build_onnx_classifier(tmp_path / "m", labels=labels, input_size=(20, 20),
+                                   color_mode="RGB", **model)  # fmt: skip
+    wanted = [f"l{i}" for i in range(10 if "output_dims" in model else 5)]
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        import_onnx(folder / "model.onnx", "refused", "v1", labels=wanted, say=lambda _: None)
+    assert not (bentoml_home / "models" / "refused").exists()
+
+
+def test_cli_refusals_are_one_line_with_exit_1(tmp_path, bentoml_home):
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20),
+                                   color_mode="RGB", output_kind="sigmoid")  # fmt: skip
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS))
+    args = ["import-onnx", str(folder / "model.onnx"), "--name", "cli-sigmoid", "--labels",
+            str(labels), "--preset", "imagenet"]  # fmt: skip
+    refused = training_cli(*args, "--version", "v1", home=bentoml_home)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: its outputs lie in")
+    assert "Traceback" not in refused.stderr
+    contradicted = training_cli(*args, "--version", "v2", "--layout", "NHWC", home=bentoml_home)
+    assert contradicted.returncode == 1, contradicted.stdout
+    assert "layout is given as NHWC but the file's input says NCHW" in contradicted.stderr
+    forced = training_cli(*args, "--version", "v3", "--output-kind", "logits", home=bentoml_home)
+    assert forced.returncode == 0, forced.stderr
+    again = training_cli(*args, "--version", "v3", "--output-kind", "logits", home=bentoml_home)
+    assert again.returncode == 1 and "already in the model store" in again.stderr

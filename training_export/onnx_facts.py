@@ -1,0 +1,177 @@
+"""What an ONNX classifier file says about itself: its input's layout, channels and size when
+they are static, a fixed batch axis (made dynamic when the graph allows), whether it answers a
+class vector, and whether that vector is logits or probabilities.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from image_classifier.core.preprocessing import PreprocessSpec, preprocess
+
+from .export import OnnxSignature
+from .photos import photo
+
+BATCH_CHECK = 3  # a batch of this many must give the rows of as many single runs
+_CHANNELS = {1: "L", 3: "RGB"}
+
+
+class ModelFileError(ValueError):
+    """The file is not an image classifier this service can run as it is."""
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """Read from the input's declared shape; None where the file leaves it open."""
+
+    layout: str | None
+    color_mode: str | None
+    input_size: tuple[int, int] | None
+    static_batch: int | None
+
+    def as_spec_fields(self) -> dict:
+        found = {
+            "layout": self.layout,
+            "color_mode": self.color_mode,
+            "input_size": self.input_size,
+        }
+        return {key: value for key, value in found.items() if value is not None}
+
+
+def input_facts(signature: OnnxSignature) -> InputFacts:
+    shape = signature.input_shape
+    if len(shape) != 4:
+        raise ModelFileError(
+            f"the input {signature.input_name!r} has shape {shape}: an image "
+            "classifier takes a 4-D batch (NCHW or NHWC)"
+        )
+    batch, d1, d2, d3 = shape
+    first, last = _is_channels(d1), _is_channels(d3)
+    layout = "NCHW" if first and not last else "NHWC" if last and not first else None
+    channels = {"NCHW": d1, "NHWC": d3}.get(layout)
+    height, width = (d2, d3) if layout == "NCHW" else (d1, d2)
+    sized = layout is not None and isinstance(height, int) and isinstance(width, int)
+    return InputFacts(
+        layout=layout,
+        color_mode=_CHANNELS.get(channels) if layout else None,
+        input_size=(height, width) if sized and height > 0 and width > 0 else None,
+        static_batch=batch if isinstance(batch, int) and batch > 0 else None,
+    )
+
+
+def _is_channels(dim: int | str | None) -> bool:
+    return isinstance(dim, int) and dim in _CHANNELS
+
+
+def check_float_input(session: ort.InferenceSession) -> None:
+    kind = session.get_inputs()[0].type
+    if kind != "tensor(float)":
+        raise ModelFileError(
+            f"the input is {kind}; the service feeds float32 tensors "
+            "(convert the model to float32 inputs)"
+        )
+
+
+def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
+    """A copy whose batch axis is symbolic, if a batch then gives the same rows as single runs.
+
+    The service merges concurrent requests into one model run, so a file fixed at batch 1 would
+    fail at the first merged run; most such files are only declared that way. One that really
+    computes per batch of one (a Reshape to [1, -1]) is refused with what to do.
+    """
+    model = onnx.load(str(path))
+    for value in (model.graph.input[0], *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "batch"
+    del model.graph.value_info[:]  # inferred shapes with the old batch size would conflict
+    rewritten = folder / "dynamic_batch.onnx"
+    onnx.save(model, str(rewritten))
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 4  # the failure is expected here, and reported below
+    try:
+        session = ort.InferenceSession(
+            str(rewritten), sess_options=quiet, providers=["CPUExecutionProvider"]
+        )
+        inputs = sample_inputs(spec, BATCH_CHECK)
+        name = session.get_inputs()[0].name
+        together = session.run(None, {name: inputs})[0]
+        alone = np.concatenate(
+            [session.run(None, {name: inputs[i : i + 1]})[0] for i in range(BATCH_CHECK)]
+        )
+        same = together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
+    except Exception as exc:  # ORT refuses the rewritten graph: it does depend on the batch
+        same, exc_text = False, str(exc).split("Status Message:")[-1].strip()[:160]
+    else:
+        exc_text = "a batch gave other rows than single runs"
+    if not same:
+        raise ModelFileError(
+            f"its batch axis is fixed and the graph depends on it (a batch of {BATCH_CHECK}: "
+            f"{exc_text}); re-export it with a dynamic batch axis (torch.onnx.export "
+            "dynamic_axes={input: {0: 'batch'}}, flatten(1) rather than view(1, -1))"
+        )
+    return rewritten
+
+
+def sample_inputs(spec: PreprocessSpec, count: int) -> np.ndarray:
+    """Half random noise, half photo-like pictures through the service's preprocess."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(count - count // 2, *spec.tensor_shape)).astype(np.float32)
+    pictures = [preprocess(photo((96, 72), seed), spec) for seed in range(count // 2)]
+    return np.concatenate([noise, np.stack(pictures)]) if pictures else noise
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    kind: str  # "logits" or "probabilities"
+    note: str
+
+
+def output_facts(
+    session: ort.InferenceSession, spec: PreprocessSpec, labels: int, declared_kind: str
+) -> OutputFacts:
+    """Check the output is one class vector per image; tell logits from probabilities.
+
+    Rows all in [0, 1] summing to 1 are probabilities (a softmax inside); rows in [0, 1] that do
+    not sum to 1 are independent scores (a sigmoid): refused unless the kind is given.
+    """
+    inputs = sample_inputs(spec, 8)
+    output = np.asarray(session.run(None, {session.get_inputs()[0].name: inputs})[0])
+    squeezed = output.reshape(output.shape[:2]) if _trailing_ones(output.shape) else output
+    if squeezed.ndim != 2 or squeezed.shape != (len(inputs), labels):
+        raise ModelFileError(
+            f"for a batch of {len(inputs)} it answers shape {list(output.shape)}: not a class "
+            f"vector [N, C] with C = {labels} labels (detection, segmentation and embedding "
+            "models are not image classifiers; or the labels file does not match the model)"
+        )
+    if not np.isfinite(squeezed).all():
+        raise ModelFileError("it answers non-finite values (NaN or infinity) on sample inputs")
+    in_range = bool(((squeezed >= -1e-6) & (squeezed <= 1 + 1e-6)).all())
+    sums = squeezed.sum(axis=1)
+    sums_to_one = bool(np.allclose(sums, 1.0, atol=1e-3))
+    if declared_kind != "auto":
+        return OutputFacts(declared_kind, f"output kind {declared_kind} (as given)")
+    if in_range and sums_to_one:
+        return OutputFacts("probabilities", "outputs are probabilities (rows in [0, 1], sum 1)")
+    if in_range:
+        raise ModelFileError(
+            f"its outputs lie in [0, 1] but rows sum to {sums.min():.3g}..{sums.max():.3g}, not "
+            "1: independent (sigmoid, multi-label) scores, not one class distribution; pass "
+            "--output-kind logits to serve their softmax anyway"
+        )
+    return OutputFacts("logits", "outputs are logits (a softmax is applied when serving)")
+
+
+def _trailing_ones(shape: tuple[int, ...]) -> bool:
+    return len(shape) > 2 and all(d == 1 for d in shape[2:])
+
+
+def staging_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="onnx-import-")
