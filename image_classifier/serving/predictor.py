@@ -6,8 +6,9 @@ candidate. It times and counts what the core does (metrics, drift).
 
 Every image, whichever route brought it (/analyze, /analyze_batch, Open Inference `infer`),
 makes one thread hand-off: a worker thread decodes and preprocesses it, then runs it through the
-batcher (in the same thread: `batching.py`), and the event loop gets the row. Only /analyze
-answers come from the cache (it keeps finished predictions, not probability rows).
+batcher (in the same thread: `batching.py`), and the event loop gets the row. Encoded images
+are answered from the duplicate-input cache when it is on, whichever route brought them (a
+prediction keeps every class's probability, so Open Inference answers come from it too).
 """
 
 from __future__ import annotations
@@ -190,20 +191,26 @@ class Predictor:
     async def probabilities(
         self, served: ServedVersion, items: Sequence[bytes | np.ndarray]
     ) -> np.ndarray:
-        """Every item's probabilities, on /analyze's path (encoded images are decoded, tensors
-        taken as they are; both share model runs), or one error for all: for Open Inference
-        requests, which fail as a whole."""
+        """Every item's probabilities, or one error for all (Open Inference requests fail as a
+        whole). Encoded images take /analyze's own path, `answer` (the cache, shadow scoring: a
+        prediction holds every class's probability); tensors already preprocessed go straight to
+        the batcher. Both share model runs with every other request."""
         classifier = served.ready_classifier()
         fair_share = self._share_of_a_many_image_request()
 
-        async def row(item: bytes | np.ndarray) -> np.ndarray:
+        async def prediction(item: bytes | np.ndarray) -> Prediction:
             async with fair_share:
-                return (await self._predict_one(served, classifier, item, None))[0]
+                if isinstance(item, bytes):
+                    return (await self.answer(served, item, None, 1)).prediction
+                row, _ = await self._predict_one(served, classifier, item, None)
+                return classifier.to_prediction(row, 1)
 
-        rows = await asyncio.gather(*(row(item) for item in items))
-        for probabilities in rows:
-            served.record(classifier.to_prediction(probabilities, 1))
-        return np.stack(rows)
+        predictions = await asyncio.gather(*(prediction(item) for item in items))
+        labels = classifier.card.labels
+        for answered in predictions:
+            served.record(answered)
+        rows = [[answered.probabilities[label] for label in labels] for answered in predictions]
+        return np.array(rows, dtype=np.float32)
 
     def _share_of_a_many_image_request(self) -> anyio.CapacityLimiter:
         """Half the threads at most for one request's images, so single requests keep the rest."""

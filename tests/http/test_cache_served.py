@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 import httpx
@@ -32,3 +33,16 @@ def test_a_repeated_picture_is_answered_from_the_cache(trained_store, heldout, a
         assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="hit"}') == 1
         assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="miss"}') == 4
         assert metric_value(metrics, "image_classifier_predictions_total") == 5  # hits count too
+        # Open Inference images take the same cache: /analyze answered this one (top_k 1).
+        answered = analyze(heldout[7][0], top_k="1")
+        body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [
+            base64.b64encode(encode(heldout[7][0], "PNG")).decode(),
+            base64.b64encode(encode(heldout[8][0], "PNG")).decode()]}]}  # fmt: skip
+        response = httpx.post(f"{server.url}/v2/models/digits-cnn/infer", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        probabilities = response.json()["outputs"][0]["data"][:10]
+        expected = [answered["prediction"]["probabilities"][str(digit)] for digit in range(10)]
+        assert probabilities == [round(p, 7) for p in expected]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="hit"}') == 2
+        assert metric_value(metrics, 'image_classifier_cache_lookups_total{result="miss"}') == 6
