@@ -159,6 +159,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if error is not None:
                     fields["error_code"] = error.code.value
                     metrics.ERRORS.labels(code=error.code.value).inc()
+                code = "OK" if error is None else error.code.value
+                metrics.GRPC_REQUESTS.labels(method=method, code=code).inc()
                 logs.log_request(fields, status, (time.perf_counter() - started) * 1000)
         await _abort(context, error, request_id)
         raise AssertionError("unreachable: abort raises")

@@ -80,6 +80,12 @@ CONFIDENCE = Histogram(
     buckets=_CONFIDENCE_BUCKETS,
 )
 ERRORS = Counter("image_classifier_errors", "Error responses by error code", ["code"])
+GRPC_REQUESTS = Counter(
+    "image_classifier_grpc_requests",
+    "Open Inference gRPC calls by method and outcome (OK, or the error code); BentoML's request "
+    "metrics count HTTP only",
+    ["method", "code"],
+)
 ITEM_ERRORS = Counter(
     "image_classifier_batch_item_errors", "Refused images inside /analyze_batch by code", ["code"]
 )

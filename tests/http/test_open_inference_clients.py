@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
 from loadtest.servers import REPO, serve
+from tests.http.responses import metric_value
 from tests.pictures import encode
 from tests.readme import readme_block
 
@@ -231,6 +232,13 @@ def test_bad_requests_reach_the_client_with_status_and_code(server, kind, pngs):
     ]
     for call, code in cases:
         expect_error(call, kind, status_for(kind, code), code)
+    if kind == "grpc":  # gRPC calls are counted by method and outcome, with request ids logged
+        client.infer(MODEL, [image_input(kind, [png])], headers={"x-request-id": "grpc-id-7"})
+        metrics = httpx.get(f"{server.url}/metrics").text
+        ok = 'image_classifier_grpc_requests_total{code="OK",method="ModelInfer"}'
+        refused = 'image_classifier_grpc_requests_total{code="NOT_FOUND",method="ModelInfer"}'
+        assert metric_value(metrics, ok) >= 1 and metric_value(metrics, refused) >= 2
+        assert '"request_id": "grpc-id-7"' in server.log()
 
 
 def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(server, pngs):
