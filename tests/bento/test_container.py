@@ -212,9 +212,9 @@ def grpc_label(target: str, image: bytes) -> str:
     return result.as_numpy("label")[0].decode()
 
 
-def _logs(docker: Docker, name: str) -> str:
+def _logs(docker: Docker, name: str, tail: int | None = 4000) -> str:
     result = docker("logs", name, check=False)
-    return (result.stdout + result.stderr)[-4000:]
+    return (result.stdout + result.stderr)[-tail if tail else 0 :]
 
 
 def _analyze(url: str, picture) -> dict:
@@ -268,20 +268,21 @@ def test_workers_come_from_the_environment(docker, image, heldout):
     """WORKERS=2 starts two server processes (BentoML names each worker's lines `[:N]`)."""
     with running(docker, image, "-e", "WORKERS=2", "-e", "THREADS=1") as (url, name, to_ready):
         measured(f"[container] WORKERS=2: /readyz 200 in {to_ready:.1f} s", doc="deploy")
+        # /readyz is answered by whichever worker takes the connection: wait for both models.
+        deadline = time.monotonic() + 60
+        while not all(_worker_loaded(logs := _logs(docker, name, None), n) for n in (1, 2)):
+            assert time.monotonic() < deadline, logs[-4000:]
+            time.sleep(0.5)
         picture, label = heldout[0]
         assert _analyze(url, picture)["success"] is True
-        deadline = time.monotonic() + 30
-        while not _worker_started(logs := _logs(docker, name), worker=2):
-            assert time.monotonic() < deadline, logs
-            time.sleep(0.5)
 
 
-def _worker_started(logs: str, worker: int) -> bool:
+def _worker_loaded(logs: str, worker: int) -> bool:
     # JSON lines; BentoML's CLI writes a few text lines before the service (and its log
     # configuration) is imported, and the tail may start mid-line.
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith('{"')]
     return any(
-        line.get("component") == f"[:{worker}]" and "initialized" in line["message"]
+        line.get("component") == f"[:{worker}]" and "loaded and warmed up" in line["message"]
         for line in lines
     )
 
