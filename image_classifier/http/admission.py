@@ -131,12 +131,7 @@ class Gate:
     def start_receiving(self, client_key: str) -> None:
         """On arrival: refuse at once (cheap, before any body is read) when draining, when work is
         at its cap, or when too many bodies are arriving, in all or from this client."""
-        if self.draining:
-            raise ClassifierError(
-                ErrorCode.SHUTTING_DOWN,
-                "this server is shutting down; retry on another replica",
-                retry_after_s=OVERLOADED_RETRY_AFTER_S,
-            )
+        self.check_not_draining()
         self._check_work_slot()
         if self.receiving >= self.policy.max_receiving:
             raise ClassifierError(
@@ -152,6 +147,15 @@ class Gate:
             )
         self.receiving += 1
         self._receiving_by_client[client_key] += 1
+
+    def check_not_draining(self) -> None:
+        """New work is refused once SIGTERM came: the client retries on another replica."""
+        if self.draining:
+            raise ClassifierError(
+                ErrorCode.SHUTTING_DOWN,
+                "this server is shutting down; retry on another replica",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
 
     def stop_receiving(self, client_key: str) -> None:
         self.receiving -= 1

@@ -31,7 +31,7 @@ from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.settings import Settings
 from . import logs
-from .admission import OVERLOADED_RETRY_AFTER_S, Gate
+from .admission import Gate
 from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .protos import grpc_predict_v2_pb2 as pb
@@ -170,12 +170,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not in_work:
             yield
             return
-        if self.gate.draining:
-            raise ClassifierError(
-                ErrorCode.SHUTTING_DOWN,
-                "this server is shutting down; retry on another replica",
-                retry_after_s=OVERLOADED_RETRY_AFTER_S,
-            )
+        self.gate.check_not_draining()  # a call arrives whole: no receiving phase to refuse in
         self.gate.enter()
         try:
             yield

@@ -47,10 +47,12 @@ class _Request(BaseModel):
 class RestRequest:
     """A parsed REST inference request, and which of its outputs go back binary."""
 
-    def __init__(self, request: oip.InferenceRequest, binary_outputs: dict[str, bool]) -> None:
+    def __init__(
+        self, request: oip.InferenceRequest, binary_outputs: dict[str, bool], default_binary: bool
+    ) -> None:
         self.request = request
         self.binary_outputs = binary_outputs  # by output name; absent: `default_binary`
-        self.default_binary = binary_outputs.get("", False)
+        self.default_binary = default_binary  # the request's `binary_data_output`
 
 
 def parse_request(body: bytes, header_length: str | None) -> RestRequest:
@@ -79,7 +81,7 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
         raise oip.invalid(
             f"the body has {len(binary_part) - offset} bytes of binary data no input claims"
         )
-    binary = {"": _flag(parsed.parameters, "binary_data_output")}
+    binary: dict[str, bool] = {}
     outputs = []
     for output in parsed.outputs or []:
         parameters = output.parameters or {}
@@ -88,7 +90,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
         count = parameters.get("classification")
         classification = 0 if count is None else oip.requested_classification(output.name, count)
         outputs.append(oip.RequestedOutput(output.name, classification))
-    return RestRequest(oip.InferenceRequest(inputs, outputs, parsed.id), binary)
+    default_binary = _flag(parsed.parameters, "binary_data_output")
+    return RestRequest(oip.InferenceRequest(inputs, outputs, parsed.id), binary, default_binary)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
