@@ -14,15 +14,16 @@ import bentoml
 
 import bentoml_compat
 from image_classifier import model_store
-from image_classifier.http import grpc_inference, header_limits, logs
+from image_classifier.http import grpc_inference, logs, protocol
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
+from image_classifier.http.protocol import EarlyRefusal
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
 from image_classifier.http.shutdown import drain_on_sigterm
-from image_classifier.http.uploads import routes_of_apis
+from image_classifier.http.uploads import route_for, routes_of_apis
 from image_classifier.serving import memory, metrics
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
@@ -31,7 +32,6 @@ SETTINGS = Settings.from_env()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 bentoml_compat.replace_leaking_timeout_middleware()
-header_limits.install()  # before the server loads its config: request heads are capped
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 log = logging.getLogger("image_classifier.service")
 log.info("sized: %s", SETTINGS.sizing)
@@ -76,6 +76,8 @@ class ImageClassifier:
         except Exception as exc:
             log.error("%s; /readyz stays 503. %s", exc, model_store.MODEL_HELP)
             return
+        log.info("%d startup objects frozen out of the garbage collector's reach",
+                 memory.freeze_startup_objects())  # fmt: skip
         self.__is_ready__()
 
     def __is_ready__(self) -> bool:
@@ -98,14 +100,21 @@ class ImageClassifier:
         return await self.apis.analyze_batch(upload_of(images, top_k, ctx.request.headers))
 
 
+UPLOAD_ROUTES = {
+    **routes_of_apis(
+        ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis
+    ),
+    **infer_upload_routes(SETTINGS),
+}
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,
     gate=GATE,
     pace=BodyPace.from_settings(SETTINGS),
-    upload_routes={
-        **routes_of_apis(
-            ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis
-        ),
-        **infer_upload_routes(SETTINGS),
-    },
+    upload_routes=UPLOAD_ROUTES,
+)
+# Before the server loads its config: request heads are capped, and overload is refused there.
+protocol.install(
+    EarlyRefusal(
+        GATE, lambda path: route_for(UPLOAD_ROUTES, path) is not None, SETTINGS.body_timeout_s
+    )
 )

@@ -14,6 +14,7 @@ timeout above ours as a backstop. Everything is per worker process, but the rate
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -80,6 +81,7 @@ class Gate:
         rate = parse(policy.rate_limit) if policy.rate_limit else None
         self._rate_limit = RateLimit(rate, policy.redis_url) if rate else None
         self.in_flight = 0
+        self._slot_queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self.receiving = 0  # bodies arriving (admitted, not yet in work)
         self._responding = 0  # answers being written (work done)
         self._receiving_by_client: collections.Counter[str] = collections.Counter()
@@ -88,7 +90,7 @@ class Gate:
     @property
     def admitted(self) -> int:
         """Requests let in and not finished: what a SIGTERM drain waits for."""
-        return self.in_flight + self.receiving + self._responding
+        return self.in_flight + len(self._slot_queue) + self.receiving + self._responding
 
     @contextlib.contextmanager
     def responding(self) -> Iterator[None]:
@@ -129,10 +131,12 @@ class Gate:
         )
 
     def start_receiving(self, client_key: str) -> None:
-        """On arrival: refuse at once (cheap, before any body is read) when draining, when work is
-        at its cap, or when too many bodies are arriving, in all or from this client."""
+        """On arrival: refuse at once (cheap, before any body is read) when draining, when the
+        work slots and their queue are full, or when too many bodies are arriving, in all or from
+        this client. (While only the slots are full, `protocol.py` refused it earlier still.)"""
         self.check_not_draining()
-        self._check_work_slot()
+        if self._slot_queue_is_full():  # its body would be read for nothing
+            raise self._overloaded()
         if self.receiving >= self.policy.max_receiving:
             raise ClassifierError(
                 ErrorCode.OVERLOADED,
@@ -151,11 +155,16 @@ class Gate:
     def check_not_draining(self) -> None:
         """New work is refused once SIGTERM came: the client retries on another replica."""
         if self.draining:
-            raise ClassifierError(
-                ErrorCode.SHUTTING_DOWN,
-                "this server is shutting down; retry on another replica",
-                retry_after_s=OVERLOADED_RETRY_AFTER_S,
-            )
+            raise self._shutting_down()
+
+    def capacity_refusal(self) -> ClassifierError | None:
+        """Why new work would be refused now (draining, or every work slot taken), else None:
+        cheap enough to ask before anything of a request but its head is read."""
+        if self.draining:
+            return self._shutting_down()
+        if self.in_flight >= self.policy.max_concurrency:
+            return self._overloaded()
+        return None
 
     def stop_receiving(self, client_key: str) -> None:
         self.receiving -= 1
@@ -163,22 +172,54 @@ class Gate:
         if not self._receiving_by_client[client_key]:
             del self._receiving_by_client[client_key]
 
-    def enter(self) -> None:
-        """Take a work slot once the body is in, or refuse: a fast honest 503 beats a queue that
-        times out. Not refused for draining: the request was admitted before the SIGTERM."""
-        self._check_work_slot()
-        self.in_flight += 1
+    async def enter(self) -> None:
+        """Take a work slot once the body is in. Every slot taken: wait for one in a FIFO queue
+        as long as the cap, and only when that is full too, refuse (a fast honest 503 beats a
+        queue that times out). New arrivals are refused at their head while the slots are full
+        (`protocol.py`), so the queue holds only requests that were let in in the same instant
+        as the last slot was taken: refusing those after their body has been read would throw
+        that work away. Not refused for draining: the request was admitted before the SIGTERM."""
+        if self.in_flight < self.policy.max_concurrency and not self._slot_queue:
+            self.in_flight += 1
+            return
+        if self._slot_queue_is_full():
+            raise self._overloaded()
+        turn = asyncio.get_running_loop().create_future()
+        self._slot_queue.append(turn)
+        try:
+            await turn  # `leave` hands its slot over
+        except BaseException:  # the deadline, or the client left
+            if turn.done() and not turn.cancelled():
+                self.leave()  # the slot came with the cancellation: pass it on
+            else:
+                self._slot_queue.remove(turn)
+            raise
 
     def leave(self) -> None:
+        while self._slot_queue:
+            turn = self._slot_queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes to the next in the queue
+                return
         self.in_flight -= 1
 
-    def _check_work_slot(self) -> None:
-        if self.in_flight >= self.policy.max_concurrency:
-            raise ClassifierError(
-                ErrorCode.OVERLOADED,
-                f"the server is at its limit of {self.policy.max_concurrency} requests in work",
-                retry_after_s=OVERLOADED_RETRY_AFTER_S,
-            )
+    def _slot_queue_is_full(self) -> bool:
+        return len(self._slot_queue) >= self.policy.max_concurrency
+
+    def _overloaded(self) -> ClassifierError:
+        return ClassifierError(
+            ErrorCode.OVERLOADED,
+            f"the server is at its limit of {self.policy.max_concurrency} requests in work",
+            retry_after_s=OVERLOADED_RETRY_AFTER_S,
+        )
+
+    @staticmethod
+    def _shutting_down() -> ClassifierError:
+        return ClassifierError(
+            ErrorCode.SHUTTING_DOWN,
+            "this server is shutting down; retry on another replica",
+            retry_after_s=OVERLOADED_RETRY_AFTER_S,
+        )
 
 
 class RateLimit:

@@ -14,7 +14,6 @@ It sits in front of the framework's request handling, so:
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import time
@@ -31,13 +30,15 @@ from .envelope import (
     CODE_FOR_STATUS,
     HTTP_STATUS,
     INTERNAL_MESSAGE,
+    RETRY_AFTER_S,
     error_body,
+    error_headers,
     is_error_envelope,
     is_open_inference_error,
     is_open_inference_path,
 )
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
-from .uploads import Upload, UploadRoute, parse_multipart
+from .uploads import Upload, UploadRoute, parse_multipart, route_for
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
@@ -46,7 +47,6 @@ _REPLACED_HEADERS = (b"content-length", b"content-type", b"retry-after", _ERROR_
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
                              "/v2/health/ready"})  # fmt: skip
-_RETRY_AFTER_SECONDS = "1"
 
 
 class BoundaryMiddleware:
@@ -108,7 +108,7 @@ class BoundaryMiddleware:
             client = self.gate.authenticate(_header(scope, "authorization"))
             client = client or _client_address(scope)
             await self.gate.check_rate(client)
-        route = self._route_for(path)
+        route = route_for(self.upload_routes, path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -129,7 +129,7 @@ class BoundaryMiddleware:
             send.close_connection = False
         finally:
             self.gate.stop_receiving(client)
-        self.gate.enter()
+        await self.gate.enter()
         try:
             if route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(body, receive), send)
@@ -144,15 +144,6 @@ class BoundaryMiddleware:
             answered = time.perf_counter()
             await response(scope, receive, send)
             metrics.RESPOND_SECONDS.observe(time.perf_counter() - answered)
-
-    def _route_for(self, path: str) -> UploadRoute | None:
-        """Exact paths first, then glob patterns such as `/v2/models/*/infer`."""
-        if path in self.upload_routes:
-            return self.upload_routes[path]
-        for pattern, route in self.upload_routes.items():
-            if "*" in pattern and fnmatch.fnmatchcase(path, pattern):
-                return route
-        return None
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -239,18 +230,8 @@ class _EnvelopingSend:
     async def error(self, exc: ClassifierError) -> None:
         """Our own error: already in the envelope, so sent straight on (a refusal stays cheap)."""
         body = error_body(exc, self.request_id, self.open_inference)
-        status = HTTP_STATUS[exc.code]
-        headers = [
-            *_json_headers(body),
-            (_REQUEST_ID_KEY, self.request_id.encode("latin-1")),
-            (_ERROR_CODE_KEY, exc.code.value.encode()),
-        ]
-        if exc.retry_after_s is not None or status in (429, 503):
-            retry_after = _RETRY_AFTER_SECONDS if exc.retry_after_s is None else exc.retry_after_s
-            headers.append((b"retry-after", str(retry_after).encode()))
-        if self.close_connection:  # the rest of the body is not waited for
-            headers.append((b"connection", b"close"))
-        self.started, self.status, self.error_code = True, status, exc.code.value
+        headers = error_headers(exc, self.request_id, body, close=self.close_connection)
+        self.started, self.status, self.error_code = True, HTTP_STATUS[exc.code], exc.code.value
         metrics.ERRORS.labels(code=self.error_code).inc()
         await self.send({"type": "http.response.start", "status": self.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
@@ -265,7 +246,7 @@ class _EnvelopingSend:
         except ValueError:
             parsed = None
         extra: list[tuple[bytes, bytes]] = []
-        retry_after = _header({"headers": start["headers"]}, "retry-after") or _RETRY_AFTER_SECONDS
+        retry_after = _header({"headers": start["headers"]}, "retry-after") or str(RETRY_AFTER_S)
         given_code = _header({"headers": start["headers"]}, ERROR_CODE_HEADER)
         if is_error_envelope(parsed):
             code = parsed["error"]["code"]

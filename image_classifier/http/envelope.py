@@ -15,9 +15,10 @@ from typing import Any
 from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
-from .headers import ERROR_CODE_HEADER
+from .headers import ERROR_CODE_HEADER, REQUEST_ID_HEADER
 
 INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
+RETRY_AFTER_S = 1  # on a 429 or 503 that does not say when to come back
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -69,6 +70,26 @@ def error_body(exc: ClassifierError, request_id: str, open_inference: bool = Fal
     if open_inference:
         return json.dumps({"error": f"{exc.code}: {exc.message}"}).encode()
     return json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
+
+
+def error_headers(
+    exc: ClassifierError, request_id: str, body: bytes, close: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """The raw headers of an error answer the service writes itself (below any framework):
+    JSON type and length, request id, code, Retry-After on 429 and 503, and `Connection: close`
+    when the request's body was not read."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
+        (ERROR_CODE_HEADER.encode(), exc.code.value.encode()),
+    ]
+    if exc.retry_after_s is not None or HTTP_STATUS[exc.code] in (429, 503):
+        retry_after = RETRY_AFTER_S if exc.retry_after_s is None else exc.retry_after_s
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    return headers
 
 
 def is_open_inference_path(path: str) -> bool:

@@ -171,7 +171,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             yield
             return
         self.gate.check_not_draining()  # a call arrives whole: no receiving phase to refuse in
-        self.gate.enter()
+        await self.gate.enter()
         try:
             yield
         finally:

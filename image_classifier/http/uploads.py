@@ -8,6 +8,7 @@ with no temporary file and no second parse by the framework.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable
@@ -75,6 +76,16 @@ class UploadRoute:
     rule: UploadRule | None
     max_bytes: int
     answer: Answer | None = None
+
+
+def route_for(routes: dict[str, UploadRoute], path: str) -> UploadRoute | None:
+    """Exact paths first, then glob patterns such as `/v2/models/*/infer`."""
+    if path in routes:
+        return routes[path]
+    for pattern, route in routes.items():
+        if "*" in pattern and fnmatch.fnmatchcase(path, pattern):
+            return route
+    return None
 
 
 def routes_of_apis(

@@ -1,8 +1,10 @@
-"""Bounded memory per worker process: glibc's malloc arenas capped before threads start."""
+"""Memory per worker process: glibc's malloc arenas capped before threads start, and what
+startup allocated kept out of the garbage collector's way."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -20,3 +22,16 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the frameworks, the loaded models) out of the garbage
+    collector's reach, and return how many.
+
+    A full collection otherwise walks them all again and again while requests wait; frozen, the
+    digit model's worst latency at capacity and its goodput under overload both improved in
+    hand-run h2load measurements. Call once the models are loaded; what requests allocate later
+    is still collected."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

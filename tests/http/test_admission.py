@@ -52,25 +52,57 @@ def test_rate_limit_is_per_client_and_says_when_to_retry():
     assert 1 <= caught.value.retry_after_s <= 60
 
 
-def test_slots_refuse_past_the_cap_and_arrivals_while_draining():
+def test_slots_refuse_arrivals_past_the_cap_and_while_draining():
     gate = Gate(AdmissionPolicy(max_concurrency=2))
-    gate.enter()
-    gate.enter()
-    with pytest.raises(ClassifierError) as caught:
-        gate.enter()
-    assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retry_after_s == 1
+    asyncio.run(gate.enter())
+    asyncio.run(gate.enter())
+    assert gate.capacity_refusal().code is ErrorCode.OVERLOADED
     with pytest.raises(ClassifierError) as caught:  # work is full: refused on arrival already
         gate.start_receiving("a")
-    assert caught.value.code is ErrorCode.OVERLOADED
+    assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retry_after_s == 1
     gate.leave()
+    assert gate.capacity_refusal() is None
     gate.start_receiving("a")
     gate.draining = True
+    assert gate.capacity_refusal().code is ErrorCode.SHUTTING_DOWN
     with pytest.raises(ClassifierError) as caught:
         gate.start_receiving("b")
     assert caught.value.code is ErrorCode.SHUTTING_DOWN
     gate.stop_receiving("a")
-    gate.enter()  # admitted before the SIGTERM: it still gets its slot
+    asyncio.run(gate.enter())  # admitted before the SIGTERM: it still gets its slot
     assert gate.admitted == 2
+
+
+def test_a_request_whose_body_is_in_waits_for_a_slot_in_a_queue_as_long_as_the_cap():
+    async def scenario():
+        gate = Gate(AdmissionPolicy(max_concurrency=2))
+        await gate.enter()
+        await gate.enter()
+        first = asyncio.create_task(gate.enter())
+        leaver = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        assert not first.done() and not leaver.done()
+        assert (gate.in_flight, gate.admitted) == (2, 4)
+        with pytest.raises(ClassifierError) as caught:  # the queue is full too: refused
+            await gate.enter()
+        assert caught.value.code is ErrorCode.OVERLOADED
+        leaver.cancel()  # its deadline: it leaves the queue, and takes no slot with it
+        await asyncio.sleep(0)
+        assert gate.admitted == 3
+        newcomer = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        gate.leave()  # the slot goes to the first in the queue, not to a newcomer
+        await asyncio.sleep(0)
+        assert first.done() and not newcomer.done()
+        assert (gate.in_flight, gate.admitted) == (2, 3)
+        gate.leave()
+        await asyncio.sleep(0)
+        assert newcomer.done()
+        gate.leave()
+        gate.leave()
+        assert (gate.in_flight, gate.admitted) == (0, 0)
+
+    asyncio.run(scenario())
 
 
 def test_bodies_arriving_have_their_own_caps_in_all_and_per_client():
