@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -24,24 +24,129 @@ HEADER_LENGTH = "inference-header-content-length"
 _URLSAFE = str.maketrans("-_", "+/")
 
 
-class _Input(BaseModel):
+# The protocol's tensor data types (Triton's BF16 too). Only BYTES and FP32 are served; the
+# others get that reason (serving/open_inference.py), anything else is not the protocol.
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "BF16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class RequestInput(BaseModel):
     name: str
     shape: list[int] = Field(min_length=1, max_length=8)
-    datatype: str
+    datatype: Datatype
     data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 
-class _Output(BaseModel):
+class RequestOutput(BaseModel):
     name: str
     parameters: dict[str, Any] | None = None
 
 
-class _Request(BaseModel):
+class InferenceRequestBody(BaseModel):
+    """The JSON an inference request carries (the JSON header, in binary form)."""
+
     id: str | None = None
-    inputs: list[_Input] = Field(min_length=1, max_length=8)
-    outputs: list[_Output] | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=8)
+    outputs: list[RequestOutput] | None = None
     parameters: dict[str, Any] | None = None
+
+
+# The answers' shapes. The routes build them as plain dicts (the hot path skips validation);
+# these models document them in /docs.json, and the schemathesis tests check every answer
+# against them, so the two cannot drift apart unnoticed.
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, description="absent when sent as binary data")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: dict[str, Any]
+
+
+class ConfigTensor(BaseModel):
+    name: str
+    data_type: str
+    dims: list[int]
+
+
+class ModelConfig(BaseModel):
+    """Triton's model configuration: the fields its clients read."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    input: list[ConfigTensor]
+    output: list[ConfigTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OpenInferenceError(BaseModel):
+    """The protocol's error: `"<CODE>: <message>"`, the code also in `X-Error-Code`."""
+
+    error: str
+
+
+def inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` put in place: an operation's request body is merged
+    into BentoML's document as it is, where a `#/$defs/...` reference would not resolve."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
 
 
 class RestRequest:
@@ -58,7 +163,7 @@ class RestRequest:
 def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     json_part, binary_part = _split(body, header_length)
     try:
-        parsed = _Request.model_validate_json(json_part)
+        parsed = InferenceRequestBody.model_validate_json(json_part)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -112,7 +217,7 @@ def _flag(parameters: dict[str, Any] | None, name: str) -> bool:
     return value
 
 
-def _binary_input(tensor: _Input, raw: bytes) -> oip.InputTensor:
+def _binary_input(tensor: RequestInput, raw: bytes) -> oip.InputTensor:
     if tensor.data is not None:
         raise oip.invalid(f"input {tensor.name}: send data or binary_data_size, not both")
     if tensor.datatype == oip.BYTES:
@@ -124,7 +229,7 @@ def _binary_input(tensor: _Input, raw: bytes) -> oip.InputTensor:
     return oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
 
 
-def _json_input(tensor: _Input) -> oip.InputTensor:
+def _json_input(tensor: RequestInput) -> oip.InputTensor:
     if tensor.data is None:
         raise oip.invalid(f"input {tensor.name}: no data and no binary_data_size")
     if tensor.datatype == oip.BYTES:
@@ -132,7 +237,7 @@ def _json_input(tensor: _Input) -> oip.InputTensor:
     elif tensor.datatype == oip.FP32:
         try:
             data = np.asarray(tensor.data, dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float
             raise oip.invalid(f"input {tensor.name}: FP32 data must be numbers") from None
     else:
         data = []

@@ -1,19 +1,25 @@
-"""The routes BentoML apis cannot declare, as a small Starlette app: `/info`, the browser page
+"""The routes BentoML apis cannot declare, as a small FastAPI app: `/info`, the browser page
 `/ui` and the Open Inference Protocol v2 (`/v2/...`, KServe's and Triton's REST protocol).
 
 BentoML apis are POST-only and take multipart or JSON of their own shape, so these live here. The
 service hands in a way to reach its predictor; this module never imports BentoML.
+
+FastAPI, not plain Starlette, because BentoML merges a mounted FastAPI app's OpenAPI paths into
+the document it serves at `/docs.json` (and no other app's): so these routes are documented
+there, from the pydantic models that describe them. The handlers still read the raw request (the
+infer body may be Triton's binary form) and answer plain responses; the models only document.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from ..core.errors import ClassifierError
 from ..serving import open_inference as oip
@@ -23,12 +29,28 @@ from ..serving.settings import Settings
 from . import open_inference
 from .envelope import error_response, is_open_inference_path
 from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
+from .schemas import ErrorEnvelope, Info
 from .uploads import UploadRoute
 
 UI_PAGE = Path(__file__).resolve().parents[1] / "static" / "ui.html"
 _MODEL = "/v2/models/{name}"
 _VERSIONED = "/v2/models/{name}/versions/{version}"
 INFER_PATHS = (f"{_MODEL}/infer", f"{_VERSIONED}/infer")
+_WHY = {
+    400: "not a valid inference request (INVALID_REQUEST)",
+    401: "API_TOKENS is set and no valid bearer token came (UNAUTHORIZED)",
+    404: "no model of that name, or version, is served here (NOT_FOUND, UNKNOWN_MODEL_VERSION)",
+    408: "the body came too slowly (REQUEST_TIMEOUT)",
+    413: "body over the cap, or more items than MAX_BATCH_IMAGES (PAYLOAD_TOO_LARGE)",
+    415: "an item is not an allowed image format (UNSUPPORTED_MEDIA_TYPE)",
+    422: "an image is corrupt, or has too many pixels (INVALID_IMAGE, IMAGE_TOO_LARGE)",
+    429: "over this client's RATE_LIMIT (RATE_LIMITED; Retry-After)",
+    503: "model not loaded yet, overloaded, or shutting down (Retry-After)",
+    504: "no answer within REQUEST_TIMEOUT_S (TIMEOUT)",
+}
+_GUARDED = (401, 429, 503)  # any route outside admission.OPEN_PATHS: token, rate, drain
+_MODEL_ROUTE = (*_GUARDED, 404)
+_INFER = (*_MODEL_ROUTE, 400, 408, 413, 415, 422, 504)
 
 
 def infer_upload_routes(settings: Settings) -> dict[str, UploadRoute]:
@@ -37,9 +59,33 @@ def infer_upload_routes(settings: Settings) -> dict[str, UploadRoute]:
     return {path.replace("{name}", "*").replace("{version}", "*"): cap for path in INFER_PATHS}
 
 
+def _parameter(name: str, where: str, description: str) -> dict[str, Any]:
+    """A string parameter, declared in the document only (FastAPI would also validate a declared
+    one, and document a 422 no client can get): the handlers read the raw request."""
+    required = where == "path"
+    return {"name": name, "in": where, "required": required, "description": description,
+            "schema": {"type": "string"}}  # fmt: skip
+
+
+_NAME = _parameter("name", "path", "the model's name, e.g. digits-cnn")
+_PARAMETERS = {
+    _MODEL: [_NAME, _parameter(MODEL_VERSION_HEADER, "header", "pins the version (canary)")],
+    _VERSIONED: [_NAME, _parameter("version", "path", "a served version of it, e.g. v1")],
+}
+_BINARY_HEADER = _parameter(
+    open_inference.HEADER_LENGTH, "header",
+    "binary tensor data: the JSON header's byte count; the inputs' raw data (per their "
+    "binary_data_size parameter) follows it in the body",
+)  # fmt: skip
+
+
+def _answers(error: type[BaseModel], statuses: tuple[int, ...]) -> dict[int | str, Any]:
+    return {status: {"model": error, "description": _WHY[status]} for status in sorted(statuses)}
+
+
 def build_app(
     get_predictor: Callable[[], Predictor], max_items: int, max_item_bytes: int
-) -> Starlette:
+) -> FastAPI:
     """`get_predictor` is called per request: the service instance exists only once serving."""
     ui_page = UI_PAGE.read_text(encoding="utf-8")
 
@@ -87,18 +133,60 @@ def build_app(
         headers[MODEL_VERSION_HEADER] = served.ref.version
         return Response(body, headers=headers)
 
-    routes = [
-        Route("/info", info),
-        Route("/ui", ui),
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        *(Route(base, model_metadata) for base in (_MODEL, _VERSIONED)),
-        *(Route(f"{base}/ready", model_ready) for base in (_MODEL, _VERSIONED)),
-        *(Route(f"{base}/config", model_config) for base in (_MODEL, _VERSIONED)),
-        *(Route(path, infer, methods=["POST"]) for path in INFER_PATHS),
-    ]
-    return Starlette(routes=routes, exception_handlers={ClassifierError: _envelope})
+    app = FastAPI(
+        title="image_classifier",
+        openapi_url=None,  # the one document is BentoML's /docs.json, which holds these routes
+        docs_url=None,
+        redoc_url=None,
+        exception_handlers={ClassifierError: _envelope},
+    )
+    app.get(
+        "/info", response_model=Info, responses=_answers(ErrorEnvelope, _GUARDED),
+        summary="service and model versions, labels, preprocessing, card metrics, limits",
+    )(info)  # fmt: skip
+    app.get("/ui", response_class=HTMLResponse, summary="the browser page")(ui)
+    v2 = _answers(open_inference.OpenInferenceError, _GUARDED)
+    app.get(
+        "/v2", response_model=open_inference.ServerMetadata, responses=v2,
+        summary="server metadata and extensions",
+    )(server_metadata)  # fmt: skip
+    app.get("/v2/health/live", response_model=open_inference.ServerLive)(live)
+    app.get(
+        "/v2/health/ready", response_model=open_inference.ServerReady,
+        responses=_answers(open_inference.OpenInferenceError, (503,)),
+    )(ready)  # fmt: skip
+    model_errors = _answers(open_inference.OpenInferenceError, _MODEL_ROUTE)
+    infer_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": open_inference.inlined_schema(open_inference.InferenceRequestBody)
+            }
+        },
+    }
+    infer_answers = {
+        200: {
+            "description": "the outputs; raw after the JSON header when binary_data asks",
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        **_answers(open_inference.OpenInferenceError, _INFER),
+    }
+    for base, parameters in _PARAMETERS.items():
+        for path, handler, model in (
+            (base, model_metadata, open_inference.ModelMetadata),
+            (f"{base}/ready", model_ready, open_inference.ModelReady),
+            (f"{base}/config", model_config, open_inference.ModelConfig),
+        ):
+            app.get(
+                path, response_model=model, responses=model_errors,
+                openapi_extra={"parameters": parameters},
+            )(handler)  # fmt: skip
+        app.post(
+            f"{base}/infer", response_model=open_inference.InferenceResponse,
+            responses=infer_answers,
+            openapi_extra={"parameters": [*parameters, _BINARY_HEADER], "requestBody": infer_body},
+        )(infer)  # fmt: skip
+    return app
 
 
 def _model(request: Request, router: ModelRouter) -> ServedVersion:

@@ -7,10 +7,20 @@ from typing import Literal
 from pydantic import BaseModel, model_serializer
 
 from ..core.errors import ClassifierError
+from ..core.model_card import HeldOutMetrics
 from ..core.postprocessing import Prediction
+from ..core.preprocessing import PreprocessSpec
 from ..serving.routing import ModelRef
 
-__all__ = ["AnalyzeBatchResponse", "AnalyzeResponse", "BatchItem", "ItemError", "ModelRef"]
+__all__ = [
+    "AnalyzeBatchResponse",
+    "AnalyzeResponse",
+    "BatchItem",
+    "ErrorEnvelope",
+    "Info",
+    "ItemError",
+    "ModelRef",
+]
 
 
 class AnalyzeResponse(BaseModel):
@@ -57,3 +67,67 @@ class AnalyzeBatchResponse(BaseModel):
     model: ModelRef
     results: list[BatchItem]
     latency_ms: float
+
+
+class ErrorEnvelope(BaseModel):
+    """Every non-2xx answer outside /v2 (`envelope.error_envelope` writes it)."""
+
+    success: Literal[False] = False
+    error: ItemError
+    request_id: str
+
+
+class InfoService(BaseModel):
+    name: str
+    version: str
+
+
+class InfoCandidate(ModelRef):
+    canary_fraction: float
+    shadow_fraction: float
+
+
+class InfoBatching(BaseModel):
+    enabled: bool
+    max_batch_size: int
+
+
+class InfoSizing(BaseModel):
+    workers: int
+    threads: int
+    model_runs: int
+    ort_intra_op_threads: int
+    ort_solo_threads: int
+    chosen_from: str
+
+
+class InfoLimits(BaseModel):
+    max_upload_bytes: int
+    max_batch_images: int
+    max_batch_bytes: int
+    max_image_pixels: int
+    allowed_formats: list[str]
+
+
+class InfoGrades(BaseModel):
+    high: float
+    medium: float
+
+
+class Info(BaseModel):
+    """`GET /info` (`Predictor.info` writes it; the schemathesis tests hold the two together)."""
+
+    service: InfoService
+    model: ModelRef
+    candidate: InfoCandidate | None
+    source: str
+    benchmark_only: bool
+    labels: list[str]
+    preprocessing: PreprocessSpec
+    output_kind: str
+    metrics: HeldOutMetrics
+    training_data_sha256: str | None
+    batching: InfoBatching
+    sizing: InfoSizing
+    limits: InfoLimits
+    grades: InfoGrades

@@ -5,13 +5,15 @@ inserted, deleted or overwritten), `prepare` either returns a finite float32 ten
 model's input shape, or raises `ClassifierError` with a 4xx status. Nothing else may escape: an
 escaping exception is a 500 for the client.
 
-Derandomized (a fixed seed, no example database), so CI runs the same 2,100 examples every time.
+Derandomized (a fixed seed, no example database), so CI runs the same 2,100 examples every time;
+each test counts the examples that ran and asserts that all of them did.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from PIL import Image, ImageCms
 from image_classifier.core.classifier import Classifier
 from image_classifier.core.errors import ClassifierError
 from image_classifier.http.envelope import HTTP_STATUS
+from tests.figures import measured
 from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 
@@ -197,29 +200,58 @@ def test_every_seed_is_a_valid_picture(classifiers):
     assert fix_png_crcs(SEEDS["png-rgb"]) == SEEDS["png-rgb"]
 
 
-@settings(FUZZ, max_examples=MUTATION_EXAMPLES)
-@given(
-    seed=st.sampled_from(sorted(SEEDS)),
-    mutations=st.lists(mutation, min_size=1, max_size=4),
-    recrc=st.booleans(),
-    declared=declared_types,
-    which=st.integers(0, len(SPECS) - 1),
-)
-def test_mutated_pictures_decode_or_fail_with_4xx(
-    classifiers, seed, mutations, recrc, declared, which
-):
-    data = mutate(SEEDS[seed], mutations)
-    if recrc:
-        data = fix_png_crcs(data)
-    event(check_prepare(classifiers[which], data, declared))
+def fuzz(prop: Callable[..., str], max_examples: int, **strategies) -> list[str]:
+    """Runs `prop` over `max_examples` generated examples and returns what each one gave. The
+    inputs are unbounded and nothing filters them out, so Hypothesis runs every one: the tests
+    assert so, since fewer would mean the fuzzing silently shrank."""
+    outcomes: list[str] = []
+
+    @settings(FUZZ, max_examples=max_examples)
+    @given(**strategies)
+    def each(**example):
+        outcome = prop(**example)
+        event(outcome)
+        outcomes.append(outcome)
+
+    each()
+    return outcomes
 
 
-@settings(FUZZ, max_examples=RANDOM_EXAMPLES)
-@given(
-    magic=st.sampled_from(MAGICS),
-    body=st.binary(max_size=4096),
-    declared=declared_types,
-    which=st.integers(0, len(SPECS) - 1),
-)
-def test_random_bytes_decode_or_fail_with_4xx(classifiers, magic, body, declared, which):
-    event(check_prepare(classifiers[which], magic + body, declared))
+def assert_all_ran(name: str, outcomes: list[str], minimum: int) -> None:
+    counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
+    measured(f"decode fuzzing, {name}: {len(outcomes)} examples ran, outcomes {counts}")
+    assert len(outcomes) >= minimum, (name, len(outcomes))
+
+
+def test_mutated_pictures_decode_or_fail_with_4xx(classifiers):
+    def prop(seed, mutations, recrc, declared, which):
+        data = mutate(SEEDS[seed], mutations)
+        if recrc:
+            data = fix_png_crcs(data)
+        return check_prepare(classifiers[which], data, declared)
+
+    outcomes = fuzz(
+        prop,
+        MUTATION_EXAMPLES,
+        seed=st.sampled_from(sorted(SEEDS)),
+        mutations=st.lists(mutation, min_size=1, max_size=4),
+        recrc=st.booleans(),
+        declared=declared_types,
+        which=st.integers(0, len(SPECS) - 1),
+    )
+    assert_all_ran("mutated pictures", outcomes, MUTATION_EXAMPLES)
+
+
+def test_random_bytes_decode_or_fail_with_4xx(classifiers):
+    def prop(magic, body, declared, which):
+        return check_prepare(classifiers[which], magic + body, declared)
+
+    outcomes = fuzz(
+        prop,
+        RANDOM_EXAMPLES,
+        magic=st.sampled_from(MAGICS),
+        body=st.binary(max_size=4096),
+        declared=declared_types,
+        which=st.integers(0, len(SPECS) - 1),
+    )
+    assert_all_ran("random bytes", outcomes, RANDOM_EXAMPLES)

@@ -106,11 +106,16 @@ def test_fp32_tensor_is_served_as_given(server, heldout, card):
                       "data": [float("nan")] * 784}]}, 400, "INVALID_REQUEST"),
         ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0]}]},
          400, "INVALID_REQUEST"),
+        # An integer past float's range was a 500 (found documenting the body for the fuzzer).
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                      "data": [10**400] * 784}]}, 400, "INVALID_REQUEST"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP33", "data": [0]}]},
+         400, "INVALID_REQUEST"),
         ({"inputs": [{"name": "image", "shape": [65], "datatype": "BYTES", "data": ["aGk="] * 65}]},
          413, "PAYLOAD_TOO_LARGE"),
     ],
     ids=["no-inputs", "bad-base64", "shape-mismatch", "not-an-image", "wrong-fp32-shape",
-         "nan", "int64", "too-many"],
+         "nan", "int64", "huge-integer", "not-a-datatype", "too-many"],
 )  # fmt: skip
 def test_bad_requests_get_enveloped_4xx(server, body, status, code):
     response = infer(server, body)
