@@ -58,7 +58,13 @@ $(CURL):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl
 
-test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL) $(REDIS_SERVER) $(NGINX) $(CURL)
+# The overload test loads the server with h2load (compiled: it leaves the shared cores to the server).
+H2LOAD := /usr/bin/h2load
+$(H2LOAD):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client
+
+test: $(STAMP) $(BROWSER) $(DOCKERD) $(PROMTOOL) $(REDIS_SERVER) $(NGINX) $(CURL) $(H2LOAD)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

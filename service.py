@@ -59,14 +59,20 @@ class ImageClassifier:
     candidate = model_store.served(SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
-        for pid in metrics.forget_dead_workers():
+        replaced = metrics.forget_dead_workers()
+        for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)
         served = [(str(m.tag), Path(m.path)) for m in (self.model, self.candidate) if m]
         self.predictor = Predictor.for_models(SETTINGS, served)
         self.apis = UploadApis(self.predictor)
-        # Load in the background: /livez answers at once, /readyz says 503 until warmed up,
-        # and early requests get NOT_READY instead of a refused or hanging connection.
-        threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
+        if replaced:
+            # The other workers are serving: this one takes no connection until __init__
+            # returns, so it joins them ready and the service never answers "not ready".
+            self._load_models()
+        else:
+            # Load in the background: /livez answers at once, /readyz says 503 until warmed
+            # up, and early requests get NOT_READY instead of a refused or hanging connection.
+            threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
 

@@ -56,10 +56,8 @@ def test_slots_refuse_arrivals_past_the_cap_and_while_draining():
     gate = Gate(AdmissionPolicy(max_concurrency=2))
     asyncio.run(gate.enter())
     asyncio.run(gate.enter())
-    assert gate.capacity_refusal().code is ErrorCode.OVERLOADED
-    with pytest.raises(ClassifierError) as caught:  # work is full: refused on arrival already
-        gate.start_receiving("a")
-    assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retry_after_s == 1
+    refusal = gate.capacity_refusal()  # what the protocol refuses new arrivals with
+    assert refusal.code is ErrorCode.OVERLOADED and refusal.retry_after_s == 1
     gate.leave()
     assert gate.capacity_refusal() is None
     gate.start_receiving("a")
@@ -85,6 +83,9 @@ def test_a_request_whose_body_is_in_waits_for_a_slot_in_a_queue_as_long_as_the_c
         assert (gate.in_flight, gate.admitted) == (2, 4)
         with pytest.raises(ClassifierError) as caught:  # the queue is full too: refused
             await gate.enter()
+        assert caught.value.code is ErrorCode.OVERLOADED
+        with pytest.raises(ClassifierError) as caught:  # and before its body is read
+            gate.start_receiving("a")
         assert caught.value.code is ErrorCode.OVERLOADED
         leaver.cancel()  # its deadline: it leaves the queue, and takes no slot with it
         await asyncio.sleep(0)

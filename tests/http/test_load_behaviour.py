@@ -1,22 +1,29 @@
-"""Overload and soak against a real server: honest refusals, bounded latency, no leak.
+"""Overload and soak against a real server: goodput, honest refusals, bounded latency, no leak.
 
-Figures are printed (run with -s) for docs/security.md; assertions are on behaviour, not speed.
+Figures are printed (run with -s) for docs/security.md. Assertions are on behaviour and on ratios
+measured in the same run (goodput against the capacity just measured), not on absolute speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 
+import aiohttp
 import psutil
 import pytest
 
-from loadtest.load import closed_loops, open_rate, percentile, throughput
+from image_classifier.serving.settings import Settings
+from loadtest.h2load import H2loadRun, h2load, multipart_image
+from loadtest.load import Outcome, closed_loops, percentile, post_image
 from loadtest.servers import serve
 from tests.figures import measured
 from tests.pictures import encode
 
-REQUEST_TIMEOUT_S = 10
+MAX_CONCURRENCY = Settings.max_concurrency  # the default: what a user's server refuses at
+OVERLOAD_CONNECTIONS = 512  # clients arriving at 4x capacity between them
+REFUSAL_P99_TARGET_S = 0.020  # issue 13's; reported, not asserted: a timing on shared cores
 
 
 @pytest.fixture(scope="module")
@@ -24,37 +31,125 @@ def digit_png(heldout) -> bytes:
     return encode(heldout[0][0], "PNG")
 
 
-def test_four_times_capacity_gets_fast_honest_refusals(trained_store, artifacts, digit_png):
-    env = {"REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S)}
-    with serve(trained_store, artifacts / "server-overload.log", env=env) as server:
+def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_once(
+    trained_store, artifacts, digit_png
+):
+    """Capacity first (16 closed-loop connections), then 4x that as arrivals on 512 connections
+    whatever the answers, then the same 16 connections, then 512 connections that send again the
+    moment they are answered (refused clients retrying at once). Load from h2load: a Python
+    client would spend more of the two shared cores than the server it overloads.
+
+    The accepted latency bound: at most MAX_CONCURRENCY requests are in work and as many wait for a
+    slot (admission.py), and they leave at the served rate, so an accepted request waits at most
+    2 * MAX_CONCURRENCY / served seconds, plus its own time at capacity (that point's p99).
+    Goodput is asserted as a ratio to the capacity measured in the same run; the refusals'
+    latency is reported against its target, not asserted (an absolute timing on shared cores)."""
+    body, content_type = multipart_image(digit_png)
+    with serve(trained_store, artifacts / "server-overload.log") as server:
         url = f"{server.url}/analyze"
-        warm = asyncio.run(closed_loops(url, digit_png, concurrency=8, seconds=5))
-        capacity = throughput(warm)
-        assert capacity > 0, warm[:5]
-        outcomes = asyncio.run(open_rate(url, digit_png, rate=4 * capacity, seconds=20))
-        after = asyncio.run(closed_loops(url, digit_png, concurrency=2, seconds=3))
+
+        def load(connections: int, seconds: float, rate: float = 0) -> tuple[H2loadRun, float]:
+            cpu = _tree_cpu_seconds(server.process.pid)
+            run = h2load(url, body, content_type, connections=connections, seconds=seconds,
+                         rate_per_connection=rate)  # fmt: skip
+            return run, _tree_cpu_seconds(server.process.pid) - cpu
+
+        load(16, 3)  # warm-up
+        at_capacity, capacity_cpu = load(16, 10)
+        capacity = at_capacity.rate(200)
+        assert capacity > 0 and at_capacity.unanswered == 0, at_capacity.outcomes[:5]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sampled = pool.submit(_sample_answers, url, digit_png, seconds=15)
+            rate = 4 * capacity / OVERLOAD_CONNECTIONS
+            overload, overload_cpu = load(OVERLOAD_CONNECTIONS, 20, rate)
+            samples = sampled.result()
+        time.sleep(1)  # the work accepted during the burst (up to 2 * MAX_CONCURRENCY) finishes
+        after, _ = load(16, 5)
+        storm, _ = load(OVERLOAD_CONNECTIONS, 15)
         log = server.log()
 
-    latencies = [o.seconds for o in outcomes]
-    statuses = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
+    served, offered = overload.rate(200), overload.rate()
+    refusals = [o for o in samples if o.status == 503]
+    refusal_p99 = percentile([o.seconds for o in refusals], 0.99)
+    accepted = [o.seconds for o in samples if o.status == 200]
+    capacity_p99 = percentile([o.seconds for o in at_capacity.outcomes], 0.99)
+    accepted_bound = 2 * MAX_CONCURRENCY / served + capacity_p99
+    h2load_view = {
+        status: percentile([o.seconds for o in overload.outcomes if o.status == status], 0.99)
+        for status in (200, 503)
+    }
     measured(
-        f"\noverload: capacity {capacity:.1f} req/s, offered {4 * capacity:.1f} req/s for 20 s, "
-        f"{len(outcomes)} requests, statuses {statuses}, served {throughput(outcomes):.1f} req/s, "
-        f"p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-        f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, "
-        f"max {max(latencies) * 1000:.0f} ms"
+        f"overload (h2load, digit model, MAX_CONCURRENCY {MAX_CONCURRENCY}): capacity "
+        f"{capacity:.1f} req/s on 16 connections; offered {offered:.1f} req/s on "
+        f"{OVERLOAD_CONNECTIONS} connections for 20 s: served {served:.1f} req/s "
+        f"({served / capacity:.0%} of capacity; target >= 70%), {overload.rate(503):.0f} "
+        f"refusals/s; 8 clients honouring Retry-After meanwhile: {len(refusals)} refused, p99 "
+        f"{refusal_p99 * 1000:.1f} ms (target < 20 ms: "
+        f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}), "
+        f"{len(accepted)} accepted, max "
+        f"{max(accepted, default=0) * 1000:.0f} ms (bound {accepted_bound * 1000:.0f} ms); "
+        f"p99 as h2load saw them (with its own queueing per connection): accepted "
+        f"{h2load_view[200] * 1000:.0f} ms, refused {h2load_view[503] * 1000:.0f} ms; server "
+        f"CPU per answer at capacity {capacity_cpu / len(at_capacity.outcomes) * 1e6:.0f} us, "
+        f"per request under overload {overload_cpu / len(overload.outcomes) * 1e6:.0f} us; "
+        f"h2load's own CPU {overload.client_cpu_seconds / overload.seconds:.2f} cores"
     )
-    unanswered = [o for o in outcomes if o.status is None]
-    assert not unanswered, unanswered[:5]
-    assert set(statuses) <= {200, 429, 503}, statuses
-    assert statuses.get(200, 0) > 0
-    for outcome in outcomes:
-        if outcome.status != 200:
-            assert outcome.code in ("OVERLOADED", "RATE_LIMITED"), outcome
-            assert outcome.retry_after is not None
-    assert max(latencies) <= REQUEST_TIMEOUT_S + 1
-    assert after and all(o.status == 200 for o in after), after[:5]
+    measured(
+        f"refused clients retrying at once ({OVERLOAD_CONNECTIONS} connections, 15 s): served "
+        f"{storm.rate(200):.1f} req/s ({storm.rate(200) / capacity:.0%} of capacity; target "
+        f">= 50%), {storm.rate(503):.0f} refusals/s; right after the 4x burst (1 s later): "
+        f"{after.rate(200):.1f} req/s ({after.rate(200) / capacity:.0%} of capacity)"
+    )
+    for run in (overload, after, storm):
+        assert run.unanswered == 0, run.unanswered
+        assert {o.status for o in run.outcomes} <= {200, 503}
+    assert overload.rate(503) > 0, "4x capacity and not one refusal"
+    assert served >= 0.7 * capacity, (served, capacity)
+    assert after.rate(200) >= 0.8 * capacity and after.rate(503) == 0, after.rate(503)
+    assert storm.rate(200) >= 0.5 * capacity, (storm.rate(200), capacity)
+    assert len(refusals) >= 20, samples[:5]
+    for refusal in refusals:
+        assert refusal.code == "OVERLOADED" and refusal.retry_after == "1", refusal
+    assert {o.status for o in samples} <= {200, 503}, samples
+    assert max(accepted, default=0) <= accepted_bound, (accepted_bound, max(accepted))
+    assert "refused at their headers" in log
     assert "Traceback" not in log
+
+
+def _sample_answers(url: str, image: bytes, seconds: float, clients: int = 8) -> list[Outcome]:
+    """Clients that honour Retry-After, each on its own connection, while h2load overloads:
+    the refusals' headers and envelope, which h2load does not keep, and the server's latencies
+    as such a client sees them (h2load's include the time a request waits behind the one before
+    it on its connection)."""
+
+    async def client_loop(session: aiohttp.ClientSession, deadline: float) -> list[Outcome]:
+        answers = []
+        while time.monotonic() < deadline:
+            answer = await post_image(session, url, image)
+            answers.append(answer)
+            await asyncio.sleep(float(answer.retry_after or 0.05))
+        return answers
+
+    async def sample() -> list[Outcome]:
+        deadline = time.monotonic() + seconds
+        connector = aiohttp.TCPConnector(limit=clients)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            loops = await asyncio.gather(*(client_loop(session, deadline) for _ in range(clients)))
+        return [answer for answers in loops for answer in answers]
+
+    time.sleep(1)  # h2load has started
+    return asyncio.run(sample())
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU time of the server and its workers so far."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 @pytest.mark.parametrize(

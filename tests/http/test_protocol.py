@@ -1,0 +1,175 @@
+"""The HTTP protocol alone, fed bytes as a socket would: early refusals while the gate is full.
+
+(The head caps are tested against a real server in test_slow_clients.py, and early refusals
+under real overload in test_load_behaviour.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from image_classifier.http import protocol
+from image_classifier.http.admission import AdmissionPolicy, Gate
+from image_classifier.http.envelope import is_error_envelope
+
+BODY = b"x" * 300
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default=None):  # noqa: ANN001, ANN201
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 50000)}.get(name)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def request(path: str = "/analyze", body: bytes = BODY, *headers: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: test", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def answer_of(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines)}
+    assert int(headers["content-length"]) == len(body)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+@pytest.fixture
+def full_gate():
+    gate = Gate(AdmissionPolicy(max_concurrency=1))
+    gate.in_flight = 1  # every work slot taken
+    previous = protocol.ServiceHttpProtocol.early_refusal
+    protocol.install(protocol.EarlyRefusal(gate, lambda path: path == "/analyze", 0.2))
+    yield gate
+    protocol.install(previous)
+
+
+async def connected() -> tuple[protocol.ServiceHttpProtocol, FakeTransport]:
+    config = Config(app=app, http="httptools", lifespan="off")
+    config.load()
+    server = protocol.ServiceHttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    server.connection_made(transport)
+    return server, transport
+
+
+CALLED: list[str] = []
+
+
+async def app(scope, receive, send) -> None:  # noqa: ANN001
+    """What the framework would do: here, note the path and answer 200."""
+    if scope["type"] != "http":
+        return
+    CALLED.append(scope["path"])
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_refused_request_is_answered_at_its_head_and_its_connection_kept(full_gate):
+    async def scenario():
+        server, transport = await connected()
+        whole = request("/analyze", BODY, "x-request-id: my-id-1")
+        server.data_received(whole[:-100])  # the head, and part of the body
+        (raw,) = transport.written
+        status, headers, body = answer_of(raw)
+        assert status == 503 and headers["x-error-code"] == "OVERLOADED"
+        assert headers["retry-after"] == "1" and headers["x-request-id"] == "my-id-1"
+        assert is_error_envelope(body) and body["request_id"] == "my-id-1"
+        assert "connection" not in headers and not transport.closed
+        assert transport.reading  # the rest of the body is read, and dropped
+        server.data_received(whole[-100:])
+        assert len(transport.written) == 1 and not transport.closed
+        assert not transport.reading  # the body is in: paused a little, then read again
+        await asyncio.sleep(protocol.REFUSED_CONNECTION_PAUSE_S + 0.05)
+        assert transport.reading
+        server.data_received(request())  # the next request on the same connection
+        assert len(transport.written) == 2
+        assert answer_of(transport.written[1])[1]["x-request-id"] != "my-id-1"  # a fresh id
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_that_ends_with_the_request_is_answered_after_the_body(full_gate):
+    async def scenario():
+        server, transport = await connected()
+        whole = request("/analyze", BODY, "connection: close")
+        server.data_received(whole[:-100])
+        assert transport.written == []  # closing now would reset the body still coming
+        server.data_received(whole[-100:])
+        status, headers, _ = answer_of(transport.written[0])
+        assert status == 503 and headers["connection"] == "close" and transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_open_inference_refusals_are_in_the_protocol_s_error_shape(full_gate):
+    async def scenario():
+        refusal = protocol.EarlyRefusal(full_gate, lambda path: path.endswith("/infer"), 1)
+        protocol.install(refusal)
+        server, transport = await connected()
+        server.data_received(request("/v2/models/digits/infer"))
+        status, headers, body = answer_of(transport.written[0])
+        assert status == 503 and body == {"error": f"OVERLOADED: {body['error'][12:]}"}
+        assert headers["x-error-code"] == "OVERLOADED"
+
+    asyncio.run(scenario())
+
+
+def test_a_client_waiting_for_100_continue_is_refused_at_once_and_the_connection_closed(full_gate):
+    async def scenario():
+        server, transport = await connected()
+        server.data_received(request("/analyze", BODY, "expect: 100-continue")[: -len(BODY)])
+        status, headers, _ = answer_of(transport.written[0])
+        assert status == 503 and headers["connection"] == "close" and transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_body_that_does_not_come_is_cut_at_the_body_deadline(full_gate):
+    async def scenario():
+        for ending in ([], ["connection: close"]):
+            server, transport = await connected()
+            server.data_received(request("/analyze", BODY, *ending)[:-10])
+            await asyncio.sleep(0.3)  # the deadline is 0.2 s here
+            status, _, _ = answer_of(transport.written[0])
+            assert status == 503 and transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_requests_pass_when_a_slot_is_free_or_the_route_does_no_work(full_gate):
+    async def scenario():
+        for path in ("/info", "/analyze"):
+            server, transport = await connected()
+            server.data_received(request(path))
+            await asyncio.sleep(0.01)
+            assert answer_of(b"".join(transport.written))[0] == 200
+            full_gate.in_flight = 0  # then a slot is free for /analyze too
+
+    asyncio.run(scenario())
+    assert CALLED == ["/info", "/analyze"]
