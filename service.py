@@ -23,7 +23,7 @@ from image_classifier.http.protocol import EarlyRefusal
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
 from image_classifier.http.shutdown import drain_on_sigterm
-from image_classifier.http.uploads import route_for, routes_of_apis
+from image_classifier.http.uploads import routes_of_apis
 from image_classifier.serving import memory, metrics
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
@@ -65,13 +65,9 @@ class ImageClassifier:
         served = [(str(m.tag), Path(m.path)) for m in (self.model, self.candidate) if m]
         self.predictor = Predictor.for_models(SETTINGS, served)
         self.apis = UploadApis(self.predictor)
-        if replaced:
-            # The other workers are serving: this one takes no connection until __init__
-            # returns, so it joins them ready and the service never answers "not ready".
+        if replaced:  # the others serve: take no connection before ready (until __init__ ends)
             self._load_models()
-        else:
-            # Load in the background: /livez answers at once, /readyz says 503 until warmed
-            # up, and early requests get NOT_READY instead of a refused or hanging connection.
+        else:  # /livez answers at once; /readyz and early requests say NOT_READY until loaded
             threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
@@ -82,8 +78,7 @@ class ImageClassifier:
         except Exception as exc:
             log.error("%s; /readyz stays 503. %s", exc, model_store.MODEL_HELP)
             return
-        log.info("%d startup objects frozen out of the garbage collector's reach",
-                 memory.freeze_startup_objects())  # fmt: skip
+        memory.freeze_startup_objects()
         self.__is_ready__()
 
     def __is_ready__(self) -> bool:
@@ -119,8 +114,4 @@ ImageClassifier.add_asgi_middleware(
     upload_routes=UPLOAD_ROUTES,
 )
 # Before the server loads its config: request heads are capped, and overload is refused there.
-protocol.install(
-    EarlyRefusal(
-        GATE, lambda path: route_for(UPLOAD_ROUTES, path) is not None, SETTINGS.body_timeout_s
-    )
-)
+protocol.install(EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s))

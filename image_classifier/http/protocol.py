@@ -24,7 +24,6 @@ import logging
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from http import HTTPStatus
 
 import httptools
@@ -36,6 +35,7 @@ from ..serving import metrics
 from .admission import Gate
 from .envelope import HTTP_STATUS, error_body, error_headers, is_open_inference_path
 from .headers import REQUEST_ID_HEADER, request_id_for
+from .uploads import UploadRoute, route_for
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ REFUSED_CONNECTION_PAUSE_S = 0.1
 class EarlyRefusal:
     """Which requests are refused at their head: POSTs to a work route while the gate is full."""
 
-    def __init__(self, gate: Gate, is_work_route: Callable[[str], bool], body_timeout_s: float):
+    def __init__(self, gate: Gate, work_routes: dict[str, UploadRoute], body_timeout_s: float):
         self.gate = gate
-        self.is_work_route = is_work_route
+        self.work_routes = work_routes
         self.body_timeout_s = body_timeout_s
         self._refused: Counter[str] = Counter()  # since the last summary line
         self._counters = {}  # the counter of each code refused, looked up once
@@ -66,7 +66,7 @@ class EarlyRefusal:
         path = httptools.parse_url(url).path.decode("latin-1")
         if "%" in path:
             path = urllib.parse.unquote(path)
-        return (refusal, path) if self.is_work_route(path) else None
+        return (refusal, path) if route_for(self.work_routes, path) is not None else None
 
     def count(self, refusal: ClassifierError, loop) -> None:  # noqa: ANN001 - an event loop
         if refusal.code not in self._counters:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
+log = logging.getLogger(__name__)
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -24,9 +26,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
-def freeze_startup_objects() -> int:
+def freeze_startup_objects() -> None:
     """Move every object alive now (the frameworks, the loaded models) out of the garbage
-    collector's reach, and return how many.
+    collector's reach (logged with how many).
 
     A full collection otherwise walks them all again and again while requests wait; frozen, the
     digit model's worst latency at capacity and its goodput under overload both improved in
@@ -34,4 +36,6 @@ def freeze_startup_objects() -> int:
     is still collected."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    log.info(
+        "%d startup objects frozen out of the garbage collector's reach", gc.get_freeze_count()
+    )

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ from tritonclient.utils import InferenceServerException
 
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
+from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
+from image_classifier.http.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from image_classifier.serving.open_inference import join_bytes_elements
 from loadtest.servers import REPO, serve
 from tests.http.responses import metric_value
 from tests.pictures import encode
@@ -239,6 +243,14 @@ def test_bad_requests_reach_the_client_with_status_and_code(server, kind, pngs):
         refused = 'image_classifier_grpc_requests_total{code="NOT_FOUND",method="ModelInfer"}'
         assert metric_value(metrics, ok) >= 1 and metric_value(metrics, refused) >= 2
         assert '"request_id": "grpc-id-7"' in server.log()
+        with grpc.insecure_channel(server.grpc_target) as channel:  # the id comes back too
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES")
+            tensor.shape.append(1)
+            request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+            request.raw_input_contents.append(join_bytes_elements([png]))
+            _, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "grpc-id-8")])
+        assert ("x-request-id", "grpc-id-8") in call.trailing_metadata()
 
 
 def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(server, pngs):

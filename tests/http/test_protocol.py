@@ -16,8 +16,10 @@ from uvicorn.server import ServerState
 from image_classifier.http import protocol
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.envelope import is_error_envelope
+from image_classifier.http.uploads import UploadRoute
 
 BODY = b"x" * 300
+ROUTE = UploadRoute(rule=None, max_bytes=1000)
 
 
 class FakeTransport:
@@ -63,7 +65,7 @@ def full_gate():
     gate = Gate(AdmissionPolicy(max_concurrency=1))
     gate.in_flight = 1  # every work slot taken
     previous = protocol.ServiceHttpProtocol.early_refusal
-    protocol.install(protocol.EarlyRefusal(gate, lambda path: path == "/analyze", 0.2))
+    protocol.install(protocol.EarlyRefusal(gate, {"/analyze": ROUTE}, 0.2))
     yield gate
     protocol.install(previous)
 
@@ -129,7 +131,7 @@ def test_a_connection_that_ends_with_the_request_is_answered_after_the_body(full
 
 def test_open_inference_refusals_are_in_the_protocol_s_error_shape(full_gate):
     async def scenario():
-        refusal = protocol.EarlyRefusal(full_gate, lambda path: path.endswith("/infer"), 1)
+        refusal = protocol.EarlyRefusal(full_gate, {"/v2/models/*/infer": ROUTE}, 1)
         protocol.install(refusal)
         server, transport = await connected()
         server.data_received(request("/v2/models/digits/infer"))
