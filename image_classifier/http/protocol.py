@@ -14,7 +14,8 @@ classified (measured with `hey` on this service). So when the admission gate has
 the worker drains), a POST to a route that does work gets its 503 from here, when its head is
 complete: no task, no middleware, one write. Its body, if any, is read and dropped within the
 body deadline (`_refused_early` says when the answer goes). These refusals are counted in
-`image_classifier_errors_total` and logged once a second as a sum, not one access line each.
+`image_classifier_errors_total` and `image_classifier_refused_at_head_total` (BentoML's request
+metrics never see them) and logged once a second as a sum, not one access line each.
 """
 
 from __future__ import annotations
@@ -70,8 +71,13 @@ class EarlyRefusal:
 
     def count(self, refusal: ClassifierError, loop) -> None:  # noqa: ANN001 - an event loop
         if refusal.code not in self._counters:
-            self._counters[refusal.code] = metrics.ERRORS.labels(code=refusal.code.value)
-        self._counters[refusal.code].inc()
+            code = refusal.code.value
+            self._counters[refusal.code] = (
+                metrics.ERRORS.labels(code=code),
+                metrics.REFUSED_AT_HEAD.labels(code=code),
+            )
+        for counter in self._counters[refusal.code]:
+            counter.inc()
         if not self._refused:
             loop.call_later(_SUMMARY_EVERY_S, self._log_summary)
         self._refused[refusal.code.value] += 1

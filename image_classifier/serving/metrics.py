@@ -80,6 +80,12 @@ CONFIDENCE = Histogram(
     buckets=_CONFIDENCE_BUCKETS,
 )
 ERRORS = Counter("image_classifier_errors", "Error responses by error code", ["code"])
+REFUSED_AT_HEAD = Counter(
+    "image_classifier_refused_at_head",
+    "Requests refused by the HTTP protocol as soon as their head was read (overload, draining), "
+    "by code; they never reach BentoML, whose request metrics do not count them",
+    ["code"],
+)
 GRPC_REQUESTS = Counter(
     "image_classifier_grpc_requests",
     "Open Inference gRPC calls by method and outcome (OK, or the error code); BentoML's request "
