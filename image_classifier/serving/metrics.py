@@ -86,6 +86,8 @@ REFUSED_AT_HEAD = Counter(
     "by code; they never reach BentoML, whose request metrics do not count them",
     ["code"],
 )
+for _code in ("OVERLOADED", "SHUTTING_DOWN"):  # shown at 0 from the start, so alerts see them
+    REFUSED_AT_HEAD.labels(code=_code)
 GRPC_REQUESTS = Counter(
     "image_classifier_grpc_requests",
     "Open Inference gRPC calls by method and outcome (OK, or the error code); BentoML's request "
