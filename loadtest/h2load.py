@@ -13,7 +13,6 @@ import re
 import resource
 import subprocess
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,19 +59,6 @@ def h2load(
         outcomes = _outcomes(log_file.read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return H2loadRun(outcomes, _unanswered(finished.stdout), cpu, seconds)
-
-
-def multipart_image(
-    image: bytes, field: str = "image", image_type: str = "image/png"
-) -> tuple[bytes, str]:
-    """The body and content type of a one-file multipart upload, as /analyze takes it."""
-    boundary = "h2load-" + uuid.uuid4().hex
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="picture"\r\n'
-        f"Content-Type: {image_type}\r\n\r\n"
-    )
-    body = head.encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def _outcomes(log: str) -> list[Outcome]:

@@ -136,6 +136,25 @@ async def open_rate(
         return list(await asyncio.gather(*tasks))
 
 
+def raw_multipart(parts: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body built by hand (the hostile corpus breaks it on purpose; h2load
+    sends it as it is): (name, filename or None for a text field, content type or None, value)
+    parts -> body, content type."""
+    boundary = "loadtest-multipart-boundary"
+    body = bytearray()
+    for name, filename, mime, value in parts:
+        body += f"--{boundary}\r\n".encode()
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        body += f"Content-Disposition: {disposition}\r\n".encode()
+        if mime is not None:
+            body += f"Content-Type: {mime}\r\n".encode()
+        body += b"\r\n" + value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f"multipart/form-data; boundary={boundary}"
+
+
 def throughput(outcomes: list[Outcome]) -> float:
     ok = [o for o in outcomes if o.status == 200]
     if len(ok) < 2:

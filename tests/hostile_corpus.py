@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from loadtest.load import raw_multipart
 from tests.pictures import EXIF_STORED_AS
 
 MIB = 1024 * 1024
@@ -190,23 +191,6 @@ def one(name: str, data: bytes, mime: str, fieldname: str = "image") -> tuple[Fi
     return ((fieldname, (name, data, mime)),)
 
 
-def raw_multipart(parts: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
-    """(name, filename or None for a text field, content type or None, value) -> body, type."""
-    boundary = "hostile-corpus-boundary"
-    body = bytearray()
-    for name, filename, mime, value in parts:
-        body += f"--{boundary}\r\n".encode()
-        disposition = f'form-data; name="{name}"'
-        if filename is not None:
-            disposition += f'; filename="{filename}"'
-        body += f"Content-Disposition: {disposition}\r\n".encode()
-        if mime is not None:
-            body += f"Content-Type: {mime}\r\n".encode()
-        body += b"\r\n" + value + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body), f"multipart/form-data; boundary={boundary}"
-
-
 def image_cases() -> list[Case]:
     two = digit(2)
     png = encode(two, "PNG")
@@ -343,7 +327,7 @@ def request_shape_cases() -> list[Case]:
         Case("multipart-type-uppercase", "MULTIPART/FORM-DATA: media types are case-insensitive "
              "(RFC 9110)", "/analyze", 200, OK, "Content-Type: MULTIPART/FORM-DATA",
              content=no_close, headers=(("Content-Type", no_close_type.upper().replace(
-                 "BOUNDARY=HOSTILE-CORPUS-BOUNDARY", "boundary=hostile-corpus-boundary")),),
+                 "BOUNDARY=LOADTEST-MULTIPART-BOUNDARY", "boundary=loadtest-multipart-boundary")),),
              expected_label="2"),
         Case("wrong-field-name", "the file in `file` instead of `image`", "/analyze", 400,
              "INVALID_REQUEST", "file=d.png", files=one("d.png", png, "image/png", "file")),

@@ -36,6 +36,7 @@ from .envelope import (
     is_error_envelope,
     is_open_inference_error,
     is_open_inference_path,
+    json_headers,
 )
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .uploads import Upload, UploadRoute, parse_multipart, route_for
@@ -185,10 +186,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-
-
 class _EnvelopingSend:
     """Adds X-Request-ID to every response and rewrites foreign error bodies into the envelope
     (into the protocol's error shape on Open Inference routes)."""
@@ -262,7 +259,7 @@ class _EnvelopingSend:
             extra.append((b"retry-after", retry_after.encode("latin-1")))
         kept = [(k, v) for k, v in start["headers"] if k.lower() not in _REPLACED_HEADERS]
         extra.append((_ERROR_CODE_KEY, str(code).encode("latin-1")))
-        start["headers"] = kept + _json_headers(body) + extra
+        start["headers"] = kept + json_headers(body) + extra
         await self.send(start)
         await self.send({"type": "http.response.body", "body": body})
 

@@ -72,6 +72,10 @@ def error_body(exc: ClassifierError, request_id: str, open_inference: bool = Fal
     return json.dumps(error_envelope(exc.code, exc.message, request_id)).encode()
 
 
+def json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+
 def error_headers(
     exc: ClassifierError, request_id: str, body: bytes, close: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -79,8 +83,7 @@ def error_headers(
     JSON type and length, request id, code, Retry-After on 429 and 503, and `Connection: close`
     when the request's body was not read."""
     headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
+        *json_headers(body),
         (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
         (ERROR_CODE_HEADER.encode(), exc.code.value.encode()),
     ]

@@ -23,6 +23,15 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+
+def _shown_from_zero(counter: Counter, label_values: tuple[str, ...]) -> Counter:
+    """The counter with a series at 0 for each value of its one label from the start, so alerts
+    and dashboards see them before the first event."""
+    for value in label_values:
+        counter.labels(value)
+    return counter
+
+
 MODEL_INFO = Gauge(
     "image_classifier_model_info",
     "Models this service answers with (value 1), by role: primary or candidate",
@@ -80,14 +89,15 @@ CONFIDENCE = Histogram(
     buckets=_CONFIDENCE_BUCKETS,
 )
 ERRORS = Counter("image_classifier_errors", "Error responses by error code", ["code"])
-REFUSED_AT_HEAD = Counter(
-    "image_classifier_refused_at_head",
-    "Requests refused by the HTTP protocol as soon as their head was read (overload, draining), "
-    "by code; they never reach BentoML, whose request metrics do not count them",
-    ["code"],
+REFUSED_AT_HEAD = _shown_from_zero(
+    Counter(
+        "image_classifier_refused_at_head",
+        "Requests refused by the HTTP protocol as soon as their head was read (overload, "
+        "draining), by code; they never reach BentoML, whose request metrics do not count them",
+        ["code"],
+    ),
+    ("OVERLOADED", "SHUTTING_DOWN"),
 )
-for _code in ("OVERLOADED", "SHUTTING_DOWN"):  # shown at 0 from the start, so alerts see them
-    REFUSED_AT_HEAD.labels(code=_code)
 GRPC_REQUESTS = Counter(
     "image_classifier_grpc_requests",
     "Open Inference gRPC calls by method and outcome (OK, or the error code); BentoML's request "
@@ -130,13 +140,14 @@ SHARED_CACHE_HITS = Counter(
     "image_classifier_shared_cache_hits",
     "Cache hits found in Redis, answered before by another worker or replica (REDIS_URL only)",
 )
-SHARED_STATE_ERRORS = Counter(
-    "image_classifier_shared_state_errors",
-    "Failed Redis calls, by part (rate_limit, cache); the service went on without Redis",
-    ["part"],
+SHARED_STATE_ERRORS = _shown_from_zero(
+    Counter(
+        "image_classifier_shared_state_errors",
+        "Failed Redis calls, by part (rate_limit, cache); the service went on without Redis",
+        ["part"],
+    ),
+    ("rate_limit", "cache"),
 )
-for _part in ("rate_limit", "cache"):  # shown at 0 from the start, so alerts see them
-    SHARED_STATE_ERRORS.labels(part=_part)
 SHADOW_COMPARISONS = Counter(
     "image_classifier_shadow_comparisons",
     "Primary answers the candidate also scored in shadow, by whether the top-1 labels agreed",

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from image_classifier.serving.settings import Settings
-from loadtest.h2load import H2loadRun, h2load, multipart_image
-from loadtest.load import Outcome, closed_loops, percentile, post_image
+from loadtest.h2load import H2loadRun, h2load
+from loadtest.load import Outcome, closed_loops, percentile, post_image, raw_multipart
 from loadtest.servers import serve
 from tests.figures import measured
 from tests.pictures import encode
@@ -44,7 +44,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     2 * MAX_CONCURRENCY / served seconds, plus its own time at capacity (that point's p99).
     Goodput is asserted as a ratio to the capacity measured in the same run; the refusals'
     latency is reported against its target, not asserted (an absolute timing on shared cores)."""
-    body, content_type = multipart_image(digit_png)
+    body, content_type = raw_multipart([("image", "digit.png", "image/png", digit_png)])
     with serve(trained_store, artifacts / "server-overload.log") as server:
         url = f"{server.url}/analyze"
 
