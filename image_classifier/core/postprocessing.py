@@ -42,15 +42,20 @@ def grade(confidence: float, high: float, medium: float) -> Grade:
 def to_prediction(
     probabilities: np.ndarray, labels: list[str], top_k: int, high: float, medium: float
 ) -> Prediction:
+    """Built without validation: every field comes from the model's row and the card's labels
+    (validating a 1,000-class dict cost more than the rest of the answer)."""
     row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
     # Stable sort: equal probabilities keep label order, so answers are reproducible.
     order = np.argsort(-row, kind="stable")[:top_k]
     best = int(order[0])
     confidence = float(row[best])
-    return Prediction(
+    return Prediction.model_construct(
         label=labels[best],
         confidence=confidence,
         grade=grade(confidence, high, medium),
-        top_k=[LabelProbability(label=labels[i], probability=float(row[i])) for i in order],
+        top_k=[
+            LabelProbability.model_construct(label=labels[i], probability=float(row[i]))
+            for i in order
+        ],
         probabilities=dict(zip(labels, row.tolist(), strict=True)),  # one C call, not 1 per item
     )

@@ -89,6 +89,9 @@ class InfoCandidate(ModelRef):
 
 class InfoBatching(BaseModel):
     enabled: bool
+    merges: bool  # false where merging would not pay for this model (timed at warm-up)
+    measured_gain: float  # per-image time of a run of one / of a full run
+    min_gain: float
     max_batch_size: int
 
 

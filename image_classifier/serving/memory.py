@@ -7,21 +7,26 @@ import ctypes
 import gc
 import logging
 
-_M_ARENA_MAX = -8  # glibc mallopt parameter
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
+_M_ARENA_MAX = -8
 log = logging.getLogger(__name__)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's per-thread malloc arenas for this process (call before threads start).
+def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 1024 * 1024) -> bool:
+    """Bound what glibc's malloc keeps for this process (call before threads start).
 
     Every thread that decodes or runs the model otherwise gets an arena of its own, and each keeps
     the peak of what passed through it: a MobileNetV2 worker after 16 clients' 640x480 JPEGs held
     600 MB RSS with the default arenas and 270 MB with 2, at the same throughput (measured with
-    BATCH_MAX_SIZE 4; docs/benchmarks.md).
+    BATCH_MAX_SIZE 4; docs/benchmarks.md). And blocks of `mmap_threshold` or more (phone photos'
+    bodies, their decoded pixels) get pages of their own that go back to the system when freed;
+    by default glibc raises that threshold after the first such block is freed, so later uploads
+    land on the heap, which keeps their peak.
     Returns False where the C library has no mallopt (not glibc)."""
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+        arenas_set = libc.mallopt(_M_ARENA_MAX, arenas)
+        return bool(arenas_set and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
     except (OSError, AttributeError):
         return False
 

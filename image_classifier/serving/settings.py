@@ -72,7 +72,15 @@ class Settings:
     default_top_k: int = _env("DEFAULT_TOP_K", 3, "top_k when a request gives none")
     grade_high: float = _env("GRADE_HIGH", 0.90, "top-1 confidence at or above: grade 'high'")
     grade_medium: float = _env("GRADE_MEDIUM", 0.60, "at or above (below high): grade 'medium'")
-    batching: bool = _env("BATCHING", True, "merge concurrent /analyze requests into one run")
+    batching: bool = _env(
+        "BATCHING", True, "merge concurrent requests' images into one model run, where it pays"
+    )
+    batching_min_gain: float = _env(
+        "BATCHING_MIN_GAIN",
+        1.25,
+        "merge only if a full run costs this many times less per image than a run of one "
+        "(timed at warm-up; 0: always merge)",
+    )
     batch_max_size: int = _env(
         "BATCH_MAX_SIZE",
         8,
@@ -210,6 +218,8 @@ class Settings:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
         if not 0 < self.body_timeout_s <= self.request_timeout_s:
             raise ValueError("BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S")
+        if self.batching_min_gain < 0:
+            raise ValueError(f"BATCHING_MIN_GAIN must be >= 0, got {self.batching_min_gain}")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ValueError("CACHE_SIZE must be >= 0 and CACHE_TTL_S > 0")
         if not (0 <= self.canary_fraction <= 1 and 0 <= self.shadow_fraction <= 1):

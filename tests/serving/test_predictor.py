@@ -44,7 +44,9 @@ def predictor_for(model_dir, candidate_dir=None, **env) -> Predictor:
 
 
 def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
-    predictor = predictor_for(model_dir, batch_max_size=8, threads=8, model_runs=1)
+    predictor = predictor_for(
+        model_dir, batch_max_size=8, threads=8, model_runs=1, batching_min_gain=0
+    )
     served = predictor.router.primary
     data = pictures(24)
     # A tiny model runs in microseconds: give each run the time of a real one (20 ms), so that
@@ -67,6 +69,27 @@ def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
         assert answer.prediction == classifier.classify(picture, 3) and not answer.cached
         assert 1 <= answer.batch_size <= 8
     assert max(answer.batch_size for answer in merged) > 1  # some requests really shared a run
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"batching": "off"}, {"batching_min_gain": 1e9}],  # off, or a gain no model reaches
+    ids=["batching-off", "merging-would-not-pay"],
+)
+def test_without_merging_every_image_runs_alone_and_info_says_why(model_dir, env):
+    predictor = predictor_for(model_dir, threads=4, model_runs=1, **env)
+    served = predictor.router.primary
+    batcher = predictor.batchers[served.ref.version]
+    assert (batcher.max_batch, batcher.runners) == (1, 4)  # as many runs at once as threads
+    data = pictures(12)
+
+    async def together():
+        return await asyncio.gather(*(predictor.answer(served, d, "image/png", 3) for d in data))
+
+    assert {answer.batch_size for answer in asyncio.run(together())} == {1}
+    batching = predictor.info()["batching"]
+    assert batching["merges"] is False
+    assert batching["measured_gain"] == round(served.ready_classifier().merging_gain, 2)
 
 
 def test_the_cache_answers_repeats_when_on(model_dir):

@@ -42,6 +42,7 @@ def test_values_are_parsed_by_type():
         ("BATCHING", "maybe", "BATCHING"),
         ("THREADS", "-1", "THREADS"),
         ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE"),
+        ("BATCHING_MIN_GAIN", "-1", "BATCHING_MIN_GAIN"),
         ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM"),
     ],
 )
