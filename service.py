@@ -46,11 +46,7 @@ log.info("sized: %s", SETTINGS.sizing)
     tracing={} if SETTINGS.tracing else {"excluded_urls": [".*"]},
 )
 @bentoml.asgi_app(  # /info, /ui and /v2: it claims only its own routes
-    build_app(
-        lambda: bentoml.get_current_service().predictor,
-        SETTINGS.max_batch_images,
-        SETTINGS.max_upload_bytes,
-    ),
+    build_app(lambda: bentoml.get_current_service().predictor, SETTINGS),
     path="/",
 )
 class ImageClassifier:
@@ -105,7 +101,7 @@ UPLOAD_ROUTES = {
     **routes_of_apis(
         ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis
     ),
-    **infer_upload_routes(SETTINGS),
+    **infer_upload_routes(SETTINGS, lambda: bentoml.get_current_service().predictor),
 }
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware,

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.errors import ClassifierError, ErrorCode
@@ -132,13 +133,16 @@ class BoundaryMiddleware:
             self.gate.stop_receiving(client)
         await self.gate.enter()
         try:
-            if route.rule is None or route.answer is None:  # capped only: the framework parses
+            if route.answer_body is not None:  # a body format of its own (Open Inference)
+                response = await route.answer_body(path, Headers(scope=scope), body)
+            elif route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(body, receive), send)
                 return
-            files, integers = parse_multipart(_header(scope, "content-type"), body, route.rule)
-            del body  # the files hold their own bytes now
-            upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
-            response = await route.answer(upload)
+            else:
+                files, integers = parse_multipart(_header(scope, "content-type"), body, route.rule)
+                del body  # the files hold their own bytes now
+                upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
+                response = await route.answer(upload)
         finally:
             self.gate.leave()
         with self.gate.responding():  # a client that never reads its answer holds no work slot

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import typing
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,16 +66,20 @@ class Upload:
 
 
 Answer = Callable[[Upload], Awaitable[Response]]
+# (path, request headers, whole body) -> response: a route that reads its own body format
+BodyAnswer = Callable[[str, Mapping[str, str], bytes], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
 class UploadRoute:
     """A POST route whose body is capped at `max_bytes`; with a rule its multipart is parsed here
-    and `answer` gets the parsed upload (without one the body goes on to the framework)."""
+    and `answer` gets the parsed upload; `answer_body` gets the body as it came (with neither,
+    the body goes on to the framework)."""
 
     rule: UploadRule | None
     max_bytes: int
     answer: Answer | None = None
+    answer_body: BodyAnswer | None = None
 
 
 def route_for(routes: dict[str, UploadRoute], path: str) -> UploadRoute | None:

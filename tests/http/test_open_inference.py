@@ -142,3 +142,12 @@ def test_readme_example_runs(server, heldout, tmp_path):
     assert result.returncode == 0, result.stderr
     outputs = {output["name"]: output for output in json.loads(result.stdout)["outputs"]}
     assert outputs["label"]["data"] == [str(truth)]
+
+
+@pytest.mark.parametrize(
+    "path", [f"/v2/models/{MODEL}/extra/infer", f"/v2/models/{MODEL}/versions/v1/extra/infer"]
+)
+def test_a_deeper_path_ending_in_infer_is_404(server, heldout, path):
+    request = bytes_request([encode(heldout[0][0], "PNG")])
+    response = httpx.post(f"{server.url}{path}", json=request, timeout=60)
+    assert response.status_code == 404 and open_inference_code(response) == "NOT_FOUND"
