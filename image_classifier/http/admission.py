@@ -81,6 +81,7 @@ class Gate:
         rate = parse(policy.rate_limit) if policy.rate_limit else None
         self._rate_limit = RateLimit(rate, policy.redis_url) if rate else None
         self.in_flight = 0
+        self.starting = 0  # requests let in at their head whose handling has not begun yet
         self._slot_queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self.receiving = 0  # bodies arriving (admitted, not yet in work)
         self._responding = 0  # answers being written (work done)
@@ -159,10 +160,14 @@ class Gate:
 
     def capacity_refusal(self) -> ClassifierError | None:
         """Why new work would be refused now (draining, or every work slot taken), else None:
-        cheap enough to ask before anything of a request but its head is read."""
+        cheap enough to ask before anything of a request but its head is read.
+
+        The requests let in whose handling has not begun count as taken slots: a busy event loop
+        parses many heads before it runs any of their handlers, and without them the heads of a
+        whole burst would pass here, to be refused later at the full cost of the middlewares."""
         if self.draining:
             return self._shutting_down()
-        if self.in_flight >= self.policy.max_concurrency:
+        if self.in_flight + self.starting >= self.policy.max_concurrency:
             return self._overloaded()
         return None
 

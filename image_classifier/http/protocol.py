@@ -131,10 +131,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self._held_answer is not None:
             self._write_held_answer()
             return
-        self.on_response_complete()  # keep-alive timer, pipelined requests, as uvicorn does
-        self.flow.pause_reading()  # this connection's next request waits a little
+        # This connection's next request waits a little; then reading resumes and the
+        # keep-alive timer starts, as uvicorn does when an answer is complete (one timer).
+        self.flow.pause_reading()
         self._resume_reading = self.loop.call_later(
-            REFUSED_CONNECTION_PAUSE_S, self.flow.resume_reading
+            REFUSED_CONNECTION_PAUSE_S, self.on_response_complete
         )
 
     def data_received(self, data: bytes) -> None:
@@ -160,6 +161,16 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._refuse_head()
         else:
             super().send_400_response(msg)
+
+    def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
+        """Every request let in is counted by the gate until its handler's first step
+        (`Gate.capacity_refusal` says why)."""
+        if self.early_refusal is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        gate = self.early_refusal.gate
+        gate.starting += 1
+        super()._start_asgi_task(cycle, functools.partial(_counted_until_started, gate, app))
 
     def _refused_early(self) -> bool:
         """Refuse the request now, if the gate says so and no earlier answer is still pending
@@ -219,6 +230,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         )
         self.transport.write(_answer(refusal, str(uuid.uuid4()), open_inference=False, close=True))
         self.transport.close()
+
+
+async def _counted_until_started(gate: Gate, app, scope, receive, send) -> None:  # noqa: ANN001
+    gate.starting -= 1
+    await app(scope, receive, send)
 
 
 def _answer(refusal: ClassifierError, request_id: str, open_inference: bool, close: bool) -> bytes:
