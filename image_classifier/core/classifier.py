@@ -144,17 +144,13 @@ class Classifier:
         return self.to_prediction(row, k)
 
     def warm_up(self) -> None:
-        """First runs allocate and tune; do them before the service says it is ready. Then time
-        what merging images saves this model (`merging_gain`)."""
+        """First runs allocate and tune; do them before the service says it is ready, timed, to
+        learn what merging images saves this model (`merging_gain`)."""
         sizes = sorted({1, self.options.max_batch})
-        for size in sizes:
-            batch = self._zeros(size)
-            probabilities = self._probabilities(batch, self.session)
-            if not np.all(np.isfinite(probabilities)):
-                raise ModelLoadError("model produced non-finite outputs on warm-up")
+        seconds_per_image = {size: self._seconds_per_image(size) for size in sizes}
         if self.solo_session is not None:
-            self._probabilities(batch[:1], self.solo_session)
-        self.merging_gain = self._seconds_per_image(1) / self._seconds_per_image(sizes[-1])
+            self._probabilities(self._zeros(1), self.solo_session)
+        self.merging_gain = seconds_per_image[1] / seconds_per_image[sizes[-1]]
         # Give back the memory the large runs took: a service that does not merge never uses it
         # (for MobileNetV2, most of a worker's growth at warm-up); merged runs take it again.
         self._probabilities(self._zeros(1), self.session, _RELEASE_UNUSED_MEMORY)
@@ -163,13 +159,16 @@ class Classifier:
             self.card.name, sizes, sizes[-1], self.merging_gain,
         )  # fmt: skip
 
-    def _seconds_per_image(self, size: int, repeats: int = 2) -> float:
-        """The best of a few runs (a busy machine only makes runs slower)."""
+    def _seconds_per_image(self, size: int, runs: int = 3) -> float:
+        """The best of a few runs of `size` images: the first allocates and tunes, and a busy
+        machine only makes runs slower. The outputs must be finite."""
         batch, best = self._zeros(size), float("inf")
-        for _ in range(repeats):
+        for _ in range(runs):
             started = time.perf_counter()
-            self._probabilities(batch, self.session)
+            probabilities = self._probabilities(batch, self.session)
             best = min(best, time.perf_counter() - started)
+        if not np.all(np.isfinite(probabilities)):
+            raise ModelLoadError("model produced non-finite outputs on warm-up")
         return best / size
 
     def _zeros(self, size: int) -> np.ndarray:

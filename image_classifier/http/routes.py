@@ -12,7 +12,6 @@ infer body may be Triton's binary form) and answer plain responses; the models o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import compile_path
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import open_inference as oip
@@ -54,7 +54,7 @@ _MODEL_ROUTE = (*_GUARDED, 404)
 _INFER = (*_MODEL_ROUTE, 400, 408, 413, 415, 422, 504)
 
 
-_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+_INFER_PATTERNS = tuple(compile_path(path)[0] for path in INFER_PATHS)  # Starlette's own
 
 
 def infer_upload_routes(
@@ -65,12 +65,11 @@ def infer_upload_routes(
     /analyze's). Their bodies are JSON with base64 images (4/3 of their bytes) plus some slack."""
 
     async def answer(path: str, headers: Mapping[str, str], body: bytes) -> Response:
-        found = _INFER_PATH.fullmatch(path)
-        if found is None:  # the route's pattern also matches deeper paths
+        found = next(filter(None, (pattern.match(path) for pattern in _INFER_PATTERNS)), None)
+        if found is None:  # the route's glob also matches deeper paths
             raise ClassifierError(ErrorCode.NOT_FOUND, f"no inference route {path}")
-        return await _infer(
-            get_predictor(), settings, found["name"], found["version"], headers, body
-        )
+        name, version = found["name"], found.groupdict().get("version")
+        return await _infer(get_predictor(), settings, name, version, headers, body)
 
     route = UploadRoute(None, settings.max_batch_bytes * 4 // 3 + 2**20, answer_body=answer)
     return {path.replace("{name}", "*").replace("{version}", "*"): route for path in INFER_PATHS}

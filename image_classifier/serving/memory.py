@@ -7,7 +7,8 @@ import ctypes
 import gc
 import logging
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,11 @@ def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 1024 * 1024) -> b
     try:
         libc = ctypes.CDLL(None)
         arenas_set = libc.mallopt(_M_ARENA_MAX, arenas)
-        return bool(arenas_set and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+        return bool(
+            arenas_set
+            and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+        )
     except (OSError, AttributeError):
         return False
 

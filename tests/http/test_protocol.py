@@ -175,3 +175,22 @@ def test_requests_pass_when_a_slot_is_free_or_the_route_does_no_work(full_gate):
 
     asyncio.run(scenario())
     assert CALLED == ["/info", "/analyze"]
+
+
+def test_heads_let_in_count_as_taken_slots_until_their_handlers_start(full_gate):
+    """A busy event loop parses a burst's heads before it runs any of their handlers: those let
+    in hold the slots meanwhile, so the rest of the burst is refused at the head."""
+
+    async def scenario():
+        full_gate.in_flight = 0  # one free slot
+        burst = [await connected() for _ in range(3)]
+        for server, _ in burst:
+            server.data_received(request())  # no handler has started yet
+        assert full_gate.starting == 1
+        assert [len(transport.written) for _, transport in burst] == [0, 1, 1]
+        await asyncio.sleep(0.01)
+        assert full_gate.starting == 0
+        statuses = [answer_of(b"".join(transport.written))[0] for _, transport in burst]
+        assert statuses == [200, 503, 503]
+
+    asyncio.run(scenario())
