@@ -6,7 +6,13 @@ dropped in one place when BentoML fixes it.
 
 from __future__ import annotations
 
+import socket
+
 from bentoml._internal.server.http import traffic as bentoml_traffic
+from circus import process as circus_process
+from circus import sockets as circus_sockets
+
+API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
 
 
 class _UntimedMiddleware:
@@ -25,3 +31,57 @@ class _UntimedMiddleware:
 def replace_leaking_timeout_middleware() -> None:
     """Call before the server app is built (importing service.py does)."""
     bentoml_traffic.TimeoutMiddleware = _UntimedMiddleware
+
+
+def _one_socket_per_worker(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - CircusSocket's
+    """BentoML binds one listening socket in its arbiter and every worker accepts from it: the
+    worker already on a CPU accepts the waiting connections, so 16 keep-alive clients can all
+    land on one of two workers while the other idles. Here each worker gets its own socket
+    (SO_REUSEPORT, as nginx's `reuseport` and gunicorn's `--reuse-port` do) and the kernel
+    spreads new connections over the listening ones by a hash of their addresses.
+
+    Each copy is bound before the worker forks but not listened on: the worker's server calls
+    `listen` when it starts accepting, so no connection waits in the queue of a worker that is
+    still loading (a replacement loads its model first), and one that drains leaves the group."""
+    _circus_socket_init(sock, *args, **kwargs)
+    sock.copy_per_worker = None
+    if sock.name == API_SERVER_NAME and not sock.so_reuseport and hasattr(socket, "SO_REUSEPORT"):
+        _refuse_a_taken_port(sock.family, sock.host, sock.port)
+        sock.so_reuseport = True  # circus then leaves it unbound in the arbiter
+        sock.copy_per_worker = lambda: _bound_copy(args, kwargs)
+
+
+def _bound_copy(args: tuple, kwargs: dict) -> circus_sockets.CircusSocket:
+    copy = circus_sockets.CircusSocket(*args, **kwargs, so_reuseport=True)
+    copy.bind((copy.host, copy.port))  # the worker's server listens on it once it accepts
+    return copy
+
+
+def _refuse_a_taken_port(family: int, host: str, port: int) -> None:
+    """SO_REUSEPORT would let this server join another one already listening on the port (same
+    user) and share its connections; a plain bind fails there, as it does without the option."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
+def _sockets_fds_with_own_listener(process) -> dict[str, int]:  # noqa: ANN001 - circus Process
+    fds = _circus_sockets_fds(process)
+    watcher = process.watcher  # (a Watcher with no process yet is falsy: it has a length)
+    for name, sock in (watcher.sockets or {}).items() if watcher is not None else ():
+        if getattr(sock, "copy_per_worker", None):
+            own = sock.copy_per_worker()
+            process._sockets.append(own)  # circus lets go of it once the worker has forked
+            fds[name] = own.fileno()
+    return fds
+
+
+_circus_socket_init = circus_sockets.CircusSocket.__init__
+_circus_sockets_fds = circus_process.Process._get_sockets_fds
+
+
+def listen_in_every_worker() -> None:
+    """Call before `bentoml serve` builds its sockets (importing service.py does: the CLI loads
+    the service first). Only with more than one worker: one worker keeps BentoML's socket."""
+    circus_sockets.CircusSocket.__init__ = _one_socket_per_worker
+    circus_process.Process._get_sockets_fds = _sockets_fds_with_own_listener

@@ -32,6 +32,8 @@ SETTINGS = Settings.from_env()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 bentoml_compat.replace_leaking_timeout_middleware()
+if SETTINGS.workers > 1:  # each worker accepts on its own socket: connections spread evenly
+    bentoml_compat.listen_in_every_worker()
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 log = logging.getLogger("image_classifier.service")
 log.info("sized: %s", SETTINGS.sizing)

@@ -4,12 +4,15 @@ one JSON log line per request."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -224,6 +227,50 @@ def test_probes_are_not_access_logged(ops_server):
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{ops_server.url}{path}", timeout=10).status_code == 200
     assert len(access_lines(ops_server)) == before
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on a loopback port: the kernel's own table."""
+    hex_port = f":{port:04X}"
+    rows = [row.split() for table in ("tcp", "tcp6")
+            for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]  # fmt: skip
+    return sum(row[1].endswith(hex_port) and row[3] == "0A" for row in rows)  # 0A: LISTEN
+
+
+def test_keep_alive_clients_spread_over_both_workers(ops_server, heldout):
+    """16 keep-alive clients, as in the benchmark. BentoML's arbiter shares one listening socket
+    and the worker on a CPU could accept every connection while the other idled; here each
+    worker listens on its own (SO_REUSEPORT) and the kernel spreads connections over them."""
+    port = int(ops_server.url.rsplit(":", 1)[1])
+    assert listening_sockets(port) == 2  # one per worker; BentoML alone: 1 shared
+    picture = encode(heldout[2][0], "PNG")
+    files = {"image": ("picture.png", picture, "image/png")}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    start = threading.Barrier(16)
+
+    def one_client(_: int) -> list[str]:
+        with httpx.Client(base_url=ops_server.url, headers=headers, timeout=30) as client:
+            start.wait()  # the 16 connections open together, as a load generator's do
+            answers = [client.post("/analyze", files=files) for _ in range(10)]
+        assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+        return [a.headers["x-request-id"] for a in answers]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        clients = list(pool.map(one_client, range(16)))
+    time.sleep(0.3)
+    worker_of = {line["request_id"]: line["component"] for line in access_lines(ops_server)}
+    workers_per_client = [{worker_of[request] for request in ids} for ids in clients]
+    assert all(len(w) == 1 for w in workers_per_client), workers_per_client  # kept alive
+    connections = Counter(next(iter(w)) for w in workers_per_client)
+    requests = Counter(worker_of[request] for ids in clients for request in ids)
+    measured(
+        f"2 workers, 16 keep-alive clients x 10 requests: connections per worker "
+        f"{sorted(connections.values(), reverse=True)}, requests per worker "
+        f"{sorted(requests.values(), reverse=True)}",
+        doc="operations",
+    )
+    # A hash spread: each worker gets at least 2 of 16 unless a 1-in-2,000 draw.
+    assert len(connections) == 2 and min(connections.values()) >= 2, connections
 
 
 # Monitoring as code (deploy/monitoring): the rules parse and pass their unit tests, the
