@@ -250,7 +250,7 @@ def test_keep_alive_clients_spread_over_both_workers(ops_server, heldout):
 
     def one_client(_: int) -> list[str]:
         with httpx.Client(base_url=ops_server.url, headers=headers, timeout=30) as client:
-            start.wait()  # the 16 connections open together, as a load generator's do
+            start.wait(timeout=60)  # the 16 connections open together, as a load generator's do
             answers = [client.post("/analyze", files=files) for _ in range(10)]
         assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
         return [a.headers["x-request-id"] for a in answers]
