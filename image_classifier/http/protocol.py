@@ -34,7 +34,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from .admission import Gate
-from .envelope import HTTP_STATUS, error_body, error_headers, is_open_inference_path
+from .envelope import (
+    HTTP_STATUS,
+    RETRY_AFTER_S,
+    error_body,
+    error_headers,
+    is_open_inference_path,
+)
 from .headers import REQUEST_ID_HEADER, request_id_for
 from .uploads import UploadRoute, route_for
 
@@ -44,9 +50,11 @@ MAX_HEAD_BYTES = 64 * 1024  # what nginx allows by default (4 buffers of 8 KiB) 
 MAX_HEADERS = 100  # Apache's LimitRequestFields
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _SUMMARY_EVERY_S = 1.0
-# After an early refusal its connection is not read for this long: a client that retries the
-# moment it is refused (ignoring Retry-After) is paced to 10 refusals a second per connection.
-REFUSED_CONNECTION_PAUSE_S = 0.1
+# After an early refusal its connection is not read for this long: half the Retry-After the
+# client was told, so one that honours it never notices, and one that retries the moment it is
+# refused is paced to 2 refusals a second per connection (tests/http/test_load_behaviour.py
+# measures what 512 of them leave of the capacity).
+REFUSED_CONNECTION_PAUSE_S = RETRY_AFTER_S / 2
 
 
 class EarlyRefusal:
