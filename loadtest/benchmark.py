@@ -12,8 +12,9 @@
     (loadtest/litserve_app.py);
     (b') the same service over the Open Inference Protocol at 16 clients, as Triton's clients call
     it: HTTP with binary tensor data, and gRPC (tritonclient.grpc.aio), the same image;
-    (d) the service with WORKERS=2 (with each worker's share of the CPU: how evenly the kernel
-    spread the connections) and with BATCHING=0; (e) the duplicate-input cache (CACHE_SIZE on, the
+    (d) the service with WORKERS=1 (one process: what one worker per CPU gains) and with
+    BATCHING=0; each worker's share of the CPU at c=16 says how evenly the kernel spread the
+    connections; (e) the duplicate-input cache (CACHE_SIZE on, the
     same picture every time: all hits but the first) and the cost of its key; (f) with --int8, the
     service serving the INT8 variant.
     Images: generated photo-like 640x480 and 4032x3024 JPEGs. Prints a table, writes
@@ -471,16 +472,14 @@ def run(args: argparse.Namespace) -> dict:
             for kind, c in (("640", 1), ("640", 16), ("phone", 16)):
                 measure(peer, url, pid, kind, c)
 
-    say("(d) the service with WORKERS=2, and with BATCHING=0 ...")
-    for name, setting in (("service WORKERS=2", "WORKERS=2"), ("service BATCHING=0", "BATCHING=0")):
+    say("(d) the service with WORKERS=1, and with BATCHING=0 ...")
+    for name, setting in (("service WORKERS=1", "WORKERS=1"), ("service BATCHING=0", "BATCHING=0")):
         key, value = setting.split("=")
         with serve(home, logs / f"{key}.log", env={**env, key: value}) as server:
             warm(server.url, server.process.pid)
             for c in (1, 16):
                 measure(name, server.url, server.process.pid, "640", c)
-    result["workers2_cpu_shares"] = _point(result, "service WORKERS=2", "640", 16)[
-        "worker_cpu_shares"
-    ]
+    result["worker_cpu_shares_c16"] = _point(result, "service", "640", 16)["worker_cpu_shares"]
     if args.int8:
         say("(f) the service serving the INT8 variant ...")
         with serve(home, logs / "service-int8.log", env={**env, "MODEL_TAG": args.int8}) as server:
@@ -620,10 +619,10 @@ def markdown(result: dict) -> str:
         stages = ", ".join(f"{k} {v}" for k, v in result["stages_c16_ms"].items())
         lines += ["", "## Where a request's time went (the service, /analyze c=16, 640x480)", "",
                   f"Mean of each stage histogram over the point, ms: {stages}."]  # fmt: skip
-    if result.get("workers2_cpu_shares"):
-        shares = result["workers2_cpu_shares"]
-        lines += ["", "With WORKERS=2 at c=16 (16 keep-alive connections), the busy server "
-                  f"processes' shares of the server's CPU: {shares}."]  # fmt: skip
+    if result.get("worker_cpu_shares_c16"):
+        shares, workers = result["worker_cpu_shares_c16"], result["sizing"]["workers"]
+        lines += ["", f"The service ({workers} worker(s)) at c=16 (16 keep-alive connections): "
+                  f"the busy server processes' shares of the server's CPU: {shares}."]  # fmt: skip
     lines += ["", "## Against the targets (issues 4 and 12)", "",
               "| figure | value | target | met |", "|---|---|---|---|"]  # fmt: skip
     for name, t in result["targets"].items():

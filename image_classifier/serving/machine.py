@@ -77,19 +77,23 @@ def _read_cpu_max(path: Path) -> float | None:
 
 
 def size_for(budget: CpuBudget, workers: int = 0) -> Sizing:
-    """One worker per two CPUs, each running as many 1-thread model runs at once as it has CPUs,
-    with twice as many threads (so the next images decode, and queue into batches, meanwhile).
-    `workers` > 0: that many workers (set by the operator), the CPUs shared among them.
+    """One worker per CPU, each running as many 1-thread model runs at once as it has CPUs, with
+    twice as many threads (so the next images decode, and queue into batches, meanwhile); an image
+    that runs alone may take two threads. `workers` > 0: that many workers (set by the operator),
+    the CPUs shared among them.
 
-    A worker process drives about two cores (decoding and ONNX Runtime release the GIL, the
-    event loop does not), and two 1-thread model runs in parallel beat one 2-thread run on a
-    busy machine; fewer processes keep memory down."""
-    workers = workers or max(1, math.ceil(budget.cpus / 2))
+    One process per CPU because one process does not fill two: its event loop and the Python
+    parts of decoding and answering take turns on one interpreter lock, so CPUs idle while
+    threads wait for it (docs/benchmarks.md: the server CPU and throughput of the `service
+    WORKERS=1` point beside the service's). Two 1-thread model runs in parallel beat one 2-thread
+    run on a busy machine; a lone image's second thread cuts its latency at low load."""
+    workers = workers or budget.cpus
     runs = max(1, budget.cpus // workers)
     threads = 2 * runs
+    solo = max(runs, min(2, budget.cpus))
     reason = (
         f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s), each with "
         f"{threads} threads and {runs} model run(s) at once of 1 ONNX Runtime thread "
-        f"({runs} for an image that runs alone)"
+        f"({solo} for an image that runs alone)"
     )
-    return Sizing(workers, threads, runs, 1, runs, reason)
+    return Sizing(workers, threads, runs, 1, solo, reason)

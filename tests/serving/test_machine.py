@@ -52,22 +52,24 @@ def test_cgroup_v1_or_unreadable_files_mean_no_quota(tmp_path):
 
 @pytest.mark.parametrize(
     ("cpus", "workers", "threads", "runs"),
-    [(1, 1, 2, 1), (2, 1, 4, 2), (3, 2, 2, 1), (16, 8, 4, 2)],
+    [(1, 1, 2, 1), (2, 2, 2, 1), (3, 3, 2, 1), (16, 16, 2, 1)],
 )
 def test_sizing_per_cpu_count(cpus, workers, threads, runs):
+    """A worker per CPU: one interpreter lock per CPU; a lone image may take two threads."""
     sizing = size_for(CpuBudget(cpus, "test"))
     assert (sizing.workers, sizing.threads, sizing.model_runs) == (workers, threads, runs)
+    assert sizing.ort_solo_threads == min(2, cpus)
     assert sizing.ort_intra_op_threads == 1 and f"{cpus} usable CPU(s)" in sizing.reason
 
 
 @pytest.mark.parametrize(
-    ("cpus", "workers", "threads", "runs"), [(2, 2, 2, 1), (16, 4, 8, 4), (2, 4, 2, 1)]
+    ("cpus", "workers", "threads", "runs"), [(2, 1, 4, 2), (16, 4, 8, 4), (2, 4, 2, 1)]
 )
 def test_workers_set_by_the_operator_share_the_cpus(cpus, workers, threads, runs):
-    """WORKERS=2 on 2 CPUs: one model run each, not the two a lone worker would get."""
+    """WORKERS=1 on 2 CPUs: two model runs in the one worker, not the one each of two gets."""
     sizing = size_for(CpuBudget(cpus, "test"), workers=workers)
     assert (sizing.workers, sizing.threads, sizing.model_runs) == (workers, threads, runs)
-    assert sizing.ort_solo_threads == runs
+    assert sizing.ort_solo_threads == max(runs, 2)
 
 
 def test_given_values_win_and_are_named():
@@ -77,7 +79,7 @@ def test_given_values_win_and_are_named():
     assert "set in the environment: WORKERS=3, ORT_INTRA_OP_THREADS=2" in settings.sizing
 
 
-@pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (1, 4, 2))])
+@pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (2, 2, 1))])
 def test_taskset_limits_what_is_chosen(mask, expected):
     code = (
         "import json; from image_classifier.serving.settings import Settings; "

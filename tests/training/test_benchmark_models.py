@@ -132,8 +132,9 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", figures["commit"]), figures["commit"]
     assert set(figures["stages_c16_ms"]) == set(STAGES), figures["stages_c16_ms"]
     assert all(p["img_s"] > 0 and p["errors"] == 0 for p in figures["points"]), figures["points"]
-    assert len(figures["workers2_cpu_shares"]) >= 1 and sum(figures["workers2_cpu_shares"]) <= 1.01
+    shares = figures["worker_cpu_shares_c16"]
+    assert len(shares) >= figures["sizing"]["workers"] and sum(shares) <= 1.01, shares
     assert figures["cache"]["hit_over_miss_c16"] > 0 and figures["cache"]["key_ms"]["640"] > 0
     markdown = out.with_suffix(".md").read_text()
-    for system in ("service", "tutorial", "expert", "litserve", "service WORKERS=2"):
+    for system in ("service", "tutorial", "expert", "litserve", "service WORKERS=1"):
         assert f"| {system} | 640 | 16 |" in markdown, system
