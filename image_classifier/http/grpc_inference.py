@@ -76,8 +76,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        ready = self.get_predictor().router.all_loaded() and not self.gate.draining
-        return pb.ServerReadyResponse(ready=ready)
+        loaded = self.get_predictor().router.all_loaded() and not self.gate.draining
+        return pb.ServerReadyResponse(ready=loaded and not metrics.another_worker_is_loading())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return await self._answer(

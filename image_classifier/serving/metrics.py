@@ -212,6 +212,30 @@ def forget_dead_workers() -> list[int]:
     return dead
 
 
+def loading(done: bool = False) -> None:
+    """Say that this worker is loading its models (`done`: no longer), for
+    `another_worker_is_loading`: a file `loading_<pid>` beside the metric files."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        marker = Path(directory) / f"loading_{os.getpid()}"
+        if done:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.touch()
+
+
+def another_worker_is_loading() -> bool:
+    """True while another live worker of this server is still loading its models at start, so
+    /readyz answers 200 only once every worker can answer: each worker listens on its own
+    socket, and the kernel would hand part of the traffic to one still loading (503 NOT_READY).
+    A replacement for a dead worker loads before it listens, unmarked: the others stay ready."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return False
+    pids = (int(marker.name.rsplit("_", 1)[1]) for marker in Path(directory).glob("loading_*"))
+    return any(pid != os.getpid() and _alive(pid) for pid in pids)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

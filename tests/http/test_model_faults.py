@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import httpx
@@ -68,5 +69,7 @@ def test_a_corrupt_model_keeps_readiness_503_and_says_why(tmp_path, artifacts):
         assert envelope_code(refused) == "NOT_READY"
         assert refused.headers["retry-after"] == "1"
         log = server.log()
-    lines = [line for line in log.splitlines() if "cannot be served" in line]
-    assert len(lines) == 1 and "corrupt:v1" in lines[0] and "training_export" in lines[0]
+    lines = [json.loads(line) for line in log.splitlines() if "cannot be served" in line]
+    assert lines and all("corrupt:v1" in x["message"] and "training_export" in x["message"]
+                         for x in lines), lines  # fmt: skip
+    assert len({x["component"] for x in lines}) == len(lines), lines  # once per worker
