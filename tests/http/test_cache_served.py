@@ -13,7 +13,8 @@ from tests.pictures import encode
 
 
 def test_a_repeated_picture_is_answered_from_the_cache(trained_store, heldout, artifacts):
-    env = {"CACHE_SIZE": "16", "CACHE_TTL_S": "3"}
+    # One worker: each has its own cache (REDIS_URL shares one: tests/http/test_scale_out.py).
+    env = {"CACHE_SIZE": "16", "CACHE_TTL_S": "3", "WORKERS": "1"}
     with serve(trained_store, artifacts / "cache-server.log", env=env) as server:
 
         def analyze(image, **form):

@@ -171,8 +171,10 @@ def test_usage_errors_and_no_server_exit_2(tree, tmp_path):
 
 
 # A server that refuses more than 2 requests a second, 5 images or 12,000 bytes a batch, and
-# 8,000 bytes a file: the command must size its chunks to fit and wait out the 429s.
+# 8,000 bytes a file: the command must size its chunks to fit and wait out the 429s. One worker:
+# the rate limit is per worker.
 LIMITED = {
+    "WORKERS": "1",
     "RATE_LIMIT": "2/second",
     "MAX_BATCH_IMAGES": "5",
     "MAX_BATCH_BYTES": "12000",

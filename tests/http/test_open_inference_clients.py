@@ -70,8 +70,10 @@ def grpc_client(server) -> grpcclient.InferenceServerClient:
 
 @pytest.fixture(scope="module")
 def guarded(trained_store, artifacts):
-    """A server with tokens, a rate limit and one request in work at a time."""
-    env = {"API_TOKENS": ",".join(TOKENS), "RATE_LIMIT": "20/minute", "MAX_CONCURRENCY": "1"}
+    """A server with tokens, a rate limit and one request in work at a time (one worker: both
+    are per worker)."""
+    env = {"API_TOKENS": ",".join(TOKENS), "RATE_LIMIT": "20/minute", "MAX_CONCURRENCY": "1",
+           "WORKERS": "1"}  # fmt: skip
     with serve(trained_store, artifacts / "server-triton-guarded.log", env) as running:
         yield running
 

@@ -98,7 +98,7 @@ def test_tokens_and_rate_limit(trained_store, artifacts, digits):
     """No token or a wrong one is Unauthorized; a listed one works until its rate limit, then
     RateLimited carries Retry-After (a header SyncHTTPClient alone would lose)."""
     data, label = digits[0]
-    env = {"API_TOKENS": "secret-1", "RATE_LIMIT": "2/minute"}
+    env = {"API_TOKENS": "secret-1", "RATE_LIMIT": "2/minute", "WORKERS": "1"}  # limit per worker
     with serve(trained_store, artifacts / "server-tokens.log", env=env) as server:
         for token in (None, "secret-2"):
             with ImageClassifierClient(server.url, token=token) as client:
