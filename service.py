@@ -17,6 +17,7 @@ from image_classifier import model_store
 from image_classifier.http import grpc_inference, logs, protocol
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
+from image_classifier.http.balance import ConnectionBalance
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.protocol import EarlyRefusal
@@ -24,7 +25,7 @@ from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
 from image_classifier.http.shutdown import drain_on_sigterm
 from image_classifier.http.uploads import routes_of_apis
-from image_classifier.serving import memory, metrics
+from image_classifier.serving import memory, metrics, worker_state
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
 
@@ -66,7 +67,7 @@ class ImageClassifier:
         if replaced:  # the others serve: take no connection before ready (until __init__ ends)
             self._load_models()
         else:  # /livez answers at once; /readyz and early requests say NOT_READY until loaded
-            metrics.loading()  # and /readyz waits for every worker
+            worker_state.loading()  # and /readyz waits for every worker
             threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
@@ -78,13 +79,13 @@ class ImageClassifier:
             log.error("%s; /readyz stays 503. %s", exc, model_store.MODEL_HELP)
             return
         memory.freeze_startup_objects()
-        metrics.loading(done=True)
+        worker_state.loading(done=True)
         self.__is_ready__()
 
     def __is_ready__(self) -> bool:
         ready = self.predictor.router.all_loaded() and not GATE.draining
         metrics.READY.set(1 if ready else 0)
-        return ready and not metrics.another_worker_is_loading()
+        return ready and not worker_state.another_worker_is_loading()
 
     @bentoml.api(route="/analyze")
     async def analyze(
@@ -114,4 +115,6 @@ ImageClassifier.add_asgi_middleware(
     upload_routes=UPLOAD_ROUTES,
 )
 # Before the server loads its config: request heads are capped, and overload is refused there.
-protocol.install(EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s))
+protocol.install(
+    EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s), ConnectionBalance(SETTINGS.workers)
+)

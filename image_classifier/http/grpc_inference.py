@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from ..core.errors import ClassifierError, ErrorCode
-from ..serving import metrics
+from ..serving import metrics, worker_state
 from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.settings import Settings
@@ -77,7 +77,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
         loaded = self.get_predictor().router.all_loaded() and not self.gate.draining
-        return pb.ServerReadyResponse(ready=loaded and not metrics.another_worker_is_loading())
+        return pb.ServerReadyResponse(ready=loaded and not worker_state.another_worker_is_loading())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return await self._answer(

@@ -1,5 +1,6 @@
 """The HTTP/1.1 protocol the workers speak: uvicorn's httptools protocol, with two checks made
-while a request's head is parsed, before any ASGI work.
+while a request's head is parsed, before any ASGI work (and, with several workers, the
+connection balance of `balance.py` asked there too).
 
 Caps on the head. uvicorn reads a request's headers for as long as they keep coming: one 10 MB
 header line, or 100,000 headers, were read whole and answered 200 (measured on this service).
@@ -34,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from .admission import Gate
+from .balance import ConnectionBalance
 from .envelope import (
     HTTP_STATUS,
     RETRY_AFTER_S,
@@ -102,6 +104,7 @@ class _HeadTooLarge(Exception):
 
 class ServiceHttpProtocol(HttpToolsProtocol):
     early_refusal: EarlyRefusal | None = None  # set by `install`
+    balance: ConnectionBalance | None = None  # set by `install`
     _in_head = False  # between a request's first byte and the end of its headers
     _head_refused = False
     _dropping_body = False  # a refused request's body is being read and dropped
@@ -125,6 +128,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         if not self._refused_early():
             super().on_headers_complete()
+            if self.balance is not None and self.balance.close_after_this_request():
+                self.cycle.keep_alive = False  # uvicorn answers `Connection: close`, then closes
 
     def on_body(self, body: bytes) -> None:
         if not self._dropping_body:
@@ -158,7 +163,14 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
 
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
+        super().connection_made(transport)
+        if self.balance is not None:
+            self.balance.opened()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.balance is not None:
+            self.balance.closed()
         self._cancel_body_deadline()
         if self._resume_reading is not None:
             self._resume_reading.cancel()
@@ -276,8 +288,11 @@ def _answer_template(
     return b"".join([*head, b"\r\n", body]), id_count, len(body) - id_count * len(_ID_SLOT)
 
 
-def install(early_refusal: EarlyRefusal | None = None) -> None:
+def install(
+    early_refusal: EarlyRefusal | None = None, balance: ConnectionBalance | None = None
+) -> None:
     """Make uvicorn's "auto" HTTP protocol (what BentoML's workers use) this one. Call before
     the server loads its config: importing service.py does."""
     ServiceHttpProtocol.early_refusal = early_refusal
+    ServiceHttpProtocol.balance = balance
     auto.AutoHTTPProtocol = ServiceHttpProtocol

@@ -10,13 +10,13 @@ Request counts and latency per endpoint and status are BentoML's own
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
 from ..core.errors import ClassifierError
 from ..core.postprocessing import Prediction
+from . import worker_state
 from .drift import DriftState
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -201,46 +201,12 @@ def forget_dead_workers() -> list[int]:
 
     prometheus_client keeps a killed process's files, so its `ready` gauge would read 1 for ever
     (measured: after a SIGKILL, /metrics showed 3 ready workers of 2)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
+    directory = worker_state.directory()
+    if directory is None:
         return []
-    pids = {int(file.stem.rsplit("_", 1)[1]) for file in Path(directory).glob("gauge_live*_*.db")}
-    dead = sorted(pid for pid in pids if pid != os.getpid() and not _alive(pid))
+    pids = {int(file.stem.rsplit("_", 1)[1]) for file in directory.glob("gauge_live*_*.db")}
+    dead = sorted(pid for pid in pids if pid != os.getpid() and not worker_state.alive(pid))
     for pid in dead:
-        mark_process_dead(pid, directory)
+        mark_process_dead(pid, str(directory))
         WORKERS_REPLACED.inc()
     return dead
-
-
-def loading(done: bool = False) -> None:
-    """Say that this worker is loading its models (`done`: no longer), for
-    `another_worker_is_loading`: a file `loading_<pid>` beside the metric files."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        marker = Path(directory) / f"loading_{os.getpid()}"
-        if done:
-            marker.unlink(missing_ok=True)
-        else:
-            marker.touch()
-
-
-def another_worker_is_loading() -> bool:
-    """True while another live worker of this server is still loading its models at start, so
-    /readyz answers 200 only once every worker can answer: each worker listens on its own
-    socket, and the kernel would hand part of the traffic to one still loading (503 NOT_READY).
-    A replacement for a dead worker loads before it listens, unmarked: the others stay ready."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return False
-    pids = (int(marker.name.rsplit("_", 1)[1]) for marker in Path(directory).glob("loading_*"))
-    return any(pid != os.getpid() and _alive(pid) for pid in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True

@@ -237,10 +237,12 @@ def listening_sockets(port: int) -> int:
     return sum(row[1].endswith(hex_port) and row[3] == "0A" for row in rows)  # 0A: LISTEN
 
 
-def test_keep_alive_clients_spread_over_both_workers(ops_server, heldout):
+def test_keep_alive_clients_end_up_evenly_spread_over_both_workers(ops_server, heldout):
     """16 keep-alive clients, as in the benchmark. BentoML's arbiter shares one listening socket
     and the worker on a CPU could accept every connection while the other idled; here each
-    worker listens on its own (SO_REUSEPORT) and the kernel spreads connections over them."""
+    worker listens on its own (SO_REUSEPORT), the kernel hashes connections over them (11 and 5
+    happens), and a worker holding more than its share closes one at a time until each holds 8
+    (http/balance.py)."""
     port = int(ops_server.url.rsplit(":", 1)[1])
     assert listening_sockets(port) == 2  # one per worker; BentoML alone: 1 shared
     picture = encode(heldout[2][0], "PNG")
@@ -249,28 +251,33 @@ def test_keep_alive_clients_spread_over_both_workers(ops_server, heldout):
     start = threading.Barrier(16)
 
     def one_client(_: int) -> list[str]:
+        """The request id of each answer."""
+        sent = []
         with httpx.Client(base_url=ops_server.url, headers=headers, timeout=30) as client:
             start.wait(timeout=60)  # the 16 connections open together, as a load generator's do
-            answers = [client.post("/analyze", files=files) for _ in range(10)]
-        assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
-        return [a.headers["x-request-id"] for a in answers]
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline:
+                answer = client.post("/analyze", files=files)
+                assert answer.status_code == 200, answer.text
+                sent.append(answer.headers["x-request-id"])
+        return sent
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         clients = list(pool.map(one_client, range(16)))
     time.sleep(0.3)
     worker_of = {line["request_id"]: line["component"] for line in access_lines(ops_server)}
-    workers_per_client = [{worker_of[request] for request in ids} for ids in clients]
-    assert all(len(w) == 1 for w in workers_per_client), workers_per_client  # kept alive
-    connections = Counter(next(iter(w)) for w in workers_per_client)
+    hashed = Counter(worker_of[ids[0]] for ids in clients)  # where the kernel put them
+    balanced = Counter(worker_of[ids[-1]] for ids in clients)  # where they ended
+    moved = sum(len({worker_of[request] for request in ids}) > 1 for ids in clients)
     requests = Counter(worker_of[request] for ids in clients for request in ids)
     measured(
-        f"2 workers, 16 keep-alive clients x 10 requests: connections per worker "
-        f"{sorted(connections.values(), reverse=True)}, requests per worker "
-        f"{sorted(requests.values(), reverse=True)}",
+        f"2 workers, 16 keep-alive clients for 6 s: connections per worker as the kernel hashed "
+        f"them {sorted(hashed.values(), reverse=True)}, at the end "
+        f"{sorted(balanced.values(), reverse=True)} ({moved} clients moved); requests per "
+        f"worker {sorted(requests.values(), reverse=True)}",
         doc="operations",
     )
-    # A hash spread: each worker gets at least 2 of 16 unless a 1-in-2,000 draw.
-    assert len(connections) == 2 and min(connections.values()) >= 2, connections
+    assert sorted(balanced.values()) == [8, 8], balanced
 
 
 # Monitoring as code (deploy/monitoring): the rules parse and pass their unit tests, the

@@ -1,0 +1,85 @@
+"""What the worker processes of one server tell each other: small files in the server's metric
+directory (`PROMETHEUS_MULTIPROC_DIR`, which BentoML creates for each server and clears when it
+starts and stops), each named after the worker's pid, so a dead worker's files are recognised by
+its pid and ignored. Without that directory (one process, tests) there is nobody to tell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def directory() -> Path | None:
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(shared) if shared else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def live_workers(prefix: str) -> Iterator[tuple[int, Path]]:
+    """(pid, file) of each live worker's `<prefix>_<pid>` file, this worker's included."""
+    shared = directory()
+    if shared is None:
+        return
+    for file in shared.glob(f"{prefix}_*"):
+        pid = file.name.rsplit("_", 1)[1]
+        if pid.isdigit() and alive(int(pid)):
+            yield int(pid), file
+
+
+def loading(done: bool = False) -> None:
+    """Say that this worker is loading its models (`done`: no longer)."""
+    shared = directory()
+    if shared is not None:
+        marker = shared / f"loading_{os.getpid()}"
+        if done:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.touch()
+
+
+def another_worker_is_loading() -> bool:
+    """True while another live worker is still loading its models at start, so /readyz answers
+    200 only once every worker can answer: each worker listens on its own socket, and the kernel
+    would hand part of the traffic to one still loading (503 NOT_READY). A replacement for a dead
+    worker loads before it listens, unmarked: the others stay ready meanwhile."""
+    return any(pid != os.getpid() for pid, _ in live_workers("loading"))
+
+
+class ConnectionCount:
+    """This worker's open connections, published for the others (one write per change, a few
+    microseconds), and everyone's, read back."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._fd: int | None = None
+
+    def changed(self, by: int) -> None:
+        self.open += by
+        if self._fd is None:
+            shared = directory()
+            if shared is None:
+                return
+            path = shared / f"connections_{os.getpid()}"
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.pwrite(self._fd, b"%10d" % self.open, 0)
+
+    @staticmethod
+    def everyone() -> list[int]:
+        """The open connections of each live worker (this one's included, once it has had one)."""
+        counts = []
+        for _, file in live_workers("connections"):
+            try:
+                counts.append(int(file.read_bytes() or b"0"))
+            except (OSError, ValueError):  # being created or just removed
+                continue
+        return counts
