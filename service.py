@@ -67,7 +67,6 @@ class ImageClassifier:
         if replaced:  # the others serve: take no connection before ready (until __init__ ends)
             self._load_models()
         else:  # /livez answers at once; /readyz and early requests say NOT_READY until loaded
-            worker_state.loading()  # and /readyz waits for every worker
             threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
@@ -79,13 +78,13 @@ class ImageClassifier:
             log.error("%s; /readyz stays 503. %s", exc, model_store.MODEL_HELP)
             return
         memory.freeze_startup_objects()
-        worker_state.loading(done=True)
+        worker_state.loaded()  # /readyz waits for every worker's
         self.__is_ready__()
 
     def __is_ready__(self) -> bool:
         ready = self.predictor.router.all_loaded() and not GATE.draining
         metrics.READY.set(1 if ready else 0)
-        return ready and not worker_state.another_worker_is_loading()
+        return ready and worker_state.every_worker_loaded(SETTINGS.workers)
 
     @bentoml.api(route="/analyze")
     async def analyze(

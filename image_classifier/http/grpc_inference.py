@@ -67,6 +67,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings):
         self.get_predictor = get_predictor
         self.gate = gate
+        self.workers = settings.workers
         self.max_items = settings.max_batch_images
         self.max_item_bytes = settings.max_upload_bytes
         self.max_request_bytes = settings.max_batch_bytes
@@ -77,7 +78,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
         loaded = self.get_predictor().router.all_loaded() and not self.gate.draining
-        return pb.ServerReadyResponse(ready=loaded and not worker_state.another_worker_is_loading())
+        every = worker_state.every_worker_loaded(self.workers)
+        return pb.ServerReadyResponse(ready=loaded and every)
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return await self._answer(

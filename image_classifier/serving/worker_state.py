@@ -36,23 +36,21 @@ def live_workers(prefix: str) -> Iterator[tuple[int, Path]]:
             yield int(pid), file
 
 
-def loading(done: bool = False) -> None:
-    """Say that this worker is loading its models (`done`: no longer)."""
+def loaded() -> None:
+    """Say that this worker has loaded its models, for `every_worker_loaded`."""
     shared = directory()
     if shared is not None:
-        marker = shared / f"loading_{os.getpid()}"
-        if done:
-            marker.unlink(missing_ok=True)
-        else:
-            marker.touch()
+        (shared / f"loaded_{os.getpid()}").touch()
 
 
-def another_worker_is_loading() -> bool:
-    """True while another live worker is still loading its models at start, so /readyz answers
-    200 only once every worker can answer: each worker listens on its own socket, and the kernel
-    would hand part of the traffic to one still loading (503 NOT_READY). A replacement for a dead
-    worker loads before it listens, unmarked: the others stay ready meanwhile."""
-    return any(pid != os.getpid() for pid, _ in live_workers("loading"))
+def every_worker_loaded(workers: int) -> bool:
+    """True once `workers` workers of this server have loaded their models (a dead one's mark
+    counts), so /readyz answers 200 only once every worker can answer: each worker listens on its
+    own socket, and the kernel would hand part of the traffic to one still loading (503
+    NOT_READY). A replacement for a dead worker loads before it listens, and the dead one's mark
+    keeps the others ready meanwhile."""
+    shared = directory()
+    return shared is None or workers < 2 or len(list(shared.glob("loaded_*"))) >= workers
 
 
 class ConnectionCount:

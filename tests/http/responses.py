@@ -3,6 +3,8 @@ Prometheus metric's value."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 
@@ -39,3 +41,9 @@ def open_inference_code(response: httpx.Response) -> str:
     assert body["error"].startswith(f"{code}: "), body
     assert response.headers["x-request-id"], response.headers
     return code
+
+
+def access_lines(log: str) -> list[dict]:
+    """A server log's access lines (one JSON object per request answered past the early refusal)."""
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("logger") == "image_classifier.access"]

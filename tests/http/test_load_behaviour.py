@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections import Counter
 
 import aiohttp
 import httpx
@@ -20,6 +21,7 @@ from loadtest.h2load import H2loadRun, h2load
 from loadtest.load import Outcome, closed_loops, percentile, post_image, raw_multipart
 from loadtest.servers import serve
 from tests.figures import measured
+from tests.http.responses import access_lines
 from tests.pictures import encode
 
 MAX_CONCURRENCY = Settings.max_concurrency  # the default: what a user's server refuses at
@@ -40,10 +42,12 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     moment they are answered (refused clients retrying at once). Load from h2load: a Python
     client would spend more of the two shared cores than the server it overloads.
 
-    The accepted latency bound: in each of the W workers at most MAX_CONCURRENCY requests are in
-    work and as many wait for a slot (admission.py), and they leave at the worker's share of the
-    served rate, so an accepted request waits at most 2 * MAX_CONCURRENCY * W / served seconds,
-    plus its own time at capacity (that point's p99).
+    The accepted latency bound: in each worker at most MAX_CONCURRENCY requests are in work and
+    as many wait for a slot (admission.py), and they leave at that worker's rate (its share of
+    the answers, from the access log, times the served rate), so an accepted request waits at most
+    2 * MAX_CONCURRENCY / (served * the smallest share) seconds, plus its own time at capacity
+    (that point's p99), plus the time its worker's event loop, busy with hundreds of connections,
+    takes to read its head: what a refusal took (the sampled refusals' p99: they do no other work).
     Goodput is asserted as a ratio to the capacity measured in the same run; the refusals'
     latency is reported against its target, not asserted (an absolute timing on shared cores)."""
     body, content_type = raw_multipart([("image", "digit.png", "image/png", digit_png)])
@@ -76,7 +80,11 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     refusal_p99 = percentile([o.seconds for o in refusals], 0.99)
     accepted = [o.seconds for o in samples if o.status == 200]
     capacity_p99 = percentile([o.seconds for o in at_capacity.outcomes], 0.99)
-    accepted_bound = 2 * MAX_CONCURRENCY * workers / served + capacity_p99
+    answered_by = Counter(line["component"] for line in access_lines(log) if line["status"] == 200)
+    assert len(answered_by) == workers, answered_by  # every worker served
+    smallest_share = min(answered_by.values()) / sum(answered_by.values())
+    loop_lag = refusal_p99
+    accepted_bound = 2 * MAX_CONCURRENCY / (served * smallest_share) + capacity_p99 + loop_lag
     h2load_view = {
         status: percentile([o.seconds for o in overload.outcomes if o.status == status], 0.99)
         for status in (200, 503)

@@ -23,6 +23,7 @@ from PIL import Image, PngImagePlugin
 from image_classifier.serving.release_record import ReleaseRecord, write_record
 from loadtest.servers import REPO, serve
 from tests.figures import measured
+from tests.http.responses import access_lines as access_log_lines
 from tests.http.responses import envelope_code, metric_names
 from tests.pictures import encode
 
@@ -85,8 +86,7 @@ def total(metrics_text: str, name: str, labels: str = "") -> float:
 
 
 def access_lines(server) -> list[dict]:
-    lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
-    return [line for line in lines if line.get("logger") == "image_classifier.access"]
+    return access_log_lines(server.log())
 
 
 def test_metrics_are_whole_across_two_workers_and_labelled_by_version(ops_server, heldout):

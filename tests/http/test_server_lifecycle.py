@@ -50,7 +50,7 @@ def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, arti
 
 def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artifacts, digit_png):
     log_path = artifacts / "server-auth.log"
-    env = {"API_TOKENS": TOKENS, "RATE_LIMIT": "10/minute"}
+    env = {"API_TOKENS": TOKENS, "RATE_LIMIT": "10/minute", "WORKERS": "1"}  # limit per worker
     files = {"image": ("d.png", digit_png, "image/png")}
     first, second = TOKENS.split(",")
     with serve(trained_store, log_path, env=env) as server:
