@@ -111,6 +111,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _held_answer: bytes | None = None  # a refusal sent once that body is in (then the end)
     _body_deadline = None  # the timer that gives up on a refused request's body
     _resume_reading = None  # the timer that ends a refused connection's pause
+    _running = None  # the request whose handler runs (uvicorn keeps only the latest one)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -169,12 +170,18 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self.balance.opened()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.balance is not None:
-            self.balance.closed()
         self._cancel_body_deadline()
         if self._resume_reading is not None:
             self._resume_reading.cancel()
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            # A client that pipelines and then hangs up: uvicorn tells only the latest request
+            # that it is gone, and the one still running would write to a closed transport.
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
+        if self.balance is not None:
+            self.balance.closed()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_refused:
@@ -185,6 +192,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
         """Every request let in is counted by the gate until its handler's first step
         (`Gate.capacity_refusal` says why)."""
+        self._running = cycle
         if self.early_refusal is None:
             super()._start_asgi_task(cycle, app)
             return
