@@ -216,6 +216,17 @@ def _workers(server_pid: int) -> list[int]:
     return pids
 
 
+def _probe(url: str, since: float) -> int | str:
+    """The status, or "reset at once" for a probe the kernel queued on the killed worker's
+    socket in the instant before its death closed it (as a Kubernetes probe could meet once)."""
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        if since < 0.1:
+            return "reset at once"
+        raise
+
+
 def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
     trained_store, artifacts, digit_png
 ):
@@ -232,7 +243,7 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
             os.kill(first[0], signal.SIGKILL)
             readyz, replaced_after = [], None
             while time.monotonic() - killed_at < 30 and replaced_after is None:
-                readyz.append(httpx.get(f"{s.url}/readyz", timeout=5).status_code)
+                readyz.append(_probe(f"{s.url}/readyz", since=time.monotonic() - killed_at))
                 metrics_text = httpx.get(f"{s.url}/metrics", timeout=5).text
                 ready_lines = [line for line in metrics_text.splitlines()
                                if line.startswith("image_classifier_ready{")]  # fmt: skip
@@ -256,5 +267,5 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
     assert len(failed) <= 4, failed  # at most one in-flight request per client
     assert all(o.started < killed_at + 0.05 for o in failed), (killed_at, failed)
     assert [o for o in outcomes if o.started > killed_at + 0.05 and o.status == 200]
-    assert set(readyz) == {200}, readyz
+    assert set(readyz) <= {200, "reset at once"}, readyz
     assert f"worker {first[0]} died without shutting down" in log
