@@ -17,7 +17,6 @@ from image_classifier import model_store
 from image_classifier.http import grpc_inference, logs, protocol
 from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
-from image_classifier.http.balance import ConnectionBalance
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.protocol import EarlyRefusal
@@ -68,7 +67,9 @@ class ImageClassifier:
             self._load_models()
         else:  # /livez answers at once; /readyz and early requests say NOT_READY until loaded
             threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
-        stop_grpc = grpc_inference.serve_in_background(lambda: self.predictor, GATE, SETTINGS)
+        stop_grpc = grpc_inference.serve_in_background(
+            lambda: self.predictor, GATE, SETTINGS, self.__is_ready__
+        )
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
 
     def _load_models(self) -> None:
@@ -114,6 +115,4 @@ ImageClassifier.add_asgi_middleware(
     upload_routes=UPLOAD_ROUTES,
 )
 # Before the server loads its config: request heads are capped, and overload is refused there.
-protocol.install(
-    EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s), ConnectionBalance(SETTINGS.workers)
-)
+protocol.install(EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s), SETTINGS.workers)

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from ..core.errors import ClassifierError, ErrorCode
-from ..serving import metrics, worker_state
+from ..serving import metrics
 from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.settings import Settings
@@ -64,10 +64,16 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings):
+    def __init__(
+        self,
+        get_predictor: Callable[[], Predictor],
+        gate: Gate,
+        settings: Settings,
+        is_ready: Callable[[], bool],
+    ):
         self.get_predictor = get_predictor
         self.gate = gate
-        self.workers = settings.workers
+        self.is_ready = is_ready  # the service's own readiness, as /readyz answers it
         self.max_items = settings.max_batch_images
         self.max_item_bytes = settings.max_upload_bytes
         self.max_request_bytes = settings.max_batch_bytes
@@ -77,9 +83,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        loaded = self.get_predictor().router.all_loaded() and not self.gate.draining
-        every = worker_state.every_worker_loaded(self.workers)
-        return pb.ServerReadyResponse(ready=loaded and every)
+        return pb.ServerReadyResponse(ready=self.is_ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return await self._answer(
@@ -270,7 +274,10 @@ def listening_host() -> str:
 
 
 def build_server(
-    get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings
+    get_predictor: Callable[[], Predictor],
+    gate: Gate,
+    settings: Settings,
+    is_ready: Callable[[], bool],
 ) -> grpc.aio.Server:
     """The server, not started (`await server.start()` in the worker's event loop). Messages
     twice the batch cap still arrive, so that a large one gets the PAYLOAD_TOO_LARGE code."""
@@ -281,20 +288,23 @@ def build_server(
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(get_predictor, gate, settings), server
+        InferenceService(get_predictor, gate, settings, is_ready), server
     )
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
     return server
 
 
 def serve_in_background(
-    get_predictor: Callable[[], Predictor], gate: Gate, settings: Settings
+    get_predictor: Callable[[], Predictor],
+    gate: Gate,
+    settings: Settings,
+    is_ready: Callable[[], bool],
 ) -> Callable[[], Awaitable[None]] | None:
     """Start this worker's gRPC server in the running event loop (GRPC_PORT=0: none); returns
     what stops it, for after the SIGTERM drain."""
     if not settings.grpc_port:
         return None
-    server = build_server(get_predictor, gate, settings)
+    server = build_server(get_predictor, gate, settings, is_ready)
     loop = asyncio.get_running_loop()
     started = loop.create_task(server.start())
     _background.add(started)

@@ -296,11 +296,10 @@ def _answer_template(
     return b"".join([*head, b"\r\n", body]), id_count, len(body) - id_count * len(_ID_SLOT)
 
 
-def install(
-    early_refusal: EarlyRefusal | None = None, balance: ConnectionBalance | None = None
-) -> None:
-    """Make uvicorn's "auto" HTTP protocol (what BentoML's workers use) this one. Call before
-    the server loads its config: importing service.py does."""
+def install(early_refusal: EarlyRefusal | None = None, workers: int = 1) -> None:
+    """Make uvicorn's "auto" HTTP protocol (what BentoML's workers use) this one, balancing
+    connections when there are several `workers`. Call before the server loads its config:
+    importing service.py does."""
     ServiceHttpProtocol.early_refusal = early_refusal
-    ServiceHttpProtocol.balance = balance
+    ServiceHttpProtocol.balance = ConnectionBalance(workers) if workers > 1 else None
     auto.AutoHTTPProtocol = ServiceHttpProtocol
