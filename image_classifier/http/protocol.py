@@ -191,14 +191,12 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
         """Every request let in is counted by the gate until its handler's first step
-        (`Gate.capacity_refusal` says why)."""
+        (`Gate.capacity_refusal` says why), and answers through `_send_unless_gone`."""
         self._running = cycle
-        if self.early_refusal is None:
-            super()._start_asgi_task(cycle, app)
-            return
-        gate = self.early_refusal.gate
-        gate.starting += 1
-        super()._start_asgi_task(cycle, functools.partial(_counted_until_started, gate, app))
+        gate = self.early_refusal.gate if self.early_refusal is not None else None
+        if gate is not None:
+            gate.starting += 1
+        super()._start_asgi_task(cycle, functools.partial(_run, gate, cycle, app))
 
     def _refused_early(self) -> bool:
         """Refuse the request now, if the gate says so and no earlier answer is still pending
@@ -260,9 +258,20 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-async def _counted_until_started(gate: Gate, app, scope, receive, send) -> None:  # noqa: ANN001
-    gate.starting -= 1
-    await app(scope, receive, send)
+async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # noqa: ANN001
+    if gate is not None:
+        gate.starting -= 1
+
+    async def send_unless_gone(message) -> None:  # noqa: ANN001 - an ASGI message
+        """A client that resets while its answer is on the way: the event loop closes the
+        transport at once but tells the protocol (`connection_lost`) a step later, and a write
+        in between raised RuntimeError in uvicorn (a traceback under overload, seen in
+        tests/http/test_load_behaviour.py). A closing transport is a client gone."""
+        if cycle.transport.is_closing() and not cycle.response_complete:
+            cycle.disconnected = True  # uvicorn's send then drops the message
+        await send(message)
+
+    await app(scope, receive, send_unless_gone)
 
 
 def _answer(refusal: ClassifierError, request_id: str, open_inference: bool, close: bool) -> bytes:

@@ -47,3 +47,10 @@ def access_lines(log: str) -> list[dict]:
     """A server log's access lines (one JSON object per request answered past the early refusal)."""
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("logger") == "image_classifier.access"]
+
+
+def assert_no_traceback(log: str) -> None:
+    """No traceback in a server log; if there is one, the failure shows it (and what led to it),
+    not the log's first or last lines."""
+    at = log.find("Traceback")
+    assert at < 0, "a traceback in the server log:\n" + log[max(0, at - 2000) : at + 4000]

@@ -21,7 +21,7 @@ from loadtest.h2load import H2loadRun, h2load
 from loadtest.load import Outcome, closed_loops, percentile, post_image, raw_multipart
 from loadtest.servers import serve
 from tests.figures import measured
-from tests.http.responses import access_lines
+from tests.http.responses import access_lines, assert_no_traceback
 from tests.pictures import encode
 
 MAX_CONCURRENCY = Settings.max_concurrency  # the default: what a user's server refuses at
@@ -125,7 +125,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     assert {o.status for o in samples} <= {200, 503}, samples
     assert max(accepted, default=0) <= accepted_bound, (accepted_bound, max(accepted))
     assert "refused at their headers" in log
-    assert "Traceback" not in log
+    assert_no_traceback(log)
 
 
 def _sample_answers(url: str, image: bytes, seconds: float, clients: int = 8) -> list[Outcome]:

@@ -29,6 +29,8 @@ class FakeTransport:
         self.reading = True
 
     def write(self, data: bytes) -> None:
+        if self.closed:  # as uvloop's transport does
+            raise RuntimeError("unable to perform operation: the handler is closed")
         self.written.append(data)
 
     def is_closing(self) -> bool:
@@ -70,8 +72,8 @@ def full_gate():
     protocol.install(previous)
 
 
-async def connected() -> tuple[protocol.ServiceHttpProtocol, FakeTransport]:
-    config = Config(app=app, http="httptools", lifespan="off")
+async def connected(asgi_app=None) -> tuple[protocol.ServiceHttpProtocol, FakeTransport]:  # noqa: ANN001
+    config = Config(app=asgi_app or app, http="httptools", lifespan="off")
     config.load()
     server = protocol.ServiceHttpProtocol(config=config, server_state=ServerState(), app_state={})
     transport = FakeTransport()
@@ -192,5 +194,29 @@ def test_heads_let_in_count_as_taken_slots_until_their_handlers_start(full_gate)
         assert full_gate.starting == 0
         statuses = [answer_of(b"".join(transport.written))[0] for _, transport in burst]
         assert statuses == [200, 503, 503]
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_to_a_client_that_reset_is_dropped_not_raised(full_gate):
+    """The event loop closes the transport of a client that resets at once, and tells the
+    protocol a step later: an answer written in between must not raise (it did, under load)."""
+    full_gate.in_flight = 0
+    answered = []
+
+    async def slow_app(scope, receive, send) -> None:  # noqa: ANN001
+        await asyncio.sleep(0.02)  # the model runs; meanwhile the client resets
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        answered.append(scope["path"])
+
+    async def scenario():
+        server, transport = await connected(slow_app)
+        server.data_received(request())
+        await asyncio.sleep(0.005)
+        transport.close()  # the reset; connection_lost has not run yet
+        await asyncio.sleep(0.05)
+        assert answered == ["/analyze"] and transport.written == []
+        server.connection_lost(ConnectionResetError())
 
     asyncio.run(scenario())
