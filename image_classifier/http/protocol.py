@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import urllib.parse
-import uuid
 from collections import Counter
 from http import HTTPStatus
 
@@ -43,7 +42,7 @@ from .envelope import (
     error_headers,
     is_open_inference_path,
 )
-from .headers import REQUEST_ID_HEADER, request_id_for
+from .headers import REQUEST_ID_HEADER, new_request_id, request_id_for
 from .uploads import UploadRoute, route_for
 
 log = logging.getLogger(__name__)
@@ -254,7 +253,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             f"the request's headers are over the limit of {MAX_HEAD_BYTES:,} bytes "
             f"or {MAX_HEADERS} fields",
         )
-        self.transport.write(_answer(refusal, str(uuid.uuid4()), open_inference=False, close=True))
+        self.transport.write(_answer(refusal, new_request_id(), open_inference=False, close=True))
         self.transport.close()
 
 
