@@ -61,7 +61,9 @@ class ImageClassifier:
         for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)
         served = [(str(m.tag), Path(m.path)) for m in (self.model, self.candidate) if m]
-        self.predictor = Predictor.for_models(SETTINGS, served)
+        self.predictor = Predictor.for_models(
+            SETTINGS, served, bentoml.server_context.worker_index or 0
+        )
         self.apis = UploadApis(self.predictor)
         if replaced:  # the others serve: take no connection before ready (until __init__ ends)
             self._load_models()

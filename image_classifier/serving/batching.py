@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import metrics
+from .worker_state import InWork
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ class _Queued:
 
 
 class MicroBatcher:
-    def __init__(self, run_each: RunEach, max_batch: int, runners: int) -> None:
+    def __init__(
+        self, run_each: RunEach, max_batch: int, runners: int, in_work: InWork | None = None
+    ) -> None:
         self.run_each = run_each  # one row per tensor, None for an item the model failed on;
-        # told `solo` when it runs one image and nothing else is running or waiting
+        # told `solo` when it runs the only image in work in the whole server (`InWork.alone`)
         self.max_batch = max_batch
         self.runners = runners  # model runs at once (each one ONNX Runtime call)
+        self.in_work = in_work or InWork()  # shared by the worker's batchers (one per version)
         self._changed = threading.Condition()
         self._queue: deque[_Queued] = deque()
         self._running = 0
@@ -53,20 +57,29 @@ class MicroBatcher:
     def run(self, tensor: np.ndarray) -> tuple[np.ndarray | None, int]:
         """The probabilities row (None: the model failed on it) and how many shared the run.
         Blocking: call it from a worker thread."""
-        mine = _Queued(tensor, time.perf_counter())
-        with self._changed:
-            self._queue.append(mine)
-            while not mine.done:
-                if self._queue and self._running < self.runners:
-                    self._lead_one_run()
-                else:
-                    self._changed.wait()
-        return mine.row, mine.merged
+        return self.prepare_and_run(lambda: tensor)
+
+    def prepare_and_run(self, prepare: Callable[[], np.ndarray]) -> tuple[np.ndarray | None, int]:
+        """`run` for a tensor still to be prepared (decoded, preprocessed): the image counts as
+        in work from now, so no other image runs solo while this one is being decoded."""
+        self.in_work.change(1)
+        try:
+            mine = _Queued(prepare(), time.perf_counter())
+            with self._changed:
+                self._queue.append(mine)
+                while not mine.done:
+                    if self._queue and self._running < self.runners:
+                        self._lead_one_run()
+                    else:
+                        self._changed.wait()
+            return mine.row, mine.merged
+        finally:
+            self.in_work.change(-1)
 
     def _lead_one_run(self) -> None:
         """Take what is queued and run it, with the lock released during the model run."""
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
-        solo = len(batch) == 1 and self._running == 0 and not self._queue
+        solo = len(batch) == 1 and self.in_work.alone()
         self._running += 1
         self._changed.release()
         try:

@@ -35,6 +35,7 @@ from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluation
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
 from .shared_state import redis_client
+from .worker_state import InWork
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,21 @@ class Answer:
 
 
 class Predictor:
-    def __init__(self, router: ModelRouter, settings: Settings) -> None:
+    def __init__(self, router: ModelRouter, settings: Settings, worker_slot: int = 0) -> None:
         self.router = router
         self.settings = settings
+        self.in_work = InWork(worker_slot)  # this worker's images in work, seen by the others
         self.threads = anyio.CapacityLimiter(settings.threads)  # decoding and model runs
         self.cache = prediction_cache(settings)
         self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
         self._shadow_tasks: set[asyncio.Task] = set()
 
     @classmethod
-    def for_models(cls, settings: Settings, models: Sequence[tuple[str, Path]]) -> Predictor:
-        """`(name:version, folder)` of the primary model, then of an optional candidate."""
+    def for_models(
+        cls, settings: Settings, models: Sequence[tuple[str, Path]], worker_slot: int = 0
+    ) -> Predictor:
+        """`(name:version, folder)` of the primary model, then of an optional candidate;
+        `worker_slot`: this worker's number among the server's (`InWork`)."""
         served = [
             ServedVersion(
                 ModelRef(name=tag.split(":")[0], version=tag.split(":")[1]),
@@ -75,7 +80,7 @@ class Predictor:
             canary_fraction=settings.canary_fraction,
             shadow_fraction=settings.shadow_fraction,
         )
-        return cls(router, settings)
+        return cls(router, settings, worker_slot)
 
     def load_models(self) -> None:
         """Load and warm up every served model (slow: call it off the event loop).
@@ -109,14 +114,22 @@ class Predictor:
         settings = self.settings
         if settings.batching and classifier.merging_gain >= settings.batching_min_gain:
             return MicroBatcher(
-                classifier.run_isolating_faults, settings.batch_max_size, settings.model_runs
+                classifier.run_isolating_faults,
+                settings.batch_max_size,
+                settings.model_runs,
+                self.in_work,
             )
         log.info(
             "model %s: no merging (BATCHING %s, a full run %.2fx cheaper per image, minimum %g)",
             classifier.card.name, settings.batching, classifier.merging_gain,
             settings.batching_min_gain,
         )  # fmt: skip
-        return MicroBatcher(classifier.run_isolating_faults, max_batch=1, runners=settings.threads)
+        return MicroBatcher(
+            classifier.run_isolating_faults,
+            max_batch=1,
+            runners=settings.threads,
+            in_work=self.in_work,
+        )
 
     def info(self) -> dict:
         """What /info shows: the service, its versions, the card's contract and the limits."""
@@ -248,7 +261,7 @@ class Predictor:
         def prepare_and_run() -> tuple[np.ndarray | None, int]:
             if isinstance(data, np.ndarray):
                 return batcher.run(data)
-            return batcher.run(_timed_prepare(classifier, data, content_type))
+            return batcher.prepare_and_run(partial(_timed_prepare, classifier, data, content_type))
 
         row, merged = await anyio.to_thread.run_sync(prepare_and_run, limiter=self.threads)
         if row is None:

@@ -5,9 +5,13 @@ its pid and ignored. Without that directory (one process, tests) there is nobody
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 def directory() -> Path | None:
@@ -84,3 +88,50 @@ class ConnectionCount:
             except (OSError, ValueError):  # being created or just removed
                 continue
         return counts
+
+
+class InWork:
+    """How many images this worker has in work (decoding, waiting or in a model run), published
+    in one page shared by the server's workers, a slot each: a memory write per change, no
+    syscall. `alone` says whether an image is the only one in work in the whole server, the one
+    case where its model run may take every CPU (`Classifier.run(solo=True)`): with anything else
+    in work, here or in another worker, those CPUs are busy and a wider run only competes.
+
+    A worker that dies with images in work leaves its slot set until its replacement, which takes
+    the same slot, clears it: until then no run is solo, which costs latency, not answers."""
+
+    SLOTS = 1024
+
+    def __init__(self, slot: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._mine = 0
+        self._slot = slot % self.SLOTS
+        self._everyone: np.ndarray | None = None
+        shared = directory()
+        if shared is None:
+            return
+        try:
+            fd = os.open(shared / "in_work", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size < self.SLOTS * 4:
+                    os.ftruncate(fd, self.SLOTS * 4)  # every worker may: the same size, zeros
+                page = mmap.mmap(fd, self.SLOTS * 4)
+            finally:
+                os.close(fd)
+        except OSError:  # not shared: each worker then judges by its own images only
+            return
+        self._everyone = np.frombuffer(page, dtype=np.int32)
+        self._everyone[self._slot] = 0
+
+    def change(self, by: int) -> None:
+        with self._lock:
+            self._mine += by
+            if self._everyone is not None:
+                self._everyone[self._slot] = self._mine
+
+    def alone(self) -> bool:
+        """True when this worker's one image in work is the server's only one."""
+        if self._mine != 1:
+            return False
+        everyone, slot = self._everyone, self._slot
+        return everyone is None or not (everyone[:slot].any() or everyone[slot + 1 :].any())

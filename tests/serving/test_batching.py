@@ -66,6 +66,25 @@ def test_requests_arriving_while_the_model_is_busy_share_a_run():
     assert model.solo.count(True) <= 1  # only the first run can have found nobody else
 
 
+def test_no_run_is_solo_while_another_image_is_being_prepared():
+    model = RecordingModel()
+    batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
+    decoding, decoded = threading.Event(), threading.Event()
+
+    def slow_prepare():
+        decoding.set()
+        decoded.wait(5)
+        return np.array([2.0])
+
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(batcher.prepare_and_run, slow_prepare)
+        decoding.wait(5)
+        row, _ = batcher.run(np.array([1.0]))  # runs while the other image is decoding
+        decoded.set()
+        assert other.result(5)[0].tolist() == [4.0] and row.tolist() == [2.0]
+    assert model.solo == [False, True]  # the second image ran when nothing else was in work
+
+
 def test_a_failing_item_fails_alone():
     model = RecordingModel(seconds=0.02)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
