@@ -45,9 +45,15 @@ class BodyPace:
 
 async def read_body(
     receive: Receive, declared: str | None, max_bytes: int, pace: BodyPace
-) -> bytes:
-    """The whole body, or ClassifierError: 413 over `max_bytes` (a Content-Length over it is
-    refused before a byte is read), 408 too slow, 400 when the client hangs up."""
+) -> list[bytes]:
+    """The whole body, as the chunks it came in, or ClassifierError: 413 over `max_bytes` (a
+    Content-Length over it is refused before a byte is read), 408 too slow, 400 when the client
+    hangs up.
+
+    Chunks, not one joined copy: a multipart upload is parsed chunk by chunk, so a photo's bytes
+    are copied once (into its part), not twice. Each copy of a few MB is a fresh block of pages
+    (memory.py has malloc map blocks over 1 MB), and with phone photos the join alone was a
+    fifth of the event loop's time in a py-spy profile."""
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks: list[bytes] = []
@@ -57,7 +63,7 @@ async def read_body(
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks
 
 
 async def discard_body(receive: Receive, pace: BodyPace) -> bool:

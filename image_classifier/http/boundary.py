@@ -134,9 +134,9 @@ class BoundaryMiddleware:
         await self.gate.enter()
         try:
             if route.answer_body is not None:  # a body format of its own (Open Inference)
-                response = await route.answer_body(path, Headers(scope=scope), body)
+                response = await route.answer_body(path, Headers(scope=scope), b"".join(body))
             elif route.rule is None or route.answer is None:  # capped only: the framework parses
-                await self.app(scope, _replay(body, receive), send)
+                await self.app(scope, _replay(b"".join(body), receive), send)
                 return
             else:
                 files, integers = parse_multipart(_header(scope, "content-type"), body, route.rule)

@@ -125,10 +125,10 @@ def _method_of(answerer: Callable[[], Any], name: str) -> Answer:
 
 
 def parse_multipart(
-    content_type: str | None, body: bytes, rule: UploadRule
+    content_type: str | None, body: Iterable[bytes], rule: UploadRule
 ) -> tuple[list[UploadPart], dict[str, int]]:
     """The file parts in body order and the integer fields, or a ClassifierError saying what is
-    wrong with the request."""
+    wrong with the request. `body`: its chunks, as they came."""
     media, options = parse_options_header(content_type or "")
     if media != b"multipart/form-data" or not options.get(b"boundary"):
         raise ClassifierError(
@@ -139,7 +139,7 @@ def parse_multipart(
     return _check_parts(parts, rule)
 
 
-def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadPart]:
+def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> list[UploadPart]:
     parts: list[UploadPart] = []
     header: dict[str, bytearray] = {"field": bytearray(), "value": bytearray()}
     headers: dict[str, str] = {}
@@ -195,7 +195,8 @@ def _parse_parts(boundary: bytes, body: bytes, rule: UploadRule) -> list[UploadP
     )
     malformed = ClassifierError(ErrorCode.INVALID_REQUEST, "the multipart body is malformed")
     try:
-        parser.write(body)
+        for chunk in body:
+            parser.write(chunk)
         parser.finalize()
     except MultipartParseError:
         raise malformed from None

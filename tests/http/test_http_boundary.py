@@ -12,7 +12,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from image_classifier.http.boundary import BoundaryMiddleware
-from image_classifier.http.uploads import Upload, UploadRoute, UploadRule
+from image_classifier.http.uploads import Upload, UploadRoute, UploadRule, parse_multipart
 
 CAP = 1000
 
@@ -90,6 +90,24 @@ def test_a_good_upload_reaches_its_api_parsed_once():
     assert body["integers"] == {"top_k": 2}
     assert body["model_version"] == "v2"
     assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_a_body_parsed_from_its_chunks_is_the_same_wherever_they_split():
+    """The boundary parses an upload chunk by chunk, as it came: a split anywhere, inside the
+    boundary line, a header or the file's bytes, gives the same parts."""
+    payload = bytes(range(256)) + b"\r\n--bound\r\n--b-" + bytes(range(255, -1, -1))
+    body = (
+        b'--boundary\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--boundary\r\n"
+        b'Content-Disposition: form-data; name="top_k"\r\n\r\n3\r\n--boundary--\r\n'
+    )
+    rule = UploadRule("image", 1, 1, integer_fields=frozenset({"top_k"}))
+    content_type = "multipart/form-data; boundary=boundary"
+    for at in range(1, len(body)):
+        for split in ([body[:at], body[at:]], [body[i : i + at] for i in range(0, len(body), at)]):
+            files, integers = parse_multipart(content_type, split, rule)
+            assert [(f.name, f.filename, f.data) for f in files] == [("image", "p.png", payload)]
+            assert integers == {"top_k": 3}
 
 
 def test_a_bug_in_an_api_is_one_enveloped_500_with_no_details():
