@@ -35,6 +35,7 @@ bentoml_compat.replace_leaking_timeout_middleware()
 if SETTINGS.workers > 1:  # each worker accepts on its own socket: connections spread evenly
     bentoml_compat.listen_in_every_worker()
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
+WORKER_SLOT = bentoml.server_context.worker_index or 0  # this worker's slot in shared counts
 log = logging.getLogger("image_classifier.service")
 log.info("sized: %s", SETTINGS.sizing)
 
@@ -61,9 +62,7 @@ class ImageClassifier:
         for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)
         served = [(str(m.tag), Path(m.path)) for m in (self.model, self.candidate) if m]
-        self.predictor = Predictor.for_models(
-            SETTINGS, served, bentoml.server_context.worker_index or 0
-        )
+        self.predictor = Predictor.for_models(SETTINGS, served, WORKER_SLOT)
         self.apis = UploadApis(self.predictor)
         if replaced:  # the others serve: take no connection before ready (until __init__ ends)
             self._load_models()
@@ -117,4 +116,5 @@ ImageClassifier.add_asgi_middleware(
     upload_routes=UPLOAD_ROUTES,
 )
 # Before the server loads its config: request heads are capped, and overload is refused there.
-protocol.install(EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s), SETTINGS.workers)
+EARLY_REFUSAL = EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s)
+protocol.install(EARLY_REFUSAL, SETTINGS.workers, WORKER_SLOT)

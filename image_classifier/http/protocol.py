@@ -304,10 +304,10 @@ def _answer_template(
     return b"".join([*head, b"\r\n", body]), id_count, len(body) - id_count * len(_ID_SLOT)
 
 
-def install(early_refusal: EarlyRefusal | None = None, workers: int = 1) -> None:
+def install(early_refusal: EarlyRefusal | None = None, workers: int = 1, slot: int = 0) -> None:
     """Make uvicorn's "auto" HTTP protocol (what BentoML's workers use) this one, balancing
-    connections when there are several `workers`. Call before the server loads its config:
-    importing service.py does."""
+    connections when there are several `workers` (`slot`: this worker's number). Call before the
+    server loads its config: importing service.py does."""
     ServiceHttpProtocol.early_refusal = early_refusal
-    ServiceHttpProtocol.balance = ConnectionBalance(workers) if workers > 1 else None
+    ServiceHttpProtocol.balance = ConnectionBalance(workers, slot) if workers > 1 else None
     auto.AutoHTTPProtocol = ServiceHttpProtocol
