@@ -69,7 +69,7 @@ class ImageClassifier:
         else:  # /livez answers at once; /readyz and early requests say NOT_READY until loaded
             threading.Thread(target=self._load_models, name="model-loader", daemon=True).start()
         stop_grpc = grpc_inference.serve_in_background(
-            lambda: self.predictor, GATE, SETTINGS, self.__is_ready__
+            lambda: self.predictor, GATE, SETTINGS, self.__is_ready__, WORKER_SLOT
         )
         drain_on_sigterm(GATE, SETTINGS.shutdown_grace_s, then=stop_grpc)
 

@@ -30,9 +30,11 @@ from ..serving import metrics
 from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.settings import Settings
+from ..serving.worker_state import directory as shared_directory
 from . import logs
 from .admission import Gate
 from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
+from .grpc_spread import FORWARDED_BY, FORWARDED_FOR, CallSpreader, passed_on
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .protos import grpc_predict_v2_pb2 as pb
 from .protos import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -70,10 +72,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         gate: Gate,
         settings: Settings,
         is_ready: Callable[[], bool],
+        spreader: CallSpreader | None = None,
     ):
         self.get_predictor = get_predictor
         self.gate = gate
         self.is_ready = is_ready  # the service's own readiness, as /readyz answers it
+        self.spreader = spreader  # sends ModelInfer calls on to idler workers (grpc_spread.py)
         self.max_items = settings.max_batch_images
         self.max_item_bytes = settings.max_upload_bytes
         self.max_request_bytes = settings.max_batch_bytes
@@ -116,6 +120,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, "ModelMetadata", metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+        if self.spreader is None:
+            return await self._infer_here(request, context)
+        if not passed_on(context):
+            client = _client_address(context, _metadata(context))
+            answer = await self.spreader.send_on(request, context, client)
+            if answer is not None:
+                return answer
+        self.spreader.answering += 1
+        try:
+            return await self._infer_here(request, context)
+        finally:
+            self.spreader.answering -= 1
+
+    async def _infer_here(self, request: pb.ModelInferRequest, context: Any) -> Any:
         async def infer() -> pb.ModelInferResponse:
             if request.ByteSize() > self.max_request_bytes:
                 raise ClassifierError(
@@ -148,9 +166,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         error: ClassifierError | None = None
         with logs.request_context(request_id, "GRPC", SERVICE + method) as fields:
+            if FORWARDED_BY in metadata and passed_on(context):
+                fields["forwarded_by"] = metadata[FORWARDED_BY]  # the worker it came through
             try:
                 client = self.gate.authenticate(metadata.get("authorization"))
-                await self.gate.check_rate(client or _peer_address(context))
+                await self.gate.check_rate(client or _client_address(context, metadata))
                 async with self._work_slot(in_work):
                     async with asyncio.timeout(self.gate.policy.request_timeout_s):
                         return await work()
@@ -206,8 +226,11 @@ def _metadata(context: Any) -> dict[str, str]:
     }
 
 
-def _peer_address(context: Any) -> str:
-    """The client's address for rate limiting, as HTTP keys it ("ipv4:1.2.3.4:5678" → host)."""
+def _client_address(context: Any, metadata: dict[str, str]) -> str:
+    """The client's address for rate limiting, as HTTP keys it ("ipv4:1.2.3.4:5678" → host); for
+    a call another worker sent on, the address that worker saw."""
+    if passed_on(context):
+        return metadata.get(FORWARDED_FOR, "addr:unknown")
     peer = context.peer() or "unknown"
     host = peer.split(":", 1)[1].rsplit(":", 1)[0] if ":" in peer else peer
     return "addr:" + host.strip("[]")
@@ -278,9 +301,11 @@ def build_server(
     gate: Gate,
     settings: Settings,
     is_ready: Callable[[], bool],
+    spreader: CallSpreader | None = None,
 ) -> grpc.aio.Server:
     """The server, not started (`await server.start()` in the worker's event loop). Messages
-    twice the batch cap still arrive, so that a large one gets the PAYLOAD_TOO_LARGE code."""
+    twice the batch cap still arrive, so that a large one gets the PAYLOAD_TOO_LARGE code. With
+    a `spreader`, it listens on this worker's unix socket too, for calls the others send on."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 2 * settings.max_batch_bytes + 2**20),
@@ -288,9 +313,11 @@ def build_server(
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(get_predictor, gate, settings, is_ready), server
+        InferenceService(get_predictor, gate, settings, is_ready, spreader), server
     )
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
+    if spreader is not None:
+        server.add_insecure_port(spreader.own_address())
     return server
 
 
@@ -299,12 +326,16 @@ def serve_in_background(
     gate: Gate,
     settings: Settings,
     is_ready: Callable[[], bool],
+    worker_slot: int = 0,
 ) -> Callable[[], Awaitable[None]] | None:
     """Start this worker's gRPC server in the running event loop (GRPC_PORT=0: none); returns
-    what stops it, for after the SIGTERM drain."""
+    what stops it, for after the SIGTERM drain. `worker_slot`: this worker's number, by which
+    the others find its unix socket."""
     if not settings.grpc_port:
         return None
-    server = build_server(get_predictor, gate, settings, is_ready)
+    in_work = get_predictor().in_work
+    spreader = CallSpreader.for_worker(in_work, worker_slot, settings.workers, shared_directory())
+    server = build_server(get_predictor, gate, settings, is_ready, spreader)
     loop = asyncio.get_running_loop()
     started = loop.create_task(server.start())
     _background.add(started)
@@ -313,5 +344,7 @@ def serve_in_background(
 
     async def stop() -> None:
         await server.stop(grace=1)
+        if spreader is not None:
+            await spreader.close()
 
     return stop

@@ -104,6 +104,11 @@ GRPC_REQUESTS = Counter(
     "metrics count HTTP only",
     ["method", "code"],
 )
+GRPC_SENT_ON = Counter(
+    "image_classifier_grpc_sent_on",
+    "ModelInfer calls this worker received and another, less busy worker answered (one gRPC "
+    "channel is one connection, held by one worker)",
+)
 ITEM_ERRORS = Counter(
     "image_classifier_batch_item_errors", "Refused images inside /analyze_batch by code", ["code"]
 )

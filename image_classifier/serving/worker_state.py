@@ -85,6 +85,12 @@ class SharedCount:
         """Every worker's number added up (this one's included)."""
         return self.mine if self._everyone is None else int(self._everyone.sum())
 
+    def of(self, slot: int) -> int:
+        """Another worker's number (0 when it cannot be known)."""
+        if slot % self.SLOTS == self._slot:
+            return self.mine
+        return 0 if self._everyone is None else int(self._everyone[slot % self.SLOTS])
+
     def others_zero(self) -> bool:
         everyone, slot = self._everyone, self._slot
         return everyone is None or not (everyone[:slot].any() or everyone[slot + 1 :].any())

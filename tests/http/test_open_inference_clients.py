@@ -29,7 +29,7 @@ from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
 from image_classifier.http.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from image_classifier.serving.open_inference import join_bytes_elements
 from loadtest.servers import REPO, serve
-from tests.http.responses import metric_value
+from tests.http.responses import access_lines, metric_value
 from tests.pictures import encode
 from tests.readme import readme_block
 
@@ -318,6 +318,48 @@ def test_tokens_rate_limit_and_overload_reach_the_client(guarded, kind, pngs):
             break
     else:
         pytest.fail("25 calls within a minute were all allowed under RATE_LIMIT=20/minute")
+
+
+def test_one_grpc_channel_is_answered_by_every_worker(server, pngs, analyzed):
+    """One client object shared by 16 threads (one channel, one connection, held by one worker):
+    the calls are spread over both workers of the default server, answers and errors alike reach
+    the client unchanged, and every call is answered, and logged, exactly once."""
+    client = grpcclient.InferenceServerClient(server.grpc_target)
+    bad_calls = {
+        "INVALID_IMAGE": dict(images=[pngs[0][:40]]),
+        "NOT_FOUND": dict(images=pngs[:1], model_version="v9"),
+        "PAYLOAD_TOO_LARGE": dict(images=pngs[:1] * 65),
+        "INVALID_REQUEST": dict(
+            images=pngs[:1], outputs=[grpcclient.InferRequestedOutput("logits")]
+        ),
+    }
+
+    def call(number: int) -> str:
+        request_id = f"spread-{number}"
+        code = list(bad_calls)[number % 20] if number % 20 < len(bad_calls) else None
+        options = dict(bad_calls[code]) if code else {"images": [pngs[number % len(pngs)]]}
+        tensor = image_input("grpc", options.pop("images"))
+        infer = lambda: client.infer(  # noqa: E731
+            MODEL, [tensor], headers={"x-request-id": request_id}, **options
+        )
+        if code:
+            expect_error(infer, "grpc", status_for("grpc", code), code)
+        else:
+            row = infer().as_numpy("probabilities")
+            np.testing.assert_allclose(row[0], analyzed[number % len(pngs)], atol=1e-6)
+        return request_id
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        sent = list(pool.map(call, range(400)))
+    metrics = httpx.get(f"{server.url}/metrics").text
+    lines = [line for line in access_lines(server.log()) if line["request_id"] in set(sent)]
+    assert sorted(line["request_id"] for line in lines) == sorted(sent)  # each once
+    passed = [line for line in lines if "forwarded_by" in line]
+    assert len({line["component"] for line in lines}) == 2, "one worker answered them all"
+    assert len(passed) >= 40, f"{len(passed)} of 400 calls were sent on to the idler worker"
+    assert any(line["status"] == 200 for line in passed)
+    assert any(line.get("error_code") for line in passed), "no error came back through a hop"
+    assert metric_value(metrics, "image_classifier_grpc_sent_on_total") >= len(passed)
 
 
 @pytest.mark.parametrize("example", ["triton-http-example", "triton-grpc-example"])

@@ -1,0 +1,144 @@
+"""One gRPC channel's calls spread over workers: which worker answers a call, and what comes back
+from another one. The other worker is a real `grpc.aio` server on its unix socket; the sending
+worker's side of its client's call is a stand-in that records what the client would get.
+(A real two-worker server with Triton's client: test_open_inference_clients.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from image_classifier.http.grpc_spread import (
+    FORWARDED_BY,
+    FORWARDED_FOR,
+    RETRY_UNREACHABLE_AFTER_S,
+    CallSpreader,
+    socket_path,
+)
+from image_classifier.http.headers import ERROR_CODE_HEADER, REQUEST_ID_HEADER
+from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
+from image_classifier.http.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from image_classifier.serving.worker_state import InWork
+
+CLIENT = "addr:192.0.2.7"
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """The server's shared directory: the page of images in work, and the workers' sockets."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_call_stays_unless_another_worker_has_less_in_work(folder):
+    here, there = InWork(slot=1), InWork(slot=2)
+    spreader = CallSpreader(here, slot=1, workers=2, folder=folder)
+    assert spreader.least_busy_other() is None  # a lone call: no hop
+    spreader.answering = 1
+    assert spreader.least_busy_other() == 2
+    there.change(1)
+    assert spreader.least_busy_other() is None  # as busy as this one: no hop
+    here.change(3)
+    assert spreader.least_busy_other() == 2
+
+
+class OtherWorker(pb_grpc.GRPCInferenceServiceServicer):
+    """Answers every call, or aborts with `status` and the error code in the trailers."""
+
+    def __init__(self, status: grpc.StatusCode | None = None, code: str = "") -> None:
+        self.status, self.code = status, code
+        self.metadata: list[dict[str, str]] = []
+
+    async def ModelInfer(self, request, context):  # noqa: ANN001, ANN201
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.status is None:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, "id-1"),))
+            return pb.ModelInferResponse(model_name=request.model_name, id="answered there")
+        context.set_trailing_metadata(((ERROR_CODE_HEADER, self.code),))
+        await context.abort(self.status, f"{self.code}: as told")
+
+
+class Aborted(Exception):
+    pass
+
+
+class ClientCall:
+    """The sending worker's context of its client's call: what the client would get."""
+
+    def __init__(self) -> None:
+        self.trailing: tuple = ()
+        self.aborted: tuple | None = None
+
+    def invocation_metadata(self) -> tuple:
+        return (("authorization", "Bearer token-1"), (REQUEST_ID_HEADER, "id-1"),
+                (FORWARDED_FOR, "addr:forged"))  # fmt: skip
+
+    def time_remaining(self) -> float:
+        return 5.0
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self.trailing = metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise Aborted
+
+
+def send_on(folder, other: OtherWorker | None) -> tuple[object, ClientCall, CallSpreader]:
+    """One call sent from worker 1 (one call in work) to worker 2 (idle, or not listening)."""
+
+    async def scenario():  # noqa: ANN202
+        spreader = CallSpreader(InWork(slot=1), slot=1, workers=2, folder=folder)
+        spreader.answering = 1
+        server = grpc.aio.server()
+        if other is not None:
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(other, server)
+            server.add_insecure_port(f"unix:{socket_path(folder, 2)}")
+            await server.start()
+        call = ClientCall()
+        try:
+            answer = await spreader.send_on(pb.ModelInferRequest(model_name="m"), call, CLIENT)
+        except Aborted:
+            answer = None
+        finally:
+            await spreader.close()
+            await server.stop(None)
+        return answer, call, spreader
+
+    return asyncio.run(scenario())
+
+
+def test_the_answer_and_its_trailers_come_back_and_the_client_address_goes_along(folder):
+    other = OtherWorker()
+    answer, call, _ = send_on(folder, other)
+    assert answer.id == "answered there" and call.aborted is None
+    assert (REQUEST_ID_HEADER, "id-1") in call.trailing
+    seen = other.metadata[0]
+    assert seen["authorization"] == "Bearer token-1" and seen[REQUEST_ID_HEADER] == "id-1"
+    assert seen[FORWARDED_FOR] == CLIENT and seen[FORWARDED_BY] == "1"  # not the forged one
+
+
+def test_the_other_worker_s_error_reaches_the_client_as_it_came(folder):
+    answer, call, _ = send_on(folder, OtherWorker(grpc.StatusCode.INVALID_ARGUMENT, "BAD_IMAGE"))
+    assert answer is None
+    assert call.aborted == (grpc.StatusCode.INVALID_ARGUMENT, "BAD_IMAGE: as told")
+    assert (ERROR_CODE_HEADER, "BAD_IMAGE") in call.trailing
+
+
+@pytest.mark.parametrize("code", ["NOT_READY", "OVERLOADED"])
+def test_a_worker_that_cannot_take_the_call_now_leaves_it_to_this_one(folder, code):
+    answer, call, spreader = send_on(folder, OtherWorker(grpc.StatusCode.UNAVAILABLE, code))
+    assert answer is None and call.aborted is None  # answered here instead
+    assert spreader.least_busy_other() == 2  # and asked again next time
+
+
+def test_a_worker_not_listening_is_left_alone_for_a_while(folder, monkeypatch):
+    answer, call, spreader = send_on(folder, None)
+    assert answer is None and call.aborted is None
+    assert spreader.least_busy_other() is None
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + RETRY_UNREACHABLE_AFTER_S + 0.1)
+    assert spreader.least_busy_other() == 2
