@@ -11,7 +11,8 @@
     the expert's FastAPI `def` server (both loadtest/baseline_app.py) and LitServe
     (loadtest/litserve_app.py);
     (b') the same service over the Open Inference Protocol at 16 clients, as Triton's clients call
-    it: HTTP with binary tensor data, and gRPC (tritonclient.grpc.aio), the same image;
+    it: HTTP with binary tensor data, and gRPC (tritonclient.grpc.aio), the same image, each run
+    in two halves interleaved with /analyze's (`side_by_side`), to which they are compared;
     (d) the service with WORKERS=1 (one process: what one worker per CPU gains) and with
     BATCHING=0; each worker's share of the CPU at c=16 says how evenly the kernel spread the
     connections; (e) the duplicate-input cache (CACHE_SIZE on, the
@@ -39,6 +40,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -78,6 +81,7 @@ TARGETS = {
     "oip_http_over_analyze": (">=", 1.0),
     "oip_grpc_over_analyze": (">=", 1.0),
 }
+BESIDE_OIP = "service /analyze, beside OIP"  # /analyze run side by side with the OIP points
 STAGES = ("body_receive", "preprocess", "queue_wait", "inference", "respond")
 
 
@@ -226,53 +230,101 @@ async def grpc_loops(
         await client.close()
 
 
-def http_point(
-    system: str, url: str, pid: int, images: list[bytes], kind: str, concurrency: int,
-    seconds: float, batch: int = 1, load: Callable[[], Awaitable[list[Outcome]]] | None = None,
-) -> dict:  # fmt: skip
-    """One closed-loop run; `batch` > 1 posts that many images per request to /analyze_batch;
-    `load`, when given, is the closed loop to run instead of /analyze's (Open Inference).
+@dataclass
+class Segment:
+    """One closed-loop run's outcomes and the CPU it took, client and server (by pid)."""
+
+    outcomes: list[Outcome]
+    wall: float
+    client_cpu: float
+    server_cpu: dict[int, float]
+
+
+def run_segment(pid: int, load: Callable[[], Awaitable[list[Outcome]]]) -> Segment:
+    client_cpu, server_cpu = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
+    started = time.monotonic()
+    outcomes = asyncio.run(load())
+    wall = time.monotonic() - started
+    client_after, server_after = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
+    return Segment(
+        outcomes,
+        wall,
+        client_after.user + client_after.system - client_cpu.user - client_cpu.system,
+        {p: cpu - server_cpu.get(p, 0.0) for p, cpu in server_after.items()},
+    )
+
+
+def summarise(
+    system: str, kind: str, concurrency: int, batch: int, segments: list[Segment]
+) -> dict:
+    """A point from one or more runs of the same load: images per second over the time the runs
+    answered, latency percentiles over all their answers, CPU cores over their wall time.
 
     `worker_cpu_shares`: each busy server process's share of the server's CPU, largest first
     (with several workers, how evenly the kernel spread the keep-alive connections)."""
-    if batch > 1:
-        payload: bytes | list[bytes] = [images[i % len(images)] for i in range(batch)]
-        route, options = "/analyze_batch", {"field": "images"}
-    else:
-        payload, route, options = images[0], "/analyze", {}
-    client_cpu, server_cpu = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
-    started = time.monotonic()
-    outcomes = asyncio.run(
-        load() if load is not None else
-        closed_loops(url + route, payload, concurrency=concurrency, seconds=seconds,
-                     content_type="image/jpeg", **options)
-    )  # fmt: skip
-    wall = time.monotonic() - started
-    client_after, server_after = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
-    used = {p: cpu - server_cpu.get(p, 0.0) for p, cpu in server_after.items()}
+    wall = sum(segment.wall for segment in segments)
+    used: dict[int, float] = {}
+    for segment in segments:
+        for process, cpu in segment.server_cpu.items():
+            used[process] = used.get(process, 0.0) + cpu
     server_total = sum(used.values())
-    ok = [o.seconds * 1000 for o in outcomes if o.status == 200]
+    answered = sum(sum(o.status == 200 for o in s.outcomes) for s in segments)
+    answering_time = sum(
+        sum(o.status == 200 for o in s.outcomes) / rate
+        for s in segments if (rate := throughput(s.outcomes))
+    )  # fmt: skip
+    ok = [o.seconds * 1000 for s in segments for o in s.outcomes if o.status == 200]
+    requests = sum(len(segment.outcomes) for segment in segments)
     return {
         "system": system,
         "images": kind,
         "concurrency": concurrency,
         "batch": batch,
-        "img_s": round(throughput(outcomes) * (len(payload) if batch > 1 else 1), 1),
+        "img_s": round(answered / answering_time * batch, 1) if answering_time else 0.0,
         "p50_ms": round(percentile(ok, 0.50), 1),
         "p95_ms": round(percentile(ok, 0.95), 1),
         "p99_ms": round(percentile(ok, 0.99), 1),
-        "requests": len(outcomes),
-        "errors": len(outcomes) - len(ok),
+        "requests": requests,
+        "errors": requests - len(ok),
         "server_cpu_cores": round(server_total / wall, 2),
-        "client_cpu_cores": round(
-            (client_after.user + client_after.system - client_cpu.user - client_cpu.system) / wall,
-            2,
-        ),
+        "client_cpu_cores": round(sum(segment.client_cpu for segment in segments) / wall, 2),
         "worker_cpu_shares": sorted(
             (round(cpu / server_total, 2) for cpu in used.values() if cpu > 0.05 * server_total),
             reverse=True,
         ) if server_total else [],
     }  # fmt: skip
+
+
+def http_point(
+    system: str, url: str, pid: int, images: list[bytes], kind: str, concurrency: int,
+    seconds: float, batch: int = 1,
+) -> dict:  # fmt: skip
+    """One closed-loop run of /analyze; `batch` > 1 posts that many images per request to
+    /analyze_batch."""
+    if batch > 1:
+        payload: bytes | list[bytes] = [images[i % len(images)] for i in range(batch)]
+        route, options = "/analyze_batch", {"field": "images"}
+    else:
+        payload, route, options = images[0], "/analyze", {}
+
+    def load() -> Awaitable[list[Outcome]]:
+        return closed_loops(url + route, payload, concurrency=concurrency, seconds=seconds,
+                            content_type="image/jpeg", **options)  # fmt: skip
+
+    return summarise(system, kind, concurrency, batch, [run_segment(pid, load)])
+
+
+def side_by_side(
+    pid: int, loads: dict[str, Callable[[float], Awaitable[list[Outcome]]]], seconds: float
+) -> list[dict]:
+    """Points of several loads (16 clients, 640x480) to be compared with each other: each runs
+    for `seconds` in two halves, in the order A B C C B A, so that a drift of the shared
+    machine's speed over the minute weighs on each of them alike."""
+    order = [*loads, *reversed(loads)]
+    segments: dict[str, list[Segment]] = {system: [] for system in loads}
+    for system in order:
+        segments[system].append(run_segment(pid, partial(loads[system], seconds / 2)))
+    return [summarise(system, "640", 16, 1, runs) for system, runs in segments.items()]
 
 
 def stage_means_ms(metrics_text: str, before: str) -> dict[str, float]:
@@ -441,17 +493,17 @@ def run(args: argparse.Namespace) -> dict:
             if c == 16:
                 result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
-        say("(b') Open Inference at c=16: HTTP binary, gRPC ...")
+        say("(b') Open Inference at c=16, side by side with /analyze: HTTP binary, gRPC ...")
         model_name = args.model.split(":")[0]
-        body, headers = open_inference_body(images["640"][0])
+        image, (body, headers) = images["640"][0], open_inference_body(images["640"][0])
         infer_url = f"{url}/v2/models/{model_name}/infer"
-        for system, load in (
-            ("service OIP-HTTP", lambda: closed_loops(infer_url, body, concurrency=16,
-                                                      seconds=seconds, raw_headers=headers)),
-            ("service OIP-gRPC", lambda: grpc_loops(server.grpc_target, model_name,
-                                                    images["640"][0], 16, seconds)),
-        ):  # fmt: skip
-            point = http_point(system, url, pid, images["640"], "640", 16, seconds, load=load)
+        for point in side_by_side(pid, {
+            BESIDE_OIP: lambda s: closed_loops(url + "/analyze", image, concurrency=16,
+                                               seconds=s, content_type="image/jpeg"),
+            "service OIP-HTTP": lambda s: closed_loops(infer_url, body, concurrency=16,
+                                                       seconds=s, raw_headers=headers),
+            "service OIP-gRPC": lambda s: grpc_loops(server.grpc_target, model_name, image, 16, s),
+        }, seconds):  # fmt: skip
             result["points"].append(point)
             say(_row(point))
         measure("service", url, pid, "640", 2, batch=BATCH_IMAGES)
@@ -521,6 +573,7 @@ def _ratios(result: dict) -> dict:
         return round(a / b, 2)
 
     service, tutorial, litserve = at("service"), at("tutorial"), at("litserve")
+    beside_oip = at(BESIDE_OIP)
     ratios = {
         "service_over_limit": ratio(service["img_s"], result["limit"]["640"]["best"]["img_s"]),
         "service_over_limit_phone": ratio(
@@ -536,8 +589,8 @@ def _ratios(result: dict) -> dict:
         "p50_c1_over_baseline": ratio(at("service", concurrency=1)["p50_ms"],
                                       at("tutorial", concurrency=1)["p50_ms"]),
         "p99_over_baseline": ratio(service["p99_ms"], tutorial["p99_ms"]),
-        "oip_http_over_analyze": ratio(at("service OIP-HTTP")["img_s"], service["img_s"]),
-        "oip_grpc_over_analyze": ratio(at("service OIP-gRPC")["img_s"], service["img_s"]),
+        "oip_http_over_analyze": ratio(at("service OIP-HTTP")["img_s"], beside_oip["img_s"]),
+        "oip_grpc_over_analyze": ratio(at("service OIP-gRPC")["img_s"], beside_oip["img_s"]),
     }  # fmt: skip
     if "limit_int8" in result:
         int8 = at("service INT8")
@@ -608,6 +661,12 @@ def markdown(result: dict) -> str:
         "| system | images | concurrency | batch | img/s | p50 ms | p95 ms | p99 ms | errors "
         "| server CPU cores | client CPU cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines[-2:-2] = [
+        "`service OIP-HTTP` (binary tensors) and `service OIP-gRPC` (tritonclient.grpc.aio, one "
+        f"channel) ran in halves interleaved with `{BESIDE_OIP}` (A B C C B A), the point their "
+        "ratios compare with.",
+        "",
     ]
     for p in result["points"]:
         lines.append(
