@@ -26,6 +26,7 @@ from tests.pictures import encode
 
 MAX_CONCURRENCY = Settings.max_concurrency  # the default: what a user's server refuses at
 OVERLOAD_CONNECTIONS = 512  # clients arriving at 4x capacity between them
+SAMPLING_CLIENTS = 16  # honouring Retry-After, each on a connection of its own, meanwhile
 REFUSAL_P99_TARGET_S = 0.020  # issue 13's; reported, not asserted: a timing on shared cores
 
 
@@ -84,7 +85,8 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
 
     served, offered = overload.rate(200), overload.rate()
     refusals = [o for o in samples if o.status == 503]
-    refusal_p99 = percentile([o.seconds for o in refusals], 0.99)
+    refusal_seconds = [o.seconds for o in refusals]
+    refusal_p99 = percentile(refusal_seconds, 0.99)
     accepted = [o.seconds for o in samples if o.status == 200]
     capacity_p99 = percentile([o.seconds for o in at_capacity.outcomes], 0.99)
     answered_by = Counter(line["component"] for line in access_lines(log) if line["status"] == 200)
@@ -103,7 +105,9 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
         f"{at_capacity_again.rate(200):.1f}); offered {offered:.1f} req/s on "
         f"{OVERLOAD_CONNECTIONS} connections for 20 s: served {served:.1f} req/s "
         f"({served / capacity:.0%} of capacity; target >= 70%), {overload.rate(503):.0f} "
-        f"refusals/s; 8 clients honouring Retry-After meanwhile: {len(refusals)} refused, p99 "
+        f"refusals/s; {SAMPLING_CLIENTS} clients honouring Retry-After meanwhile: "
+        f"{len(refusals)} refused, p50 {percentile(refusal_seconds, 0.5) * 1000:.1f} ms, p90 "
+        f"{percentile(refusal_seconds, 0.9) * 1000:.1f} ms, p99 "
         f"{refusal_p99 * 1000:.1f} ms (target < 20 ms: "
         f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}), "
         f"{len(accepted)} accepted, max "
@@ -136,11 +140,12 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     assert_no_traceback(log)
 
 
-def _sample_answers(url: str, image: bytes, seconds: float, clients: int = 8) -> list[Outcome]:
+def _sample_answers(url: str, image: bytes, seconds: float) -> list[Outcome]:
     """Clients that honour Retry-After, each on its own connection, while h2load overloads:
     the refusals' headers and envelope, which h2load does not keep, and the server's latencies
     as such a client sees them (h2load's include the time a request waits behind the one before
-    it on its connection)."""
+    it on its connection). Not one shared pool: it would hand a client a connection just refused
+    for another, which the server does not read for half the Retry-After (`http/protocol.py`)."""
 
     async def client_loop(session: aiohttp.ClientSession, deadline: float) -> list[Outcome]:
         answers = []
@@ -150,12 +155,15 @@ def _sample_answers(url: str, image: bytes, seconds: float, clients: int = 8) ->
             await asyncio.sleep(float(answer.retry_after or 0.05))
         return answers
 
-    async def sample() -> list[Outcome]:
-        deadline = time.monotonic() + seconds
-        connector = aiohttp.TCPConnector(limit=clients)
+    async def one_client(deadline: float) -> list[Outcome]:
+        connector = aiohttp.TCPConnector(limit=1)
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            loops = await asyncio.gather(*(client_loop(session, deadline) for _ in range(clients)))
+            return await client_loop(session, deadline)
+
+    async def sample() -> list[Outcome]:
+        deadline = time.monotonic() + seconds
+        loops = await asyncio.gather(*(one_client(deadline) for _ in range(SAMPLING_CLIENTS)))
         return [answer for answers in loops for answer in answers]
 
     time.sleep(1)  # h2load has started
