@@ -6,7 +6,8 @@ connection to one worker (SO_REUSEPORT spreads connections, not calls): tritoncl
 So each worker also listens on a private unix socket in the server's shared directory, and a
 ModelInfer call that arrives while this worker has more in work than another worker has is sent
 on, whole, to the least busy one; its answer, or its error with the trailing metadata, comes back
-unchanged. One more local hop per call passed on; none for a lone client, whose calls stay where
+unchanged (but a worker that cannot take it now, being warmed up, full or draining, leaves it
+to this one). One more local hop per call passed on; none for a lone client, whose calls stay where
 they land. A call passed on is never passed again, and its client's address goes with it
 (`x-forwarded-for`, believed only from the unix socket), so the rate limit keys on the real
 client. The worker that answers logs the access line, with the worker it came through.
@@ -34,6 +35,10 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 UNIX_PATH_MAX = 107  # sockaddr_un's sun_path, less its terminating zero
 RETRY_UNREACHABLE_AFTER_S = 1.0  # a worker that could not be reached is left alone this long
 _ANSWER_HERE_ON = {"NOT_READY", "OVERLOADED"}  # that worker cannot take it now; this one may
+_LEAVING = "SHUTTING_DOWN"  # that worker is draining: this one answers, and leaves it alone
+# No retries (grpc keeps a copy of every request it may retry: a whole upload per call), and no
+# bandwidth probes: a call that fails is answered here, and a unix socket has no bandwidth to learn.
+_LOCAL_CHANNEL_OPTIONS = [("grpc.enable_retries", 0), ("grpc.http2.bdp_probe", 0)]
 
 
 def socket_path(folder: Path, slot: int) -> Path:
@@ -117,8 +122,12 @@ class CallSpreader:
             self._sent[other] -= 1
         if isinstance(answer, grpc.aio.AioRpcError):  # the other worker's error, or none reached
             code = dict(trailing).get(ERROR_CODE_HEADER)
-            if answer.code() is grpc.StatusCode.UNAVAILABLE and code in (None, *_ANSWER_HERE_ON):
-                if code is None:  # not reached: dead, or restarting
+            if answer.code() is grpc.StatusCode.UNAVAILABLE and code in (
+                None,
+                _LEAVING,
+                *_ANSWER_HERE_ON,
+            ):
+                if code in (None, _LEAVING):  # not reached (dead, restarting), or draining
                     self._unreachable_until[other] = time.monotonic() + RETRY_UNREACHABLE_AFTER_S
                 return None
         metrics.GRPC_SENT_ON.inc()
@@ -131,7 +140,9 @@ class CallSpreader:
         """The ModelInfer call of one channel per other worker, opened on first use (in the
         event loop that serves gRPC, as `grpc.aio` requires)."""
         if other not in self._calls:
-            channel = grpc.aio.insecure_channel(f"unix:{socket_path(self.folder, other)}")
+            channel = grpc.aio.insecure_channel(
+                f"unix:{socket_path(self.folder, other)}", options=_LOCAL_CHANNEL_OPTIONS
+            )
             self._channels[other] = channel
             self._calls[other] = channel.unary_unary(
                 MODEL_INFER,

@@ -135,6 +135,14 @@ def test_a_worker_that_cannot_take_the_call_now_leaves_it_to_this_one(folder, co
     assert spreader.least_busy_other() == 2  # and asked again next time
 
 
+def test_a_draining_worker_leaves_the_call_to_this_one_and_is_left_alone(folder):
+    answer, call, spreader = send_on(
+        folder, OtherWorker(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    )
+    assert answer is None and call.aborted is None  # answered here instead
+    assert spreader.least_busy_other() is None  # not asked again while it drains
+
+
 def test_a_worker_not_listening_is_left_alone_for_a_while(folder, monkeypatch):
     answer, call, spreader = send_on(folder, None)
     assert answer is None and call.aborted is None
