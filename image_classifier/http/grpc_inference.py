@@ -35,6 +35,7 @@ from . import logs
 from .admission import Gate
 from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
 from .grpc_spread import FORWARDED_BY, FORWARDED_FOR, CallSpreader, passed_on
+from .grpc_standard import add_standard_services
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .protos import grpc_predict_v2_pb2 as pb
 from .protos import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -315,6 +316,7 @@ def build_server(
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceService(get_predictor, gate, settings, is_ready, spreader), server
     )
+    add_standard_services(server, is_ready)  # health checks and reflection, for tools
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
     if spreader is not None:
         server.add_insecure_port(spreader.own_address())

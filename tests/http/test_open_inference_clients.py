@@ -21,6 +21,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from tritonclient.utils import InferenceServerException
 
 from image_classifier.core.model_card import ModelCard
@@ -117,6 +122,25 @@ def text(element: bytes | str) -> str:
 
 def mode_parts(mode: str) -> tuple[str, bool]:
     return mode.split("-")[0], mode != "http-json"
+
+
+def test_grpc_tools_find_the_health_check_and_the_service_description(server):
+    """What Kubernetes' grpc probes and grpc_health_probe ask (grpc.health.v1), and what grpcurl
+    reads to call the service without its .proto file (server reflection)."""
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        described = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in described.get_services()
+        service = DescriptorPool(described).FindServiceByName("inference.GRPCInferenceService")
+        infer = service.methods_by_name["ModelInfer"]
+        assert infer.input_type.full_name == "inference.ModelInferRequest"
+        assert "raw_input_contents" in infer.input_type.fields_by_name
 
 
 @pytest.mark.parametrize("mode", MODES)

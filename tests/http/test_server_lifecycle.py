@@ -11,11 +11,13 @@ import subprocess
 import time
 
 import bentoml
+import grpc
 import httpx
 import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc.aio as grpc_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.load import closed_loops
@@ -108,7 +110,7 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     assert report["readyz_while_draining"] == 503
     # gRPC drains alike: the call in work finishes, a new one is told to go elsewhere.
     assert report["grpc_in_work"] == ("OK", 16), report["grpc_in_work"]
-    assert report["grpc_ready_while_draining"] is False
+    assert report["grpc_ready_while_draining"] == (False, "NOT_SERVING")
     assert report["grpc_new_call"][0] == "StatusCode.UNAVAILABLE", report["grpc_new_call"]
     assert report["grpc_new_call"][1].startswith("SHUTTING_DOWN: "), report["grpc_new_call"]
     for outcome in outcomes:
@@ -196,12 +198,16 @@ async def _grpc_infer(target: str, images: list[bytes]) -> tuple[str, int | str]
         await client.close()
 
 
-async def _grpc_ready(target: str) -> bool:
+async def _grpc_ready(target: str) -> tuple[bool, str]:
+    """Readiness as Triton's client asks it, and as the standard health check answers it."""
     client = grpc_aio.InferenceServerClient(target)
     try:
-        return await client.is_server_ready()
+        ready = await client.is_server_ready()
     finally:
         await client.close()
+    async with grpc.aio.insecure_channel(target) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    return ready, health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
 def _workers(server_pid: int) -> list[int]:

@@ -1,0 +1,46 @@
+"""The standard gRPC services that tools expect beside the inference service.
+
+- Health (`grpc.health.v1.Health/Check`): what Kubernetes' `grpc:` probes, `grpc_health_probe`
+  and Envoy ask. SERVING while the service is ready (what /readyz answers: warmed up, not
+  draining), for the whole server ("") and for `inference.GRPCInferenceService` by name.
+- Server reflection: `grpcurl`, Postman and Evans list and call the inference service without its
+  .proto file. It describes from the generated code's own descriptor pool (a private one: Triton's
+  client registers the same `inference.*` names in protobuf's default pool).
+
+Both are open, like /v2/health/* over HTTP: no token, no access line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .protos import grpc_predict_v2_pb2 as pb
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthCheck(health_pb2_grpc.HealthServicer):
+    """`Check` answers from the service's readiness at the moment it is asked (no state to keep
+    in step); `Watch` is left unimplemented, as the probes above only `Check`."""
+
+    def __init__(self, is_ready: Callable[[], bool]) -> None:
+        self.is_ready = is_ready
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        if request.service not in ("", INFERENCE_SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=_SERVING if self.is_ready() else _NOT_SERVING)
+
+
+def add_standard_services(server: grpc.aio.Server, is_ready: Callable[[], bool]) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(HealthCheck(is_ready), server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool
+    )
