@@ -35,14 +35,14 @@ from . import logs
 from .admission import Gate
 from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
 from .grpc_spread import FORWARDED_BY, FORWARDED_FOR, CallSpreader, passed_on
-from .grpc_standard import add_standard_services
+from .grpc_standard import INFERENCE_SERVICE, add_standard_services
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
 from .protos import grpc_predict_v2_pb2 as pb
 from .protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SERVICE = "/inference.GRPCInferenceService/"
+SERVICE = f"/{INFERENCE_SERVICE}/"  # the access line's endpoint: SERVICE + method
 _background: set[asyncio.Task] = set()  # keeps the start task referenced until it is done
 
 GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {

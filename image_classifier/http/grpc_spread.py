@@ -7,8 +7,8 @@ So each worker also listens on a private unix socket in the server's shared dire
 ModelInfer call that arrives while this worker has more in work than another worker has is sent
 on, whole, to the least busy one; its answer, or its error with the trailing metadata, comes back
 unchanged (but a worker that cannot take it now, being warmed up, full or draining, leaves it
-to this one). One more local hop per call passed on; none for a lone client, whose calls stay where
-they land. A call passed on is never passed again, and its client's address goes with it
+to this one). One more local hop per call passed on; none for a lone client, whose calls stay
+where they land. A call passed on is never passed again, and its client's address goes with it
 (`x-forwarded-for`, believed only from the unix socket), so the rate limit keys on the real
 client. The worker that answers logs the access line, with the worker it came through.
 """
@@ -25,17 +25,20 @@ import grpc
 
 from ..serving import metrics
 from ..serving.worker_state import InWork
+from .grpc_standard import INFERENCE_SERVICE
 from .headers import ERROR_CODE_HEADER
 from .protos import grpc_predict_v2_pb2 as pb
 
 log = logging.getLogger(__name__)
 FORWARDED_FOR = "x-forwarded-for"  # the client's address, as the rate limit keys it
 FORWARDED_BY = "x-forwarded-by"  # the worker slot the call came through
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 UNIX_PATH_MAX = 107  # sockaddr_un's sun_path, less its terminating zero
-RETRY_UNREACHABLE_AFTER_S = 1.0  # a worker that could not be reached is left alone this long
-_ANSWER_HERE_ON = {"NOT_READY", "OVERLOADED"}  # that worker cannot take it now; this one may
-_LEAVING = "SHUTTING_DOWN"  # that worker is draining: this one answers, and leaves it alone
+RETRY_UNREACHABLE_AFTER_S = 1.0  # a worker not reached, or draining, is left alone this long
+# The other worker's error code when it cannot take the call now (warming up, full, draining):
+# this one answers it instead. None: the other worker was not reached at all.
+_ANSWER_HERE_ON = {None, "NOT_READY", "OVERLOADED", "SHUTTING_DOWN"}
+_LEAVE_ALONE_ON = {None, "SHUTTING_DOWN"}  # ...and it is not asked again for a while
 # No retries (grpc keeps a copy of every request it may retry: a whole upload per call), and no
 # bandwidth probes: a call that fails is answered here, and a unix socket has no bandwidth to learn.
 _LOCAL_CHANNEL_OPTIONS = [("grpc.enable_retries", 0), ("grpc.http2.bdp_probe", 0)]
@@ -122,12 +125,8 @@ class CallSpreader:
             self._sent[other] -= 1
         if isinstance(answer, grpc.aio.AioRpcError):  # the other worker's error, or none reached
             code = dict(trailing).get(ERROR_CODE_HEADER)
-            if answer.code() is grpc.StatusCode.UNAVAILABLE and code in (
-                None,
-                _LEAVING,
-                *_ANSWER_HERE_ON,
-            ):
-                if code in (None, _LEAVING):  # not reached (dead, restarting), or draining
+            if answer.code() is grpc.StatusCode.UNAVAILABLE and code in _ANSWER_HERE_ON:
+                if code in _LEAVE_ALONE_ON:
                     self._unreachable_until[other] = time.monotonic() + RETRY_UNREACHABLE_AFTER_S
                 return None
         metrics.GRPC_SENT_ON.inc()

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .protos import grpc_predict_v2_pb2 as pb
 
+# "inference.GRPCInferenceService", as the .proto names it (the servers' paths are built from it).
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -77,7 +77,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
         time.sleep(1)  # the work accepted during the burst (up to 2 * MAX_CONCURRENCY) finishes
         after, _ = load(16, 5)
         storm, _ = load(OVERLOAD_CONNECTIONS, 15)
-        time.sleep(1)
+        time.sleep(1)  # as after the burst: what the storm let in finishes
         at_capacity_again, _ = load(16, 10)
         log = server.log()
 
