@@ -38,7 +38,9 @@ class ModelImportError(ModelFileError):
 
 
 def read_labels(path: Path) -> list[str]:
-    labels = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    """One label per line; a UTF-8 byte-order mark (Windows editors write one) is not a label's."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
     if len(labels) < 2:
         raise ModelImportError(f"{path}: need at least two labels, one per line")
     return labels

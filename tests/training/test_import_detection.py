@@ -18,7 +18,7 @@ from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 from tests.training.own_model import colour_picture
 from training_export.onnx_facts import ModelFileError
-from training_export.onnx_import import import_onnx
+from training_export.onnx_import import import_onnx, read_labels
 
 LABELS = [f"kind {i}" for i in range(5)]
 
@@ -116,3 +116,9 @@ def test_cli_refusals_are_one_line_with_exit_1(tmp_path, bentoml_home):
     assert forced.returncode == 0, forced.stderr
     again = training_cli(*args, "--version", "v3", "--output-kind", "logits", home=bentoml_home)
     assert again.returncode == 1 and "already in the model store" in again.stderr
+
+
+def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("\ufeffcat\r\ndog\r\n\r\nbird\r\n".encode())
+    assert read_labels(path) == ["cat", "dog", "bird"]
