@@ -54,8 +54,7 @@ log.info("sized: %s", SETTINGS.sizing)
 )
 class ImageClassifier:
     # Class level, so `bentoml build` packages them: the served version and an optional candidate.
-    model = model_store.served(SETTINGS.model_tag)
-    candidate = model_store.served(SETTINGS.candidate_model_tag)
+    model, candidate = model_store.served_pair(SETTINGS.model_tag, SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
         replaced = metrics.forget_dead_workers()

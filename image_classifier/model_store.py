@@ -31,3 +31,26 @@ def served(tag: str) -> bentoml.models.BentoModel | None:
     if find(tag) is None:
         raise SystemExit(f"model {tag} is not in the BentoML model store. {MODEL_HELP}")
     return bentoml.models.BentoModel(tag)
+
+
+def served_pair(
+    model_tag: str, candidate_tag: str
+) -> tuple[bentoml.models.BentoModel | None, bentoml.models.BentoModel | None]:
+    """The served model and its optional candidate, refused at start when they clash."""
+    model, candidate = served(model_tag), served(candidate_tag)
+    if model and candidate and (clash := version_clash(str(model.tag), str(candidate.tag))):
+        raise SystemExit(clash)
+    return model, candidate
+
+
+def version_clash(served_tag: str, candidate_tag: str) -> str | None:
+    """Why these two cannot be served side by side, or None. Answers, pins (X-Model-Version),
+    metrics and drift name a model by its version alone, so two versions must differ."""
+    served_version, candidate_version = served_tag.split(":")[-1], candidate_tag.split(":")[-1]
+    if served_version != candidate_version:
+        return None
+    return (
+        f"the candidate {candidate_tag} has the same version as the served {served_tag}: answers, "
+        f"pins (X-Model-Version), metrics and drift name a model by its version, so they must "
+        f"differ. Import the candidate under another version (import-onnx --version ...)."
+    )

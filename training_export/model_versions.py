@@ -96,6 +96,9 @@ def promote(
     check_servable(tag)
     if tag == record.model_tag:
         raise VersionError(f"{tag} is already the served version")
+    candidate = None if record.candidate_tag == tag else record.candidate_tag
+    if candidate and (clash := model_store.version_clash(tag, candidate)):
+        raise VersionError(f"{clash} Or clear it first: models candidate --clear")
     worse = worse_than_served(tag, record.model_tag, say)
     if worse and not force:
         raise VersionError(f"{worse}; pass --force to promote it anyway")
@@ -103,7 +106,7 @@ def promote(
         say(f"promoted anyway (--force): {worse}")
     return ReleaseRecord(
         model_tag=tag,
-        candidate_tag=None if record.candidate_tag == tag else record.candidate_tag,
+        candidate_tag=candidate,
         history=[*record.history, record.model_tag],
     )
 
@@ -162,6 +165,8 @@ def set_candidate(record: ReleaseRecord, tag: str | None) -> ReleaseRecord:
         check_servable(tag)
         if tag == record.model_tag:
             raise VersionError(f"{tag} is the served version; a candidate must differ")
+        if clash := model_store.version_clash(record.model_tag, tag):
+            raise VersionError(clash)
     return record.model_copy(update={"candidate_tag": tag})
 
 

@@ -34,8 +34,9 @@ class PredictionCache:
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
 
     @staticmethod
-    def key(data: bytes, model_version: str, top_k: int) -> CacheKey:
-        return hashlib.sha256(data).hexdigest(), model_version, top_k
+    def key(data: bytes, model_tag: str, top_k: int) -> CacheKey:
+        """`model_tag` is name:version: replicas of other models may share one Redis."""
+        return hashlib.sha256(data).hexdigest(), model_tag, top_k
 
     def get(self, key: CacheKey) -> Prediction | None:
         return _counted(self.peek(key))
@@ -98,8 +99,8 @@ class SharedPredictionCache(PredictionCache):
 
 
 def _redis_key(key: CacheKey) -> str:
-    digest, model_version, top_k = key
-    return f"{REDIS_KEY_PREFIX}{digest}:{model_version}:{top_k}"
+    digest, model_tag, top_k = key
+    return f"{REDIS_KEY_PREFIX}{digest}:{model_tag}:{top_k}"
 
 
 def _parsed(stored: bytes | None) -> Prediction | None:

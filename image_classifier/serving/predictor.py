@@ -181,7 +181,7 @@ class Predictor:
     ) -> Answer:
         """One image's prediction (from the cache when on); a fresh one may be shadowed too."""
         cache = self.cache
-        key = None if cache is None else cache.key(data, served.ref.version, top_k)
+        key = None if cache is None else cache.key(data, served.tag, top_k)
         if key is not None and (hit := await cache.lookup(key)) is not None:
             return Answer(hit, batch_size=0, cached=True)
         classifier = served.ready_classifier()

@@ -24,6 +24,8 @@ from loadtest.load import closed_loops
 from loadtest.servers import BIN, REPO, free_port, serve
 from tests.figures import measured
 from tests.http.responses import assert_no_traceback, envelope_code, metric_value
+from tests.model_store import import_model
+from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 
 TOKENS = "first-token-Zq81,second-token-Hh07"
@@ -34,20 +36,41 @@ def digit_png(heldout) -> bytes:
     return encode(heldout[0][0], "PNG")
 
 
-def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, artifacts):
-    log_path = artifacts / "server-missing-model.log"
-    env = {**os.environ, "BENTOML_HOME": str(trained_store), "MODEL_TAG": "absent-model:v7"}
+def start_that_fails(bentoml_home, log_path, **env) -> str:
+    """`bentoml serve` that must stop by itself at start: its log."""
+    full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **env}
     with open(log_path, "wb") as log_file:
         result = subprocess.run(
             [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
              "--host", "127.0.0.1", "--port", str(free_port())],
-            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=120,
+            cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, timeout=120,
         )  # fmt: skip
     log = log_path.read_text()
-    assert result.returncode != 0
+    assert result.returncode != 0, log
+    assert_no_traceback(log)
+    return log
+
+
+def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, artifacts):
+    log = start_that_fails(
+        trained_store, artifacts / "server-missing-model.log", MODEL_TAG="absent-model:v7"
+    )
     lines = [line for line in log.splitlines() if "absent-model:v7" in line]
     assert len(lines) == 1 and "training_export ensure-default" in lines[0], log
-    assert_no_traceback(log)
+
+
+def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):
+    """Answers, pins and metrics name a model by version: two models both `v1` would mix up."""
+    home = tmp_path / "home"
+    for tag in ("first:v1", "second:v1"):
+        import_model(home, build_onnx_classifier(tmp_path / tag.replace(":", "-")), tag)
+    log = start_that_fails(
+        home, artifacts / "server-version-clash.log",
+        MODEL_TAG="first:v1", CANDIDATE_MODEL_TAG="second:v1",
+        SERVED_MODEL_FILE=str(tmp_path / "none.json"),
+    )  # fmt: skip
+    lines = [line for line in log.splitlines() if "second:v1" in line]
+    assert len(lines) == 1 and "same version as the served first:v1" in lines[0], log
 
 
 def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artifacts, digit_png):

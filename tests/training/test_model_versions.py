@@ -71,3 +71,19 @@ def test_show_prints_the_card(trained_store, second_version):
     assert shown.returncode == 0, shown.stderr
     card = json.loads(shown.stdout)["card"]
     assert card["labels"] == [str(d) for d in range(10)] and card["metrics"]["accuracy"] > 0.95
+
+
+def test_a_candidate_or_promotion_that_would_share_the_served_version_is_refused(tmp_path):
+    """Two models both `v1` side by side would mix up answers, pins and metrics."""
+    home, record = tmp_path / "home", tmp_path / "served_model.json"
+    for tag in ("first:v1", "first:v2", "second:v1", "second:v2"):
+        import_model(home, build_onnx_classifier(tmp_path / tag.replace(":", "-")), tag)
+    cli = {"home": home, "extra_env": {"SERVED_MODEL_FILE": str(record)}}
+    assert training_cli("models", "promote", "first:v1", **cli).returncode == 0
+    clash = training_cli("models", "candidate", "second:v1", **cli)
+    assert clash.returncode == 1 and "same version as the served first:v1" in clash.stderr
+    assert read_record(record).candidate_tag is None
+    assert training_cli("models", "candidate", "second:v2", **cli).returncode == 0
+    clash = training_cli("models", "promote", "first:v2", **cli)
+    assert clash.returncode == 1 and "candidate second:v2 has the same version" in clash.stderr
+    assert read_record(record).model_tag == "first:v1"
