@@ -24,7 +24,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from image_classifier.core.classifier import Classifier
+from image_classifier.core.classifier import Classifier, NonFiniteOutput
 from image_classifier.core.errors import ClassifierError
 from image_classifier.serving.evaluation_record import (
     SavedEvaluation,
@@ -98,7 +98,7 @@ def answer_all(
         pictures += chunk
         digests += chunk_digests
         for i, classifier in enumerate(classifiers):
-            probabilities, took = _timed(classifier.run, tensors[i])
+            probabilities, took = _timed(_run_finite, classifier, chunk, tensors[i])
             rows[i] += list(probabilities)
             prepare[i] += seconds[i]
             run[i] += [took / max(1, len(chunk))] * len(chunk)
@@ -112,6 +112,23 @@ def answer_all(
         for i in range(len(classifiers))
     ]
     return Answered(pictures, digests, answers)
+
+
+def _run_finite(
+    classifier: Classifier, pictures: Sequence[Picture], tensors: list[np.ndarray]
+) -> np.ndarray:
+    """The model's rows; a model answering NaN or infinity has no figures to give (counting its
+    NaN as the first label would make up an accuracy): say on which pictures, and stop."""
+    try:
+        return classifier.run(tensors)
+    except NonFiniteOutput:
+        rows = classifier.run_isolating_faults(tensors)
+        answered = zip(pictures, rows, strict=True)
+        failed = [str(picture.path) for picture, row in answered if row is None]
+        raise ValueError(
+            f"{classifier.card.name} answers NaN or infinity on {len(failed)} pictures, e.g. "
+            f"{', '.join(failed[:3])}: it cannot be evaluated (check its export and preprocessing)"
+        ) from None
 
 
 def _timed(function: Callable, *args):  # noqa: ANN202 - (result, seconds)

@@ -32,6 +32,11 @@ class ModelLoadError(RuntimeError):
     """The model files are missing or do not match their card: never serve from them."""
 
 
+class NonFiniteOutput(ArithmeticError):
+    """The model answered NaN or infinity (an input far outside what it knows, or a broken
+    model): there is no prediction to give, and a NaN would poison the metrics and the JSON."""
+
+
 @dataclass(frozen=True)
 class ClassifierOptions:
     allowed_formats: tuple[str, ...] = DecodeLimits.allowed_formats
@@ -110,14 +115,14 @@ class Classifier:
         alone (None) instead of taking every request merged with it down."""
         try:
             return list(self.run(tensors, solo))
-        except Exception:
-            log.exception("a model run of %d items failed; retrying them one by one", len(tensors))
+        except Exception as exc:
+            _log_failure(f"a run of {len(tensors)} items failed; retrying them one by one", exc)
         rows: list[np.ndarray | None] = []
         for tensor in tensors:
             try:
                 rows.append(self.run([tensor])[0])
-            except Exception:
-                log.exception("a model run failed on a single item")
+            except Exception as exc:
+                _log_failure("a model run failed on a single item", exc)
                 rows.append(None)
         return rows
 
@@ -163,14 +168,15 @@ class Classifier:
 
     def _seconds_per_image(self, size: int, runs: int = 3) -> float:
         """The best of a few runs of `size` images: the first allocates and tunes, and a busy
-        machine only makes runs slower. The outputs must be finite."""
+        machine only makes runs slower."""
         batch, best = self._zeros(size), float("inf")
         for _ in range(runs):
             started = time.perf_counter()
-            probabilities = self._probabilities(batch, self.session)
+            try:
+                self._probabilities(batch, self.session)
+            except NonFiniteOutput:
+                raise ModelLoadError("model produced non-finite outputs on warm-up") from None
             best = min(best, time.perf_counter() - started)
-        if not np.all(np.isfinite(probabilities)):
-            raise ModelLoadError("model produced non-finite outputs on warm-up")
         return best / size
 
     def _zeros(self, size: int) -> np.ndarray:
@@ -190,7 +196,14 @@ class Classifier:
             raise ModelLoadError(
                 f"model returned {output.shape[1]} scores for {len(self.labels)} labels"
             )
-        return softmax(output) if card.output_kind == "logits" else output
+        probabilities = softmax(output) if card.output_kind == "logits" else output
+        finite = np.isfinite(probabilities).all(axis=1)
+        if not finite.all():
+            raise NonFiniteOutput(
+                f"model {card.name} answered NaN or infinity for {np.count_nonzero(~finite)} of "
+                f"{len(batch)} inputs"
+            )
+        return probabilities
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -234,3 +247,11 @@ def _open_session(onnx_path: Path, threads: int, spinning: bool = False) -> ort.
         )
     except Exception as exc:
         raise ModelLoadError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from None
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """A known model answer (NaN) in one line; anything else with its traceback."""
+    if isinstance(exc, NonFiniteOutput):
+        log.warning("%s: %s", what, exc)
+    else:
+        log.error(what, exc_info=exc)

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_classifier.core.classifier import Classifier, ClassifierOptions, ModelLoadError
+from image_classifier.core.classifier import (
+    Classifier,
+    ClassifierOptions,
+    ModelLoadError,
+    NonFiniteOutput,
+)
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.core.preprocessing import preprocess
 from tests.onnx_models import build_onnx_classifier
@@ -95,6 +100,17 @@ def test_one_poison_input_fails_alone(tmp_path):
     results = classifier.run_isolating_faults([good, poison, good])
     assert results[1] is None
     assert results[0] is not None and results[2] is not None
+
+
+def test_an_input_the_model_answers_nan_for_fails_alone(tmp_path):
+    classifier = Classifier(build_onnx_classifier(tmp_path), OPTIONS)
+    good = np.ones((1, 28, 28), np.float32)
+    overflowing = np.full((1, 28, 28), 3e38, np.float32)  # logits overflow: softmax gives NaN
+    with pytest.raises(NonFiniteOutput):
+        classifier.run([good, overflowing])
+    results = classifier.run_isolating_faults([good, overflowing, good])
+    assert results[1] is None
+    assert all(np.isfinite(results[i]).all() for i in (0, 2))
 
 
 def test_mismatched_card_is_refused_at_load(tmp_path):

@@ -89,6 +89,19 @@ def test_fp32_tensor_is_served_as_given(server, heldout, card):
     assert output["data"] == [str(label) for _, label in heldout[:3]]
 
 
+def test_a_tensor_the_model_answers_nan_for_fails_alone_and_poisons_no_metric(server, card):
+    """Finite but absurd values (3e38 per pixel) overflow the model to NaN: no answer to give,
+    an enveloped 500 like any model failure, and the metrics stay numbers."""
+    shape = [1, *card.preprocessing.tensor_shape]
+    absurd = {"name": card.input_name, "shape": shape, "datatype": "FP32",
+              "data": [3e38] * int(np.prod(shape))}  # fmt: skip
+    response = infer(server, {"inputs": [absurd]})
+    assert response.status_code == 500, response.text
+    assert open_inference_code(response) == "INTERNAL_ERROR"
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        assert not line.startswith("image_classifier") or not line.endswith("NaN"), line
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

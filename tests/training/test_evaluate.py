@@ -21,7 +21,8 @@ from image_classifier.serving.evaluation_record import (
     read_evaluations,
 )
 from loadtest.servers import serve
-from tests.model_store import store_model_dir, training_cli
+from tests.model_store import import_model, store_model_dir, training_cli
+from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 from tests.training.own_model import LABELS
 from training_export.evaluation import calibration_bins, expected_calibration_error
@@ -166,3 +167,22 @@ def test_an_evaluation_of_other_bytes_under_the_same_tag_is_not_merged(own_tag, 
     record.evaluations[own_tag].append(same_file)
     merged = evaluated_card(card, own_tag, folder, record)
     assert merged.metrics.mean_top1_confidence == 0.7 and merged.labels == card.labels
+
+
+def test_a_model_answering_nan_on_some_pictures_is_not_given_figures(tmp_path):
+    """Counting a NaN answer as the first label would make up an accuracy: name the pictures."""
+    home = tmp_path / "home"
+    stored = import_model(home, build_onnx_classifier(tmp_path / "m", labels=2), "overflowing:v1")
+    # A tiny std (set after the import, which tries sample inputs) turns a white pixel into 5e37:
+    # the logits overflow, while a black picture is still answered.
+    card = json.loads((stored / "card.json").read_text())
+    card["preprocessing"].update(mean=[0.0], std=[2e-38])
+    (stored / "card.json").write_text(json.dumps(card))
+    images = tmp_path / "pictures"
+    for label, shade in (("class_0", 0), ("class_1", 255)):
+        (images / label).mkdir(parents=True)
+        Image.new("L", (28, 28), shade).save(images / label / f"{shade}.png")
+    result, _ = evaluate("overflowing:v1", images, home, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "answers NaN or infinity on 1 pictures" in result.stderr
+    assert "255.png" in result.stderr and "0.png" not in result.stderr.replace("255.png", "")
