@@ -87,6 +87,10 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.card.labels
 
+    def check_declared_type(self, data: bytes, declared_type: str | None) -> None:
+        """UNSUPPORTED_MEDIA_TYPE for a declared type the bytes cannot be (cheap: no decoding)."""
+        check_declared_type(declared_type, self.limits.allowed_formats, data)
+
     def prepare(self, data: bytes, declared_type: str | None = None) -> np.ndarray:
         """Bytes -> model input tensor, or ClassifierError (4xx) for anything wrong with them."""
         check_declared_type(declared_type, self.limits.allowed_formats)

@@ -54,8 +54,11 @@ def normalise_content_type(declared: str | None) -> str:
     return _TYPE_ALIASES.get(media, media)
 
 
-def check_declared_type(declared: str | None, allowed_formats: tuple[str, ...]) -> None:
-    """Refuse early a declared type that can never be served (text/html, application/pdf...)."""
+def check_declared_type(
+    declared: str | None, allowed_formats: tuple[str, ...], data: bytes = b""
+) -> None:
+    """Refuse early a declared type that can never be served (text/html, application/pdf...) or,
+    given the bytes, one their signature contradicts: before any decoding (or cached answer)."""
     media = normalise_content_type(declared)
     if media in _GENERIC_TYPES:
         return
@@ -65,6 +68,8 @@ def check_declared_type(declared: str | None, allowed_formats: tuple[str, ...]) 
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"content type {media!r} is not accepted; send one of: {_format_list(allowed_formats)}",
         )
+    if data and (signature := _sniff_format(data, allowed_formats)):
+        _check_declared_matches(declared, signature)
 
 
 def decode_image(

@@ -180,11 +180,13 @@ class Predictor:
         self, served: ServedVersion, data: bytes, content_type: str | None, top_k: int
     ) -> Answer:
         """One image's prediction (from the cache when on); a fresh one may be shadowed too."""
-        cache = self.cache
-        key = None if cache is None else cache.key(data, served.tag, top_k)
-        if key is not None and (hit := await cache.lookup(key)) is not None:
-            return Answer(hit, batch_size=0, cached=True)
-        classifier = served.ready_classifier()
+        cache, classifier = self.cache, served.ready_classifier()
+        key = None
+        if cache is not None:  # a cached answer is for these bytes as the image they were
+            classifier.check_declared_type(data, content_type)
+            key = cache.key(data, served.tag, top_k)
+            if (hit := await cache.lookup(key)) is not None:
+                return Answer(hit, batch_size=0, cached=True)
         probabilities, merged = await self._predict_one(served, classifier, data, content_type)
         prediction = classifier.to_prediction(probabilities, top_k)
         if key is not None:

@@ -8,7 +8,7 @@ import time
 import httpx
 
 from loadtest.servers import serve
-from tests.http.responses import metric_value
+from tests.http.responses import envelope_code, metric_value
 from tests.pictures import encode
 
 
@@ -26,6 +26,11 @@ def test_a_repeated_picture_is_answered_from_the_cache(trained_store, heldout, a
         first, again = analyze(heldout[5][0]), analyze(heldout[5][0])
         assert (first["cached"], again["cached"]) == (False, True)
         assert again["prediction"] == first["prediction"]
+        for declared in ("text/plain", "image/jpeg"):  # the same bytes, as what they are not
+            files = {"image": ("d.png", encode(heldout[5][0], "PNG"), declared)}
+            refused = httpx.post(f"{server.url}/analyze", files=files, timeout=30)
+            assert refused.status_code == 415, (declared, refused.text)
+            assert envelope_code(refused) == "UNSUPPORTED_MEDIA_TYPE"
         assert analyze(heldout[5][0], top_k="2")["cached"] is False  # top_k is part of the key
         assert analyze(heldout[6][0])["cached"] is False
         time.sleep(3.5)
