@@ -235,17 +235,28 @@ def _json_input(tensor: RequestInput) -> oip.InputTensor:
     if tensor.datatype == oip.BYTES:
         data: list[bytes] | np.ndarray = _base64_images(tensor.data)
     elif tensor.datatype == oip.FP32:
-        try:
-            data = np.asarray(tensor.data, dtype=np.float32)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float
-            raise oip.invalid(f"input {tensor.name}: FP32 data must be numbers") from None
+        data = _numbers(tensor)
     else:
         data = []
     return oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
 
 
+def _numbers(tensor: RequestInput) -> np.ndarray:
+    """FP32 data as JSON numbers (flat or nested by the shape): not strings, not true/false."""
+    try:
+        data = np.asarray(tensor.data)
+    except (TypeError, ValueError):  # ragged nesting
+        data = None
+    if data is None or data.dtype.kind not in "iuf":  # "b": booleans, "U"/"O": strings, ints>64
+        raise oip.invalid(f"input {tensor.name}: FP32 data must be numbers")
+    return data
+
+
 def _base64_images(data: list[Any]) -> list[bytes]:
-    """JSON carries an image file as a base64 string (standard or URL-safe alphabet)."""
+    """JSON carries an image file as a base64 string (standard or URL-safe alphabet); for shape
+    [N, 1] the strings may come nested, one list per item."""
+    if all(isinstance(item, list) and len(item) == 1 for item in data):
+        data = [item[0] for item in data]
     images = []
     for index, item in enumerate(data):
         if not isinstance(item, str):
@@ -299,4 +310,4 @@ def encode_response(
 def _json_data(output: oip.OutputTensor) -> list[Any]:
     if output.datatype == oip.BYTES:
         return [element.decode() for element in output.data]
-    return [round(value, 7) for value in np.asarray(output.data).ravel().tolist()]
+    return np.asarray(output.data, dtype=np.float32).ravel().tolist()  # each float32 exactly

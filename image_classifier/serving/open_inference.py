@@ -145,16 +145,25 @@ def requested_classification(name: str, value: Any) -> int:
     return count
 
 
+def tensor_input_name(card: ModelCard) -> str:
+    """The name of the FP32 input (tensors already preprocessed): the model's own input's, unless
+    that is `image`, the name of the encoded-images input, which keeps it."""
+    return card.input_name if card.input_name != IMAGE_INPUT else f"{IMAGE_INPUT}_tensor"
+
+
 def model_items(
     request: InferenceRequest, card: ModelCard, max_items: int, max_item_bytes: int
 ) -> list[bytes | np.ndarray]:
     """The request's items for the model: encoded images, or tensors already preprocessed."""
+    accepted = {IMAGE_INPUT: BYTES, tensor_input_name(card): FP32}
+    expected = " or ".join(f"{name!r} ({datatype})" for name, datatype in accepted.items())
     if len(request.inputs) != 1:
-        raise invalid(
-            f"send one input ({IMAGE_INPUT!r} BYTES, or {card.input_name!r} FP32); "
-            f"got {len(request.inputs)}"
-        )
+        raise invalid(f"send one input, {expected}; got {len(request.inputs)}")
     tensor = request.inputs[0]
+    if accepted.get(tensor.name, tensor.datatype) != tensor.datatype:
+        raise invalid(f"input {tensor.name!r} is {accepted[tensor.name]}, got {tensor.datatype}")
+    if tensor.name not in accepted and tensor.datatype in accepted.values():
+        raise invalid(f"unknown input {tensor.name!r}; this model takes {expected}")
     if not tensor.shape or any(dim < 0 for dim in tensor.shape):
         raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
     items = tensor.shape[0]
@@ -193,7 +202,8 @@ def _preprocessed(tensor: InputTensor, card: ModelCard) -> np.ndarray:
             f"input {tensor.name}: an FP32 input has shape [N, {', '.join(map(str, expected))}], "
             f"got {list(tensor.shape)}"
         )
-    array = np.asarray(tensor.data, dtype=np.float32).ravel()
+    with np.errstate(over="ignore"):  # a number past float32 becomes inf, refused just below
+        array = np.asarray(tensor.data, dtype=np.float32).ravel()
     size = int(np.prod(tensor.shape))
     if array.size != size or not np.isfinite(array).all():
         raise invalid(
@@ -229,6 +239,9 @@ def _checked_outputs(wanted: Sequence[RequestedOutput]) -> Sequence[RequestedOut
     unknown = [output.name for output in wanted if output.name not in (PROBABILITIES, LABEL)]
     if unknown:
         raise invalid(f"unknown outputs {unknown}; this model has {[PROBABILITIES, LABEL]}")
+    names = [output.name for output in wanted]
+    if len(set(names)) != len(names):
+        raise invalid(f"each output may be asked for once, got {names}")
     for output in wanted:
         if output.classification and output.name != PROBABILITIES:
             raise invalid(f"'classification' applies to the {PROBABILITIES!r} output")
@@ -268,7 +281,7 @@ def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> 
         "platform": "onnxruntime_onnx",
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
-            {"name": card.input_name, "datatype": FP32, "shape": [-1, *tensor_shape]},
+            {"name": tensor_input_name(card), "datatype": FP32, "shape": [-1, *tensor_shape]},
         ],
         "outputs": [
             {"name": PROBABILITIES, "datatype": FP32, "shape": [-1, len(card.labels)]},
@@ -284,8 +297,10 @@ def model_config(card: ModelCard, name: str, max_items: int) -> dict[str, Any]:
 
     def config_tensor(tensor: dict[str, Any]) -> dict[str, Any]:
         kind = "STRING" if tensor["datatype"] == BYTES else tensor["datatype"]
-        dims = tensor["shape"][1:] or [1]
-        return {"name": tensor["name"], "data_type": f"TYPE_{kind}", "dims": dims}
+        config = {"name": tensor["name"], "data_type": f"TYPE_{kind}", "dims": tensor["shape"][1:]}
+        if not config["dims"]:  # one value per item: Triton writes dims [1] reshaped to [] ([N])
+            config.update(dims=[1], reshape={"shape": []})
+        return config
 
     return {
         "name": name,

@@ -9,6 +9,7 @@ import subprocess
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import preprocess
@@ -72,7 +73,8 @@ def test_bytes_tensor_answers_like_analyze(server, heldout):
         analyzed = httpx.post(
             f"{server.url}/analyze", files={"image": ("d.png", image, "image/png")}
         ).json()["prediction"]["probabilities"]
-        np.testing.assert_allclose(row, [analyzed[str(d)] for d in range(10)], atol=1e-6)
+        # Every float32 in full: the same numbers /analyze gives, not rounded ones.
+        assert row.tolist() == [analyzed[str(d)] for d in range(10)]
 
 
 def test_fp32_tensor_is_served_as_given(server, heldout, card):
@@ -102,38 +104,64 @@ def test_a_tensor_the_model_answers_nan_for_fails_alone_and_poisons_no_metric(se
         assert not line.startswith("image_classifier") or not line.endswith("NaN"), line
 
 
+PNG_B64 = base64.b64encode(encode(Image.new("L", (28, 28), 255), "PNG")).decode()
+
+
+def fp32(data, shape=(1, 1, 28, 28), name="input", datatype="FP32") -> dict:
+    """A request with one FP32 input named as the default model's (`input`)."""
+    return {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "code"),
+    ("body", "status", "code", "says"),
     [
-        ({"inputs": []}, 400, "INVALID_REQUEST"),
+        ({"inputs": []}, 400, "INVALID_REQUEST", "inputs"),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
-         400, "INVALID_REQUEST"),
+         400, "INVALID_REQUEST", "not valid base64"),
         ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]},
-         400, "INVALID_REQUEST"),
+         400, "INVALID_REQUEST", "shape [N] or [N, 1]"),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                       "data": [base64.b64encode(b"<html></html>").decode()]}]},
-         415, "UNSUPPORTED_MEDIA_TYPE"),
-        ({"inputs": [{"name": "x", "shape": [1, 3, 28, 28], "datatype": "FP32", "data": [0.0]}]},
-         400, "INVALID_REQUEST"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                      "data": [float("nan")] * 784}]}, 400, "INVALID_REQUEST"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0]}]},
-         400, "INVALID_REQUEST"),
+         415, "UNSUPPORTED_MEDIA_TYPE", "not a supported image"),
+        (fp32([0.0], shape=(1, 3, 28, 28)), 400, "INVALID_REQUEST", "shape [N, 1, 28, 28]"),
+        (fp32([float("nan")] * 784), 400, "INVALID_REQUEST", "finite numbers"),
+        (fp32([1e300] * 784), 400, "INVALID_REQUEST", "finite numbers"),  # past float32
+        (fp32([0] * 784, datatype="INT64"), 400, "INVALID_REQUEST", "is FP32, got INT64"),
         # An integer past float's range was a 500 (found documenting the body for the fuzzer).
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                      "data": [10**400] * 784}]}, 400, "INVALID_REQUEST"),
+        (fp32([10**400] * 784), 400, "INVALID_REQUEST", "must be numbers"),
+        (fp32(["0.5"] * 784), 400, "INVALID_REQUEST", "must be numbers"),
+        (fp32([True] * 784), 400, "INVALID_REQUEST", "must be numbers"),
+        (fp32([0.0] * 784, name="x"), 400, "INVALID_REQUEST", "unknown input 'x'"),
+        (fp32([0.0] * 784, name="image"), 400, "INVALID_REQUEST", "input 'image' is BYTES"),
+        ({"inputs": [{"name": "picture", "shape": [1], "datatype": "BYTES", "data": [PNG_B64]}]},
+         400, "INVALID_REQUEST", "unknown input 'picture'"),
+        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [PNG_B64]}],
+          "outputs": [{"name": "label"}, {"name": "label"}]},
+         400, "INVALID_REQUEST", "once"),
         ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP33", "data": [0]}]},
-         400, "INVALID_REQUEST"),
+         400, "INVALID_REQUEST", "datatype"),
         ({"inputs": [{"name": "image", "shape": [65], "datatype": "BYTES", "data": ["aGk="] * 65}]},
-         413, "PAYLOAD_TOO_LARGE"),
+         413, "PAYLOAD_TOO_LARGE", "1..64 items"),
     ],
     ids=["no-inputs", "bad-base64", "shape-mismatch", "not-an-image", "wrong-fp32-shape",
-         "nan", "int64", "huge-integer", "not-a-datatype", "too-many"],
+         "nan", "past-float32", "int64", "huge-integer", "strings-as-fp32", "bools-as-fp32",
+         "unknown-fp32-name", "fp32-named-image", "unknown-bytes-name", "duplicate-output",
+         "not-a-datatype", "too-many"],
 )  # fmt: skip
-def test_bad_requests_get_enveloped_4xx(server, body, status, code):
+def test_bad_requests_get_enveloped_4xx(server, body, status, code, says):
     response = infer(server, body)
     assert response.status_code == status, response.text
     assert open_inference_code(response) == code
+    assert says in response.json()["error"], response.text
+
+
+def test_nested_bytes_for_shape_n_1_are_images_too(server, heldout):
+    """The protocol lets JSON data follow the shape: [[b64], [b64]] for [2, 1]."""
+    images = [base64.b64encode(encode(image, "PNG")).decode() for image, _ in heldout[:2]]
+    tensor = {"name": "image", "shape": [2, 1], "datatype": "BYTES", "data": [[i] for i in images]}
+    response = infer(server, {"inputs": [tensor], "outputs": [{"name": "label"}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [str(label) for _, label in heldout[:2]]
 
 
 def test_unknown_model_and_version_are_404(server, heldout):
