@@ -34,6 +34,7 @@ class OnnxSignature:
     output_name: str
     output_shape: list[int | str | None]
     opset: int
+    input_type: str = "FLOAT"  # the input's element type, as ONNX names it
 
 
 def export_onnx(module: nn.Module, path: Path, example: np.ndarray) -> OnnxSignature:
@@ -71,6 +72,7 @@ def inspect_onnx(path: Path) -> OnnxSignature:
         output_name=model.graph.output[0].name,
         output_shape=_shape(model.graph.output[0]),
         opset=opset,
+        input_type=onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type),
     )
 
 

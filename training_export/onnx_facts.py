@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import uses_external_data
 
 from image_classifier.core.preprocessing import PreprocessSpec, preprocess
 
@@ -44,7 +45,9 @@ class InputFacts:
         return {key: value for key, value in found.items() if value is not None}
 
 
-def input_facts(signature: OnnxSignature) -> InputFacts:
+def input_facts(signature: OnnxSignature, layout_given: str | None = None) -> InputFacts:
+    """`layout_given` settles a shape both layouts could read ([N, 3, 32, 3])."""
+    check_float_input(signature)
     shape = signature.input_shape
     if len(shape) != 4:
         raise ModelFileError(
@@ -54,6 +57,8 @@ def input_facts(signature: OnnxSignature) -> InputFacts:
     batch, d1, d2, d3 = shape
     first, last = _is_channels(d1), _is_channels(d3)
     layout = "NCHW" if first and not last else "NHWC" if last and not first else None
+    if first and last and layout_given in ("NCHW", "NHWC"):
+        layout = layout_given
     channels = {"NCHW": d1, "NHWC": d3}.get(layout)
     height, width = (d2, d3) if layout == "NCHW" else (d1, d2)
     sized = layout is not None and isinstance(height, int) and isinstance(width, int)
@@ -61,7 +66,7 @@ def input_facts(signature: OnnxSignature) -> InputFacts:
         layout=layout,
         color_mode=_CHANNELS.get(channels) if layout else None,
         input_size=(height, width) if sized and height > 0 and width > 0 else None,
-        static_batch=batch if isinstance(batch, int) and batch > 0 else None,
+        static_batch=batch if isinstance(batch, int) else None,  # 0 too: fixed, and empty
     )
 
 
@@ -69,13 +74,31 @@ def _is_channels(dim: int | str | None) -> bool:
     return isinstance(dim, int) and dim in _CHANNELS
 
 
-def check_float_input(session: ort.InferenceSession) -> None:
-    kind = session.get_inputs()[0].type
-    if kind != "tensor(float)":
+def check_float_input(signature: OnnxSignature) -> None:
+    """First of all: nothing else about the file matters if the service cannot feed it."""
+    if signature.input_type != "FLOAT":
         raise ModelFileError(
-            f"the input is {kind}; the service feeds float32 tensors "
-            "(convert the model to float32 inputs)"
+            f"the input is {signature.input_type}; the service feeds float32 tensors (convert "
+            "the model to float32 inputs, e.g. onnxconverter_common's float16 with "
+            "keep_io_types=True)"
         )
+
+
+def with_weights_inside(path: Path, folder: Path) -> Path:
+    """The file itself, or a copy holding the weights it keeps beside it (ONNX external data):
+    the store keeps one file, and ONNX Runtime cannot read every tensor from outside."""
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(uses_external_data(tensor) for tensor in model.graph.initializer):
+        return path
+    model = onnx.load(str(path))  # with the weights read in
+    if model.ByteSize() >= 2**31 - 1:
+        raise ModelFileError(
+            "its weights are kept outside the file (external data) and are 2 GB or more: the "
+            "service serves one file of less than 2 GB"
+        )
+    inside = folder / "weights_inside.onnx"
+    onnx.save(model, str(inside))
+    return inside
 
 
 def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
@@ -144,7 +167,7 @@ def output_facts(
     """
     inputs = sample_inputs(spec, 8)
     output = np.asarray(session.run(None, {session.get_inputs()[0].name: inputs})[0])
-    squeezed = output.reshape(output.shape[:2]) if _trailing_ones(output.shape) else output
+    squeezed = output.reshape(len(output), -1) if _one_vector_each(output.shape) else output
     if squeezed.ndim != 2 or squeezed.shape != (len(inputs), labels):
         raise ModelFileError(
             f"for a batch of {len(inputs)} it answers shape {list(output.shape)}: not a class "
@@ -169,8 +192,9 @@ def output_facts(
     return OutputFacts("logits", "outputs are logits (a softmax is applied when serving)")
 
 
-def _trailing_ones(shape: tuple[int, ...]) -> bool:
-    return len(shape) > 2 and all(d == 1 for d in shape[2:])
+def _one_vector_each(shape: tuple[int, ...]) -> bool:
+    """[N, C, 1, 1] or [N, 1, C]: one vector per item with axes of one around it (as served)."""
+    return len(shape) > 2 and sum(d != 1 for d in shape[1:]) <= 1
 
 
 def staging_folder() -> tempfile.TemporaryDirectory:

@@ -19,11 +19,11 @@ from .export import ExportError, inspect_onnx
 from .onnx_facts import (
     InputFacts,
     ModelFileError,
-    check_float_input,
     input_facts,
     output_facts,
     staging_folder,
     with_dynamic_batch,
+    with_weights_inside,
 )
 from .store import library_versions, save_to_store
 
@@ -118,10 +118,12 @@ def import_onnx(
     labels = labels or config.pop("labels", None)
     if not labels:
         raise ModelImportError("labels are required (--labels FILE or a config file)")
-    facts = input_facts(signature)
-    spec = resolve_spec(facts, preset, config.pop("preprocessing", {}), preprocessing, say)
+    declared = config.pop("preprocessing", {})
+    facts = input_facts(signature, {**declared, **(preprocessing or {})}.get("layout"))
+    spec = resolve_spec(facts, preset, declared, preprocessing, say)
     kind = config.pop("output_kind", output_kind) if output_kind == "auto" else output_kind
     with staging_folder() as folder:
+        model_path = with_weights_inside(model_path, Path(folder))
         if facts.static_batch is not None:
             model_path = with_dynamic_batch(model_path, Path(folder), spec)
             say(
@@ -129,7 +131,6 @@ def import_onnx(
                 "dynamic one (a batch gave the same rows as single runs)"
             )
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        check_float_input(session)
         output = output_facts(session, spec, len(labels), kind)
         height, width = spec.input_size
         say(

@@ -122,3 +122,53 @@ def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_bytes("\ufeffcat\r\ndog\r\n\r\nbird\r\n".encode())
     assert read_labels(path) == ["cat", "dog", "bird"]
+
+
+def test_a_float16_input_is_named_as_the_reason_even_with_a_fixed_batch(tmp_path, bentoml_home):
+    """The batch axis is not what is wrong with it: say what is, first."""
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20), batch=1,
+                                   color_mode="RGB", flatten_batch=1)  # fmt: skip
+    model = onnx.load(str(folder / "model.onnx"))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    model.graph.input[0].name = "half"
+    cast = onnx.helper.make_node("Cast", ["half"], ["input"], to=onnx.TensorProto.FLOAT)
+    model.graph.node.insert(0, cast)
+    onnx.save(model, str(folder / "half.onnx"))
+    with pytest.raises(ModelFileError, match="the input is FLOAT16; the service feeds float32"):
+        import_onnx(folder / "half.onnx", "half", "v1", labels=LABELS, say=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ({"output_dims": (-1, 1, 5)}, {}),  # [N, 1, C]: one class vector per item
+        ({"batch": 0}, {}),  # a batch axis fixed at 0 (nothing fits it): made dynamic
+        ({"input_size": (32, 3)}, {"preprocessing": {"layout": "NCHW"}}),  # [N, 3, 32, 3]
+    ],
+    ids=["n-1-c-output", "batch-0", "layout-settles-3-32-3"],
+)
+def test_odd_but_servable_files_import_and_answer(tmp_path, bentoml_home, request, model, options):
+    name = f"odd-{request.node.callspec.id}"
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, color_mode="RGB",
+                                   **{"input_size": (20, 20), **model})  # fmt: skip
+    tag = import_onnx(folder / "model.onnx", name, "v1", labels=LABELS, preset="imagenet",
+                      say=lambda _: None, **options)  # fmt: skip
+    classifier = Classifier(store_model_dir(bentoml_home, tag))
+    assert classifier.card.preprocessing.input_size == model.get("input_size", (20, 20))
+    tensors = [np.full(classifier.card.preprocessing.tensor_shape, v, np.float32) for v in (0, 1)]
+    assert classifier.run(tensors).shape == (2, 5)
+
+
+def test_weights_kept_beside_the_file_are_stored_inside_it(tmp_path, bentoml_home):
+    """ONNX external data: the store keeps one file, so the weights go into it."""
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20), color_mode="RGB")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    onnx.save(onnx.load(str(folder / "model.onnx")), str(outside / "model.onnx"),
+              save_as_external_data=True, location="weights.bin", size_threshold=0)  # fmt: skip
+    tag = import_onnx(outside / "model.onnx", "outside", "v1", labels=LABELS, preset="imagenet",
+                      say=lambda _: None)  # fmt: skip
+    stored = store_model_dir(bentoml_home, tag)
+    assert not (stored / "weights.bin").exists()
+    np.testing.assert_array_equal(weights(stored), weights(folder))
+    assert Classifier(stored).run([np.zeros((3, 20, 20), np.float32)]).shape == (1, 5)
