@@ -27,6 +27,10 @@ _PIL_FILTERS = {
 # Pictures larger than this many times the input side are first shrunk cheaply (Image.reduce):
 # a 12 MP photo does not need full-resolution pixel work to become a 28x28 or 224x224 tensor.
 _WORKING_SCALE = 8
+# A picture of more pixels than this that needs a mode conversion is converted and shrunk a tile at
+# a time: converting it whole (transparency over white; 1-bit, palette, CMYK or 16-bit to RGB or L)
+# builds full-resolution copies, 750 MiB for a 7000x7000 transparent PNG of 100-200 KB.
+_TILE_PIXELS = 1 << 20
 
 
 class PreprocessSpec(BaseModel):
@@ -101,19 +105,30 @@ IMAGENET_SPEC = PreprocessSpec(
 # Rows of a 16/32-bit picture converted at a time: temporaries stay small (a 50 MP 16-bit PNG of
 # ~100 KB would otherwise cost over a gigabyte of float64 arrays).
 _HIGH_DEPTH_ROWS = 128
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def to_color_mode(image: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
     """Any Pillow mode to L or RGB: transparency over white; 16-bit and float rescaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        image = _high_depth_to_l(image)
+    depth_factor = _high_depth_factor(image) if image.mode in _HIGH_DEPTH_MODES else 1.0
+    return _convert(image, mode, depth_factor)
+
+
+def _convert(image: Image.Image, mode: Literal["L", "RGB"], depth_factor: float) -> Image.Image:
+    """`to_color_mode` pixel by pixel, the 16-bit/float scale given: a tile converts on its own."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _high_depth_to_l(image, depth_factor)
     elif image.mode == "LAB":  # CIELAB TIFFs: Pillow converts LAB to nothing else by itself
         image = _lab_to_rgb(image)
     if _has_transparency(image):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return image if image.mode == mode else image.convert(mode)
+
+
+def _needs_conversion(image: Image.Image, mode: Literal["L", "RGB"]) -> bool:
+    return image.mode != mode or _has_transparency(image)
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -122,7 +137,22 @@ def _has_transparency(image: Image.Image) -> bool:
     return "transparency" in image.info
 
 
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
+def _high_depth_factor(image: Image.Image) -> float:
+    """What maps a 16/32-bit or float grey picture's range to 0..255: read from the whole picture
+    (its finite peak), a block of rows at a time."""
+    peak = 0.0
+    for top in range(0, image.height, _HIGH_DEPTH_ROWS):
+        bottom = min(image.height, top + _HIGH_DEPTH_ROWS)
+        block = np.asarray(image.crop((0, top, image.width, bottom)))
+        peak = max(peak, float(np.max(block, initial=0, where=np.isfinite(block))))
+    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+        return 1 / 257  # 0..65535 -> 0..255
+    if image.mode == "F" and peak <= 1.0:
+        return 255.0
+    return 1.0
+
+
+def _high_depth_to_l(image: Image.Image, factor: float) -> Image.Image:
     """16/32-bit integer and float greys to 8 bits by their range (Pillow would clip at 255).
 
     Works in float32 blocks of rows, so memory stays near the size of the picture itself;
@@ -130,18 +160,6 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     """
     values = np.asarray(image)  # native dtype: uint16, int32 or float32
     blocks = range(0, values.shape[0], _HIGH_DEPTH_ROWS)
-    peak = max(
-        (
-            float(np.max(block, initial=0, where=np.isfinite(block)))
-            for block in (values[start : start + _HIGH_DEPTH_ROWS] for start in blocks)
-        ),
-        default=0.0,
-    )
-    factor = 1.0
-    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
-        factor = 1 / 257  # 0..65535 -> 0..255
-    elif image.mode == "F" and peak <= 1.0:
-        factor = 255.0
     out = np.empty(values.shape, dtype=np.uint8)
     for start in blocks:
         block = values[start : start + _HIGH_DEPTH_ROWS].astype(np.float64) * factor
@@ -158,16 +176,44 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
     except ImportError:  # Pillow built without littlecms
         lightness = image.getchannel("L")
         return Image.merge("RGB", (lightness, lightness, lightness))
-    transform = ImageCms.buildTransform(
+    return ImageCms.applyTransform(image, _lab_to_srgb_transform())
+
+
+@functools.cache
+def _lab_to_srgb_transform():  # built once: a big picture is converted a tile at a time
+    from PIL import ImageCms
+
+    return ImageCms.buildTransform(
         ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
     )
-    return ImageCms.applyTransform(image, transform)
 
 
-def _shrink_for_work(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+def _working_picture(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The picture in the model's colour mode, shrunk cheaply (Image.reduce) for the pixel work.
+
+    A big picture that needs converting is converted and reduced a tile at a time, each tile a
+    whole number of reduction cells: the same pixels as converting it whole and then reducing
+    (conversion is pixel by pixel; the 16-bit scale is read from the whole picture first), without
+    the full-resolution copies (transparency over white made four of them).
+    """
     target_w, target_h = spec.decode_size_hint
-    factor = min(image.width // target_w, image.height // target_h)
-    return image.reduce(factor) if factor >= 2 else image
+    factor = max(1, min(image.width // target_w, image.height // target_h))
+    if image.width * image.height <= _TILE_PIXELS or not _needs_conversion(image, spec.color_mode):
+        image = to_color_mode(image, spec.color_mode)
+        return image.reduce(factor) if factor >= 2 else image
+    depth_factor = _high_depth_factor(image) if image.mode in _HIGH_DEPTH_MODES else 1.0
+    cells = max(1, _TILE_PIXELS // (factor * factor))  # reduction cells in one tile
+    across = min(-(-image.width // factor), cells)
+    tile_w, tile_h = across * factor, max(1, cells // across) * factor
+    working = Image.new(spec.color_mode, (-(-image.width // factor), -(-image.height // factor)))
+    for top in range(0, image.height, tile_h):
+        for left in range(0, image.width, tile_w):
+            box = (left, top, min(image.width, left + tile_w), min(image.height, top + tile_h))
+            tile = _convert(image.crop(box), spec.color_mode, depth_factor)
+            working.paste(
+                tile.reduce(factor) if factor >= 2 else tile, (left // factor, top // factor)
+            )
+    return working
 
 
 def crop_to_content(image: Image.Image, padding: float) -> Image.Image:
@@ -233,8 +279,7 @@ def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """One decoded picture to one float32 tensor of `spec.tensor_shape`."""
-    image = to_color_mode(image, spec.color_mode)
-    image = _shrink_for_work(image, spec)
+    image = _working_picture(image, spec)
     if spec.content_crop:
         image = crop_to_content(image, spec.content_padding)
     image = _resize(image, spec)

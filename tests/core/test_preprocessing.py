@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from image_classifier.core import preprocessing
 from image_classifier.core.preprocessing import (
     IMAGENET_SPEC,
     PreprocessSpec,
@@ -13,6 +20,9 @@ from image_classifier.core.preprocessing import (
     preprocess,
     to_color_mode,
 )
+from tests.figures import measured
+
+REPO = Path(__file__).resolve().parents[2]
 
 DIGITS = PreprocessSpec(
     input_size=(28, 28), color_mode="L", content_crop=True, mean=(0.5,), std=(0.5,)
@@ -135,6 +145,127 @@ def test_transparency_is_composited_over_white():
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = 0
     assert to_color_mode(palette, "RGB").getpixel((5, 5)) == (255, 255, 255)
+
+
+def gradient_picture(mode: str, size=(1200, 900)) -> Image.Image:
+    """Noisy colours whose alpha rises from 0 at the left edge to 255 at the right, in `mode`."""
+    width, height = size
+    values = np.random.default_rng(7).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    values[..., 3] = np.linspace(0, 255, width).astype(np.uint8)[None, :]
+    rgba = Image.fromarray(values, "RGBA")
+    if mode == "P+transparency":
+        palette = rgba.convert("RGB").quantize(64)
+        palette.info["transparency"] = 5
+        return palette
+    if mode == "I;16":
+        return Image.fromarray(values[..., 0].astype(np.uint16) * 200)
+    if mode == "F":
+        return Image.fromarray(values[..., 0].astype(np.float32) / 300, mode="F")
+    return rgba if mode == "RGBA" else rgba.convert(mode)
+
+
+@pytest.mark.parametrize("tile_pixels", [None, 1000])  # None: as served; 1000: many small tiles
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P+transparency", "1", "CMYK", "I;16", "F"])
+def test_big_pictures_shrink_before_converting_with_the_same_pixels(mode, tile_pixels, monkeypatch):
+    """Transparency over white (and every other conversion) is done tile by tile on the way down,
+    never on the whole full-resolution picture: the tensor is the one converting first gives."""
+    if tile_pixels is not None:
+        monkeypatch.setattr(preprocessing, "_TILE_PIXELS", tile_pixels)
+    image = gradient_picture(mode)
+    assert image.width * image.height > preprocessing._TILE_PIXELS  # the tiled path is taken
+    for spec in (IMAGENET_SPEC, DIGITS, DIGITS.model_copy(update={"color_mode": "RGB"})):
+        converted_first = preprocess(to_color_mode(image, spec.color_mode), spec)
+        np.testing.assert_array_equal(preprocess(image, spec), converted_first)
+
+
+# Decoding and preprocessing one 7000x7000 transparent PNG of a few hundred KB, in a fresh process.
+# The peak resident size is Linux's VmHWM: ru_maxrss would start at the pytest process's own peak
+# (Linux carries it over exec into the child), hiding any growth below it.
+_MEASURE_RSS = """
+import json, resource, sys
+from pathlib import Path
+from image_classifier.core.decoding import DecodeLimits, decode_image
+from image_classifier.core.preprocessing import IMAGENET_SPEC, PreprocessSpec, preprocess
+
+def peak():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+spec = IMAGENET_SPEC if sys.argv[2] == "imagenet" else PreprocessSpec(
+    input_size=(28, 28), color_mode="L", content_crop=True)
+data = Path(sys.argv[1]).read_bytes()
+before = peak()
+image = decode_image(data, DecodeLimits(), None, spec.decode_size_hint)
+decoded = peak()
+tensor = preprocess(image, spec)
+print(json.dumps({"decoded": decoded - before, "total": peak() - before,
+                  "mode": image.mode, "shape": list(tensor.shape)}))
+"""
+
+
+@pytest.fixture(scope="session")
+def huge_transparent_png(tmp_path_factory):
+    """`(mode) -> path`: a 7000x7000 PNG with a half-transparent disc on a transparent ground
+    (49 MP, within the 50 MP limit); a few hundred KB, so it passes every byte cap."""
+    folder = tmp_path_factory.mktemp("huge-png")
+    made: dict[str, Path] = {}
+
+    def make(mode: str) -> Path:
+        if mode not in made:
+            side = 7000
+            disc = (side // 4, side // 4, 3 * side // 4, 3 * side // 4)
+            if mode == "P":
+                image = Image.new("P", (side, side), 0)
+                image.putpalette([255, 255, 255, 200, 30, 40])
+                ImageDraw.Draw(image).ellipse(disc, fill=1)
+                options = {"transparency": 0}
+            else:
+                image = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+                ImageDraw.Draw(image).ellipse(disc, fill=(200, 30, 40, 160))
+                image, options = image.convert(mode), {}
+            made[mode] = folder / f"{mode}.png"
+            image.save(made[mode], "PNG", **options)
+        return made[mode]
+
+    return make
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
+@pytest.mark.parametrize(
+    ("mode", "spec"), [("RGBA", "imagenet"), ("LA", "digits"), ("P", "imagenet")]
+)
+def test_huge_transparent_png_is_not_composited_at_full_resolution(
+    huge_transparent_png, mode, spec
+):
+    """Compositing the whole 49 MP picture over white took four more full-size copies: 936 MiB of
+    peak RSS for one request. Decoding needs one full-size copy (188 MiB for RGBA); preprocessing
+    must add little to it."""
+    path = huge_transparent_png(mode)
+    assert path.stat().st_size < 1_000_000
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", _MEASURE_RSS, str(path), spec],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    grown = json.loads(child.stdout.splitlines()[-1])
+    assert grown["mode"] == mode
+    mib = 1 << 20
+    decoded, total = grown["decoded"] / mib, grown["total"] / mib
+    measured(
+        f"7000x7000 {mode} PNG ({path.stat().st_size // 1024} KB) to a {spec} tensor: "
+        f"peak RSS +{total:.0f} MiB, of which decoding +{decoded:.0f} MiB"
+    )
+    assert decoded > 40, (decoded, total)  # the measurement sees the decoded picture (47-188 MiB)
+    assert total < 250, (decoded, total)
+    assert total - decoded < 64, (decoded, total)  # the whole-picture composite: +748 MiB
 
 
 @pytest.mark.parametrize("resize_mode", ["stretch", "center_crop", "letterbox"])
