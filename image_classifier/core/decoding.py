@@ -23,8 +23,14 @@ pillow_heif.register_heif_opener()
 # sent, and decoded, as a JPEG.
 _JPEG_FAMILY = {"JPEG", "MPO"}
 
-# Declared types that say nothing about the format: the bytes decide.
-_GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/unknown"}
+# Declared types that say nothing about the format (`image/*`: "an image"): the bytes decide.
+_GENERIC_TYPES = {
+    "",
+    "application/octet-stream",
+    "binary/octet-stream",
+    "application/unknown",
+    "image/*",
+}
 _TYPE_ALIASES = {
     "image/jpg": "image/jpeg",
     "image/pjpeg": "image/jpeg",

@@ -139,7 +139,9 @@ class BoundaryMiddleware:
                 await self.app(scope, _replay(b"".join(body), receive), send)
                 return
             else:
-                files, integers = parse_multipart(_header(scope, "content-type"), body, route.rule)
+                files, integers = parse_multipart(
+                    _header(scope, "content-type"), body, route.rule, scope["query_string"]
+                )
                 del body  # the files hold their own bytes now
                 upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
                 response = await route.answer(upload)

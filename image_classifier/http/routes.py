@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -215,7 +216,17 @@ def build_app(get_predictor: Callable[[], Predictor], settings: Settings) -> Fas
             responses=infer_answers,
             openapi_extra={"parameters": [*parameters, _BINARY_HEADER], "requestBody": infer_body},
         )(infer)  # fmt: skip
+    _answer_head(app)
     return app
+
+
+def _answer_head(app: FastAPI) -> None:
+    """Every GET route answers HEAD too, as HTTP asks (RFC 9110 9.3.2; the server drops the
+    body): FastAPI, unlike Starlette, routes only the methods declared. Undocumented, so each
+    operation is listed once in /docs.json."""
+    for route in list(app.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
 
 
 def _model(request: Request, router: ModelRouter) -> ServedVersion:

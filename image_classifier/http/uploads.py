@@ -2,8 +2,8 @@
 
 The body is parsed by python-multipart's streaming parser, right where the boundary middleware has
 read it: every malformed or unexpected request gets a precise 4xx (a text value in a file field,
-an unknown field, one file too many, `top_k=abc`), and the files' bytes go to the api as they are,
-with no temporary file and no second parse by the framework.
+an unknown field or query parameter, one file too many, `top_k=abc`), and the files' bytes go
+to the api as they are, with no temporary file and no second parse by the framework.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import fnmatch
 import re
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -125,18 +126,65 @@ def _method_of(answerer: Callable[[], Any], name: str) -> Answer:
 
 
 def parse_multipart(
-    content_type: str | None, body: Iterable[bytes], rule: UploadRule
+    content_type: str | None, body: Iterable[bytes], rule: UploadRule, query: bytes = b""
 ) -> tuple[list[UploadPart], dict[str, int]]:
     """The file parts in body order and the integer fields, or a ClassifierError saying what is
-    wrong with the request. `body`: its chunks, as they came."""
+    wrong with the request. `body`: its chunks, as they came; `query`: the raw query string,
+    where the integer fields may come too (`?top_k=2` is what users try first)."""
     media, options = parse_options_header(content_type or "")
     if media != b"multipart/form-data" or not options.get(b"boundary"):
         raise ClassifierError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"send multipart/form-data with the image in the field {rule.file_field!r}",
         )
-    parts = _parse_parts(options[b"boundary"], body, rule)
-    return _check_parts(parts, rule)
+    from_query = _query_integers(query, rule)
+    boundary = options[b"boundary"]
+    parts = _parse_parts(boundary, _from_first_boundary(boundary, body), rule)
+    files, integers = _check_parts(parts, rule)
+    for name, value in from_query.items():
+        if integers.setdefault(name, value) != value:
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST,
+                f"{name!r} given twice with different values: {value} in the query string, "
+                f"{integers[name]} in the form",
+            )
+    return files, integers
+
+
+def _query_integers(query: bytes, rule: UploadRule) -> dict[str, int]:
+    """The integer fields given in the query string. Any other parameter is refused: ignored, a
+    misplaced one (`?image=...`, `?topk=2`) would give a silently different answer."""
+    integers: dict[str, int] = {}
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name not in rule.integer_fields:
+            takes = ", ".join(sorted(rule.integer_fields)) or "none"
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST,
+                f"unknown query parameter {name[:40]!r} (query parameters: {takes}); the image "
+                f"goes in the multipart field {rule.file_field!r}",
+            )
+        if name in integers:
+            raise ClassifierError(ErrorCode.INVALID_REQUEST, f"{name!r} given twice in the query")
+        raw = value.encode()
+        integers[name] = _integer(name, raw, len(raw), rule)
+    return integers
+
+
+def _from_first_boundary(boundary: bytes, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The body from its first boundary on. RFC 2046 allows a preamble before it (some curl, PHP
+    and Java clients send one), which python-multipart refuses. Only a delimiter's length of the
+    preamble is kept while looking: a long one costs no memory."""
+    delimiter = b"\r\n--" + boundary
+    chunks = iter(chunks)
+    seen = b"\r\n"  # so that a body starting with its boundary is found like any other
+    for chunk in chunks:
+        seen += chunk
+        found = seen.find(delimiter)
+        if found >= 0:
+            yield seen[found + 2 :]
+            yield from chunks
+            return
+        seen = seen[-len(delimiter) + 1 :]
 
 
 def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> list[UploadPart]:
@@ -222,7 +270,7 @@ def _check_parts(
         elif part.name in rule.integer_fields and not part.is_file:
             if part.name in integers:
                 raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
-            integers[part.name] = _integer(part, rule)
+            integers[part.name] = _integer(part.name, part.data, part.size, rule)
         else:
             raise ClassifierError(
                 ErrorCode.INVALID_REQUEST, f"unexpected field {part.name!r}; expected: {expected}"
@@ -244,10 +292,11 @@ def _check_parts(
     return files, integers
 
 
-def _integer(part: UploadPart, rule: UploadRule) -> int:
-    text = part.data.decode("utf-8", "replace").strip()
-    if part.size > rule.max_text_bytes or not _INTEGER.fullmatch(text):
+def _integer(name: str, value: bytes, size: int, rule: UploadRule) -> int:
+    """`size`: the value's length as sent (a form field keeps only its first bytes)."""
+    text = value.decode("utf-8", "replace").strip()
+    if size > rule.max_text_bytes or not _INTEGER.fullmatch(text):
         raise ClassifierError(
-            ErrorCode.INVALID_REQUEST, f"field {part.name!r} must be an integer, got {text[:20]!r}"
+            ErrorCode.INVALID_REQUEST, f"{name!r} must be an integer, got {text[:20]!r}"
         )
     return int(text)

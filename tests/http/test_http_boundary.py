@@ -12,7 +12,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from image_classifier.http.boundary import BoundaryMiddleware
+from image_classifier.http.envelope import HTTP_STATUS
 from image_classifier.http.uploads import Upload, UploadRoute, UploadRule, parse_multipart
+from loadtest.servers import REPO
 
 CAP = 1000
 
@@ -92,11 +94,13 @@ def test_a_good_upload_reaches_its_api_parsed_once():
     assert body["request_id"] == response.headers["x-request-id"]
 
 
-def test_a_body_parsed_from_its_chunks_is_the_same_wherever_they_split():
+@pytest.mark.parametrize("preamble", [b"", b"RFC 2046 allows this\r\n--boundar\r\n\r\n"])
+def test_a_body_parsed_from_its_chunks_is_the_same_wherever_they_split(preamble):
     """The boundary parses an upload chunk by chunk, as it came: a split anywhere, inside the
-    boundary line, a header or the file's bytes, gives the same parts."""
+    boundary line, a header or the file's bytes, gives the same parts; a preamble before the
+    first boundary (even one almost like it) is skipped."""
     payload = bytes(range(256)) + b"\r\n--bound\r\n--b-" + bytes(range(255, -1, -1))
-    body = (
+    body = preamble + (
         b'--boundary\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
         b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--boundary\r\n"
         b'Content-Disposition: form-data; name="top_k"\r\n\r\n3\r\n--boundary--\r\n'
@@ -199,3 +203,14 @@ def test_unknown_routes_are_enveloped_too():
     assert response.status_code == 404
     assert code(response) == "NOT_FOUND"
     assert json.loads(response.content)["error"]["message"]
+
+
+def test_the_readme_error_table_has_every_code_with_its_status():
+    """Clients switch on codes: each one they can get is in the README, with the status it has."""
+    table = (REPO / "README.md").read_text().split("| code | status | when |", 1)[1]
+    tabled = {}
+    for row in table.split("\n\n", 1)[0].splitlines()[2:]:
+        codes, statuses = row.split(" | ")[:2]
+        for code, status in zip(codes.split(","), statuses.split(","), strict=True):
+            tabled[code.strip(" |`")] = int(status)
+    assert tabled == {code.value: status for code, status in HTTP_STATUS.items()}

@@ -214,3 +214,70 @@ def test_readme_curl_example_shape(server, heldout, tmp_path):
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert '"success":true' in out.stdout.replace(" ", ""), out.stdout
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/info", "/ui", "/v2", "/v2/health/ready", "/v2/models/digits-cnn/versions/v1/config",
+     "/livez", "/metrics"],
+)  # fmt: skip
+def test_head_answers_every_get_route_like_get_without_a_body(server, path):
+    """RFC 9110 9.3.2: monitors and link checkers send HEAD; a 405 reads as a broken route."""
+    got = httpx.get(f"{server.url}{path}")
+    head = httpx.head(f"{server.url}{path}")
+    assert got.status_code == 200 and head.status_code == 200, head.headers
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_top_k_in_the_query_string_is_honoured_and_other_parameters_refused(server, heldout):
+    """`?top_k=2` is what users try first: it counts like the form field, not silently ignored."""
+    png = encode(heldout[0][0], "PNG")
+    image = {"image": ("d.png", png, "image/png")}
+
+    def top_k_of(query: str, **fields) -> int:
+        response = httpx.post(f"{server.url}/analyze?{query}", files=image, data=fields)
+        assert response.status_code == 200, response.text
+        return len(response.json()["prediction"]["top_k"])
+
+    assert top_k_of("top_k=2") == 2
+    assert top_k_of("top_k=2", top_k="2") == 2
+    batch = httpx.post(
+        f"{server.url}/analyze_batch?top_k=1", files=[("images", ("a.png", png))] * 2, timeout=30
+    )
+    assert [len(r["prediction"]["top_k"]) for r in batch.json()["results"]] == [1, 1]
+    for path, query, fields, named in [
+        ("/analyze", "top_k=2", {"top_k": "3"}, "different values"),
+        ("/analyze", "top_k=x", {}, "must be an integer"),
+        ("/analyze", "top_k=11", {}, "top_k"),
+        ("/analyze", "topk=2", {}, "'topk'"),
+        ("/analyze_batch", "model=v1", {}, "'model'"),
+    ]:
+        files = image if path == "/analyze" else [("images", ("a.png", png))]
+        response = httpx.post(f"{server.url}{path}?{query}", files=files, data=fields)
+        assert response.status_code == 400, (query, response.text)
+        assert envelope_code(response) == "INVALID_REQUEST"
+        assert named in response.json()["error"]["message"], response.text
+
+
+def test_a_multipart_preamble_is_skipped(server, heldout):
+    """RFC 2046 lets a body say something before its first boundary (some curl, PHP and Java
+    clients do)."""
+    png = encode(heldout[0][0], "PNG")
+    body, content_type = raw_multipart([("image", "d.png", "image/png", png)])
+    preamble = b"This is a multi-part message in MIME format.\r\n"
+    response = httpx.post(
+        f"{server.url}/analyze", content=preamble + body, headers={"content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["prediction"]["label"] == str(heldout[0][1])
+
+
+def test_a_part_declared_image_star_is_judged_by_its_bytes(server, heldout):
+    """`image/*` says only "an image" (some browsers' and phones' pickers send it): the bytes
+    decide, as for application/octet-stream."""
+    png = encode(heldout[0][0], "PNG")
+    assert analyze(server.url, png, mime="image/*").status_code == 200
+    not_an_image = analyze(server.url, b"<html>hi</html>", mime="image/*")
+    assert not_an_image.status_code == 415, not_an_image.text
+    assert envelope_code(not_an_image) == "UNSUPPORTED_MEDIA_TYPE"
