@@ -125,8 +125,9 @@ class BoundaryMiddleware:
         try:
             receiving = time.perf_counter()
             body = await read_body(
-                receive, _header(scope, "content-length"), route.max_bytes, self.pace
-            )
+                receive, _header(scope, "content-length"), route.max_bytes, self.pace,
+                encoding=_header(scope, "content-encoding"),
+            )  # fmt: skip
             metrics.BODY_SECONDS.observe(time.perf_counter() - receiving)
             send.close_connection = False
         finally:

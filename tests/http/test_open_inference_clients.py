@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import gzip
 import json
 import subprocess
 import sys
@@ -177,6 +178,38 @@ def test_images_answer_like_analyze(server, mode, pngs, analyzed, heldout):
     response = result.get_response()
     response = response if isinstance(response, dict) else {"id": response.id}
     assert response["id"] == "r-42"
+
+
+@pytest.mark.parametrize("mode", ["http-gzip", "http-deflate", "grpc-gzip", "grpc-deflate"])
+def test_compressed_requests_answer_like_plain_ones(server, mode, pngs, analyzed):
+    """tritonclient's request compression: Content-Encoding over HTTP, gRPC's own otherwise."""
+    kind, algorithm = mode.split("-")
+    client = client_of(kind, server)
+    compression = (
+        {"request_compression_algorithm": algorithm, "response_compression_algorithm": algorithm}
+        if kind == "http"
+        else {"compression_algorithm": algorithm}
+    )
+    result = client.infer(MODEL, [image_input(kind, pngs)], outputs=outputs(kind), **compression)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), analyzed, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "status", "code"),
+    [
+        ("br", lambda: b"\x1b\x00", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ("gzip", lambda: gzip.compress(b'{"inputs": []}')[:-6], 400, "INVALID_REQUEST"),  # cut
+        ("gzip", lambda: gzip.compress(bytes(120 * 2**20), 1), 413, "PAYLOAD_TOO_LARGE"),
+    ],
+    ids=["unknown-encoding", "truncated", "inflates-past-the-cap"],
+)
+def test_a_body_that_cannot_be_inflated_gets_a_clear_4xx(server, encoding, body, status, code):
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    response = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer", content=body(), headers=headers, timeout=60
+    )
+    assert response.status_code == status, response.text
+    assert response.headers["x-error-code"] == code
 
 
 @pytest.mark.parametrize("mode", MODES)
