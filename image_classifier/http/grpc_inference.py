@@ -7,7 +7,8 @@ limit, the size caps, the in-flight cap and the deadline of the `Gate`; then
 `serving.open_inference`, on /analyze's predictor path (batching, metrics, drift). Errors are gRPC
 status codes with the stable code in front of the message ("INVALID_IMAGE: ..."), repeated in the
 `x-error-code` trailing metadata; every call logs one access line with its request id (the
-`x-request-id` metadata when it is a safe token), sent back in the trailing metadata.
+`x-request-id` metadata when it is a safe token), sent back in the trailing metadata. A call the
+client gives up on is logged as 499 and counted as CANCELLED or DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = f"/{INFERENCE_SERVICE}/"  # the access line's endpoint: SERVICE + method
 _background: set[asyncio.Task] = set()  # keeps the start task referenced until it is done
+# Announced by `GET /v2` only: KServe's gRPC service has no ModelConfig RPC.
+HTTP_ONLY_EXTENSIONS = frozenset({"model_configuration"})
+# grpc's deadline timer may cancel a call a little before the clock says its deadline passed.
+DEADLINE_SLACK_S = 0.05
 
 GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,11 +96,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.is_ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return await self._answer(
-            context,
-            "ServerMetadata",
-            lambda: _done(pb.ServerMetadataResponse(**oip.server_metadata())),
-        )
+        return await self._answer(context, "ServerMetadata", lambda: _done(_server_metadata()))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
         async def ready() -> pb.ModelReadyResponse:
@@ -151,6 +152,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._answer(context, "ModelInfer", infer, in_work=True)
 
+    # Answered here rather than left to the generated servicer, whose NotImplementedError logs a
+    # traceback for every call.
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        return await self._answer(context, "RepositoryModelLoad", _no_repository_control)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        return await self._answer(context, "RepositoryModelUnload", _no_repository_control)
+
     def _model(self, name: str, version: str, context: Any):  # noqa: ANN202
         pinned = _metadata(context).get(MODEL_VERSION_HEADER)
         return oip.served_model(self.get_predictor().router, name, version or None, pinned)
@@ -166,6 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         started = time.perf_counter()
         error: ClassifierError | None = None
+        status, outcome = 200, "OK"  # outcome: the metric's code
         with logs.request_context(request_id, "GRPC", SERVICE + method) as fields:
             if FORWARDED_BY in metadata and passed_on(context):
                 fields["forwarded_by"] = metadata[FORWARDED_BY]  # the worker it came through
@@ -175,6 +185,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 async with self._work_slot(in_work):
                     async with asyncio.timeout(self.gate.policy.request_timeout_s):
                         return await work()
+            except asyncio.CancelledError:  # grpc cancels the work when the client gives up
+                status, outcome = 499, _given_up(context)
+                fields["error_code"] = outcome
+                raise
             except ClassifierError as exc:
                 error = exc
             except TimeoutError:
@@ -184,12 +198,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("unexpected error answering %s", method)
                 error = ClassifierError(ErrorCode.INTERNAL_ERROR, INTERNAL_MESSAGE)
             finally:
-                status = 200 if error is None else HTTP_STATUS[error.code]
                 if error is not None:
-                    fields["error_code"] = error.code.value
-                    metrics.ERRORS.labels(code=error.code.value).inc()
-                code = "OK" if error is None else error.code.value
-                metrics.GRPC_REQUESTS.labels(method=method, code=code).inc()
+                    status, outcome = HTTP_STATUS[error.code], error.code.value
+                    fields["error_code"] = outcome
+                    metrics.ERRORS.labels(code=outcome).inc()
+                metrics.GRPC_REQUESTS.labels(method=method, code=outcome).inc()
                 logs.log_request(fields, status, (time.perf_counter() - started) * 1000)
         await _abort(context, error, request_id)
         raise AssertionError("unreachable: abort raises")
@@ -209,6 +222,29 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
 async def _done(value: T) -> T:
     return value
+
+
+def _server_metadata() -> pb.ServerMetadataResponse:
+    """What `GET /v2` announces, less the extensions whose routes gRPC has no RPC for."""
+    described = oip.server_metadata()
+    extensions = [name for name in described.pop("extensions") if name not in HTTP_ONLY_EXTENSIONS]
+    return pb.ServerMetadataResponse(**described, extensions=extensions)
+
+
+async def _no_repository_control() -> NoReturn:
+    raise ClassifierError(
+        ErrorCode.METHOD_NOT_ALLOWED,  # gRPC's UNIMPLEMENTED
+        "model repository control is not supported: models are baked into the bento; "
+        "deploy a new version",
+    )
+
+
+def _given_up(context: Any) -> str:
+    """How the client gave up on a call: grpc cancels its handler alike when the client cancels
+    and when the call's deadline passes; only the time left tells them apart."""
+    remaining = context.time_remaining()  # None: the call had no deadline
+    deadline_passed = remaining is not None and remaining < DEADLINE_SLACK_S
+    return "DEADLINE_EXCEEDED" if deadline_passed else "CANCELLED"
 
 
 async def _abort(context: Any, error: ClassifierError, request_id: str) -> None:

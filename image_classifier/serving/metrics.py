@@ -100,8 +100,8 @@ REFUSED_AT_HEAD = _shown_from_zero(
 )
 GRPC_REQUESTS = Counter(
     "image_classifier_grpc_requests",
-    "Open Inference gRPC calls by method and outcome (OK, or the error code); BentoML's request "
-    "metrics count HTTP only",
+    "Open Inference gRPC calls by method and outcome (OK, the error code, or CANCELLED / "
+    "DEADLINE_EXCEEDED when the client gave up); BentoML's request metrics count HTTP only",
     ["method", "code"],
 )
 GRPC_SENT_ON = Counter(

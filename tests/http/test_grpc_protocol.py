@@ -1,14 +1,30 @@
-"""The generated gRPC code matches its .proto (as
-`python -m image_classifier.http.protos.regenerate` writes it) and lives beside the clients
-that register the same protocol names."""
+"""The gRPC protocol itself: the generated code matches its .proto (as
+`python -m image_classifier.http.protos.regenerate` writes it) and lives beside the clients that
+register the same protocol names; against a real server, what the service answers beyond
+inference (cancelled calls, unsupported RPCs, the extensions it announces)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
+import grpc
+import httpx
+import pytest
+
+from image_classifier.http.grpc_inference import InferenceService
+from image_classifier.http.headers import REQUEST_ID_HEADER
+from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
+from image_classifier.http.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from image_classifier.http.protos.regenerate import GENERATED, PROTO, generate
+from image_classifier.serving.open_inference import join_bytes_elements
 from loadtest.servers import REPO
+from tests.http.responses import access_lines, assert_no_traceback, metric_value
+from tests.pictures import encode
+
+MODEL = "digits-cnn"
+GRPC_REQUESTS = "image_classifier_grpc_requests_total"
 
 
 def test_generated_code_matches_the_proto(tmp_path):
@@ -31,3 +47,102 @@ def test_one_process_can_hold_the_service_and_tritons_client():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip() == "m", result.stderr
+
+
+def infer_request(pngs: list[bytes]) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[len(pngs)]
+    )
+    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+    request.raw_input_contents.append(join_bytes_elements(pngs))
+    return request
+
+
+def access_line(server, request_id: str, wait_s: float = 3.0) -> dict | None:
+    """The access line of one call, once the server has written it (None: not within wait_s)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = [line for line in access_lines(server.log()) if line["request_id"] == request_id]
+        if lines or time.monotonic() > deadline:
+            return lines[0] if lines else None
+        time.sleep(0.05)
+
+
+def grpc_requests(server, method: str, code: str) -> float:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    return metric_value(metrics, f'{GRPC_REQUESTS}{{code="{code}",method="{method}"}}')
+
+
+def give_up(infer, request: pb.ModelInferRequest, request_id: str, after_s: float, how: str):
+    """Make a call and give up on it after `after_s`, by its deadline or by cancelling it; False
+    when it was answered first."""
+    metadata = [(REQUEST_ID_HEADER, request_id)]
+    if how == "CANCELLED":
+        call = infer.future(request, metadata=metadata)
+        time.sleep(after_s)
+        return call.cancel()
+    try:
+        infer(request, timeout=after_s, metadata=metadata)
+    except grpc.RpcError as late:
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late
+        return True
+    return False
+
+
+@pytest.mark.parametrize("how", ["DEADLINE_EXCEEDED", "CANCELLED"])
+def test_a_call_the_client_gives_up_on_is_logged_and_counted_so_not_as_ok(server, heldout, how):
+    """The server logs it as 499 with how the client gave up, and counts it so: not as a 200 OK
+    answer nobody received. A full batch is work that takes a while; the client gives up after a
+    quarter of its time, until a call is caught in work (not before the server began it)."""
+    request = infer_request([encode(image, "PNG") for image, _ in heldout[:64]])
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        infer(request)  # warm
+        started = time.perf_counter()
+        infer(request)
+        after_s = (time.perf_counter() - started) / 4
+        ok_before, answered = grpc_requests(server, "ModelInfer", "OK"), 0
+        for attempt in range(10):
+            request_id = f"{how.lower()}-{attempt}"
+            if not give_up(infer, request, request_id, after_s, how):
+                answered += 1
+            elif line := access_line(server, request_id):
+                break
+        else:
+            pytest.fail(f"no call given up on after {after_s:.4f} s had reached the server")
+    assert (line["status"], line.get("error_code")) == (499, how), line
+    assert grpc_requests(server, "ModelInfer", how) >= 1
+    assert grpc_requests(server, "ModelInfer", "OK") == ok_before + answered
+
+
+@pytest.mark.parametrize("method", ["RepositoryModelLoad", "RepositoryModelUnload"])
+def test_model_repository_control_is_refused_quietly(server, method):
+    """Models are baked into the bento: UNIMPLEMENTED with the reason, and no traceback."""
+    request = getattr(pb, f"{method}Request")(model_name=MODEL)
+    logged_before = len(server.log())
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            getattr(stub, method)(request)
+        marker = f"after-{method}"  # same channel, same worker: its log is written by now
+        stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=[(REQUEST_ID_HEADER, marker)])
+    assert access_line(server, marker)
+    assert_no_traceback(server.log()[logged_before:])
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "models are baked into the bento" in refused.value.details()
+
+
+def test_every_rpc_of_the_service_is_answered_by_our_own_code():
+    """A method left to the generated servicer raises NotImplementedError: a traceback per call."""
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        assert method.name in vars(InferenceService), f"{method.name} is the generated default"
+
+
+def test_grpc_server_metadata_lists_only_extensions_grpc_serves(server):
+    """KServe's gRPC service has no ModelConfig RPC: `model_configuration` is HTTP's alone."""
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        extensions = set(stub.ServerMetadata(pb.ServerMetadataRequest()).extensions)
+    assert {"binary_tensor_data", "classification"} <= extensions
+    assert "model_configuration" not in extensions
+    assert "model_configuration" in httpx.get(f"{server.url}/v2").json()["extensions"]
