@@ -84,9 +84,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.gate = gate
         self.is_ready = is_ready  # the service's own readiness, as /readyz answers it
         self.spreader = spreader  # sends ModelInfer calls on to idler workers (grpc_spread.py)
-        self.max_items = settings.max_batch_images
-        self.max_item_bytes = settings.max_upload_bytes
-        self.max_request_bytes = settings.max_batch_bytes
+        self.limits = oip.Limits.from_settings(settings)
 
     # Health: open (no token), unlogged, like /v2/health/* over HTTP.
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -109,7 +107,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def metadata() -> pb.ModelMetadataResponse:
             served = self._model(request.name, request.version, context)
             described = oip.model_metadata(
-                served.ready_classifier().card, served.ref.name, served.ref.version, self.max_items
+                served.ready_classifier().card,
+                served.ref.name,
+                served.ref.version,
+                self.limits.max_items,
             )
             return pb.ModelMetadataResponse(
                 name=described["name"],
@@ -137,17 +138,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer_here(self, request: pb.ModelInferRequest, context: Any) -> Any:
         async def infer() -> pb.ModelInferResponse:
-            if request.ByteSize() > self.max_request_bytes:
-                raise ClassifierError(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"the request has {request.ByteSize()} bytes; the limit is "
-                    f"{self.max_request_bytes} (MAX_BATCH_BYTES)",
-                )
             predictor = self.get_predictor()
             served = self._model(request.model_name, request.model_version, context)
-            result = await oip.infer(
-                predictor, served, _inference_request(request), self.max_items, self.max_item_bytes
-            )
+            result = await oip.infer(predictor, served, _inference_request(request), self.limits)
             return _infer_response(result)
 
         return await self._answer(context, "ModelInfer", infer, in_work=True)
@@ -281,6 +274,8 @@ def _inference_request(message: pb.ModelInferRequest) -> oip.InferenceRequest:
         )
     inputs = []
     for index, tensor in enumerate(message.inputs):
+        if raw and tensor.HasField("contents"):  # the .proto: one or the other, never both
+            raise oip.invalid(f"input {tensor.name}: send raw_input_contents or contents, not both")
         data: list[bytes] | np.ndarray = []
         if tensor.datatype == oip.BYTES:
             data = (

@@ -86,9 +86,7 @@ async def _infer(
 ) -> Response:
     served = oip.served_model(predictor.router, name, version, headers.get(MODEL_VERSION_HEADER))
     rest = open_inference.parse_request(body, headers.get(open_inference.HEADER_LENGTH))
-    result = await oip.infer(
-        predictor, served, rest.request, settings.max_batch_images, settings.max_upload_bytes
-    )
+    result = await oip.infer(predictor, served, rest.request, oip.Limits.from_settings(settings))
     labels = served.ready_classifier().card.labels
     response_body, response_headers = open_inference.encode_response(result, rest, labels)
     response_headers[MODEL_VERSION_HEADER] = served.ref.version

@@ -21,6 +21,7 @@ from ..core.errors import ClassifierError, ErrorCode
 from ..core.model_card import ModelCard
 from .predictor import Predictor
 from .routing import ModelRouter, ServedVersion
+from .settings import Settings
 
 SERVER_NAME = "image_classifier"
 # What `GET /v2` and ServerMetadata announce. Triton's names: binary tensor data (HTTP), the
@@ -151,8 +152,22 @@ def tensor_input_name(card: ModelCard) -> str:
     return card.input_name if card.input_name != IMAGE_INPUT else f"{IMAGE_INPUT}_tensor"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: the same over HTTP (JSON or binary) and gRPC, and as for
+    /analyze_batch (items, bytes of one image, bytes of them all)."""
+
+    max_items: int
+    max_item_bytes: int
+    max_total_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_batch_images, settings.max_upload_bytes, settings.max_batch_bytes)
+
+
 def model_items(
-    request: InferenceRequest, card: ModelCard, max_items: int, max_item_bytes: int
+    request: InferenceRequest, card: ModelCard, limits: Limits
 ) -> list[bytes | np.ndarray]:
     """The request's items for the model: encoded images, or tensors already preprocessed."""
     accepted = {IMAGE_INPUT: BYTES, tensor_input_name(card): FP32}
@@ -167,16 +182,24 @@ def model_items(
     if not tensor.shape or any(dim < 0 for dim in tensor.shape):
         raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
     items = tensor.shape[0]
-    if not 1 <= items <= max_items:
+    if not 1 <= items <= limits.max_items:
         raise ClassifierError(
-            ErrorCode.PAYLOAD_TOO_LARGE if items > max_items else ErrorCode.INVALID_REQUEST,
-            f"the batch dimension is {items}; send 1..{max_items} items",
+            ErrorCode.PAYLOAD_TOO_LARGE if items > limits.max_items else ErrorCode.INVALID_REQUEST,
+            f"the batch dimension is {items}; send 1..{limits.max_items} items",
+        )
+    if tensor.datatype not in (BYTES, FP32):
+        raise invalid(
+            f"input {tensor.name}: datatype BYTES (images) or FP32, got {tensor.datatype}"
+        )
+    total = sum(map(len, tensor.data)) if tensor.datatype == BYTES else 4 * np.size(tensor.data)
+    if total > limits.max_total_bytes:
+        raise ClassifierError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the input holds {total:,} bytes; a request may hold {limits.max_total_bytes:,}",
         )
     if tensor.datatype == BYTES:
-        return _images(tensor, max_item_bytes)
-    if tensor.datatype == FP32:
-        return list(_preprocessed(tensor, card))
-    raise invalid(f"input {tensor.name}: datatype BYTES (images) or FP32, got {tensor.datatype}")
+        return _images(tensor, limits.max_item_bytes)
+    return list(_preprocessed(tensor, card))
 
 
 def _images(tensor: InputTensor, max_item_bytes: int) -> list[bytes]:
@@ -217,12 +240,11 @@ async def infer(
     predictor: Predictor,
     served: ServedVersion,
     request: InferenceRequest,
-    max_items: int,
-    max_item_bytes: int,
+    limits: Limits,
 ) -> InferenceResult:
     card = served.ready_classifier().card
     outputs = _checked_outputs(request.outputs)
-    items = model_items(request, card, max_items, max_item_bytes)
+    items = model_items(request, card, limits)
     probabilities = await predictor.probabilities(served, items)
     return InferenceResult(
         model_name=served.ref.name,

@@ -59,7 +59,7 @@ class Settings:
     )
     max_batch_images: int = _env("MAX_BATCH_IMAGES", 64, "most images in one /analyze_batch")
     max_batch_bytes: int = _env(
-        "MAX_BATCH_BYTES", 64 * MIB, "largest request body for /analyze_batch (413 above)"
+        "MAX_BATCH_BYTES", 64 * MIB, "largest /analyze_batch body; most image bytes in one infer"
     )
     max_image_pixels: int = _env(
         "MAX_IMAGE_PIXELS", 50_000_000, "most pixels an image may declare (422 above)"

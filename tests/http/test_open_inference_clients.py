@@ -291,6 +291,8 @@ def test_bad_requests_reach_the_client_with_status_and_code(server, kind, pngs):
         (infer([png], version="v9"), "NOT_FOUND"),
         (infer([png] * 65), "PAYLOAD_TOO_LARGE"),  # MAX_BATCH_IMAGES is 64
         (infer([b"\xff\xd8" + bytes(11 * 2**20)]), "PAYLOAD_TOO_LARGE"),  # over MAX_UPLOAD_BYTES
+        # Each under MAX_UPLOAD_BYTES, together over MAX_BATCH_BYTES (64 MiB): on both transports
+        (infer([b"\xff\xd8" + bytes(9 * 2**20)] * 8), "PAYLOAD_TOO_LARGE"),
         (infer([png], outputs=[CLIENTS[kind].InferRequestedOutput("logits")]), "INVALID_REQUEST"),
     ]
     for call, code in cases:
@@ -309,7 +311,12 @@ def test_bad_requests_reach_the_client_with_status_and_code(server, kind, pngs):
             request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
             request.raw_input_contents.append(join_bytes_elements([png]))
             _, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "grpc-id-8")])
+            request.inputs[0].contents.bytes_contents.append(png)  # raw and typed: the .proto
+            with pytest.raises(grpc.RpcError) as both:  # allows one or the other
+                stub.ModelInfer(request)
         assert ("x-request-id", "grpc-id-8") in call.trailing_metadata()
+        assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not both" in both.value.details()
 
 
 def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(server, pngs):

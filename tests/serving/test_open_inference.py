@@ -30,6 +30,9 @@ def test_fp32_raw_must_be_whole_floats():
         oip.fp32_from_raw(values.tobytes()[:-1])
 
 
+LIMITS = oip.Limits(max_items=64, max_item_bytes=100, max_total_bytes=400)  # 4 images of 100
+
+
 def card_of(labels: list[str]) -> ModelCard:
     """A card with a 2×2 grey input (tensor shape [1, 2, 2])."""
     return ModelCard(
@@ -55,29 +58,34 @@ def test_classification_strings_are_best_first_with_float32_scores():
         (oip.InputTensor("image", "BYTES", (1, 2), [b"a", b"b"]), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("image", "BYTES", (65,), [b"a"] * 65), ErrorCode.PAYLOAD_TOO_LARGE),
         (oip.InputTensor("image", "BYTES", (1,), [b"a" * 101]), ErrorCode.PAYLOAD_TOO_LARGE),
+        (oip.InputTensor("image", "BYTES", (5,), [b"a" * 100] * 5), ErrorCode.PAYLOAD_TOO_LARGE),
+        (oip.InputTensor("x", "FP32", (30, 1, 2, 2), np.zeros(120)), ErrorCode.PAYLOAD_TOO_LARGE),
         (oip.InputTensor("image", "BYTES", (0,), []), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "FP32", (1, 1, 2, 3), np.zeros(6)), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.zeros(3)), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.full(4, np.inf)), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "INT64", (1, 1, 2, 2), np.zeros(4)), ErrorCode.INVALID_REQUEST),
     ],
-    ids=["count", "shape", "too-many", "too-big", "empty", "fp32-shape", "fp32-size", "inf",
+    ids=["count", "shape", "too-many", "too-big", "too-big-together", "fp32-too-big-together",
+         "empty", "fp32-shape", "fp32-size", "inf",
          "int64"],
 )  # fmt: skip
 def test_inputs_are_checked_before_the_model(tensor, code):
     with pytest.raises(ClassifierError) as refused:
-        oip.model_items(oip.InferenceRequest([tensor]), card_of(["a", "b"]), 64, 100)
+        oip.model_items(oip.InferenceRequest([tensor]), card_of(["a", "b"]), LIMITS)
     assert refused.value.code is code, refused.value.message
 
 
 def test_good_inputs_become_model_items():
     card = card_of(["a", "b"])
     images = oip.model_items(
-        oip.InferenceRequest([oip.InputTensor("image", "BYTES", (2, 1), [b"p", b"q"])]), card, 64, 9
+        oip.InferenceRequest([oip.InputTensor("image", "BYTES", (2, 1), [b"p", b"q"])]),
+        card,
+        LIMITS,
     )
     assert images == [b"p", b"q"]
     tensor = oip.InputTensor("x", "FP32", (2, 1, 2, 2), np.arange(8, dtype=np.float32))
-    items = oip.model_items(oip.InferenceRequest([tensor]), card, 64, 9)
+    items = oip.model_items(oip.InferenceRequest([tensor]), card, LIMITS)
     assert [item.shape for item in items] == [(1, 2, 2), (1, 2, 2)]
     np.testing.assert_array_equal(items[1].ravel(), [4, 5, 6, 7])
 
@@ -99,7 +107,7 @@ def test_a_model_whose_input_is_named_image_keeps_every_input_name_distinct():
     names = [tensor["name"] for tensor in metadata["inputs"]]
     assert names == ["image", "image_tensor"]
     tensor = oip.InputTensor("image_tensor", "FP32", (1, 1, 2, 2), np.zeros(4, np.float32))
-    assert len(oip.model_items(oip.InferenceRequest([tensor]), card, 64, 9)) == 1
+    assert len(oip.model_items(oip.InferenceRequest([tensor]), card, LIMITS)) == 1
 
 
 def test_the_config_agrees_with_the_metadata_on_per_item_shapes():
