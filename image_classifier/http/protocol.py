@@ -3,7 +3,8 @@ while a request's head is parsed, before any ASGI work (and, with several worker
 connection balance of `balance.py` asked there too).
 
 Caps on the head. uvicorn reads a request's headers for as long as they keep coming: one 10 MB
-header line, or 100,000 headers, were read whole and answered 200 (measured on this service).
+header line, or 100,000 headers, were read whole and answered 200 (measured on this service);
+a URL is counted as it comes, too.
 Here the head's bytes and headers are counted as the parser goes and, over either cap, the answer
 is 431 HEADERS_TOO_LARGE in the envelope and the connection is closed, so a head costs at most one
 read buffer beyond its cap.
@@ -117,6 +118,12 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
         self._head_refused = False
 
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_HEAD_BYTES:  # a URL that comes in several reads counts whole
+            self._head_refused = True
+            raise _HeadTooLarge
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > MAX_HEADERS:
@@ -183,10 +190,16 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self.balance.closed()
 
     def send_400_response(self, msg: str) -> None:
+        """What the parser cannot read (a bad Content-Length, both Content-Length and chunked,
+        a bare LF, an HTTP/2 preface) gets the envelope and a request id too, not plain text."""
         if self._head_refused:
             self._refuse_head()
-        else:
-            super().send_400_response(msg)
+            return
+        refusal = ClassifierError(
+            ErrorCode.INVALID_REQUEST, "the request is not valid HTTP/1.1 (RFC 9112)"
+        )
+        self.transport.write(_answer(refusal, new_request_id(), open_inference=False, close=True))
+        self.transport.close()
 
     def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
         """Every request let in is counted by the gate until its handler's first step

@@ -188,3 +188,26 @@ def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store
              f"worker RSS grew {grown:.1f} MiB")  # fmt: skip
     assert grown < 32  # the 10 MB heads were never held whole (5 x 10 MB sent)
     assert_no_traceback(log)
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400,
+         "INVALID_REQUEST"),
+        (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "INVALID_REQUEST"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "INVALID_REQUEST"),  # HTTP/2 prior knowledge
+        (b"G@T /livez HTTP/1.1\r\nHost: x\r\n\r\n", 400, "INVALID_REQUEST"),
+        (b"GET /livez?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431,
+         "HEADERS_TOO_LARGE"),  # the URL alone is over the head's cap
+    ],
+    ids=["bad-content-length", "length-and-chunked", "http2-preface", "bad-method", "long-url"],
+)  # fmt: skip
+def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
+    server, head, status, code
+):
+    address = urlsplit(server.url)
+    answered, body, closed = _send_head(address.hostname, address.port, [head])
+    assert (answered, body["error"]["code"]) == (status, code), body
+    assert body["request_id"] and closed
