@@ -141,7 +141,7 @@ class BoundaryMiddleware:
                 return
             else:
                 files, integers = parse_multipart(
-                    _header(scope, "content-type"), body, route.rule, scope["query_string"]
+                    _header(scope, "content-type"), body, route.rule, scope.get("query_string", b"")
                 )
                 del body  # the files hold their own bytes now
                 upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
