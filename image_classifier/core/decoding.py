@@ -22,6 +22,9 @@ pillow_heif.register_heif_opener()
 # MPO is a JPEG with extra frames (phone portraits, stereo cameras): Pillow names it MPO, but it is
 # sent, and decoded, as a JPEG.
 _JPEG_FAMILY = {"JPEG", "MPO"}
+# JPEG modes the decoder can scale down while decoding (CMYK too: print-ready photos, which
+# otherwise cost 4 bytes a pixel at full size).
+_DRAFT_MODES = ("L", "RGB", "CMYK")
 
 # Declared types that say nothing about the format (`image/*`: "an image"): the bytes decide.
 _GENERIC_TYPES = {
@@ -101,7 +104,7 @@ def decode_image(
             ErrorCode.IMAGE_TOO_LARGE,
             f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} are accepted",
         )
-    if size_hint is not None and image.format in _JPEG_FAMILY and image.mode in ("L", "RGB"):
+    if size_hint is not None and image.format in _JPEG_FAMILY and image.mode in _DRAFT_MODES:
         image.draft(image.mode, size_hint)
     try:
         image.load()

@@ -151,10 +151,11 @@ def test_animated_gif_gives_the_first_frame():
     assert decode_image(data, LIMITS).convert("L").getpixel((10, 10)) == 255
 
 
-def test_big_jpeg_is_draft_decoded_but_not_below_the_hint():
-    photo = Image.effect_noise((4000, 3000), 60).convert("RGB")
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])  # CMYK: print-ready photos
+def test_big_jpeg_is_draft_decoded_but_not_below_the_hint(mode):
+    photo = Image.effect_noise((4000, 3000), 60).convert(mode)
     image = decode_image(encode(photo, "JPEG", quality=85), LIMITS, size_hint=(448, 448))
-    assert 448 <= image.width < 4000
+    assert 448 <= image.width < 4000 and image.mode == mode
     assert image.height >= 448
 
 
