@@ -9,6 +9,7 @@ to the api as they are, with no temporary file and no second parse by the framew
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -176,8 +177,13 @@ def _from_first_boundary(boundary: bytes, chunks: Iterable[bytes]) -> Iterator[b
     preamble is kept while looking: a long one costs no memory."""
     delimiter = b"\r\n--" + boundary
     chunks = iter(chunks)
-    seen = b"\r\n"  # so that a body starting with its boundary is found like any other
-    for chunk in chunks:
+    first = next(chunks, b"")
+    if first.startswith(delimiter[2:]):  # no preamble (nearly every client): not copied
+        yield first
+        yield from chunks
+        return
+    seen = b"\r\n"  # so that a boundary at the very start is found like any other
+    for chunk in itertools.chain((first,), chunks):
         seen += chunk
         found = seen.find(delimiter)
         if found >= 0:
