@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from starlette.types import Receive
@@ -65,12 +66,14 @@ async def read_body(
     chunks: list[bytes] = []
     size = 0
     async for chunk in _paced_chunks(receive, pace):
-        if inflater is not None:
-            chunk = inflater.inflate(chunk, max_bytes - size)
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+        pieces = [chunk] if inflater is None else inflater.inflate(chunk)
+        for piece in pieces:
+            size += len(piece)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(piece)
+            if inflater is not None:
+                await asyncio.sleep(0)  # a few KB may inflate to the cap: others go between
     if inflater is not None:
         inflater.check_whole()
     return chunks
@@ -81,6 +84,7 @@ class _Inflater:
     inflated as it comes; the byte cap counts inflated bytes, so a zip bomb stops at it."""
 
     _ENCODINGS = {"gzip", "x-gzip", "deflate"}
+    STEP = 1 << 20
 
     def __init__(self) -> None:
         self._zlib = zlib.decompressobj(32 + zlib.MAX_WBITS)  # either header, found by zlib
@@ -98,12 +102,17 @@ class _Inflater:
             )
         return cls()
 
-    def inflate(self, chunk: bytes, room: int) -> bytes:
-        """At most `room` + 1 bytes: one more than room is over the cap."""
-        try:
-            return self._zlib.decompress(chunk, room + 1)
-        except zlib.error:
-            raise self._corrupt() from None
+    def inflate(self, chunk: bytes) -> Iterator[bytes]:
+        """The chunk inflated, in pieces of at most `STEP` bytes (the caller stops at its cap)."""
+        while True:
+            try:
+                piece = self._zlib.decompress(chunk, self.STEP)
+            except zlib.error:
+                raise self._corrupt() from None
+            chunk = self._zlib.unconsumed_tail
+            yield piece
+            if not chunk and len(piece) < self.STEP:  # a full step may leave output pending
+                return
 
     def check_whole(self) -> None:
         if not self._zlib.eof or self._zlib.unused_data:

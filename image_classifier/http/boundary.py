@@ -126,7 +126,7 @@ class BoundaryMiddleware:
             receiving = time.perf_counter()
             body = await read_body(
                 receive, _header(scope, "content-length"), route.max_bytes, self.pace,
-                encoding=_header(scope, "content-encoding"),
+                encoding=_all_values(scope, "content-encoding"),
             )  # fmt: skip
             metrics.BODY_SECONDS.observe(time.perf_counter() - receiving)
             send.close_connection = False
@@ -160,6 +160,13 @@ def _header(scope: Scope, name: str) -> str | None:
         if key.lower() == wanted:
             return value.decode("latin-1")
     return None
+
+
+def _all_values(scope: Scope, name: str) -> str | None:
+    """A header sent several times, as the one comma-separated list it means (RFC 9110 5.3)."""
+    wanted = name.encode("latin-1")
+    values = [value for key, value in scope.get("headers", []) if key.lower() == wanted]
+    return b", ".join(values).decode("latin-1") if values else None
 
 
 def _set_header(scope: Scope, name: str, value: str) -> None:

@@ -167,7 +167,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise oip.invalid(f"not an inference request: {where}: {first['msg']}") from None
+        place = f"{where}: " if where else ""
+        raise oip.invalid(f"not an inference request: {place}{first['msg']}") from None
     inputs, offset = [], 0
     for tensor in parsed.inputs:
         size = (tensor.parameters or {}).get("binary_data_size")

@@ -116,6 +116,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
+        self._header_bytes = 0  # as parsed: a head that came whole in one read is counted too
         self._head_refused = False
 
     def on_url(self, url: bytes) -> None:
@@ -126,7 +127,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        if self._header_count > MAX_HEADERS:
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._header_count > MAX_HEADERS or self._header_bytes + len(self.url) > MAX_HEAD_BYTES:
             self._head_refused = True
             raise _HeadTooLarge  # the parser stops; uvicorn calls send_400_response
         super().on_header(name, value)

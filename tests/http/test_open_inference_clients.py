@@ -198,13 +198,16 @@ def test_compressed_requests_answer_like_plain_ones(server, mode, pngs, analyzed
     ("encoding", "body", "status", "code"),
     [
         ("br", lambda: b"\x1b\x00", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (("gzip", "br"), lambda: gzip.compress(b"{}"), 415, "UNSUPPORTED_MEDIA_TYPE"),  # 2 lines
         ("gzip", lambda: gzip.compress(b'{"inputs": []}')[:-6], 400, "INVALID_REQUEST"),  # cut
         ("gzip", lambda: gzip.compress(bytes(120 * 2**20), 1), 413, "PAYLOAD_TOO_LARGE"),
     ],
-    ids=["unknown-encoding", "truncated", "inflates-past-the-cap"],
+    ids=["unknown-encoding", "two-encoding-headers", "truncated", "inflates-past-the-cap"],
 )
 def test_a_body_that_cannot_be_inflated_gets_a_clear_4xx(server, encoding, body, status, code):
-    headers = {"content-type": "application/json", "content-encoding": encoding}
+    encodings = [encoding] if isinstance(encoding, str) else encoding
+    headers = [("content-type", "application/json")]
+    headers += [("content-encoding", value) for value in encodings]
     response = httpx.post(
         f"{server.url}/v2/models/{MODEL}/infer", content=body(), headers=headers, timeout=60
     )

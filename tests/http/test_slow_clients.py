@@ -201,8 +201,12 @@ def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store
         (b"G@T /livez HTTP/1.1\r\nHost: x\r\n\r\n", 400, "INVALID_REQUEST"),
         (b"GET /livez?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431,
          "HEADERS_TOO_LARGE"),  # the URL alone is over the head's cap
+        (b"GET /info?" + b"a" * 60_000 + b" HTTP/1.1\r\nHost: x\r\n"
+         + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(10)) + b"\r\n", 431,
+         "HEADERS_TOO_LARGE"),  # URL and headers together over it, sent in one write
     ],
-    ids=["bad-content-length", "length-and-chunked", "http2-preface", "bad-method", "long-url"],
+    ids=["bad-content-length", "length-and-chunked", "http2-preface", "bad-method", "long-url",
+         "long-url-and-headers"],
 )  # fmt: skip
 def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
     server, head, status, code
