@@ -110,7 +110,7 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 def to_color_mode(image: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
     """Any Pillow mode to L or RGB: transparency over white; 16-bit and float rescaled."""
-    depth_factor = _high_depth_factor(image) if image.mode in _HIGH_DEPTH_MODES else 1.0
+    depth_factor = _high_depth_factor(image)
     return _convert(image, mode, depth_factor)
 
 
@@ -139,7 +139,9 @@ def _has_transparency(image: Image.Image) -> bool:
 
 def _high_depth_factor(image: Image.Image) -> float:
     """What maps a 16/32-bit or float grey picture's range to 0..255: read from the whole picture
-    (its finite peak), a block of rows at a time."""
+    (its finite peak), a block of rows at a time; 1 for any other picture."""
+    if image.mode not in _HIGH_DEPTH_MODES:
+        return 1.0
     peak = 0.0
     for top in range(0, image.height, _HIGH_DEPTH_ROWS):
         bottom = min(image.height, top + _HIGH_DEPTH_ROWS)
@@ -201,7 +203,7 @@ def _working_picture(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     if image.width * image.height <= _TILE_PIXELS or not _needs_conversion(image, spec.color_mode):
         image = to_color_mode(image, spec.color_mode)
         return image.reduce(factor) if factor >= 2 else image
-    depth_factor = _high_depth_factor(image) if image.mode in _HIGH_DEPTH_MODES else 1.0
+    depth_factor = _high_depth_factor(image)
     cells = max(1, _TILE_PIXELS // (factor * factor))  # reduction cells in one tile
     across = min(-(-image.width // factor), cells)
     tile_w, tile_h = across * factor, max(1, cells // across) * factor

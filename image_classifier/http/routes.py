@@ -64,13 +64,14 @@ def infer_upload_routes(
     """The infer routes as the boundary middleware answers them, from the body it has read (no
     framework routing per request: measured, it cost Open Inference requests more CPU than
     /analyze's). Their bodies are JSON with base64 images (4/3 of their bytes) plus some slack."""
+    limits = oip.Limits.from_settings(settings)
 
     async def answer(path: str, headers: Mapping[str, str], body: bytes) -> Response:
         found = next(filter(None, (pattern.match(path) for pattern in _INFER_PATTERNS)), None)
         if found is None:  # the route's glob also matches deeper paths
             raise ClassifierError(ErrorCode.NOT_FOUND, f"no inference route {path}")
         name, version = found["name"], found.groupdict().get("version")
-        return await _infer(get_predictor(), settings, name, version, headers, body)
+        return await _infer(get_predictor(), limits, name, version, headers, body)
 
     route = UploadRoute(None, settings.max_batch_bytes * 4 // 3 + 2**20, answer_body=answer)
     return {path.replace("{name}", "*").replace("{version}", "*"): route for path in INFER_PATHS}
@@ -78,7 +79,7 @@ def infer_upload_routes(
 
 async def _infer(
     predictor: Predictor,
-    settings: Settings,
+    limits: oip.Limits,
     name: str,
     version: str | None,
     headers: Mapping[str, str],
@@ -86,7 +87,7 @@ async def _infer(
 ) -> Response:
     served = oip.served_model(predictor.router, name, version, headers.get(MODEL_VERSION_HEADER))
     rest = open_inference.parse_request(body, headers.get(open_inference.HEADER_LENGTH))
-    result = await oip.infer(predictor, served, rest.request, oip.Limits.from_settings(settings))
+    result = await oip.infer(predictor, served, rest.request, limits)
     labels = served.ready_classifier().card.labels
     response_body, response_headers = open_inference.encode_response(result, rest, labels)
     response_headers[MODEL_VERSION_HEADER] = served.ref.version
