@@ -334,24 +334,21 @@ def build_server(
     settings: Settings,
     is_ready: Callable[[], bool],
     spreader: CallSpreader | None = None,
-) -> grpc.aio.Server:
-    """The server, not started (`await server.start()` in the worker's event loop). Messages
-    twice the batch cap still arrive, so that a large one gets the PAYLOAD_TOO_LARGE code. With
-    a `spreader`, it listens on this worker's unix socket too, for calls the others send on."""
+) -> tuple[grpc.aio.Server, InferenceService]:
+    """The server, not started (`await server.start()` in the worker's event loop), and the
+    service it serves. Messages twice the batch cap still arrive, so that a large one gets the
+    PAYLOAD_TOO_LARGE code."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 2 * settings.max_batch_bytes + 2**20),
             ("grpc.so_reuseport", 1),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(get_predictor, gate, settings, is_ready, spreader), server
-    )
+    service = InferenceService(get_predictor, gate, settings, is_ready, spreader)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     add_standard_services(server, is_ready)  # health checks and reflection, for tools
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
-    if spreader is not None:
-        server.add_insecure_port(spreader.own_address())
-    return server
+    return server, service
 
 
 def serve_in_background(
@@ -368,11 +365,15 @@ def serve_in_background(
         return None
     in_work = get_predictor().in_work
     spreader = CallSpreader.for_worker(in_work, worker_slot, settings.workers, shared_directory())
-    server = build_server(get_predictor, gate, settings, is_ready, spreader)
+    server, service = build_server(get_predictor, gate, settings, is_ready, spreader)
     loop = asyncio.get_running_loop()
-    started = loop.create_task(server.start())
-    _background.add(started)
-    started.add_done_callback(_background.discard)
+    starting = [server.start()]
+    if spreader is not None:  # the calls the other workers send on, to its unix socket
+        starting.append(spreader.listen(service.ModelInfer))
+    for start in starting:
+        started = loop.create_task(start)
+        _background.add(started)
+        started.add_done_callback(_background.discard)
     log.info("Open Inference gRPC on port %d", settings.grpc_port)
 
     async def stop() -> None:

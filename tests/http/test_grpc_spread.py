@@ -1,7 +1,8 @@
 """One gRPC channel's calls spread over workers: which worker answers a call, and what comes back
-from another one. The other worker is a real `grpc.aio` server on its unix socket; the sending
-worker's side of its client's call is a stand-in that records what the client would get.
-(A real two-worker server with Triton's client: test_open_inference_clients.py.)"""
+from another one. The other worker is a real `CallSpreader` listening on its unix socket, with a
+stand-in handler; the sending worker's side of its client's call is a stand-in that records what
+the client would get. (A real two-worker server with Triton's client:
+test_open_inference_clients.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from image_classifier.http.grpc_spread import (
     FORWARDED_FOR,
     RETRY_UNREACHABLE_AFTER_S,
     CallSpreader,
-    socket_path,
 )
 from image_classifier.http.headers import ERROR_CODE_HEADER, REQUEST_ID_HEADER
 from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
@@ -48,12 +48,24 @@ def test_a_call_stays_unless_another_worker_has_less_in_work(folder):
 class OtherWorker(pb_grpc.GRPCInferenceServiceServicer):
     """Answers every call, or aborts with `status` and the error code in the trailers."""
 
-    def __init__(self, status: grpc.StatusCode | None = None, code: str = "") -> None:
-        self.status, self.code = status, code
+    def __init__(
+        self, status: grpc.StatusCode | None = None, code: str = "", hold_s: float = 0
+    ) -> None:
+        self.status, self.code, self.hold_s = status, code, hold_s
         self.metadata: list[dict[str, str]] = []
+        self.peers: list[str] = []
+        self.holding, self.cancelled = asyncio.Event(), asyncio.Event()
 
     async def ModelInfer(self, request, context):  # noqa: ANN001, ANN201
         self.metadata.append(dict(context.invocation_metadata()))
+        self.peers.append(context.peer())
+        if self.hold_s:
+            self.holding.set()
+            try:
+                await asyncio.sleep(self.hold_s)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
         if self.status is None:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, "id-1"),))
             return pb.ModelInferResponse(model_name=request.model_name, id="answered there")
@@ -87,25 +99,27 @@ class ClientCall:
         raise Aborted
 
 
-def send_on(folder, other: OtherWorker | None) -> tuple[object, ClientCall, CallSpreader]:
-    """One call sent from worker 1 (one call in work) to worker 2 (idle, or not listening)."""
+def send_on(
+    folder, other: OtherWorker | None, calls: int = 1
+) -> tuple[object, ClientCall, CallSpreader]:
+    """Calls sent one after another from worker 1 (one call in work) to worker 2 (idle, or not
+    listening); the last one's answer."""
 
     async def scenario():  # noqa: ANN202
         spreader = CallSpreader(InWork(slot=1), slot=1, workers=2, folder=folder)
         spreader.answering = 1
-        server = grpc.aio.server()
+        listening = CallSpreader(InWork(slot=2), slot=2, workers=2, folder=folder)
         if other is not None:
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(other, server)
-            server.add_insecure_port(f"unix:{socket_path(folder, 2)}")
-            await server.start()
+            await listening.listen(other.ModelInfer)
         call = ClientCall()
         try:
-            answer = await spreader.send_on(pb.ModelInferRequest(model_name="m"), call, CLIENT)
+            for _ in range(calls):
+                answer = await spreader.send_on(pb.ModelInferRequest(model_name="m"), call, CLIENT)
         except Aborted:
             answer = None
         finally:
             await spreader.close()
-            await server.stop(None)
+            await listening.close()
         return answer, call, spreader
 
     return asyncio.run(scenario())
@@ -119,6 +133,38 @@ def test_the_answer_and_its_trailers_come_back_and_the_client_address_goes_along
     seen = other.metadata[0]
     assert seen["authorization"] == "Bearer token-1" and seen[REQUEST_ID_HEADER] == "id-1"
     assert seen[FORWARDED_FOR] == CLIENT and seen[FORWARDED_BY] == "1"  # not the forged one
+
+
+def test_one_connection_carries_call_after_call(folder):
+    other = OtherWorker()
+    answer, _, _ = send_on(folder, other, calls=3)
+    assert answer.id == "answered there" and len(other.metadata) == 3
+    assert len(set(other.peers)) == 1, other.peers  # each call's connection, as the handler saw it
+
+
+def test_a_call_its_client_gives_up_is_cancelled_in_the_other_worker(folder):
+    """The sending worker's handler is cancelled (its client cancelled, or the deadline passed):
+    the other worker's work on the call is cancelled too, and the next call is answered."""
+    other = OtherWorker(hold_s=30)
+
+    async def scenario():  # noqa: ANN202
+        spreader = CallSpreader(InWork(slot=1), slot=1, workers=2, folder=folder)
+        spreader.answering = 1
+        listening = CallSpreader(InWork(slot=2), slot=2, workers=2, folder=folder)
+        await listening.listen(other.ModelInfer)
+        request = pb.ModelInferRequest(model_name="m")
+        try:
+            given_up = asyncio.ensure_future(spreader.send_on(request, ClientCall(), CLIENT))
+            await asyncio.wait_for(other.holding.wait(), 5)
+            given_up.cancel()
+            await asyncio.wait_for(other.cancelled.wait(), 5)  # the work there stops
+            other.hold_s = 0
+            return await spreader.send_on(request, ClientCall(), CLIENT)
+        finally:
+            await spreader.close()
+            await listening.close()
+
+    assert asyncio.run(scenario()).id == "answered there"
 
 
 def test_the_other_worker_s_error_reaches_the_client_as_it_came(folder):
