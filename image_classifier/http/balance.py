@@ -3,7 +3,9 @@
 Each worker listens on its own socket and the kernel picks one for a new connection by a hash of
 its addresses: 16 keep-alive clients that connect together can land 11 and 5, and the worker with
 11 then answers its clients slower for as long as they stay. So every worker publishes how many
-connections it holds (a `worker_state.SharedCount`), and one holding more than its share (all
+connections it holds that have had an answer (a `worker_state.SharedCount`; a connection only
+opened, or still sending its first request, such as a slow upload, would make its worker look
+full and send every keep-alive client to the other one), and one holding more than its share (all
 the workers' connections over the number of workers, rounded up) answers one request with
 `Connection: close` every `LOOK_EVERY_S`: its client reconnects, and the kernel hashes the new
 connection afresh. To a client this is an ordinary end of keep-alive, which HTTP clients handle by

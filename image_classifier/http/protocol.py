@@ -112,6 +112,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _body_deadline = None  # the timer that gives up on a refused request's body
     _resume_reading = None  # the timer that ends a refused connection's pause
     _running = None  # the request whose handler runs (uvicorn keeps only the latest one)
+    _balanced = False  # counted in the connection balance (from its first answer on)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -172,9 +173,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
 
-    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
-        super().connection_made(transport)
-        if self.balance is not None:
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.balance is not None and not self._balanced:
+            # Counted once answered: a connection only opened, or held in its head or body
+            # (500 slow uploads), would make its worker look full and send every keep-alive
+            # client to the other one.
+            self._balanced = True
             self.balance.opened()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -188,7 +193,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             running.disconnected = True
             running.message_event.set()
         super().connection_lost(exc)
-        if self.balance is not None:
+        if self.balance is not None and self._balanced:
             self.balance.closed()
 
     def send_400_response(self, msg: str) -> None:

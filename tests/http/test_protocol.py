@@ -15,6 +15,7 @@ from uvicorn.server import ServerState
 
 from image_classifier.http import protocol
 from image_classifier.http.admission import AdmissionPolicy, Gate
+from image_classifier.http.balance import ConnectionBalance
 from image_classifier.http.envelope import is_error_envelope
 from image_classifier.http.uploads import UploadRoute
 
@@ -92,6 +93,35 @@ async def app(scope, receive, send) -> None:  # noqa: ANN001
     headers = [(b"content-length", b"2")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_connection_counts_in_the_worker_balance_once_answered(tmp_path, monkeypatch):
+    """Opened, or held in the middle of its first request's body (a slow upload), it does not
+    count: 500 of those would make their worker look full and send honest clients away."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(protocol.ServiceHttpProtocol, "balance", ConnectionBalance(2, slot=1))
+    count = protocol.ServiceHttpProtocol.balance.count
+
+    async def after_the_body(scope, receive, send) -> None:  # noqa: ANN001
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario():
+        server, _ = await connected(after_the_body)
+        slow, _ = await connected(after_the_body)
+        whole = request("/readyz", BODY)
+        slow.data_received(whole[:-100])  # its body is still coming
+        assert count.mine == 0
+        server.data_received(request("/readyz", BODY))
+        await asyncio.sleep(0.05)  # the app answers
+        assert count.mine == 1
+        server.connection_lost(None)
+        slow.connection_lost(None)
+        assert count.mine == 0
+
+    asyncio.run(scenario())
 
 
 def test_a_refused_request_is_answered_at_its_head_and_its_connection_kept(full_gate):
