@@ -89,12 +89,14 @@ class CallSpreader:
         return cls(in_work, slot, workers, folder)
 
     def least_busy_other(self) -> int | None:
-        """The other worker with the least in work, if it has less than this one has now. A
+        """The other worker with the least in work, if it has no more than this one has now. A
         worker's count is the larger of its images in work and the calls sent to it and not yet
         answered: the first lags a call's arrival there, the second knows only this worker's."""
         here = max(self.in_work.mine, self.answering)
         now = time.monotonic()
-        chosen, fewest = None, here
+        # A tie with a busy worker goes to the other one: this worker also carries the channel
+        # (every call's gRPC work), so it should answer fewer calls itself. A lone call stays.
+        chosen, fewest = None, here + 1 if here else 0
         for other in self.others:
             if self._unreachable_until.get(other, 0) > now:
                 continue

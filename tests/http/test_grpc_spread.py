@@ -40,7 +40,9 @@ def test_a_call_stays_unless_another_worker_has_less_in_work(folder):
     spreader.answering = 1
     assert spreader.least_busy_other() == 2
     there.change(1)
-    assert spreader.least_busy_other() is None  # as busy as this one: no hop
+    assert spreader.least_busy_other() == 2  # as busy: this one also carries the channel
+    there.change(1)
+    assert spreader.least_busy_other() is None  # busier than this one: no hop
     here.change(3)
     assert spreader.least_busy_other() == 2
 
