@@ -18,6 +18,9 @@ complete: no task, no middleware, one write. Its body, if any, is read and dropp
 body deadline (`_refused_early` says when the answer goes). These refusals are counted in
 `image_classifier_errors_total` and `image_classifier_refused_at_head_total` (BentoML's request
 metrics never see them) and logged once a second as a sum, not one access line each.
+
+One write per answer. uvicorn writes an answer's head and its body apart; here the head waits for
+the body (`_HeadHeldUntilBody`), so a small answer is one segment and one wake-up of its client.
 """
 
 from __future__ import annotations
@@ -285,12 +288,47 @@ async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # 
         """A client that resets while its answer is on the way: the event loop closes the
         transport at once but tells the protocol (`connection_lost`) a step later, and a write
         in between raised RuntimeError in uvicorn (a traceback under overload, seen in
-        tests/http/test_load_behaviour.py). A closing transport is a client gone."""
+        tests/http/test_load_behaviour.py). A closing transport is a client gone.
+
+        The answer's head waits for its first body part, so that both leave in one write: one
+        segment and one wake-up of the client, not two (each write cost about 0.25 ms of the
+        answer at one client on loopback, measured inside the service)."""
         if cycle.transport.is_closing() and not cycle.response_complete:
             cycle.disconnected = True  # uvicorn's send then drops the message
-        await send(message)
+        if message["type"] == "http.response.start":
+            cycle.transport = _HeadHeldUntilBody(cycle.transport)
+            await send(message)
+            return
+        try:
+            await send(message)
+        finally:
+            if isinstance(cycle.transport, _HeadHeldUntilBody):
+                cycle.transport = cycle.transport.release()
 
     await app(scope, receive, send_unless_gone)
+
+
+class _HeadHeldUntilBody:
+    """A response's transport while its head is held: writes wait, and leave as one."""
+
+    def __init__(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
+        self.transport = transport
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(data)
+
+    def release(self):  # noqa: ANN201 - the transport, for the rest of the answer
+        if self.held and not self.transport.is_closing():
+            self.transport.write(b"".join(self.held))
+        self.held = []
+        return self.transport
+
+    def close(self) -> None:  # the answer ends the connection: what is held goes first
+        self.release().close()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - is_closing and the rest, as they are
+        return getattr(self.transport, name)
 
 
 def _answer(refusal: ClassifierError, request_id: str, open_inference: bool, close: bool) -> bytes:

@@ -209,6 +209,24 @@ def test_requests_pass_when_a_slot_is_free_or_the_route_does_no_work(full_gate):
     assert CALLED == ["/info", "/analyze"]
 
 
+def test_an_answer_s_head_and_body_leave_in_one_write():
+    """One segment and one wake-up of the client per answer, not one for the head and one for
+    the body; an answer that ends the connection sends what it held first."""
+
+    async def scenario():
+        server, transport = await connected()
+        server.data_received(request("/readyz", b"", "x-request-id: first"))
+        await asyncio.sleep(0.01)
+        (raw,) = transport.written
+        assert answer_of(raw)[0] == 200
+        server.data_received(request("/readyz", b"", "connection: close"))
+        await asyncio.sleep(0.01)
+        assert len(transport.written) == 2 and answer_of(transport.written[1])[0] == 200
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
 def test_heads_let_in_count_as_taken_slots_until_their_handlers_start(full_gate):
     """A busy event loop parses a burst's heads before it runs any of their handlers: those let
     in hold the slots meanwhile, so the rest of the burst is refused at the head."""
