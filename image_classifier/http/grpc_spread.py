@@ -250,7 +250,7 @@ async def _answer_sent_on(
         raise
     finally:
         hung_up.cancel()  # and waited for: the reader takes one waiting read at a time
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, OSError):  # OSError: a reset
             await hung_up
     if not work.done():
         work.cancel()
