@@ -151,6 +151,9 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     assert exit_code == 0, log[-3000:]  # a clean exit after the drain, not a kill
 
 
+DRAIN_SEEN_WITHIN_S = 5.0  # far less than the drain itself (the 64 big pictures take longer)
+
+
 async def _until_in_work(client: httpx.AsyncClient, url: str, endpoint: str) -> None:
     """Wait until the server counts a request to `endpoint` in progress (BentoML's gauge)."""
     wanted = f'bentoml_service_request_in_progress{{endpoint="{endpoint}"'
@@ -185,8 +188,13 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
         await asyncio.sleep(0.3)
         signalled_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes or `docker stop` would
-        await asyncio.sleep(0.05)
+        # The signal reaches the workers through BentoML's arbiter, itself on the busy cores:
+        # /readyz is asked until it says 503 (the drain lasts seconds: the batch is in work).
         readyz = await client.get(f"{server.url}/readyz")
+        while readyz.status_code == 200 and time.monotonic() - signalled_at < DRAIN_SEEN_WITHIN_S:
+            await asyncio.sleep(0.02)
+            readyz = await client.get(f"{server.url}/readyz")
+        readyz_503_after_s = round(time.monotonic() - signalled_at, 3)
         grpc_ready = await _grpc_ready(server.grpc_target)
         grpc_new_call = await _grpc_infer(server.grpc_target, [digit])
         batch_response = await batch
@@ -196,6 +204,7 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
         "signalled_at": signalled_at,
         "outcomes": outcomes,
         "readyz_while_draining": readyz.status_code,
+        "readyz_503_after_s": readyz_503_after_s,
         "grpc_in_work": await grpc_in_work,
         "grpc_ready_while_draining": grpc_ready,
         "grpc_new_call": grpc_new_call,
