@@ -24,12 +24,13 @@ from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
 from image_classifier.http.shutdown import drain_on_sigterm
 from image_classifier.http.uploads import routes_of_apis
-from image_classifier.serving import memory, metrics, worker_state
+from image_classifier.serving import machine, memory, metrics, worker_state
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
 
 SETTINGS = Settings.from_env()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
+machine.share_the_interpreter_lock(SETTINGS.gil_switch_interval_ms)  # the event loop's turn
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
 bentoml_compat.replace_leaking_timeout_middleware()
 if SETTINGS.workers > 1:  # each worker accepts on its own socket: connections spread evenly

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class Predictor:
                 "model_runs": settings.model_runs,
                 "ort_intra_op_threads": settings.ort_intra_op_threads,
                 "ort_solo_threads": settings.ort_solo_threads,
+                "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # in effect
                 "chosen_from": settings.sizing,
             },
             "limits": {

@@ -101,6 +101,12 @@ class Settings:
         0,
         "ONNX Runtime threads for an image that runs alone, at low load (0: from the CPUs; 1: off)",
     )
+    gil_switch_interval_ms: float = _env(
+        "GIL_SWITCH_INTERVAL_MS",
+        1.0,
+        "longest a thread keeps Python's interpreter lock while another waits for it (Python's "
+        "own: 5)",
+    )
     max_concurrency: int = _env(
         "MAX_CONCURRENCY", 128, "requests in work at once per worker (503 OVERLOADED above)"
     )
@@ -218,6 +224,8 @@ class Settings:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
         if not 0 < self.body_timeout_s <= self.request_timeout_s:
             raise ValueError("BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S")
+        if self.gil_switch_interval_ms <= 0:
+            raise ValueError("GIL_SWITCH_INTERVAL_MS must be > 0")
         if self.batching_min_gain < 0:
             raise ValueError(f"BATCHING_MIN_GAIN must be >= 0, got {self.batching_min_gain}")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:

@@ -70,6 +70,7 @@ def test_probes_and_info(server):
     sizing = info["sizing"]  # chosen from the CPUs this process may use, and said so
     assert sizing["workers"] >= 1 and sizing["threads"] >= sizing["model_runs"] >= 1
     assert "usable CPU(s)" in sizing["chosen_from"] and "affinity mask" in sizing["chosen_from"]
+    assert sizing["gil_switch_interval_ms"] == 1.0  # in effect in the worker (Python's own: 5)
 
 
 def test_png_predictions_equal_offline_onnx(server, heldout, offline_labels):

@@ -44,6 +44,7 @@ def test_values_are_parsed_by_type():
         ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE"),
         ("BATCHING_MIN_GAIN", "-1", "BATCHING_MIN_GAIN"),
         ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM"),
+        ("GIL_SWITCH_INTERVAL_MS", "0", "GIL_SWITCH_INTERVAL_MS"),
     ],
 )
 def test_bad_values_fail_loudly(name, value, message):
