@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -135,3 +136,21 @@ def test_corrupt_onnx_file_is_refused_at_load(tmp_path):
 def test_warm_up_times_what_merging_saves(classifier):
     # A tiny model's run costs mostly per call: 32 images in one run cost far less per image.
     assert classifier.merging_gain > 2
+
+
+def test_a_busy_moment_at_warm_up_does_not_pass_for_a_merging_gain(tmp_path, monkeypatch):
+    """The workers of one server warm up at the same time. A model whose runs cost the same per
+    image at any size (10 ms) must measure a gain near 1 even when its first runs are slowed
+    (by 50 ms each, the other worker busy): timed one size after the other, all of the runs of
+    one were slow and the gain came out near 6."""
+    instance = Classifier(build_onnx_classifier(tmp_path), ClassifierOptions(max_batch=8))
+    calls = []
+
+    def fixed_cost_per_image(batch, session, run_options=None):
+        calls.append(len(batch))
+        time.sleep(0.010 * len(batch) + (0.050 if len(calls) <= 4 else 0))
+        return np.zeros((len(batch), len(instance.labels)), np.float32)
+
+    monkeypatch.setattr(instance, "_probabilities", fixed_cost_per_image)
+    instance.warm_up()
+    assert 0.8 < instance.merging_gain < 1.25, instance.merging_gain
