@@ -171,6 +171,9 @@ class CallSpreader:
 
     def _leave_alone(self, other: int) -> None:
         self._unreachable_until[other] = time.monotonic() + RETRY_UNREACHABLE_AFTER_S
+        self._close_idle(other)
+
+    def _close_idle(self, other: int) -> None:
         for _, writer in self._idle.pop(other, ()):
             writer.close()
 
@@ -199,8 +202,7 @@ class CallSpreader:
         if self._listening is not None:
             self._listening.close()
         for other in list(self._idle):
-            for _, writer in self._idle.pop(other):
-                writer.close()
+            self._close_idle(other)
 
 
 class SentOnCall:
