@@ -32,7 +32,7 @@ SETTINGS = Settings.from_env()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 machine.share_the_interpreter_lock(SETTINGS.gil_switch_interval_ms)  # the event loop's turn
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
-bentoml_compat.replace_leaking_timeout_middleware()
+bentoml_compat.mend_request_middlewares()
 if SETTINGS.workers > 1:  # each worker accepts on its own socket: connections spread evenly
     bentoml_compat.listen_in_every_worker()
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains

@@ -330,3 +330,23 @@ def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldou
     assert len(used) >= 10, used
     missing = {name for name in used if name not in live}
     assert not missing, f"referenced but not on /metrics: {sorted(missing)}"
+
+
+def test_request_metrics_are_labelled_by_route_not_by_made_up_paths(ops_server):
+    # BentoML labelled them with the raw path: each made-up URL, even refused 401 or 404, added
+    # series to /metrics for good.
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=ops_server.url, timeout=10) as client:
+        for i in range(25):
+            assert client.get(f"/made/up/{i}").status_code == 401  # no token: refused first
+            assert client.get(f"/made/up/{i}", headers=headers).status_code == 404
+            unknown = client.get(f"/v2/models/made-up-{i}/ready", headers=headers)
+            assert unknown.status_code == 404
+            assert client.get("/v2/models/digits-cnn/ready", headers=headers).status_code == 200
+    endpoints = {
+        re.search(r'endpoint="([^"]*)"', labels).group(1)
+        for labels in samples(scrape(ops_server), "bentoml_service_request_total")
+    }
+    assert {"unmatched", "/v2/models/{name}/ready", "/analyze"} <= endpoints, endpoints
+    assert not any("made" in endpoint for endpoint in endpoints), endpoints
+    assert len(endpoints) < 15, endpoints
