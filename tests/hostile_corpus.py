@@ -109,6 +109,32 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     raise AssertionError("no start-of-frame segment")
 
 
+def jpeg_scan_flood(scans: int, side: int = 2000) -> bytes:
+    """A progressive JPEG with `scans` empty 10-byte scans appended: each is one more pass of the
+    decoder over every pixel (scan flooding)."""
+    base = encode(Image.new("L", (side, side)), "JPEG", progressive=True, quality=50)
+    empty_scan = b"\xff\xda" + struct.pack(">HBBBBBB", 8, 1, 1, 0x00, 1, 63, 0x00)
+    return base[:-2] + empty_scan * scans + b"\xff\xd9"
+
+
+def tiff_with_tile(width: int, height: int, tile: int) -> bytes:
+    """A grey TIFF of width x height whose one deflate tile of zeros is tile x tile pixels."""
+    compressor = zlib.compressobj(9)
+    zeros = b"".join(compressor.compress(bytes(tile)) for _ in range(tile)) + compressor.flush()
+    tags = [
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+        (322, 4, tile), (323, 4, tile), (324, 4, None), (325, 4, len(zeros)),
+    ]  # fmt: skip
+    data_at = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<I", data_at if value is None else value) if kind == 4
+           else struct.pack("<HH", value, 0))
+        for tag, kind, value in tags
+    )  # fmt: skip
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + zeros
+
+
 def with_orientation(label: int, orientation: int) -> bytes:
     """A JPEG stored the way a camera stores it with this EXIF orientation tag."""
     stored = digit(label)
@@ -271,6 +297,17 @@ def refused_image_cases() -> list[Case]:
         Case("jpeg-claims-65000", "a small JPEG whose SOF claims 65000x65000", "/analyze", 422,
              "IMAGE_TOO_LARGE", "JPEG, SOF 65000x65000",
              files=one("big.jpg", jpeg_claiming(65_000, 65_000), "image/jpeg")),
+        Case("jpeg-scan-flood", "a 19 KB progressive JPEG with 300 empty scans: each is a "
+             "decoding pass over all 4 MP", "/analyze", 422, "IMAGE_TOO_LARGE",
+             "progressive JPEG 2000x2000 + 300 scans",
+             files=one("scans.jpg", jpeg_scan_flood(300), "image/jpeg")),
+        Case("tiff-tile-over-picture", "a 65 KB TIFF of 2000x2000 whose one tile is 8192x8192 "
+             "(the decoder's buffer is the tile's)", "/analyze", 422, "IMAGE_TOO_LARGE",
+             "TIFF 2000x2000, one 8192x8192 tile",
+             files=one("tile.tif", tiff_with_tile(2000, 2000, 8192), "image/tiff")),
+        Case("png-1x50000000", "a PNG 1 pixel wide and 50,000,000 high (within MAX_IMAGE_PIXELS):"
+             " its resize took 1.6 GB", "/analyze", 422, "INVALID_IMAGE", "PNG, IHDR 1x50000000",
+             files=one("line.png", png_claiming(1, 50_000_000), "image/png")),
         Case("png-as-jpeg", "PNG bytes declared image/jpeg", "/analyze", 415,
              "UNSUPPORTED_MEDIA_TYPE", "PNG bytes, type image/jpeg",
              files=one("d.jpg", png, "image/jpeg")),

@@ -26,6 +26,16 @@ _JPEG_FAMILY = {"JPEG", "MPO"}
 # otherwise cost 4 bytes a pixel at full size).
 _DRAFT_MODES = ("L", "RGB", "CMYK")
 
+# Shapes that cost far more to decode than their pixel count says (black-box review, measured on
+# this service): every progressive JPEG scan is one more pass over every pixel, and 10-byte empty
+# scans made a 202 KB file cost 3 CPU-seconds that no timeout could interrupt; a picture 1 pixel
+# wide and 50,000,000 high took 6 CPU-seconds and 1.6 GB to resize; a TIFF whose one tile was
+# 32768x32768 (1 MB of zeros) took 1 GB while it decoded into a 7000x7000 picture.
+MAX_JPEG_SCANS = 100  # encoders write about 10 (libjpeg's progressive script)
+MAX_ASPECT_RATIO = 10_000  # one side over this many times the other: no picture to classify
+_TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
+_SMALL_TILE_PIXELS = 1 << 20  # a tile may pad a small picture up to this
+
 # Declared types that say nothing about the format (`image/*`: "an image"): the bytes decide.
 _GENERIC_TYPES = {
     "",
@@ -104,6 +114,7 @@ def decode_image(
             ErrorCode.IMAGE_TOO_LARGE,
             f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} are accepted",
         )
+    _check_decoding_cost(data, image)
     if size_hint is not None and image.format in _JPEG_FAMILY and image.mode in _DRAFT_MODES:
         image.draft(image.mode, size_hint)
     try:
@@ -114,6 +125,43 @@ def decode_image(
             ErrorCode.INVALID_IMAGE, "the image data is truncated or corrupt"
         ) from None
     return _upright(image)
+
+
+def _check_decoding_cost(data: bytes, image: Image.Image) -> None:
+    """Refuse, from the header, the shapes whose decoding costs far more than their pixels."""
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ClassifierError(
+            ErrorCode.INVALID_IMAGE,
+            f"the image is {width}x{height} pixels; sides more than {MAX_ASPECT_RATIO:,} times "
+            "apart are not classified",
+        )
+    if image.format in _JPEG_FAMILY and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        # 0xFF 0xDA starts a scan (inside scan data every 0xFF is followed by 0x00)
+        raise ClassifierError(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded (each one is a "
+            "pass over every pixel)",
+        )
+    if image.format == "TIFF":
+        tile_width, tile_length = (_tag_number(image, tag) for tag in _TIFF_TILE_TAGS)
+        if tile_width * tile_length > max(width * height, _SMALL_TILE_PIXELS):
+            raise ClassifierError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the TIFF's tiles are {tile_width}x{tile_length} pixels, larger than the "
+                f"{width}x{height} picture",
+            )
+
+
+def _tag_number(image: Image.Image, tag: int) -> int:
+    """A TIFF tag's one number, 0 when absent or not a number (hostile files say anything)."""
+    value = image.tag_v2.get(tag, 0)
+    if isinstance(value, tuple):
+        value = value[0] if value else 0
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
