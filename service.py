@@ -28,7 +28,7 @@ from image_classifier.serving import machine, memory, metrics, worker_state
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
 
-SETTINGS = Settings.from_env()
+SETTINGS = Settings.at_start()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 machine.share_the_interpreter_lock(SETTINGS.gil_switch_interval_ms)  # the event loop's turn
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us

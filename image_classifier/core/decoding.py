@@ -65,6 +65,12 @@ class DecodeLimits:
     max_pixels: int = 50_000_000
 
 
+def decodable_formats() -> set[str]:
+    """Every format name Pillow can open here (its own plugins and HEIF's)."""
+    Image.init()
+    return set(Image.OPEN)
+
+
 def normalise_content_type(declared: str | None) -> str:
     """`Image/JPG; charset=x` -> `image/jpeg`; missing -> ``."""
     if not declared:

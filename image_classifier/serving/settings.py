@@ -15,7 +15,7 @@ from pathlib import Path
 from limits import parse as parse_rate_limit
 
 from ..core.classifier import ClassifierOptions
-from ..core.decoding import DecodeLimits
+from ..core.decoding import DecodeLimits, decodable_formats
 from .evaluation_record import evaluations_path
 from .machine import CpuBudget, cpu_budget, size_for
 from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
@@ -186,6 +186,8 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[spec.name] = _parse(spec.metadata["env"], raw.strip(), spec.default)
+            if values[spec.name] == ():  # e.g. API_TOKENS=" , ": not "no tokens", a mistake
+                raise ValueError(f"{spec.metadata['env']}={raw!r} is set but names nothing")
         record = read_record(record_path(environ))
         values.setdefault("model_tag", record.model_tag)
         values.setdefault("candidate_model_tag", record.candidate_tag or "")
@@ -193,6 +195,15 @@ class Settings:
         settings = cls(**values).sized(cpu_budget())
         settings.validate()
         return settings
+
+    @classmethod
+    def at_start(cls) -> Settings:
+        """`from_env` for a starting server: a bad value stops it with one line that names it,
+        not a traceback through BentoML's loader."""
+        try:
+            return cls.from_env()
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
 
     def validate(self) -> None:
         positive = (
@@ -242,9 +253,17 @@ class Settings:
             raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
         if self.rate_limit:
             try:
-                parse_rate_limit(self.rate_limit)
+                amount = parse_rate_limit(self.rate_limit).amount
             except ValueError:
-                raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'") from None
+                amount = 0
+            if amount < 1:
+                raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'")
+        unknown = sorted(set(self.allowed_formats) - decodable_formats())
+        if unknown:
+            raise ValueError(
+                f"ALLOWED_FORMATS names {', '.join(unknown)}, which Pillow does not decode here "
+                f"(it does: {', '.join(sorted(decodable_formats()))})"
+            )
 
 
 _SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads", "ort_solo_threads")

@@ -59,6 +59,22 @@ def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, arti
     assert len(lines) == 1 and "training_export ensure-default" in lines[0], log
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CANARY_FRACTION", "1.5"), ("API_TOKENS", " , "), ("ALLOWED_FORMATS", "PNGG")],
+)
+def test_a_bad_setting_stops_the_start_with_one_clear_line(
+    trained_store, artifacts, variable, value
+):
+    # A traceback of 60 lines through BentoML's loader ended with the message; an API_TOKENS of
+    # blanks (an empty secret) turned authentication off without a word.
+    log = start_that_fails(
+        trained_store, artifacts / f"server-bad-{variable.lower()}.log", **{variable: value}
+    )
+    lines = [line for line in log.splitlines() if variable in line]
+    assert len(lines) == 1 and "configuration error" in lines[0], log
+
+
 def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):
     """Answers, pins and metrics name a model by version: two models both `v1` would mix up."""
     home = tmp_path / "home"

@@ -45,6 +45,9 @@ def test_values_are_parsed_by_type():
         ("BATCHING_MIN_GAIN", "-1", "BATCHING_MIN_GAIN"),
         ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM"),
         ("GIL_SWITCH_INTERVAL_MS", "0", "GIL_SWITCH_INTERVAL_MS"),
+        ("API_TOKENS", " , ", "names nothing"),
+        ("ALLOWED_FORMATS", "png,PNGG", "PNGG"),
+        ("RATE_LIMIT", "0/second", "RATE_LIMIT"),
     ],
 )
 def test_bad_values_fail_loudly(name, value, message):
