@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import socket
+from dataclasses import dataclass
 
 from bentoml._internal.server.http import instruments as bentoml_instruments
 from bentoml._internal.server.http import traffic as bentoml_traffic
@@ -95,19 +96,32 @@ def _routes(app) -> list[tuple[re.Pattern, str]]:  # noqa: ANN001
 _bentoml_request_metrics = bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__
 
 
-def _one_socket_per_worker(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - CircusSocket's
-    """BentoML binds one listening socket in its arbiter and every worker accepts from it: the
-    worker already on a CPU accepts the waiting connections, so 16 keep-alive clients can all
-    land on one of two workers while the other idles. Here each worker gets its own socket
-    (SO_REUSEPORT, as nginx's `reuseport` and gunicorn's `--reuse-port` do) and the kernel
-    spreads new connections over the listening ones by a hash of their addresses.
+def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - CircusSocket's
+    """Where `bentoml serve` makes its HTTP socket, in its arbiter before any worker starts (not
+    on `bentoml build`): a taken gRPC port stops the start there with one line, where each worker
+    failed to bind it, died with a traceback and was restarted, for ever.
 
+    With several workers, BentoML binds one listening socket in its arbiter and every worker
+    accepts from it: the worker already on a CPU accepts the waiting connections, so 16
+    keep-alive clients can all land on one of two workers while the other idles. Here each worker
+    gets its own socket (SO_REUSEPORT, as nginx's `reuseport` and gunicorn's `--reuse-port` do)
+    and the kernel spreads new connections over the listening ones by a hash of their addresses.
     Each copy is bound before the worker forks but not listened on: the worker's server calls
     `listen` when it starts accepting, so no connection waits in the queue of a worker that is
     still loading (a replacement loads its model first), and one that drains leaves the group."""
     _circus_socket_init(sock, *args, **kwargs)
     sock.copy_per_worker = None
-    if sock.name == API_SERVER_NAME and not sock.so_reuseport and hasattr(socket, "SO_REUSEPORT"):
+    if sock.name != API_SERVER_NAME:
+        return
+    if _serving.grpc_port:
+        try:
+            _refuse_a_taken_port(sock.family, sock.host, _serving.grpc_port)
+        except OSError as exc:
+            raise SystemExit(
+                f"GRPC_PORT {_serving.grpc_port} on {sock.host} cannot be used ({exc.strerror}): "
+                "another process holds it; set GRPC_PORT to a free port, or 0 for no gRPC"
+            ) from None
+    if _serving.workers > 1 and not sock.so_reuseport and hasattr(socket, "SO_REUSEPORT"):
         _refuse_a_taken_port(sock.family, sock.host, sock.port)
         sock.so_reuseport = True  # circus then leaves it unbound in the arbiter
         sock.copy_per_worker = lambda: _bound_copy(args, kwargs)
@@ -142,8 +156,18 @@ _circus_socket_init = circus_sockets.CircusSocket.__init__
 _circus_sockets_fds = circus_process.Process._get_sockets_fds
 
 
-def listen_in_every_worker() -> None:
+@dataclass
+class _Serving:
+    workers: int = 1
+    grpc_port: int = 0
+
+
+_serving = _Serving()
+
+
+def prepare_serving(workers: int, grpc_port: int) -> None:
     """Call before `bentoml serve` builds its sockets (importing service.py does: the CLI loads
-    the service first). Only with more than one worker: one worker keeps BentoML's socket."""
-    circus_sockets.CircusSocket.__init__ = _one_socket_per_worker
+    the service first): a socket per worker when there are several, and the gRPC port checked."""
+    _serving.workers, _serving.grpc_port = workers, grpc_port
+    circus_sockets.CircusSocket.__init__ = _socket_made
     circus_process.Process._get_sockets_fds = _sockets_fds_with_own_listener

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -73,6 +74,19 @@ def test_a_bad_setting_stops_the_start_with_one_clear_line(
     )
     lines = [line for line in log.splitlines() if variable in line]
     assert len(lines) == 1 and "configuration error" in lines[0], log
+
+
+def test_a_taken_grpc_port_stops_the_start_with_one_clear_line(trained_store, artifacts):
+    # Each worker failed to bind it, died with a traceback and was restarted, for ever.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        log = start_that_fails(
+            trained_store, artifacts / "server-grpc-taken.log", GRPC_PORT=str(port)
+        )
+    lines = [line for line in log.splitlines() if "GRPC_PORT" in line]
+    assert len(lines) == 1 and str(port) in lines[0], log
 
 
 def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):
