@@ -7,11 +7,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
+
+from loadtest.servers import serve
+from tests.model_store import import_model
+from tests.onnx_models import build_onnx_classifier
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")  # both installed by `make test` (Debian packages)
@@ -70,3 +75,18 @@ def test_a_bad_file_is_explained_in_words(browser, server, tmp_path, artifacts):
     assert "UNSUPPORTED_MEDIA_TYPE" in error.text and "not a supported image" in error.text
     assert not browser.find_element(By.ID, "result").is_displayed()
     browser.save_screenshot(str(artifacts / "ui-error.png"))
+
+
+def test_a_model_with_fewer_than_five_labels_shows_all_of_them(browser, tmp_path, artifacts):
+    # The page asked every model for its top 5: a 3-label model refused each upload with 400.
+    home = tmp_path / "home"
+    import_model(home, build_onnx_classifier(tmp_path / "three", labels=3), "three-labels:v1")
+    path = tmp_path / "picture.png"
+    Image.new("L", (28, 28), 128).save(path)
+    env = {"MODEL_TAG": "three-labels:v1", "SERVED_MODEL_FILE": str(tmp_path / "none.json")}
+    with serve(home, artifacts / "server-three-labels.log", env=env) as three:
+        upload(browser, three.url, path)
+        WebDriverWait(browser, 30).until(
+            expected_conditions.visibility_of_element_located((By.ID, "result"))
+        )
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
