@@ -19,6 +19,7 @@ from .headers import ERROR_CODE_HEADER, REQUEST_ID_HEADER
 
 INTERNAL_MESSAGE = "internal error; quote the request_id when reporting it"
 RETRY_AFTER_S = 1  # on a 429 or 503 that does not say when to come back
+BEARER_CHALLENGE = "Bearer"  # a 401 says which scheme it wants (RFC 9110 11.6.1)
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -90,6 +91,8 @@ def error_headers(
     if exc.retry_after_s is not None or HTTP_STATUS[exc.code] in (429, 503):
         retry_after = RETRY_AFTER_S if exc.retry_after_s is None else exc.retry_after_s
         headers.append((b"retry-after", str(retry_after).encode()))
+    if exc.code is ErrorCode.UNAUTHORIZED:
+        headers.append((b"www-authenticate", BEARER_CHALLENGE.encode()))
     if close:
         headers.append((b"connection", b"close"))
     return headers
@@ -105,6 +108,8 @@ def error_response(exc: ClassifierError, request_id: str, open_inference: bool =
     headers = {ERROR_CODE_HEADER: str(exc.code)}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
+    if exc.code is ErrorCode.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = BEARER_CHALLENGE
     return Response(
         error_body(exc, request_id, open_inference),
         status_code=HTTP_STATUS[exc.code],

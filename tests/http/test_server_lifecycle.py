@@ -113,11 +113,13 @@ def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artif
         assert httpx.get(f"{server.url}/metrics").status_code == 200
         refused = httpx.post(f"{server.url}/analyze", files=files)
         assert refused.status_code == 401 and envelope_code(refused) == "UNAUTHORIZED"
+        assert refused.headers["www-authenticate"] == "Bearer"
         wrong = httpx.post(
             f"{server.url}/analyze", files=files, headers={"Authorization": "Bearer guess"}
         )
         assert wrong.status_code == 401
-        assert httpx.get(f"{server.url}/info").status_code == 401
+        info = httpx.get(f"{server.url}/info")
+        assert info.status_code == 401 and info.headers["www-authenticate"] == "Bearer"
 
         with bentoml.SyncHTTPClient(server.url, token=first) as client:
             assert client.analyze(image=_digit_file(artifacts, digit_png))["success"] is True
