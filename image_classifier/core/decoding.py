@@ -31,6 +31,12 @@ _DRAFT_MODES = ("L", "RGB", "CMYK")
 # scans made a 202 KB file cost 3 CPU-seconds that no timeout could interrupt; a picture 1 pixel
 # wide and 50,000,000 high took 6 CPU-seconds and 1.6 GB to resize; a TIFF whose one tile was
 # 32768x32768 (1 MB of zeros) took 1 GB while it decoded into a 7000x7000 picture.
+# Bytes a pixel these decoders take at their peak, against about 4 for PNG, JPEG, GIF, BMP and
+# TIFF (measured in process on 7000x7000 pictures, decoding and preprocessing): a pixel cap means
+# the same memory for every format only once it is divided by these. A 2 KB WebP of 49 MP took
+# 750 MB.
+_DECODER_BYTES_PER_PIXEL = {"WEBP": 16, "AVIF": 10, "HEIF": 9}
+_BASE_BYTES_PER_PIXEL = 4
 MAX_JPEG_SCANS = 100  # encoders write about 10 (libjpeg's progressive script)
 MAX_ASPECT_RATIO = 10_000  # one side over this many times the other: no picture to classify
 _TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
@@ -120,6 +126,14 @@ def decode_image(
             ErrorCode.IMAGE_TOO_LARGE,
             f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} are accepted",
         )
+    if (cost := _DECODER_BYTES_PER_PIXEL.get(image.format)) is not None:
+        most = limits.max_pixels * _BASE_BYTES_PER_PIXEL // cost
+        if width * height > most:
+            raise ClassifierError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the {image.format} image is {width}x{height} pixels; at most {most:,} are "
+                f"accepted in {image.format}, whose decoder takes about {cost} bytes a pixel",
+            )
     _check_decoding_cost(data, image)
     if size_hint is not None and image.format in _JPEG_FAMILY and image.mode in _DRAFT_MODES:
         image.draft(image.mode, size_hint)
