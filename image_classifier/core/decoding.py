@@ -126,12 +126,12 @@ def decode_image(
             ErrorCode.IMAGE_TOO_LARGE,
             f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} are accepted",
         )
-    if (cost := _DECODER_BYTES_PER_PIXEL.get(image.format)) is not None:
+    if (cost := _decoder_bytes_per_pixel(image)) > _BASE_BYTES_PER_PIXEL:
         most = limits.max_pixels * _BASE_BYTES_PER_PIXEL // cost
         if width * height > most:
             raise ClassifierError(
                 ErrorCode.IMAGE_TOO_LARGE,
-                f"the {image.format} image is {width}x{height} pixels; at most {most:,} are "
+                f"the {_kind(image)} image is {width}x{height} pixels; at most {most:,} are "
                 f"accepted in {image.format}, whose decoder takes about {cost} bytes a pixel",
             )
     _check_decoding_cost(data, image)
@@ -145,6 +145,19 @@ def decode_image(
             ErrorCode.INVALID_IMAGE, "the image data is truncated or corrupt"
         ) from None
     return _upright(image)
+
+
+def _decoder_bytes_per_pixel(image: Image.Image) -> int:
+    """A progressive JPEG is decoded through a full-size buffer of 2 bytes a pixel per colour
+    component, whatever the scale-down (a 7000x7000 CMYK one took 380 MB)."""
+    if image.format in _JPEG_FAMILY and image.info.get("progressive"):
+        return 2 * len(image.getbands())
+    return _DECODER_BYTES_PER_PIXEL.get(image.format, _BASE_BYTES_PER_PIXEL)
+
+
+def _kind(image: Image.Image) -> str:
+    progressive = image.format in _JPEG_FAMILY and image.info.get("progressive")
+    return f"progressive {image.format}" if progressive else str(image.format)
 
 
 def _check_decoding_cost(data: bytes, image: Image.Image) -> None:
