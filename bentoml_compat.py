@@ -16,6 +16,8 @@ from bentoml._internal.server.http import traffic as bentoml_traffic
 from circus import process as circus_process
 from circus import sockets as circus_sockets
 
+from image_classifier.http.logs import UNMATCHED_ENDPOINT
+
 API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
 
 
@@ -39,7 +41,6 @@ def mend_request_middlewares() -> None:
     bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__ = _metrics_by_route
 
 
-UNMATCHED = "unmatched"  # the endpoint label of a path no route serves
 _REAL_SCOPE = "image_classifier.real_scope"
 
 
@@ -72,7 +73,9 @@ async def _metrics_by_route(self, scope, receive, send) -> None:  # noqa: ANN001
 
 @functools.lru_cache(maxsize=4096)  # bounded: made-up paths only push each other out
 def _route_label(app, path: str) -> str:  # noqa: ANN001 - the server's Starlette app
-    return next((template for regex, template in _routes(app) if regex.match(path)), UNMATCHED)
+    return next(
+        (template for regex, template in _routes(app) if regex.match(path)), UNMATCHED_ENDPOINT
+    )
 
 
 @functools.cache

@@ -24,6 +24,10 @@ _REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("request_log_fields", d
 _BENTOML_TEXT_ATTRS = ("levelname_bracketed", "trace_msg", "service_name", "color_message")
 _FRAMEWORK_LOGGERS = ("bentoml", "uvicorn", "uvicorn.error", "uvicorn.access", "circus")
 
+# The endpoint (access lines, request metrics) of a request no route serves, or whose head could
+# not be read: one label, however many made-up URLs come.
+UNMATCHED_ENDPOINT = "unmatched"
+
 
 class JsonLineFormatter(JsonFormatter):
     def __init__(self) -> None:

@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
+from . import logs
 from .admission import Gate
 from .balance import ConnectionBalance
 from .envelope import (
@@ -205,11 +206,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self._head_refused:
             self._refuse_head()
             return
-        refusal = ClassifierError(
-            ErrorCode.INVALID_REQUEST, "the request is not valid HTTP/1.1 (RFC 9112)"
+        self._refuse_unreadable(
+            ClassifierError(
+                ErrorCode.INVALID_REQUEST, "the request is not valid HTTP/1.1 (RFC 9112)"
+            )
         )
-        self.transport.write(_answer(refusal, new_request_id(), open_inference=False, close=True))
-        self.transport.close()
 
     def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
         """Every request let in is counted by the gate until its handler's first step
@@ -271,13 +272,24 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._body_deadline = None
 
     def _refuse_head(self) -> None:
-        refusal = ClassifierError(
-            ErrorCode.HEADERS_TOO_LARGE,
-            f"the request's headers are over the limit of {MAX_HEAD_BYTES:,} bytes "
-            f"or {MAX_HEADERS} fields",
+        self._refuse_unreadable(
+            ClassifierError(
+                ErrorCode.HEADERS_TOO_LARGE,
+                f"the request's headers are over the limit of {MAX_HEAD_BYTES:,} bytes "
+                f"or {MAX_HEADERS} fields",
+            )
         )
-        self.transport.write(_answer(refusal, new_request_id(), open_inference=False, close=True))
+
+    def _refuse_unreadable(self, refusal: ClassifierError) -> None:
+        """A head refused before any ASGI work: the envelope with a request id, then the
+        connection closes; counted, and an access line with that id, as for any other answer."""
+        request_id = new_request_id()
+        self.transport.write(_answer(refusal, request_id, open_inference=False, close=True))
         self.transport.close()
+        metrics.ERRORS.labels(code=refusal.code.value).inc()
+        with logs.request_context(request_id, "-", logs.UNMATCHED_ENDPOINT) as fields:
+            fields["error_code"] = refusal.code.value
+            logs.log_request(fields, HTTP_STATUS[refusal.code], 0.0)
 
 
 async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # noqa: ANN001

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpc_client
 import yaml
 from PIL import Image, PngImagePlugin
 
@@ -324,6 +325,8 @@ def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldou
         post(ops_server, data)
         if "image_classifier_shadow_comparisons_total{" in scrape(ops_server):
             break
+    with grpc_client.InferenceServerClient(ops_server.grpc_target) as client:  # a gRPC call too
+        client.get_model_metadata("digits-cnn", headers={"authorization": f"Bearer {TOKEN}"})
     live = metric_names(scrape(ops_server))
     rules_text = (MONITORING / "alerts.yml").read_text()
     used = set(_METRIC_NAME.findall(rules_text + "\n".join(dashboard_queries())))

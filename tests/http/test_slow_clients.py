@@ -223,3 +223,8 @@ def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
     answered, body, closed = _send_head(address.hostname, address.port, [head])
     assert (answered, body["error"]["code"]) == (status, code), body
     assert body["request_id"] and closed
+    time.sleep(0.2)  # the access line, written as the answer goes
+    (line,) = [
+        line for line in access_lines(server.log()) if line["request_id"] == body["request_id"]
+    ]
+    assert (line["status"], line["error_code"]) == (status, code), line
