@@ -308,6 +308,10 @@ def refused_image_cases() -> list[Case]:
         Case("png-1x50000000", "a PNG 1 pixel wide and 50,000,000 high (within MAX_IMAGE_PIXELS):"
              " its resize took 1.6 GB", "/analyze", 422, "INVALID_IMAGE", "PNG, IHDR 1x50000000",
              files=one("line.png", png_claiming(1, 50_000_000), "image/png")),
+        Case("jpeg-claims-7000-no-data", "a 16x16 JPEG whose SOF claims 7000x7000 (within the "
+             "cap): the decoder would pad the rest with grey", "/analyze", 422, "INVALID_IMAGE",
+             "JPEG, SOF 7000x7000, 16x16 of data",
+             files=one("padded.jpg", jpeg_claiming(7_000, 7_000), "image/jpeg")),
         Case("png-as-jpeg", "PNG bytes declared image/jpeg", "/analyze", 415,
              "UNSUPPORTED_MEDIA_TYPE", "PNG bytes, type image/jpeg",
              files=one("d.jpg", png, "image/jpeg")),

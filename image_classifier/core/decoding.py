@@ -38,6 +38,7 @@ _DRAFT_MODES = ("L", "RGB", "CMYK")
 _DECODER_BYTES_PER_PIXEL = {"WEBP": 16, "AVIF": 10, "HEIF": 9}
 _BASE_BYTES_PER_PIXEL = 4
 MAX_JPEG_SCANS = 100  # encoders write about 10 (libjpeg's progressive script)
+_JPEG_PIXELS_PER_BYTE = 1024  # twice what a JPEG can hold at best: 512, a bit per 8x8 block
 MAX_ASPECT_RATIO = 10_000  # one side over this many times the other: no picture to classify
 _TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
 _SMALL_TILE_PIXELS = 1 << 20  # a tile may pad a small picture up to this
@@ -168,6 +169,14 @@ def _check_decoding_cost(data: bytes, image: Image.Image) -> None:
             ErrorCode.INVALID_IMAGE,
             f"the image is {width}x{height} pixels; sides more than {MAX_ASPECT_RATIO:,} times "
             "apart are not classified",
+        )
+    if image.format in _JPEG_FAMILY and len(data) * _JPEG_PIXELS_PER_BYTE < width * height:
+        # Every 8x8 block costs at least a bit (its DC difference), so a JPEG this small for its
+        # size has lost its data: the decoder would fill the picture with grey, and classify it.
+        raise ClassifierError(
+            ErrorCode.INVALID_IMAGE,
+            f"the JPEG holds {len(data):,} bytes for {width}x{height} pixels: it is truncated or "
+            "corrupt",
         )
     if image.format in _JPEG_FAMILY and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         # 0xFF 0xDA starts a scan (inside scan data every 0xFF is followed by 0x00)
