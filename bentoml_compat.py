@@ -116,7 +116,9 @@ def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  #
     sock.copy_per_worker = None
     if sock.name != API_SERVER_NAME:
         return
-    if _serving.grpc_port:
+    if _serving.grpc_port and not _serving.grpc_port_checked:
+        # Once, at start: a replaced worker's socket copy is made later, when the others hold it.
+        _serving.grpc_port_checked = True
         try:
             _refuse_a_taken_port(sock.family, sock.host, _serving.grpc_port)
         except OSError as exc:
@@ -163,6 +165,7 @@ _circus_sockets_fds = circus_process.Process._get_sockets_fds
 class _Serving:
     workers: int = 1
     grpc_port: int = 0
+    grpc_port_checked: bool = False
 
 
 _serving = _Serving()
