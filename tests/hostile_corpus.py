@@ -10,7 +10,6 @@ must give (where the picture is a real digit) and, for `/analyze_batch`, every i
 from __future__ import annotations
 
 import argparse
-import io
 import struct
 import zlib
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from loadtest.load import raw_multipart
-from tests.pictures import EXIF_STORED_AS
+from tests.pictures import EXIF_STORED_AS, encode, png_claiming, with_header_parts
 
 MIB = 1024 * 1024
 MAX_UPLOAD_BYTES = 10 * MIB  # settings.py defaults, which the test server runs with
@@ -56,13 +55,6 @@ class Case:
 # Pictures
 
 
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-@cache
 def digit(label: int) -> Image.Image:
     """A real handwritten digit from scikit-learn's bundled set, as a 96x96 grey picture.
 
@@ -76,22 +68,6 @@ def digit(label: int) -> Image.Image:
     digits = load_digits()
     index = int(np.flatnonzero(digits.target == label)[0])
     return render(digits.images[index])
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    """One PNG chunk with a correct CRC."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG of a few dozen bytes whose IHDR claims any size: the decompression-bomb shape."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024, 9))
-        + chunk(b"IEND", b"")
-    )
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
@@ -312,6 +288,7 @@ def refused_image_cases() -> list[Case]:
              "cap): the decoder would pad the rest with grey", "/analyze", 422, "INVALID_IMAGE",
              "JPEG, SOF 7000x7000, 16x16 of data",
              files=one("padded.jpg", jpeg_claiming(7_000, 7_000), "image/jpeg")),
+        *header_flood_cases(),
         Case("png-as-jpeg", "PNG bytes declared image/jpeg", "/analyze", 415,
              "UNSUPPORTED_MEDIA_TYPE", "PNG bytes, type image/jpeg",
              files=one("d.jpg", png, "image/jpeg")),
@@ -327,6 +304,28 @@ def refused_image_cases() -> list[Case]:
                      "/analyze", 415, "UNSUPPORTED_MEDIA_TYPE", f"{kind.upper()} as x.jpg, {mime}",
                      files=one("x.jpg", data, mime))
             )  # fmt: skip
+    return cases
+
+
+# About 2 MB of each part Pillow parses one Python loop turn at a time (each took 0.3-0.6
+# CPU-seconds a megabyte before the header walk refused them).
+HEADER_FLOODS = {
+    "jpeg-comment-flood": ("JPEG", 500_000, "500,000 empty comment segments"),
+    "png-chunk-flood": ("PNG", 170_000, "170,000 empty private chunks"),
+    "gif-block-flood": ("GIF", 1_000_000, "a comment of 1,000,000 one-byte blocks"),
+    "tiff-strip-flood": ("TIFF", 50_000, "50,000 uncompressed strips of one 32-pixel row"),
+}
+
+
+def header_flood_cases() -> list[Case]:
+    cases = []
+    for case_id, (fmt, parts, what) in HEADER_FLOODS.items():
+        data = with_header_parts(fmt, parts)
+        cases.append(
+            Case(case_id, f"a {len(data) / MIB:.1f} MiB {fmt} with {what}: refused before Pillow "
+                 "parses them", "/analyze", 422, "INVALID_IMAGE", f"{fmt}, {what}",
+                 files=one(f"flood.{fmt.lower()}", data, f"image/{fmt.lower()}"))
+        )  # fmt: skip
     return cases
 
 

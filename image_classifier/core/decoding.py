@@ -15,6 +15,7 @@ import pillow_heif
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClassifierError, ErrorCode
+from .header_walk import BASE_STEPS, BYTES_PER_STEP, header_steps, step_budget
 
 log = logging.getLogger(__name__)
 # HEIC/HEIF is what phone cameras save by default; Pillow reads it through libheif's plugin.
@@ -117,6 +118,7 @@ def decode_image(
     """
     if not data:
         raise ClassifierError(ErrorCode.INVALID_IMAGE, "the file is empty")
+    _check_parsing_cost(data)
     image = _open(data, limits)
     _check_declared_matches(declared_type, image.format)
     width, height = image.size
@@ -162,6 +164,18 @@ def _decoder_bytes_per_pixel(image: Image.Image) -> int:
 
 def _kind(image: Image.Image) -> str:
     return f"progressive {image.format}" if _progressive_jpeg(image) else str(image.format)
+
+
+def _check_parsing_cost(data: bytes) -> None:
+    """Refuse, before Pillow opens it, a header whose parsing costs far more than its bytes."""
+    budget = step_budget(len(data))
+    if header_steps(data, budget) > budget:
+        raise ClassifierError(
+            ErrorCode.INVALID_IMAGE,
+            f"the file has more than {budget:,} markers, chunks, blocks or stray bytes around its "
+            f"picture ({len(data):,} bytes carry at most one per {BYTES_PER_STEP:,} beyond the "
+            f"first {BASE_STEPS:,})",
+        )
 
 
 def _check_decoding_cost(data: bytes, image: Image.Image) -> None:

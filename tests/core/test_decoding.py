@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 
 from image_classifier.core.decoding import DecodeLimits, check_declared_type, decode_image
 from image_classifier.core.errors import ClassifierError, ErrorCode
-from tests.pictures import EXIF_STORED_AS, encode, png_claiming
+from image_classifier.core.header_walk import BASE_STEPS, step_budget
+from tests.pictures import EXIF_STORED_AS, chunk, encode, png_claiming, with_header_parts
 
 LIMITS = DecodeLimits()
 
@@ -195,3 +196,87 @@ def test_formats_whose_decoder_takes_more_memory_get_a_lower_pixel_cap(fmt, opti
         decode_image(big, limits)  # 810,000 pixels: within the cap, over the format's
     assert caught.value.code is ErrorCode.IMAGE_TOO_LARGE
     assert decode_image(encode(Image.new("RGB", (900, 900)), "PNG"), limits).size == (900, 900)
+
+
+def refused_before_pillow_opens(data: bytes, monkeypatch) -> ClassifierError:
+    opened, pillow_open = [], Image.open
+
+    def counted_open(*args, **kwargs):
+        opened.append(True)
+        return pillow_open(*args, **kwargs)
+
+    with monkeypatch.context() as patched, pytest.raises(ClassifierError) as caught:
+        patched.setattr(Image, "open", counted_open)
+        decode_image(data, LIMITS)
+    assert not opened, "Pillow was asked to parse the file"
+    return caught.value
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "TIFF"])
+def test_headers_packed_with_parts_are_refused_before_pillow_parses_them(fmt, monkeypatch):
+    """Pillow parses these parts one Python loop turn at a time (10 MB of them took up to 6.5
+    CPU-seconds); one part per KiB beyond the first thousand is plenty for real files."""
+    assert decode_image(with_header_parts(fmt, BASE_STEPS - 50), LIMITS).size[0] == 32
+    flood = with_header_parts(fmt, 200_000)
+    assert len(flood) // 1024 + BASE_STEPS < 200_000  # over budget whatever the part's size
+    error = refused_before_pillow_opens(flood, monkeypatch)
+    assert error.code is ErrorCode.INVALID_IMAGE
+    assert f"more than {step_budget(len(flood)):,}" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("filler", "described"), [(b"\xff", "fill bytes"), (b"\x00", "stray bytes")]
+)
+def test_jpeg_fill_and_stray_bytes_count_one_step_each(filler, described, monkeypatch):
+    """Pillow skips both one byte per loop turn; a few of them are allowed."""
+    data = encode(picture(), "JPEG")
+    after_first_segment = 4 + int.from_bytes(data[4:6], "big")
+    head, tail = data[:after_first_segment], data[after_first_segment:]
+    assert decode_image(head + filler * 100 + tail, LIMITS).size == (64, 48)
+    flood = head + filler * 300_000 + tail
+    assert refused_before_pillow_opens(flood, monkeypatch).code is ErrorCode.INVALID_IMAGE
+
+
+def split_idat(data: bytes, size: int) -> bytes:
+    """The same PNG with its compressed pixels re-cut into IDAT chunks of `size` bytes."""
+    pos, before, pixels = 8, b"", b""
+    while True:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            pixels += body
+        elif kind != b"IEND":
+            before += data[pos : pos + 12 + length]
+        else:
+            break
+        pos += 12 + length
+    cut = b"".join(chunk(b"IDAT", pixels[i : i + size]) for i in range(0, len(pixels), size))
+    return data[:8] + before + cut + chunk(b"IEND", b"")
+
+
+def test_png_pixels_in_many_small_chunks_count_each_chunk(monkeypatch):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600), np.uint8))
+    png = encode(noise, "PNG")
+    assert decode_image(split_idat(png, 8192), LIMITS).size == (600, 600)  # libpng's usual cut
+    assert decode_image(split_idat(png, 1024), LIMITS).size == (600, 600)
+    error = refused_before_pillow_opens(split_idat(png, 64), monkeypatch)
+    assert error.code is ErrorCode.INVALID_IMAGE
+
+
+def test_a_long_animated_png_counts_its_first_frame_only():
+    """Pillow reads an animated PNG's chunks up to the second frame (a sticker of many small
+    frames is a real file, not a flood)."""
+    frames = [Image.new("RGB", (8, 8), (i % 256, i // 256, 0)) for i in range(1_500)]
+    apng = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    assert apng.count(b"fdAT") >= 1_400 and len(apng) // 1024 + BASE_STEPS < 1_400
+    assert decode_image(apng, LIMITS).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_compressed_and_big_tiffs_count_their_strips_only_when_uncompressed(monkeypatch):
+    """libtiff reads compressed strips in C; Pillow makes a Python tile of each raw one."""
+    tall = Image.new("L", (32, 40_000), 128)
+    for options in ({"compression": "tiff_deflate"}, {"compression": "packbits"}):
+        assert decode_image(encode(tall, "TIFF", tiffinfo={278: 1}, **options), LIMITS)
+    raw_big_tiff = encode(tall, "TIFF", tiffinfo={278: 1}, big_tiff=True)
+    assert refused_before_pillow_opens(raw_big_tiff, monkeypatch).code is ErrorCode.INVALID_IMAGE
+    assert decode_image(encode(tall, "TIFF", tiffinfo={278: 64}, big_tiff=True), LIMITS)
