@@ -33,6 +33,7 @@ from . import metrics
 from .batching import MicroBatcher
 from .cache import PredictionCache, SharedPredictionCache
 from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluations
+from .machine import int8_saturates
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
 from .shared_state import redis_client
@@ -76,6 +77,12 @@ class Predictor:
             )
             for (tag, path), role in zip(models, ("primary", "candidate"), strict=False)
         ]
+        if len(served) == 1 and (settings.canary_fraction or settings.shadow_fraction):
+            log.warning(
+                "CANARY_FRACTION=%g and SHADOW_FRACTION=%g have no candidate to send requests to: "
+                "set CANDIDATE_MODEL_TAG or run `models candidate`",
+                settings.canary_fraction, settings.shadow_fraction,
+            )  # fmt: skip
         router = ModelRouter(
             *served,
             canary_fraction=settings.canary_fraction,
@@ -107,6 +114,7 @@ class Predictor:
             served.loaded(classifier)
             self.batchers[version] = self._batcher_for(classifier)
             log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
+            _warn_if_int8_saturates(served.tag, classifier)
 
     def _batcher_for(self, classifier: Classifier) -> MicroBatcher:
         """Merging pays for a model whose runs cost mostly per call (small models); for one whose
@@ -318,3 +326,16 @@ def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None
     tensor = classifier.prepare(data, content_type)
     metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
     return tensor
+
+
+def _warn_if_int8_saturates(tag: str, classifier: Classifier) -> None:
+    """An INT8 model with 8-bit weights answers differently on a CPU without VNNI than its gate
+    measured (`machine.int8_saturates`): say so once, at start."""
+    gate = (classifier.card.metrics.model_extra or {}).get("int8_gate")
+    if isinstance(gate, dict) and gate.get("weight_bits", 8) == 8 and int8_saturates():
+        log.warning(
+            "model %s is INT8 with 8-bit weights and this CPU has no VNNI: ONNX Runtime's INT8 "
+            "kernels saturate here, so its answers may differ from what its gate measured "
+            "(quantize it on this kind of CPU for 7-bit weights, or serve the fp32 model)",
+            tag,
+        )

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from image_classifier.serving.machine import CpuBudget, cgroup_quota, cpu_budget, size_for
+from image_classifier.serving.machine import (
+    CpuBudget,
+    cgroup_quota,
+    cpu_budget,
+    int8_saturates,
+    size_for,
+)
 from image_classifier.serving.settings import Settings
 
 
@@ -93,3 +99,19 @@ def test_taskset_limits_what_is_chosen(mask, expected):
     *counts, reason = json.loads(out)
     assert tuple(counts) == expected
     assert f"affinity mask: {len(mask.split(','))} CPU(s)" in reason
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "saturates"),
+    [
+        ("fpu sse2 avx avx2 fma", "x86_64", True),  # AVX2 only: VPMADDUBSW saturates
+        ("fpu avx2 avx512f avx512_vnni", "x86_64", False),
+        ("fpu avx2 avx_vnni", "x86_64", False),
+        ("fp asimd asimddp", "aarch64", False),  # ARM's dot products do not saturate
+    ],
+)
+def test_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, machine, saturates):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n")
+    assert int8_saturates(cpuinfo, machine) is saturates
+    assert int8_saturates(tmp_path / "absent", machine) is False  # unknown: no claim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from image_classifier.core.classifier import ModelLoadError
 from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.serving import predictor as predictor_module
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.routing import ModelRef, ModelRouter, ServedVersion
 from image_classifier.serving.settings import Settings
@@ -158,3 +160,26 @@ def test_a_model_that_cannot_load_is_named(tmp_path):
     (broken / "model.onnx").write_bytes(b"truncated")
     with pytest.raises(ModelLoadError, match="tiny:v1"):
         predictor_for(broken)
+
+
+@pytest.mark.parametrize(("weight_bits", "warned"), [(8, True), (7, False)])
+def test_an_int8_model_that_would_saturate_here_is_named_at_start(
+    tmp_path, monkeypatch, caplog, weight_bits, warned
+):
+    model = build_onnx_classifier(tmp_path, mean=(0.5,), std=(0.5,))
+    card = json.loads((model / "card.json").read_text())
+    card.setdefault("metrics", {})["int8_gate"] = {"weight_bits": weight_bits}
+    (model / "card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(predictor_module, "int8_saturates", lambda: True)
+    with caplog.at_level("WARNING", logger=predictor_module.__name__):
+        predictor_for(model)
+    assert ("kernels saturate here" in caplog.text) is warned
+
+
+@pytest.mark.parametrize(("env", "warned"), [({"CANARY_FRACTION": "0.1"}, True), ({}, False)])
+def test_a_canary_share_without_a_candidate_is_named_at_start(model_dir, caplog, env, warned):
+    settings = Settings.from_env(env)
+    with caplog.at_level("WARNING", logger=predictor_module.__name__):
+        predictor = Predictor.for_models(settings, [("tiny:v1", model_dir)])
+    assert ("no candidate to send requests to" in caplog.text) is warned
+    assert predictor.router.canary_fraction == 0.0  # and nothing is routed to a missing model

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from image_classifier.core.classifier import read_card
+from image_classifier.serving.machine import int8_saturates
 from loadtest.benchmark import STAGES
 from loadtest.servers import REPO, serve
 from tests.model_store import store_model_dir
@@ -62,6 +63,7 @@ def test_quantize_saves_digits_int8_with_its_gate_figures(digits_int8_tag, bento
     card = read_card(store_model_dir(bentoml_home, digits_int8_tag))
     figures = card.metrics.model_extra["int8_gate"]
     assert figures["source_tag"] == "digits-cnn:v1"
+    assert figures["weight_bits"] == (7 if int8_saturates() else 8)  # what ran the gate
     assert figures["accuracy_drop"] <= 0.01
     assert figures["int8_accuracy"] >= 0.95 and figures["evaluation_samples"] > 200
     print(f"digits INT8 gate: {figures}")
