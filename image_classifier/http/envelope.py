@@ -88,14 +88,21 @@ def error_headers(
         (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
         (ERROR_CODE_HEADER.encode(), exc.code.value.encode()),
     ]
-    if exc.retry_after_s is not None or HTTP_STATUS[exc.code] in (429, 503):
-        retry_after = RETRY_AFTER_S if exc.retry_after_s is None else exc.retry_after_s
-        headers.append((b"retry-after", str(retry_after).encode()))
-    if exc.code is ErrorCode.UNAUTHORIZED:
-        headers.append((b"www-authenticate", BEARER_CHALLENGE.encode()))
+    headers += [(name.encode(), value.encode()) for name, value in _advice(exc)]
     if close:
         headers.append((b"connection", b"close"))
     return headers
+
+
+def _advice(exc: ClassifierError) -> list[tuple[str, str]]:
+    """What the client should do next: when to retry (429, 503) and how to authenticate (401)."""
+    advice = []
+    if exc.retry_after_s is not None or HTTP_STATUS[exc.code] in (429, 503):
+        retry_after = RETRY_AFTER_S if exc.retry_after_s is None else exc.retry_after_s
+        advice.append(("retry-after", str(retry_after)))
+    if exc.code is ErrorCode.UNAUTHORIZED:
+        advice.append(("www-authenticate", BEARER_CHALLENGE))
+    return advice
 
 
 def is_open_inference_path(path: str) -> bool:
@@ -103,13 +110,8 @@ def is_open_inference_path(path: str) -> bool:
 
 
 def error_response(exc: ClassifierError, request_id: str, open_inference: bool = False) -> Response:
-    """The error body with its status, its code header (and Retry-After when the error says when
-    to retry)."""
-    headers = {ERROR_CODE_HEADER: str(exc.code)}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if exc.code is ErrorCode.UNAUTHORIZED:
-        headers["WWW-Authenticate"] = BEARER_CHALLENGE
+    """The error body with its status, its code header and the client's advice (`_advice`)."""
+    headers = {ERROR_CODE_HEADER: str(exc.code), **dict(_advice(exc))}
     return Response(
         error_body(exc, request_id, open_inference),
         status_code=HTTP_STATUS[exc.code],
