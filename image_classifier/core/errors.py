@@ -29,10 +29,17 @@ class ErrorCode(StrEnum):
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # the request's body came too slowly
 
 
+MAX_MESSAGE_CHARS = 1_000
+
+
 class ClassifierError(Exception):
-    """An expected failure with a stable code; its message is safe to show to the client."""
+    """An expected failure with a stable code; its message is safe to show to the client, and
+    short: one that quotes what the client sent (a 100 KB model name) is cut, since a gRPC client
+    cannot even read a status whose message is over its 16 KB metadata limit."""
 
     def __init__(self, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + " [...]"
         super().__init__(message)
         self.code = code
         self.message = message

@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from ..core.errors import ClassifierError, ErrorCode
+from ..core.model_card import ModelCard
 from ..serving import metrics
 from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
@@ -140,7 +141,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def infer() -> pb.ModelInferResponse:
             predictor = self.get_predictor()
             served = self._model(request.model_name, request.model_version, context)
-            result = await oip.infer(predictor, served, _inference_request(request), self.limits)
+            card = served.ready_classifier().card
+            parsed = _inference_request(request, self.limits, card)
+            result = await oip.infer(predictor, served, parsed, self.limits)
             return _infer_response(result)
 
         return await self._answer(context, "ModelInfer", infer, in_work=True)
@@ -266,7 +269,11 @@ def _client_address(context: Any, metadata: dict[str, str]) -> str:
     return "addr:" + host.strip("[]")
 
 
-def _inference_request(message: pb.ModelInferRequest) -> oip.InferenceRequest:
+def _inference_request(
+    message: pb.ModelInferRequest, limits: oip.Limits, card: ModelCard
+) -> oip.InferenceRequest:
+    """Typed contents are counted before they become Python objects, raw BYTES as they are
+    split: more elements than a full batch holds are refused, not converted one by one."""
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise oip.invalid(
@@ -274,21 +281,24 @@ def _inference_request(message: pb.ModelInferRequest) -> oip.InferenceRequest:
         )
     inputs = []
     for index, tensor in enumerate(message.inputs):
+        oip.check_name(tensor.name)
         if raw and tensor.HasField("contents"):  # the .proto: one or the other, never both
             raise oip.invalid(f"input {tensor.name}: send raw_input_contents or contents, not both")
         data: list[bytes] | np.ndarray = []
         if tensor.datatype == oip.BYTES:
-            data = (
-                oip.split_bytes_elements(raw[index])
-                if raw
-                else list(tensor.contents.bytes_contents)
-            )
+            if raw:
+                data = oip.split_bytes_elements(raw[index], limits.max_items)
+            elif len(tensor.contents.bytes_contents) > limits.max_items:
+                raise oip.too_many_items(len(tensor.contents.bytes_contents), limits.max_items)
+            else:
+                data = list(tensor.contents.bytes_contents)
         elif tensor.datatype == oip.FP32:
-            data = (
-                oip.fp32_from_raw(raw[index])
-                if raw
-                else np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
-            )
+            if raw:
+                data = oip.fp32_from_raw(raw[index])
+            elif len(tensor.contents.fp32_contents) > limits.most_values(card):
+                raise oip.too_many_values(limits.most_values(card))
+            else:
+                data = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
         inputs.append(oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
     outputs = [
         oip.RequestedOutput(output.name, _classification(output)) for output in message.outputs

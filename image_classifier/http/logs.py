@@ -23,6 +23,12 @@ _REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("request_log_fields", d
 # Attributes BentoML's log filter adds for its text format; the JSON line has its own fields.
 _BENTOML_TEXT_ATTRS = ("levelname_bracketed", "trace_msg", "service_name", "color_message")
 _FRAMEWORK_LOGGERS = ("bentoml", "uvicorn", "uvicorn.error", "uvicorn.access", "circus")
+# BentoML gives these their own handler and lets them propagate to the root's as well: each of
+# their lines was written twice.
+_LOGGED_TWICE = ("uvicorn.error", "circus")
+# uvicorn's warning for a request head it cannot parse. The access line already says it (400
+# INVALID_REQUEST, with the request id), so a flood of garbage writes one line a request, not three.
+_UNPARSABLE_HEAD_WARNING = "Invalid HTTP request received."
 
 # The endpoint (access lines, request metrics) of a request no route serves, or whose head could
 # not be read: one label, however many made-up URLs come.
@@ -51,6 +57,10 @@ class JsonLineFormatter(JsonFormatter):
 def configure_logging(log_format: str) -> None:
     """The project's INFO lines on (BentoML leaves the root at WARNING); JSON unless 'text'."""
     logging.getLogger("image_classifier").setLevel(logging.INFO)
+    for name in _LOGGED_TWICE:
+        logger = logging.getLogger(name)
+        logger.propagate = not logger.handlers
+    logging.getLogger("uvicorn.error").addFilter(_drop_unparsable_head_warning)
     if log_format == "json":
         use_json_logs()
 
@@ -63,6 +73,10 @@ def use_json_logs() -> None:
         for handler in logger.handlers:
             handler.setFormatter(formatter)
     logging.captureWarnings(True)  # warnings too, instead of bare text on stderr
+
+
+def _drop_unparsable_head_warning(record: logging.LogRecord) -> bool:
+    return record.msg != _UNPARSABLE_HEAD_WARNING
 
 
 @contextmanager

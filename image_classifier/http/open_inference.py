@@ -18,10 +18,19 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from ..core.errors import ClassifierError, ErrorCode
+from ..core.model_card import ModelCard
 from ..serving import open_inference as oip
 
 HEADER_LENGTH = "inference-header-content-length"
 _URLSAFE = str.maketrans("-_", "+/")
+_MOST_HEADER_LENGTH_DIGITS = 15  # more than any body holds; Python's int() refuses 4,300 and up
+# Counted in a JSON body before it is parsed (bytes.count runs at memory speed). A request needs a
+# few objects (its inputs, outputs and parameters), and commas only between the values of a full
+# batch of tensors (`Limits.most_values`), base64 images holding none. Millions of tiny values
+# within the body cap cost seconds of CPU and gigabytes to parse: refused before that.
+_MOST_OBJECTS = 1_000
+_SPARE_COMMAS = 1_000
 
 
 # The protocol's tensor data types (Triton's BF16 too). Only BYTES and FP32 are served; the
@@ -33,7 +42,7 @@ Datatype = Literal[
 
 
 class RequestInput(BaseModel):
-    name: str
+    name: str = Field(max_length=oip.MAX_NAME_CHARS)
     shape: list[int] = Field(min_length=1, max_length=8)
     datatype: Datatype
     data: list[Any] | None = None
@@ -41,7 +50,7 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    name: str
+    name: str = Field(max_length=oip.MAX_NAME_CHARS)
     parameters: dict[str, Any] | None = None
 
 
@@ -160,8 +169,11 @@ class RestRequest:
         self.default_binary = default_binary  # the request's `binary_data_output`
 
 
-def parse_request(body: bytes, header_length: str | None) -> RestRequest:
+def parse_request(
+    body: bytes, header_length: str | None, limits: oip.Limits, card: ModelCard
+) -> RestRequest:
     json_part, binary_part = _split(body, header_length)
+    _check_json_size(json_part, limits.most_values(card))
     try:
         parsed = InferenceRequestBody.model_validate_json(json_part)
     except ValidationError as exc:
@@ -181,7 +193,7 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
             raise oip.invalid(
                 f"input {tensor.name}: binary_data_size {size} runs past the body's binary data"
             )
-        inputs.append(_binary_input(tensor, binary_part[offset : offset + size]))
+        inputs.append(_binary_input(tensor, binary_part[offset : offset + size], limits))
         offset += size
     if offset != len(binary_part):
         raise oip.invalid(
@@ -203,12 +215,26 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    digits = header_length.strip()
+    if (
+        not (digits.isascii() and digits.isdigit())  # str.isdigit alone takes "²" and "٣"
+        or len(digits) > _MOST_HEADER_LENGTH_DIGITS
+        or int(digits) > len(body)
+    ):
         raise oip.invalid(
             f"Inference-Header-Content-Length must be the JSON header's byte count, at most the "
             f"body's {len(body)} bytes"
         )
-    return body[: int(header_length)], body[int(header_length) :]
+    return body[: int(digits)], body[int(digits) :]
+
+
+def _check_json_size(json_part: bytes, most_values: int) -> None:
+    if json_part.count(b",") > most_values + _SPARE_COMMAS:
+        raise oip.too_many_values(most_values)
+    if json_part.count(b"{") > _MOST_OBJECTS:
+        raise ClassifierError(
+            ErrorCode.PAYLOAD_TOO_LARGE, f"the JSON holds more than {_MOST_OBJECTS:,} objects"
+        )
 
 
 def _flag(parameters: dict[str, Any] | None, name: str) -> bool:
@@ -218,11 +244,11 @@ def _flag(parameters: dict[str, Any] | None, name: str) -> bool:
     return value
 
 
-def _binary_input(tensor: RequestInput, raw: bytes) -> oip.InputTensor:
+def _binary_input(tensor: RequestInput, raw: bytes, limits: oip.Limits) -> oip.InputTensor:
     if tensor.data is not None:
         raise oip.invalid(f"input {tensor.name}: send data or binary_data_size, not both")
     if tensor.datatype == oip.BYTES:
-        data: list[bytes] | np.ndarray = oip.split_bytes_elements(raw)
+        data: list[bytes] | np.ndarray = oip.split_bytes_elements(raw, limits.max_items)
     elif tensor.datatype == oip.FP32:
         data = oip.fp32_from_raw(raw)
     else:

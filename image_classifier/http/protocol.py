@@ -282,10 +282,18 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def _refuse_unreadable(self, refusal: ClassifierError) -> None:
         """A head refused before any ASGI work: the envelope with a request id, then the
-        connection closes; counted, and an access line with that id, as for any other answer."""
-        request_id = new_request_id()
+        connection closes; counted, and an access line with that id, as for any other answer.
+
+        A body that breaks off mid-way (bad chunk framing) ends a request whose handler already
+        runs: the handler, told the client is gone, counts and logs it, so it is not logged
+        twice; the client's own X-Request-ID, if it sent one, is the id of both."""
+        in_handler = self.cycle is not None and not self.cycle.response_complete
+        given_id = next((v for k, v in self.headers if k == _REQUEST_ID_KEY), b"")
+        request_id = request_id_for(given_id.decode("latin-1")) if in_handler else new_request_id()
         self.transport.write(_answer(refusal, request_id, open_inference=False, close=True))
         self.transport.close()
+        if in_handler:
+            return
         metrics.ERRORS.labels(code=refusal.code.value).inc()
         with logs.request_context(request_id, "-", logs.UNMATCHED_ENDPOINT) as fields:
             fields["error_code"] = refusal.code.value

@@ -86,10 +86,11 @@ async def _infer(
     body: bytes,
 ) -> Response:
     served = oip.served_model(predictor.router, name, version, headers.get(MODEL_VERSION_HEADER))
-    rest = open_inference.parse_request(body, headers.get(open_inference.HEADER_LENGTH))
+    card = served.ready_classifier().card
+    header_length = headers.get(open_inference.HEADER_LENGTH)
+    rest = open_inference.parse_request(body, header_length, limits, card)
     result = await oip.infer(predictor, served, rest.request, limits)
-    labels = served.ready_classifier().card.labels
-    response_body, response_headers = open_inference.encode_response(result, rest, labels)
+    response_body, response_headers = open_inference.encode_response(result, rest, card.labels)
     response_headers[MODEL_VERSION_HEADER] = served.ref.version
     return Response(response_body, headers=response_headers)
 

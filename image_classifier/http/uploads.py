@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.responses import Response
 
@@ -194,6 +194,10 @@ def _from_first_boundary(boundary: bytes, chunks: Iterable[bytes]) -> Iterator[b
 
 
 def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> list[UploadPart]:
+    """The parts, each complete. Parsing stops at the first part past the most a valid upload
+    has (its files and integer fields): the parts so far then break a rule, and `_check_parts`
+    says which. A body of a million tiny parts took 37 CPU-s in the event loop before."""
+    most_parts = rule.max_files + len(rule.integer_fields)
     parts: list[UploadPart] = []
     header: dict[str, bytearray] = {"field": bytearray(), "value": bytearray()}
     headers: dict[str, str] = {}
@@ -234,19 +238,24 @@ def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> li
     def on_part_end() -> None:
         part = parts[-1]
         part.data, part.chunks = b"".join(part.chunks), []
+        if len(parts) > most_parts:
+            _check_parts(parts, rule)
 
-    parser = MultipartParser(
-        boundary,
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
+    try:
+        parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
+    except FormParserError as error:  # a boundary over 256 characters (RFC 2046 allows 70)
+        raise ClassifierError(ErrorCode.INVALID_REQUEST, f"multipart boundary: {error}") from None
     malformed = ClassifierError(ErrorCode.INVALID_REQUEST, "the multipart body is malformed")
     try:
         for chunk in body:

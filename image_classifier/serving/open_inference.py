@@ -9,6 +9,7 @@ through the `Predictor`, on /analyze's path: the same batching, metrics and drif
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ LABEL = "label"
 IMAGE_INPUT = "image"
 BYTES, FP32 = "BYTES", "FP32"
 _LENGTH = struct.Struct("<I")  # a BYTES element in binary form: its length, then its bytes
+OUTPUT_NAMES = (PROBABILITIES, LABEL)
+MAX_NAME_CHARS = 256  # a tensor name longer than this is refused, and not echoed back
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,14 @@ def invalid(message: str) -> ClassifierError:
     return ClassifierError(ErrorCode.INVALID_REQUEST, message)
 
 
-def split_bytes_elements(raw: bytes) -> list[bytes]:
-    """A BYTES tensor in binary form (each element: 4-byte little-endian length, then bytes)."""
+def split_bytes_elements(raw: bytes, max_elements: int) -> list[bytes]:
+    """A BYTES tensor in binary form (each element: 4-byte little-endian length, then bytes).
+    It stops past `max_elements` (a request's item cap): millions of empty elements in a body
+    would otherwise hold the event loop for seconds, before any other check could refuse them."""
     elements, offset = [], 0
     while offset < len(raw):
+        if len(elements) == max_elements:
+            raise too_many_items(f"more than {max_elements}", max_elements)
         if offset + _LENGTH.size > len(raw):
             raise invalid("binary BYTES data ends inside an element's length prefix")
         (length,) = _LENGTH.unpack_from(raw, offset)
@@ -114,6 +121,25 @@ def split_bytes_elements(raw: bytes) -> list[bytes]:
         elements.append(raw[offset : offset + length])
         offset += length
     return elements
+
+
+def too_many_items(count: int | str, max_items: int) -> ClassifierError:
+    return ClassifierError(
+        ErrorCode.PAYLOAD_TOO_LARGE, f"the input holds {count} items; send 1..{max_items} items"
+    )
+
+
+def too_many_values(most_values: int) -> ClassifierError:
+    return ClassifierError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"more numbers than a full batch of this model's tensors holds ({most_values:,})",
+    )
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME_CHARS:
+        raise invalid(f"a tensor name of {len(name):,} characters; at most {MAX_NAME_CHARS}")
+    return name
 
 
 def join_bytes_elements(elements: Sequence[bytes]) -> bytes:
@@ -165,6 +191,12 @@ class Limits:
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.max_batch_images, settings.max_upload_bytes, settings.max_batch_bytes)
 
+    def most_values(self, card: ModelCard) -> int:
+        """The most numbers a request can need: a full batch of the model's input tensors. The
+        transports refuse more before they turn them into objects (a body of tiny values costs
+        far more to parse than its bytes suggest)."""
+        return self.max_items * math.prod(card.preprocessing.tensor_shape)
+
 
 def model_items(
     request: InferenceRequest, card: ModelCard, limits: Limits
@@ -175,6 +207,7 @@ def model_items(
     if len(request.inputs) != 1:
         raise invalid(f"send one input, {expected}; got {len(request.inputs)}")
     tensor = request.inputs[0]
+    check_name(tensor.name)
     if accepted.get(tensor.name, tensor.datatype) != tensor.datatype:
         raise invalid(f"input {tensor.name!r} is {accepted[tensor.name]}, got {tensor.datatype}")
     if tensor.name not in accepted and tensor.datatype in accepted.values():
@@ -182,11 +215,10 @@ def model_items(
     if not tensor.shape or any(dim < 0 for dim in tensor.shape):
         raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
     items = tensor.shape[0]
-    if not 1 <= items <= limits.max_items:
-        raise ClassifierError(
-            ErrorCode.PAYLOAD_TOO_LARGE if items > limits.max_items else ErrorCode.INVALID_REQUEST,
-            f"the batch dimension is {items}; send 1..{limits.max_items} items",
-        )
+    if items > limits.max_items:
+        raise too_many_items(items, limits.max_items)
+    if items < 1:
+        raise invalid(f"the batch dimension is {items}; send 1..{limits.max_items} items")
     if tensor.datatype not in (BYTES, FP32):
         raise invalid(
             f"input {tensor.name}: datatype BYTES (images) or FP32, got {tensor.datatype}"
@@ -257,10 +289,12 @@ async def infer(
 def _checked_outputs(wanted: Sequence[RequestedOutput]) -> Sequence[RequestedOutput]:
     """Checked before the model runs: a bad output name must not cost a model run."""
     if not wanted:
-        return (RequestedOutput(PROBABILITIES), RequestedOutput(LABEL))
-    unknown = [output.name for output in wanted if output.name not in (PROBABILITIES, LABEL)]
+        return tuple(map(RequestedOutput, OUTPUT_NAMES))
+    if len(wanted) > len(OUTPUT_NAMES):
+        raise invalid(f"{len(wanted):,} outputs asked for; this model has {list(OUTPUT_NAMES)}")
+    unknown = [check_name(output.name) for output in wanted if output.name not in OUTPUT_NAMES]
     if unknown:
-        raise invalid(f"unknown outputs {unknown}; this model has {[PROBABILITIES, LABEL]}")
+        raise invalid(f"unknown outputs {unknown}; this model has {list(OUTPUT_NAMES)}")
     names = [output.name for output in wanted]
     if len(set(names)) != len(names):
         raise invalid(f"each output may be asked for once, got {names}")

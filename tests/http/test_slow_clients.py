@@ -228,3 +228,30 @@ def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
         line for line in access_lines(server.log()) if line["request_id"] == body["request_id"]
     ]
     assert (line["status"], line["error_code"]) == (status, code), line
+
+
+MALFORMED_HEADS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcde",
+    b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+def test_unparsable_heads_get_the_envelope_and_one_log_line_each(trained_store, artifacts):
+    """A flood of garbage writes one access line per request: not uvicorn's warning beside it,
+    nor every warning twice (BentoML's logging config wrote uvicorn's lines twice)."""
+    with serve(trained_store, artifacts / "server-malformed.log", env={"WORKERS": "1"}) as server:
+        address = urlsplit(server.url)
+        lines_before = len(server.log().splitlines())
+        for head in MALFORMED_HEADS:
+            status, body, _ = _send_head(address.hostname, address.port, [head])
+            assert status == 400 and body["error"]["code"] == "INVALID_REQUEST", (head, body)
+        time.sleep(0.5)  # the last access line is written
+        new_lines = server.log().splitlines()[lines_before:]
+    access = [line for line in access_lines("\n".join(new_lines)) if line["status"] == 400]
+    assert len(access) == len(MALFORMED_HEADS)
+    assert {line["error_code"] for line in access} == {"INVALID_REQUEST"}
+    assert len(new_lines) == len(MALFORMED_HEADS), new_lines

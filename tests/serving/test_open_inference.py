@@ -16,11 +16,22 @@ def test_bytes_elements_round_trip_and_refuse_cut_data():
     elements = [b"", b"\x00\x01", bytes(range(256)) * 3]
     raw = oip.join_bytes_elements(elements)
     assert raw[:4] == b"\x00\x00\x00\x00" and raw[4:8] == b"\x02\x00\x00\x00"
-    assert oip.split_bytes_elements(raw) == elements
+    assert oip.split_bytes_elements(raw, max_elements=3) == elements
     for cut in (raw[:-1], raw[:6], raw + b"\x01"):
         with pytest.raises(ClassifierError) as refused:
-            oip.split_bytes_elements(cut)
+            oip.split_bytes_elements(cut, max_elements=4)
         assert refused.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_bytes_elements_past_the_item_cap_are_refused_before_the_rest_is_read():
+    """A body of millions of empty elements was walked to its end in Python (2.2 CPU-s for
+    2 million), holding the event loop: the split stops at the first element past the cap, so
+    the cut element after it is never reached."""
+    raw = oip.join_bytes_elements([b"x"] * 65) + b"\xff\xff\xff\x7f"
+    with pytest.raises(ClassifierError) as refused:
+        oip.split_bytes_elements(raw, max_elements=64)
+    assert refused.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert "more than 64" in refused.value.message
 
 
 def test_fp32_raw_must_be_whole_floats():
@@ -99,6 +110,23 @@ def test_outputs_are_checked_and_classification_only_on_probabilities():
         with pytest.raises(ClassifierError):
             oip.requested_classification("probabilities", bad)
     assert oip.requested_classification("probabilities", "4") == 4
+
+
+def test_what_is_refused_is_not_echoed_back_whole():
+    """A million outputs, or a name of a megabyte, came back in the error message (a 630 KB
+    error body): refused by count and length instead."""
+    with pytest.raises(ClassifierError) as many:
+        oip._checked_outputs([oip.RequestedOutput("x")] * 100_000)
+    assert len(many.value.message) < 200 and "100,000 outputs" in many.value.message
+    long_name = "x" * 1_000_000
+    with pytest.raises(ClassifierError) as long_output:
+        oip._checked_outputs([oip.RequestedOutput(long_name)])
+    request = oip.InferenceRequest([oip.InputTensor(long_name, "BYTES", (1,), [b"png"])])
+    with pytest.raises(ClassifierError) as long_input:
+        oip.model_items(request, card_of(["a", "b"]), LIMITS)
+    for refused in (long_output, long_input):
+        assert refused.value.code is ErrorCode.INVALID_REQUEST
+        assert len(refused.value.message) < 200 and "1,000,000 characters" in refused.value.message
 
 
 def test_a_model_whose_input_is_named_image_keeps_every_input_name_distinct():
