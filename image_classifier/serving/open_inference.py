@@ -132,7 +132,7 @@ def too_many_items(count: int | str, max_items: int) -> ClassifierError:
 def too_many_values(most_values: int) -> ClassifierError:
     return ClassifierError(
         ErrorCode.PAYLOAD_TOO_LARGE,
-        f"more numbers than a full batch of this model's tensors holds ({most_values:,})",
+        f"more values than a full batch of this model's tensors ({most_values:,} numbers)",
     )
 
 

@@ -377,8 +377,8 @@ def test_bodies_of_millions_of_tiny_values_are_refused_before_they_are_parsed(se
                                "parameters": {"x": [{}] * 5_000}}).encode()  # fmt: skip
     for body, headers, status, says in [
         (header + flood, {"inference-header-content-length": str(len(header))}, 413, "more than"),
-        (numbers, {}, 413, "more numbers"),
-        (gzip.compress(numbers), {"content-encoding": "gzip"}, 413, "more numbers"),
+        (numbers, {}, 413, "more values"),
+        (gzip.compress(numbers), {"content-encoding": "gzip"}, 413, "more values"),
         (many_objects, {}, 413, "objects"),
         (header, {"inference-header-content-length": "\u00b2"}, 400, "byte count"),
         (header, {"inference-header-content-length": "9" * 5000}, 400, "byte count"),
