@@ -142,8 +142,21 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         if not self._refused_early():
             super().on_headers_complete()
-            if self.balance is not None and self.balance.close_after_this_request():
+            if self.parser.should_upgrade() or (
+                self.balance is not None and self.balance.close_after_this_request()
+            ):
                 self.cycle.keep_alive = False  # uvicorn answers `Connection: close`, then closes
+
+    def _should_upgrade_to_ws(self) -> bool:
+        """No WebSocket: the service has no WebSocket route, and uvicorn's handshake ended in a
+        bare 403 outside the envelope. An Upgrade header (websocket, h2c) is ignored, as RFC 9110
+        allows: the request is answered as the plain HTTP request it also is, and its connection
+        closed after (the parser reads nothing more on it)."""
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Not logged (uvicorn's two warnings named a missing library): the access line says how
+        the request was answered."""
 
     def on_body(self, body: bytes) -> None:
         if not self._dropping_body:

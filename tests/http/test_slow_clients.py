@@ -161,13 +161,17 @@ def _send_head(host: str, port: int, parts: list[bytes]) -> tuple[int, dict, boo
         with contextlib.suppress(OSError):  # refused mid-way: the rest is not wanted
             for part in parts:
                 sock.sendall(part)
-        answer = b""
-        with contextlib.suppress(OSError):
+        answer, closed = b"", True
+        try:
             while chunk := sock.recv(65536):
                 answer += chunk
+        except TimeoutError:
+            closed = False  # the server kept the connection open
+        except OSError:
+            pass  # reset: closed too
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
-    return status, json.loads(body) if status != 200 else {}, True  # recv saw the end: closed
+    return status, json.loads(body) if status != 200 else {}, closed
 
 
 def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store, artifacts):
@@ -240,18 +244,36 @@ MALFORMED_HEADS = [
 ]
 
 
-def test_unparsable_heads_get_the_envelope_and_one_log_line_each(trained_store, artifacts):
-    """A flood of garbage writes one access line per request: not uvicorn's warning beside it,
-    nor every warning twice (BentoML's logging config wrote uvicorn's lines twice)."""
+UPGRADES = [  # (head, status): answered as the plain requests they also are
+    (b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 200),
+    (b"GET /analyze HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 405),
+    (b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", 200),
+]  # fmt: skip
+
+
+def test_heads_not_served_as_sent_get_the_envelope_one_log_line_and_the_end(
+    trained_store, artifacts
+):
+    """Unparsable heads get a 400 envelope; Upgrade requests (WebSocket got uvicorn's bare 403
+    outside the envelope, h2c kept its connection open with nothing more read on it) are
+    answered as plain HTTP, then closed. A flood of either writes one access line a request:
+    not uvicorn's warnings beside it, nor each warning twice (as BentoML's logging config did)."""
     with serve(trained_store, artifacts / "server-malformed.log", env={"WORKERS": "1"}) as server:
         address = urlsplit(server.url)
         lines_before = len(server.log().splitlines())
         for head in MALFORMED_HEADS:
             status, body, _ = _send_head(address.hostname, address.port, [head])
             assert status == 400 and body["error"]["code"] == "INVALID_REQUEST", (head, body)
+        for head, expected in UPGRADES:
+            status, body, closed = _send_head(address.hostname, address.port, [head])
+            assert status == expected and closed, (head, status, body)
+            assert expected == 200 or body["error"]["code"] == "METHOD_NOT_ALLOWED", body
         time.sleep(0.5)  # the last access line is written
         new_lines = server.log().splitlines()[lines_before:]
-    access = [line for line in access_lines("\n".join(new_lines)) if line["status"] == 400]
-    assert len(access) == len(MALFORMED_HEADS)
-    assert {line["error_code"] for line in access} == {"INVALID_REQUEST"}
-    assert len(new_lines) == len(MALFORMED_HEADS), new_lines
+    access = access_lines("\n".join(new_lines))
+    logged = [expected for head, expected in UPGRADES if b"/readyz" not in head]  # probes: not
+    assert [line["status"] for line in access] == [400] * len(MALFORMED_HEADS) + logged
+    assert len(new_lines) == len(access), new_lines
