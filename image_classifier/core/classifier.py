@@ -7,6 +7,7 @@ the caller times and counts what it wants (`on_run` hears of every model run).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,19 @@ class ClassifierOptions:
     grade_medium: float = 0.60
 
 
+def _fingerprint(onnx_path: Path, card: ModelCard, options: ClassifierOptions) -> str:
+    """What this classifier's answers depend on: the model file, its card, and the options that
+    admit or grade a picture (not its thread counts). Replicas that share answers must agree on
+    all of them, whatever their tags say."""
+    with open(onnx_path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256")
+    digest.update(card.model_dump_json().encode())
+    admitted = (options.allowed_formats, options.max_image_pixels)
+    graded = (options.grade_high, options.grade_medium)
+    digest.update(repr((admitted, graded)).encode())
+    return digest.hexdigest()[:16]
+
+
 def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD_FILE
     try:
@@ -81,6 +95,7 @@ class Classifier:
             else None
         )
         self.merging_gain = 1.0  # per-image time alone / in a full run: measured by warm_up
+        self.fingerprint = _fingerprint(onnx_path, self.card, options)
         self._check_signature()
 
     @property

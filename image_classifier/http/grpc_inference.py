@@ -141,6 +141,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def infer() -> pb.ModelInferResponse:
             predictor = self.get_predictor()
             served = self._model(request.model_name, request.model_version, context)
+            logs.annotate(model_version=served.ref.version)
             card = served.ready_classifier().card
             parsed = _inference_request(request, self.limits, card)
             result = await oip.infer(predictor, served, parsed, self.limits)

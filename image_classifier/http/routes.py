@@ -28,7 +28,7 @@ from ..serving import open_inference as oip
 from ..serving.predictor import Predictor
 from ..serving.routing import ModelRouter, ServedVersion
 from ..serving.settings import Settings
-from . import open_inference
+from . import logs, open_inference
 from .envelope import error_response, is_open_inference_path
 from .headers import MODEL_VERSION_HEADER, REQUEST_ID_HEADER
 from .schemas import ErrorEnvelope, Info
@@ -86,6 +86,7 @@ async def _infer(
     body: bytes,
 ) -> Response:
     served = oip.served_model(predictor.router, name, version, headers.get(MODEL_VERSION_HEADER))
+    logs.annotate(model_version=served.ref.version)
     card = served.ready_classifier().card
     header_length = headers.get(open_inference.HEADER_LENGTH)
     rest = open_inference.parse_request(body, header_length, limits, card)

@@ -1,4 +1,4 @@
-"""Duplicate-input cache: the same bytes, model version and top_k get the same prediction.
+"""Duplicate-input cache: the same bytes, model and top_k get the same prediction.
 
 Keyed by the SHA-256 of the uploaded bytes (never the bytes themselves), so a client that sends
 the same picture again (retries, thumbnails re-posted, a popular image) skips decode, preprocess
@@ -6,16 +6,20 @@ and the model run. Entries expire after a TTL and the least recently used go fir
 Off by default (`CACHE_SIZE=0`): it pays only where traffic repeats itself (docs/benchmarks.md).
 
 With `REDIS_URL` the answers are shared by every worker and replica (`SharedPredictionCache`);
-this worker's LRU stays in front of Redis, since an entry never changes (same bytes, version and
-top_k: same answer) and a repeat on the same worker then costs no network round trip.
+this worker's LRU stays in front of Redis, since an entry never changes (same bytes, model and
+top_k: same answer) and a repeat on the same worker then costs no network round trip. The model
+is named by its tag and `Classifier.fingerprint` (its files, and the settings that admit or grade
+a picture): a replica with other weights under the same tag, or stricter limits, never takes
+another's answers. An entry copied from Redis keeps the time it had left there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -23,20 +27,24 @@ from ..core.postprocessing import Prediction
 from . import metrics
 from .shared_state import SharedStateHealth
 
-CacheKey = tuple[str, str, int]  # SHA-256 of the bytes, model version, top_k
+CacheKey = tuple[str, str, int]  # SHA-256 of the bytes, the model's scope, top_k
 REDIS_KEY_PREFIX = "image_classifier:prediction:"
 
 
 class PredictionCache:
     def __init__(self, max_entries: int, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._entries: TTLCache[CacheKey, Prediction] = TTLCache(max_entries, ttl_s)
+        # Each entry expires when its own time is up (one copied from Redis: its time left).
+        self._entries: TLRUCache[CacheKey, tuple[Prediction, float]] = TLRUCache(
+            max_entries, ttu=lambda _key, entry, _now: entry[1], timer=time.monotonic
+        )
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
 
     @staticmethod
-    def key(data: bytes, model_tag: str, top_k: int) -> CacheKey:
-        """`model_tag` is name:version: replicas of other models may share one Redis."""
-        return hashlib.sha256(data).hexdigest(), model_tag, top_k
+    def key(data: bytes, model_scope: str, top_k: int) -> CacheKey:
+        """`model_scope`: name:version and the classifier's fingerprint, since replicas of other
+        models, or of other weights or limits, may share one Redis."""
+        return hashlib.sha256(data).hexdigest(), model_scope, top_k
 
     def get(self, key: CacheKey) -> Prediction | None:
         return _counted(self.peek(key))
@@ -44,11 +52,13 @@ class PredictionCache:
     def peek(self, key: CacheKey) -> Prediction | None:
         """`get` without counting the lookup."""
         with self._lock:
-            return self._entries.get(key)
+            entry = self._entries.get(key)
+        return None if entry is None else entry[0]
 
-    def put(self, key: CacheKey, prediction: Prediction) -> None:
+    def put(self, key: CacheKey, prediction: Prediction, ttl_s: float | None = None) -> None:
+        expires_at = time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s)
         with self._lock:
-            self._entries[key] = prediction
+            self._entries[key] = (prediction, expires_at)
 
     async def lookup(self, key: CacheKey) -> Prediction | None:
         """The request path's interface, the same for this class and the shared one."""
@@ -74,7 +84,9 @@ class SharedPredictionCache(PredictionCache):
         found = self.peek(key)
         if found is None and self.health.usable():
             try:
-                stored = await self._redis.get(_redis_key(key))
+                name = _redis_key(key)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    stored, left_ms = await pipe.get(name).pttl(name).execute()
             except (RedisError, OSError) as error:
                 self.health.failed(error, "using this worker's cache alone")
             else:
@@ -82,7 +94,7 @@ class SharedPredictionCache(PredictionCache):
                 found = _parsed(stored)
                 if found is not None:
                     metrics.SHARED_CACHE_HITS.inc()
-                    self.put(key, found)
+                    self.put(key, found, min(self.ttl_s, max(left_ms, 0) / 1000))
         return _counted(found)
 
     async def store(self, key: CacheKey, prediction: Prediction) -> None:

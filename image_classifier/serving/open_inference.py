@@ -87,6 +87,8 @@ def served_model(
         ErrorCode.NOT_FOUND, f"model {name}:{version or '*'} is not served here ({served_tags})"
     )
     if version:  # a version that names nothing served is NOT_FOUND, as any other unknown path
+        if pinned and pinned.strip() not in (version, f"{name}:{version}"):
+            raise invalid(f"the path names version {version[:80]!r}, the pin {pinned[:80]!r}")
         try:
             return router.find(f"{name}:{version}")
         except ClassifierError:

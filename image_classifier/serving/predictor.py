@@ -194,7 +194,7 @@ class Predictor:
         key = None
         if cache is not None:  # a cached answer is for these bytes as the image they were
             classifier.check_declared_type(data, content_type)
-            key = cache.key(data, served.tag, top_k)
+            key = cache.key(data, f"{served.tag}:{classifier.fingerprint}", top_k)
             if (hit := await cache.lookup(key)) is not None:
                 return Answer(hit, batch_size=0, cached=True)
         probabilities, merged = await self._predict_one(served, classifier, data, content_type)
@@ -207,10 +207,9 @@ class Predictor:
     async def answer_each(
         self, served: ServedVersion, uploads: Sequence[Upload], top_k: int
     ) -> list[Prediction | ClassifierError]:
-        """Many images, each on /analyze's path (so they share model runs with other requests),
-        at most half the threads at once: one big batch cannot starve single requests. An image
-        refused (or failed) stays in its place."""
-        classifier = served.ready_classifier()
+        """Many images, each on /analyze's path, `answer` (the cache, shadow scoring, model runs
+        shared with other requests), at most half the threads at once: one big batch cannot
+        starve single requests. An image refused (or failed) stays in its place."""
         fair_share = self._share_of_a_many_image_request()
 
         async def outcome(data: bytes | ClassifierError, content_type: str | None):
@@ -218,10 +217,9 @@ class Predictor:
                 return data
             async with fair_share:
                 try:
-                    row, _ = await self._predict_one(served, classifier, data, content_type)
+                    return (await self.answer(served, data, content_type, top_k)).prediction
                 except ClassifierError as exc:
                     return exc
-            return classifier.to_prediction(row, top_k)
 
         outcomes = await asyncio.gather(*(outcome(data, kind) for data, kind in uploads))
         for item in outcomes:

@@ -154,3 +154,21 @@ def test_a_busy_moment_at_warm_up_does_not_pass_for_a_merging_gain(tmp_path, mon
     monkeypatch.setattr(instance, "_probabilities", fixed_cost_per_image)
     instance.warm_up()
     assert 0.8 < instance.merging_gain < 1.25, instance.merging_gain
+
+
+def test_the_fingerprint_follows_the_model_and_what_admits_or_grades_a_picture(tmp_path):
+    """Replicas sharing a cache key answers by it (with the tag): another model file under the
+    same tag, or stricter limits, got another replica's answers (a black-box review found it).
+    Thread counts do not change an answer and keep it."""
+    model_dir = build_onnx_classifier(tmp_path / "a", mean=(0.5,), std=(0.5,))
+    other_weights = build_onnx_classifier(tmp_path / "b", mean=(0.5,), std=(0.5,), seed=1)
+    base = Classifier(model_dir, OPTIONS).fingerprint
+    assert (
+        Classifier(model_dir, ClassifierOptions(max_batch=4, intra_op_threads=2)).fingerprint
+        == base
+    )
+    assert Classifier(other_weights, OPTIONS).fingerprint != base
+    for changed in ({"max_image_pixels": 1000}, {"allowed_formats": ("PNG",)},
+                    {"grade_high": 0.95}, {"grade_medium": 0.5}):  # fmt: skip
+        options = ClassifierOptions(**{"max_batch": 32, **changed})
+        assert Classifier(model_dir, options).fingerprint != base, changed

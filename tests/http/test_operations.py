@@ -4,6 +4,7 @@ one JSON log line per request."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import json
 import re
@@ -221,6 +222,49 @@ def test_every_log_line_is_json_and_each_request_has_one_access_line(ops_server,
         f"logs: {len(lines)} JSON lines, {len(by_id)} access lines, every request found",
         doc="operations",
     )
+
+
+def test_batches_are_shadowed_and_open_inference_calls_logged_with_their_version(
+    ops_server, heldout
+):
+    """Found by a black-box review: /analyze_batch pictures took a path of their own past the
+    cache and shadow scoring (0 comparisons for 10 pictures at SHADOW_FRACTION 1), and Open
+    Inference access lines, HTTP and gRPC, named no model version."""
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    pictures = [encode(image, "PNG") for image, _ in heldout[20:40]]
+    before = total(scrape(ops_server), "image_classifier_shadow_comparisons_total")
+    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(pictures)]
+    headers = {**auth, "X-Model-Version": "v1"}  # the primary, which the candidate shadows
+    response = httpx.post(
+        f"{ops_server.url}/analyze_batch", files=files, headers=headers, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    grown = 0.0
+    for _ in range(50):  # shadow scoring runs after the answer
+        grown = total(scrape(ops_server), "image_classifier_shadow_comparisons_total") - before
+        if grown:
+            break
+        time.sleep(0.1)
+    assert 0 < grown <= len(pictures)  # SHADOW_FRACTION 0.5 of 20: none at all has odds 1e-6
+
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(pictures[0]).decode()]}]}  # fmt: skip
+    url = f"{ops_server.url}/v2/models/digits-cnn"
+    rest = httpx.post(f"{url}/infer", json=body, headers={**auth, "x-request-id": "oip-log-1"})
+    assert rest.status_code == 200, rest.text
+    with grpc_client.InferenceServerClient(ops_server.grpc_target) as client:
+        tensor = grpc_client.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([pictures[0]], dtype=object))
+        called = client.infer("digits-cnn", [tensor], headers={**auth, "x-request-id": "oip-log-2"})
+    # A version in the path and another pinned in the header: refused, not one silently chosen.
+    conflict = httpx.post(
+        f"{url}/versions/v1/infer", json=body, headers={**auth, "X-Model-Version": "v2"}
+    )
+    assert conflict.status_code == 400 and "the pin" in conflict.json()["error"], conflict.text
+    time.sleep(0.3)
+    logged = {line["request_id"]: line for line in access_lines(ops_server)}
+    assert logged["oip-log-1"]["model_version"] == rest.json()["model_version"]
+    assert logged["oip-log-2"]["model_version"] == called.get_response().model_version
 
 
 def test_probes_are_not_access_logged(ops_server):

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loadtest.servers import serve
 from tests.cluster import (
     Prometheus,
     RedisServer,
@@ -157,6 +158,23 @@ def test_a_picture_answered_by_one_replica_is_a_cache_hit_on_the_other(cluster, 
         f"replica ({sum(hits):.0f} Redis hits, image_classifier_shared_cache_hits_total)",
         doc="operations",
     )
+
+
+def test_a_replica_with_a_stricter_pixel_cap_takes_no_answer_from_the_others(
+    cluster, trained_store, artifacts, heldout
+):
+    """The shared cache was keyed by the model's tag alone: a replica that refuses a picture (its
+    own pixel cap, formats, or other weights under the same tag) answered it from Redis once
+    another replica had (found by a black-box review). The key now has the classifier's
+    fingerprint, which those settings and the model's files change."""
+    data = encode(heldout[130][0], "PNG")
+    assert post(cluster.replicas.urls[0], data).status_code == 200
+    env = {"REDIS_URL": cluster.redis.url, "CACHE_SIZE": "1024", "MAX_IMAGE_PIXELS": "1000",
+           "WORKERS": "1"}  # fmt: skip
+    with serve(trained_store, artifacts / "server-strict-replica.log", env=env) as strict:
+        refused = post(strict.url, data, token=TOKENS[0])
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "IMAGE_TOO_LARGE"
 
 
 def test_drift_and_refused_uploads_alerts_fire_in_prometheus(cluster):

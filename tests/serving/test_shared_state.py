@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 from limits import parse
 
 from image_classifier.http.admission import RateLimit
+from image_classifier.serving import cache as cache_module
 from image_classifier.serving import metrics
 from image_classifier.serving.cache import SharedPredictionCache
 from image_classifier.serving.settings import Settings
@@ -67,6 +69,23 @@ def test_a_prediction_stored_by_one_worker_is_found_by_another_until_redis_is_go
             assert await one.lookup(one.key(b"new", "v1", 3)) == _prediction(2)
         assert _errors("cache") == errors + 1
         assert caplog.text.count("Redis unreachable for the cache") == 1
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_copied_from_redis_keeps_the_time_it_had_left_there(redis):
+    """The worker's copy started a full CACHE_TTL_S again: with two replicas an answer lived up
+    to twice as long as configured (found by a black-box review)."""
+
+    async def scenario():
+        one = SharedPredictionCache(8, 60, redis_client(redis.url))
+        other = SharedPredictionCache(8, 60, redis_client(redis.url))
+        key = one.key(b"picture", "v1", 3)
+        await one.store(key, _prediction(1))
+        await redis_client(redis.url).pexpire(cache_module._redis_key(key), 5_000)
+        assert await other.lookup(key) == _prediction(1)
+        _, expires_at = other._entries[key]
+        assert expires_at - time.monotonic() <= 5.0  # not the full 60 s
 
     asyncio.run(scenario())
 
