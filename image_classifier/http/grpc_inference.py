@@ -276,6 +276,8 @@ def _inference_request(
     """Typed contents are counted before they become Python objects, raw BYTES as they are
     split: more elements than a full batch holds are refused, not converted one by one."""
     raw = message.raw_input_contents
+    if len(message.inputs) > oip.MAX_INPUTS:
+        raise oip.invalid(f"{len(message.inputs):,} inputs; send one")
     if raw and len(raw) != len(message.inputs):
         raise oip.invalid(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"

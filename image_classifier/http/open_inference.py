@@ -58,7 +58,7 @@ class InferenceRequestBody(BaseModel):
     """The JSON an inference request carries (the JSON header, in binary form)."""
 
     id: str | None = None
-    inputs: list[RequestInput] = Field(min_length=1, max_length=8)
+    inputs: list[RequestInput] = Field(min_length=1, max_length=oip.MAX_INPUTS)
     outputs: list[RequestOutput] | None = None
     parameters: dict[str, Any] | None = None
 

@@ -35,6 +35,7 @@ BYTES, FP32 = "BYTES", "FP32"
 _LENGTH = struct.Struct("<I")  # a BYTES element in binary form: its length, then its bytes
 OUTPUT_NAMES = (PROBABILITIES, LABEL)
 MAX_NAME_CHARS = 256  # a tensor name longer than this is refused, and not echoed back
+MAX_INPUTS = 8  # inputs a request may list (one is served): more are refused before they are read
 
 
 @dataclass(frozen=True)

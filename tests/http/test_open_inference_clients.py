@@ -403,6 +403,12 @@ def test_bodies_of_millions_of_tiny_values_are_refused_before_they_are_parsed(se
                 stub.ModelInfer(request, timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, datatype
             assert refused.value.details().startswith("PAYLOAD_TOO_LARGE: ")
+        many_inputs = pb.ModelInferRequest(model_name=MODEL)
+        many_inputs.inputs.extend([pb.ModelInferRequest.InferInputTensor(name="x")] * 100_000)
+        with pytest.raises(grpc.RpcError) as refused:  # each was read and checked before
+            stub.ModelInfer(many_inputs, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "100,000 inputs" in refused.value.details()
         # A 100 KB model name was quoted whole in the status, past the client's 16 KB metadata
         # limit: the client saw "Stream removed", not NOT_FOUND.
         with pytest.raises(grpc.RpcError) as unknown:
