@@ -4,7 +4,8 @@ Images go through /analyze_batch in chunks sized from the server's /info limits,
 once. Each image gets one JSON line in the output, written as soon as its chunk comes back, so an
 interrupted run loses nothing: the next run skips every path already in the file.
 
-Exit status: 0 every image classified, 1 some failed, 2 usage error or server unreachable.
+Exit status: 0 every image classified, 1 some failed (or could not be read, or were not sent:
+run again to resend those), 2 usage error or server unreachable, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -29,7 +32,9 @@ from .errors import RETRYABLE, ClassifierClientError, Unauthorized, Unreachable
 from .typed import DEFAULT_URL, BatchResult, ImageClassifierClient, Limits
 
 DEFAULT_EXTENSIONS = "jpg,jpeg,png,webp,gif,bmp,tif,tiff"
-COLUMNS = ["path", "label", "confidence", "grade", "model_version", "error", "message"]
+COLUMNS = ["path", "label", "confidence", "grade", "model_version", "top_k", "error", "message"]
+TOKEN_VARIABLE = "IMAGE_CLASSIFIER_TOKEN"  # read when --token is not given (not shown by ps)
+UNREADABLE = "UNREADABLE"  # a file or folder this machine could not read: tried again next run
 MAX_ATTEMPTS = 8  # per chunk, for 429 and 503 answers
 BACKOFF_BASE_S = 0.5  # attempt n waits at least BACKOFF_BASE_S * 2**n, and Retry-After if longer
 BACKOFF_MAX_S = 30.0
@@ -41,31 +46,58 @@ Record = dict[str, object]
 T = TypeVar("T")
 
 
+class UsageError(Exception):
+    """Something about the command line or its files, found before any image is sent."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)  # as Ctrl-C: say where the results are
     try:
         return classify(args)
-    except ClassifierClientError as exc:  # unreachable, token refused, /info refused
+    except (ClassifierClientError, UsageError) as exc:  # unreachable, token refused, bad files
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: what came back is in {args.out}; run again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (`_interrupted`)
+        where = f"what came back is in {args.out}" if args.out.exists() else "nothing came back"
+        print(f"interrupted: {where}; run again to resume", file=sys.stderr)
+        return 128 + getattr(stop, "signal", signal.SIGINT)
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    stop = KeyboardInterrupt()
+    stop.signal = signum
+    raise stop
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("classify", help="classify every image under a folder")
+    run = commands.add_parser(
+        "classify",
+        help="classify every image under a folder",
+        description=__doc__,
+        epilog=f"Each image gets one JSON line in --out ({', '.join(COLUMNS)}; top_k with "
+        "--top-k): a label, or an error code and message. A second run with the same --out "
+        "sends only the images not in it yet (and those that could not be read).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     run.add_argument("dir", type=_existing_dir, help="folder to walk (recursively)")
     run.add_argument("--out", type=Path, required=True, help="JSON Lines results (appended)")
     run.add_argument("--csv", type=Path, help="also write all results as CSV")
-    run.add_argument("--url", default=DEFAULT_URL)
-    run.add_argument("--token", help="API token, when the server sets API_TOKENS")
+    run.add_argument("--url", default=DEFAULT_URL, help="the service")
+    run.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_VARIABLE),
+        help=f"API token, when the server sets API_TOKENS (better: set ${TOKEN_VARIABLE}, which "
+        "other users of this machine cannot read from the process list)",
+    )
     run.add_argument("--batch-size", type=_positive, default=16, help="images per request")
     run.add_argument("--concurrency", type=_positive, default=2, help="requests in flight")
     run.add_argument("--extensions", default=DEFAULT_EXTENSIONS, help="comma-separated")
-    run.add_argument("--top-k", type=_positive, default=None)
+    run.add_argument(
+        "--top-k", type=_positive, default=None, help="also record the k best labels (top_k)"
+    )
     return parser
 
 
@@ -87,6 +119,7 @@ class Tally:
 
     retries: Counter[str] = field(default_factory=Counter)
     unsent: Counter[str] = field(default_factory=Counter)  # images of chunks that never got in
+    unreadable: int = 0  # folders and broken links found on the walk (no image record)
     sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,13 +128,26 @@ class Tally:
             self.retries[code] += 1
 
 
-def classify(args: argparse.Namespace) -> int:
-    extensions = {e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()}
-    images = find_images(args.dir, extensions)
-    done = read_results(args.out)
-    todo = [path for path in images if str(path) not in done]
+@dataclass
+class Sent:
+    """One chunk's outcome: its records (answers, and files that could not be read), and the
+    paths it sent, with the error when the request itself failed (then they are not written)."""
 
-    tally = Tally()
+    records: list[Record]
+    paths: list[Path]
+    error: ClassifierClientError | None = None
+
+
+def classify(args: argparse.Namespace) -> int:
+    for path in filter(None, (args.out, args.csv)):
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name")
+    extensions = {e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()}
+    images, walk_problems = find_images(args.dir, extensions)
+    done = read_results(args.out)
+    todo = [path for path in images if _to_send(done.get(_key(path)))]
+
+    tally = Tally(unreadable=len(walk_problems))
     stop = threading.Event()
     local = threading.local()  # one client per thread: SyncHTTPClient is not thread-safe
 
@@ -110,35 +156,46 @@ def classify(args: argparse.Namespace) -> int:
             local.client = ImageClassifierClient(args.url, token=args.token)
         return local.client
 
-    def send(chunk: list[Path]) -> BatchResult:
-        return with_retries(lambda: client().analyze_batch(chunk, top_k=args.top_k), tally, stop)
+    def send(chunk: list[Path]) -> Sent:
+        """Read in this thread, sent as bytes: a file that cannot be read (or is gone by now)
+        fails alone, and no file name has to survive the upload's encoding."""
+        readable, records = read_files(chunk)
+        if not readable:
+            return Sent(records, [])
+        paths, contents = [path for path, _ in readable], [data for _, data in readable]
+        try:
+            result = with_retries(
+                lambda: client().analyze_batch(contents, top_k=args.top_k), tally, stop
+            )
+        except (Unreachable, Unauthorized):
+            raise
+        except ClassifierClientError as exc:  # not the images' fault: sent again next run
+            return Sent(records, paths, exc)
+        return Sent(records + list(to_records(paths, result, args.top_k)), paths)
 
     # /info first: the limits that size the chunks, and the reachability and token check.
-    limits = with_retries(lambda: client().info().limits, tally, stop)
-    too_large, chunks = plan_chunks(todo, limits, args.batch_size)
+    info = with_retries(lambda: client().info(), tally, stop)
+    if args.top_k is not None and args.top_k > len(info.labels):
+        raise UsageError(f"--top-k {args.top_k}: the model has {len(info.labels)} labels")
+    too_large, chunks = plan_chunks(todo, info.limits, args.batch_size)
     started = time.perf_counter()
     with (
         open_for_append(args.out) as out,
         tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress,
         ThreadPoolExecutor(args.concurrency) as pool,
     ):
-        write(out, done, [_too_large(p, limits) for p in too_large], progress)
-        futures = {pool.submit(send, chunk): chunk for chunk in chunks}
+        write(out, done, walk_problems)  # not images: not on the progress bar
+        write(out, done, [_too_large(p, info.limits) for p in too_large], progress)
+        futures = [pool.submit(send, chunk) for chunk in chunks]
         try:
             for future in as_completed(futures):
-                chunk = futures[future]
-                try:
-                    result = future.result()
-                except (Unreachable, Unauthorized):
-                    raise
-                except ClassifierClientError as exc:
-                    # Not the images' fault (retries ran out, the server failed): not written,
-                    # so the next run sends them again.
-                    tally.unsent[exc.code] += len(chunk)
-                    progress.update(len(chunk))
-                    continue
-                tally.sent += len(chunk)
-                write(out, done, to_records(chunk, result), progress)
+                sent = future.result()
+                write(out, done, sent.records, progress)
+                if sent.error is not None:
+                    tally.unsent[sent.error.code] += len(sent.paths)
+                    progress.update(len(sent.paths))
+                else:
+                    tally.sent += len(sent.paths)
         except BaseException:  # Ctrl-C or a fatal error: send no more chunks
             stop.set()
             pool.shutdown(cancel_futures=True)
@@ -149,23 +206,70 @@ def classify(args: argparse.Namespace) -> int:
     return summarise(images, done, len(images) - len(todo), tally, elapsed, args.out)
 
 
-def find_images(root: Path, extensions: set[str]) -> list[Path]:
-    """Every file under root whose extension (any case) is listed, in sorted order."""
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in extensions
-    )
+def _key(path: Path | str) -> str:
+    """A path as the resume check compares it: absolute, so `photos/a.png` and
+    `/home/me/photos/a.png` are one file (links are not followed: two links, two images)."""
+    return os.path.abspath(path)
+
+
+def _to_send(record: Record | None) -> bool:
+    return record is None or record.get("error") == UNREADABLE
+
+
+def find_images(root: Path, extensions: set[str]) -> tuple[list[Path], list[Record]]:
+    """Every file under root whose extension (any case) is listed, in sorted order; and a
+    record for each folder that could not be listed and each link to nothing (not skipped
+    silently: their images would be missing from the results)."""
+    images: list[Path] = []
+    problems: list[Record] = []
+
+    def unlisted(error: OSError) -> None:
+        problems.append(_unreadable(Path(error.filename or root), f"folder not read: {error}"))
+
+    for folder, _, names in os.walk(root, onerror=unlisted):
+        for name in names:
+            path = Path(folder, name)
+            if path.suffix.lower().lstrip(".") not in extensions:
+                continue
+            if path.is_file():
+                images.append(path)
+            elif path.is_symlink():
+                problems.append(_unreadable(path, "a link to nothing"))
+    return sorted(images), problems
+
+
+def read_files(paths: list[Path]) -> tuple[list[tuple[Path, bytes]], list[Record]]:
+    """(path, bytes) of each file that could be read, and an UNREADABLE record for the rest."""
+    readable, problems = [], []
+    for path in paths:
+        try:
+            readable.append((path, path.read_bytes()))
+        except OSError as error:
+            problems.append(_unreadable(path, f"not read: {error.strerror or error}"))
+    return readable, problems
+
+
+def _unreadable(path: Path, message: str) -> Record:
+    return {"path": str(path), "error": UNREADABLE, "message": message}
 
 
 def read_results(out: Path) -> dict[str, Record]:
-    """The records already in the output file, by path (a torn last line is ignored)."""
+    """The records already in the output file, by `_key` of their path (a torn last line is
+    ignored); UsageError for a file that is not this command's output."""
     records: dict[str, Record] = {}
-    if out.exists():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            records[record["path"]] = record
+    if not out.exists():
+        return records
+    lines = out.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue  # torn by a killed run
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise UsageError(f"{out} line {number} is not a result of this command")
+        records[_key(record["path"])] = record
     return records
 
 
@@ -213,18 +317,23 @@ def with_retries(call: Callable[[], T], tally: Tally, stop: threading.Event) -> 
                 raise
 
 
-def to_records(chunk: list[Path], result: BatchResult) -> Iterator[Record]:
+def to_records(
+    chunk: list[Path], result: BatchResult, top_k: int | None = None
+) -> Iterator[Record]:
     """One record per image; a per-image error inside a 200 answer is that image's result."""
     for item in result.results:
         path = str(chunk[item.index])
         if item.success:
-            yield {
+            record: Record = {
                 "path": path,
                 "label": item.prediction.label,
                 "confidence": item.prediction.confidence,
                 "grade": item.prediction.grade,
                 "model_version": f"{result.model.name}:{result.model.version}",
             }
+            if top_k is not None:
+                record["top_k"] = [[c.label, c.probability] for c in item.prediction.top_k]
+            yield record
         else:
             yield {"path": path, "error": item.error.code, "message": item.error.message}
 
@@ -245,23 +354,29 @@ def open_for_append(path: Path) -> TextIO:
     return out
 
 
-def write(out: TextIO, done: dict[str, Record], records, progress: tqdm) -> None:
+def write(out: TextIO, done: dict[str, Record], records, progress: tqdm | None = None) -> None:
     """Append records and flush at once, so an interrupted run keeps what it got."""
     count = 0
     for record in records:
         out.write(json.dumps(record) + "\n")
-        done[str(record["path"])] = record
+        done[_key(str(record["path"]))] = record
         count += 1
     out.flush()
-    progress.update(count)
+    if progress is not None:
+        progress.update(count)
 
 
 def write_csv(path: Path, records) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not UTF-8 is written back as the bytes it was.
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(records)
+        for record in records:
+            best = record.get("top_k")
+            if isinstance(best, list):  # "label:probability" pairs, best first
+                record = {**record, "top_k": " ".join(f"{label}:{p:.4g}" for label, p in best)}
+            writer.writerow(record)
 
 
 def summarise(
@@ -272,9 +387,13 @@ def summarise(
     elapsed: float,
     out: Path,
 ) -> int:
-    """Print the outcome for every image under DIR (this run's and earlier ones'); exit status."""
-    records = [done[str(p)] for p in images if str(p) in done]
+    """Print the outcome for every image under DIR (this run's and earlier ones'); exit status.
+    An image with no record that was not counted unsent is MISSING: the exit says so too."""
+    records = [done[_key(p)] for p in images if _key(p) in done]
     failed = Counter(str(r["error"]) for r in records if "error" in r) + tally.unsent
+    failed[UNREADABLE] += tally.unreadable
+    failed["MISSING"] += len(images) - len(records) - sum(tally.unsent.values())
+    failed = +failed  # the codes that count
     ok = sum(1 for r in records if "error" not in r)
     rate = tally.sent / elapsed if elapsed > 0 else 0.0
     print(f"{ok} ok, {sum(failed.values())} failed{_by_code(failed)}")

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import bentoml
 import httpx
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse, ModelRef
 
-from .errors import Unreachable, error_for
+from .errors import InvalidInput, Unreachable, error_for
 
 AnalyzeResult = AnalyzeResponse
 BatchResult = AnalyzeBatchResponse
@@ -67,8 +68,10 @@ class ImageClassifierClient:
                 # down; a server that is up but still loading answers 503 NOT_READY (Overloaded).
                 server_ready_timeout=0,
             )
+        except httpx.InvalidURL as exc:
+            raise InvalidInput("INVALID_URL", f"{_shown(url)}: {exc}") from None
         except httpx.HTTPError as exc:
-            raise Unreachable("UNREACHABLE", f"{url}: {exc}") from None
+            raise Unreachable("UNREACHABLE", f"{_shown(url)}: {exc}") from None
         # SyncHTTPClient turns a non-2xx answer into a BentoMLException holding the status and
         # the body text (so the code, message and request_id survive) but not the headers, and
         # Retry-After travels only in a header: keep the headers of the last answer here.
@@ -83,6 +86,8 @@ class ImageClassifierClient:
 
     def analyze_batch(self, images: Sequence[Image], top_k: int | None = None) -> BatchResult:
         """Many images in one request; a bad image fails only its own item (`success: false`)."""
+        if not images:
+            raise InvalidInput("INVALID_REQUEST", "send at least one image")
         with _on_disk(images) as paths:
             body = self._call(self._bento.analyze_batch, images=paths, **_optional(top_k))
         return BatchResult.model_validate(body)
@@ -116,6 +121,14 @@ class ImageClassifierClient:
 
     def _keep_headers(self, response: httpx.Response) -> None:
         self._last_headers = response.headers
+
+
+def _shown(url: str) -> str:
+    """The URL without the password it may carry (user:password@host), for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def _optional(top_k: int | None) -> dict[str, int]:

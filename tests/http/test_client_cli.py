@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +171,64 @@ def test_usage_errors_and_no_server_exit_2(tree, tmp_path):
     assert classify(tmp_path / "no-such-folder", out, "http://127.0.0.1:1").returncode == 2
     assert classify(tree.root, out, "http://127.0.0.1:1", "--batch-size", "0").returncode == 2
     assert not out.exists()
+
+
+def test_files_that_cannot_be_read_fail_alone_and_any_file_name_is_sent(server, tree, tmp_path):
+    """Found by a black-box review: a file that could not be read (or was gone when its chunk
+    was sent) or whose name is not UTF-8 ended the whole run with a traceback, a link to nothing
+    was skipped with exit 0, --top-k changed nothing in the output, and the same folder named
+    another way was classified twice."""
+    folder = tmp_path / "photos"
+    copy_pngs(tree, 3, folder)
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/\xff\xfe.png"))  # not UTF-8
+    odd.write_bytes(Path(tree.pngs[3]).read_bytes())
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
+    out = tmp_path / "results.jsonl"
+    relative = os.path.relpath(folder, REPO)  # classify() runs in the repository
+    run = classify(
+        Path(relative), out, server.url, "--top-k", "2", "--csv", str(tmp_path / "r.csv")
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stdout.startswith("4 ok, 1 failed (UNREADABLE: 1)\n"), run.stdout
+    by_path = {r["path"]: r for r in records(out)}
+    assert by_path[os.path.join(relative, "gone.png")]["error"] == "UNREADABLE"
+    named_oddly = by_path[os.path.join(relative, odd.name)]
+    assert named_oddly["label"] and len(named_oddly["top_k"]) == 2
+    assert (tmp_path / "r.csv").read_bytes().count(b"\xff\xfe.png") == 1  # the name as it was
+    again = classify(folder, out, server.url)  # the absolute path: the same files
+    assert summary_counts(again.stdout)["sent"] == 0, again.stdout
+
+
+def test_bad_output_files_urls_and_top_k_are_usage_errors(server, tree, tmp_path):
+    """Each was a traceback (exit 1), or every chunk refused with the reason hidden."""
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("[1, 2]\n")
+    for out, url, options, says in [
+        (tmp_path, server.url, (), "is a folder"),
+        (foreign, server.url, (), "not a result of this command"),
+        (tmp_path / "r.jsonl", "http://127.0.0.1:abc", (), "INVALID_URL"),
+        (tmp_path / "r.jsonl", "http://user:secret-77@127.0.0.1:1", (), "UNREACHABLE"),
+        (tmp_path / "r.jsonl", server.url, ("--top-k", "11"), "the model has 10 labels"),
+    ]:
+        run = classify(tree.root, out, url, *options)
+        assert run.returncode == 2 and says in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and "secret-77" not in run.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_sigterm_ends_the_run_like_ctrl_c(server, tree, tmp_path):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "client", "classify", str(tree.root), "--out", str(out),
+               "--url", server.url, "--batch-size", "1", "--concurrency", "1"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert f"what came back is in {out}; run again to resume" in stderr.decode()
+    assert 0 < len(records(out)) < len(tree.truth) + 1
 
 
 # A server that refuses more than 2 requests a second, 5 images or 12,000 bytes a batch, and
