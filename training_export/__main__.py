@@ -125,19 +125,31 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
+    import onnxruntime as ort
+    from pydantic import ValidationError
+
     from .export import ExportError
     from .model_versions import VersionError
+    from .onnx_import import invalid_fields
     from .pipeline import TrainingError
 
+    ort.set_default_logger_severity(4)  # its own log lines would come before our one line
     try:
         _run(args)
+    except ValidationError as exc:  # a card or preprocessing field: which one, and why
+        print(f"error: {_one_line(invalid_fields(exc))}", file=sys.stderr)
+        return 1
     except (TrainingError, ExportError, VersionError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:  # a user's model or files failing somewhere unforeseen: one line
-        print(f"error: {type(exc).__name__}: {str(exc)[:1000]}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())[:1000]
 
 
 if __name__ == "__main__":

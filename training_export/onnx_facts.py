@@ -77,10 +77,13 @@ def _is_channels(dim: int | str | None) -> bool:
 def check_float_input(signature: OnnxSignature) -> None:
     """First of all: nothing else about the file matters if the service cannot feed it."""
     if signature.input_type != "FLOAT":
+        how = {
+            "FLOAT16": "e.g. onnxconverter_common's float16 conversion with keep_io_types=True",
+            "UINT8": "take float32 pixels and scale them in the model or with --mean/--std",
+        }.get(signature.input_type, "a Cast to the model's own type as its first node")
         raise ModelFileError(
-            f"the input is {signature.input_type}; the service feeds float32 tensors (convert "
-            "the model to float32 inputs, e.g. onnxconverter_common's float16 with "
-            "keep_io_types=True)"
+            f"the input is {signature.input_type}; the service feeds float32 tensors (give the "
+            f"model a float32 input: {how})"
         )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from image_classifier import model_store
 from image_classifier.core.classifier import CARD_FILE, Classifier
@@ -83,11 +84,23 @@ def resolve_spec(
                 say(f"note: {key} {fields[key][0]} for one grey channel (the preset's average)")
     try:
         return PreprocessSpec(**fields)
-    except (TypeError, ValueError) as exc:
+    except ValidationError as exc:
+        missing = any(error["type"] == "missing" for error in exc.errors())
+        hint = " (the file leaves it open: give --preset imagenet or --input-size/--color-mode)"
         raise ModelImportError(
-            f"preprocessing is incomplete or invalid (the file leaves it open; give --preset "
-            f"imagenet or --input-size/--color-mode...): {exc}"
+            f"preprocessing: {invalid_fields(exc)}{hint if missing else ''}"
         ) from None
+    except TypeError as exc:
+        raise ModelImportError(f"preprocessing: {exc}") from None
+
+
+def invalid_fields(exc: ValidationError) -> str:
+    """Pydantic's errors on one line: each field and what is wrong with it (not its input
+    echoed back, nor its documentation links)."""
+    return "; ".join(
+        ".".join(map(str, error["loc"])) + ": " + error["msg"] if error["loc"] else error["msg"]
+        for error in exc.errors()
+    )
 
 
 def _normal(value: Any) -> Any:

@@ -196,6 +196,16 @@ def gate(
     return figures
 
 
+def refuse_int8_source(tag: str, card: ModelCard) -> None:
+    """An INT8 entry is not quantized again (its card already holds a gate's figures)."""
+    gate_of_source = (card.metrics.model_extra or {}).get("int8_gate")
+    if isinstance(gate_of_source, dict):
+        raise QuantizationError(
+            f"{tag} is already INT8 (quantized from {gate_of_source.get('source_tag')}): "
+            "quantize the float32 model"
+        )
+
+
 def save_int8(
     int8: Path, card: ModelCard, source_tag: str, out_tag: str, metrics: dict, figures: dict
 ) -> str:
@@ -228,6 +238,7 @@ def quantize_and_save(
     if source is None:
         raise QuantizationError(f"{source_tag} is not in the model store")
     card = load_card(source_tag)
+    refuse_int8_source(source_tag, card)
     out_tag = out_tag or f"{source.tag.name}-int8:{source.tag.version}"
     if already_saved(out_tag, force, say):
         return out_tag

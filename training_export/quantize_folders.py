@@ -30,6 +30,7 @@ from .quantize import (
     judge_accuracy,
     judge_agreement,
     quantize_qdq,
+    refuse_int8_source,
     save_int8,
 )
 from .store import already_saved, stored_classifier
@@ -50,6 +51,7 @@ def quantize_with_folders(
     say: Callable[[str], None] = print,
 ) -> str:
     fp32, model_dir = stored_classifier(tag)
+    refuse_int8_source(tag, fp32.card)
     name, version = tag.split(":", 1)
     out_tag = out_tag or f"{name}-int8:{version}"
     if already_saved(out_tag, force, say):

@@ -116,6 +116,13 @@ def test_cli_refusals_are_one_line_with_exit_1(tmp_path, bentoml_home):
     assert forced.returncode == 0, forced.stderr
     again = training_cli(*args, "--version", "v3", "--output-kind", "logits", home=bentoml_home)
     assert again.returncode == 1 and "already in the model store" in again.stderr
+    # A field the card refuses (labels twice, a mean of the wrong length) was pydantic's text
+    # over several lines, with its links.
+    labels.write_text("\n".join([LABELS[0], *LABELS[:4]]))
+    for extra in (("--output-kind", "logits"), ("--output-kind", "logits", "--mean", "0.5", "0.5")):
+        refused = training_cli(*args, "--version", "v4", *extra, home=bentoml_home)
+        assert refused.returncode == 1 and refused.stderr.startswith("error: "), refused.stderr
+        assert refused.stderr.count("\n") == 1 and "pydantic.dev" not in refused.stderr
 
 
 def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):

@@ -44,6 +44,13 @@ def test_quantize_on_unlabelled_pictures_is_gated_on_held_back_agreement(
     assert gate["evaluation_samples"] == held_back
     assert gate["calibration_samples"] == len(UNLABELLED_SEEDS) - held_back
     assert gate["top1_agreement"] >= 0.99 and "fp32_accuracy" not in gate
+    # Quantizing the INT8 entry again was a TypeError from inside the card's code.
+    again = training_cli("quantize", "colours-own-int8:agree", "--calibration",
+                         str(own_model / "pictures" / "unlabelled"), home=bentoml_home)  # fmt: skip
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.startswith(
+        f"error: colours-own-int8:agree is already INT8 (quantized from {own_tag})"
+    )
 
 
 def test_a_calibration_that_ruins_accuracy_is_refused_by_how_much(
