@@ -56,6 +56,11 @@ def input_facts(signature: OnnxSignature, layout_given: str | None = None) -> In
         )
     batch, d1, d2, d3 = shape
     first, last = _is_channels(d1), _is_channels(d3)
+    if isinstance(d1, int) and isinstance(d3, int) and not (first or last):
+        raise ModelFileError(
+            f"the input {signature.input_name!r} has shape {shape}: {d1} channels (NCHW) or "
+            f"{d3} (NHWC), and the service feeds 1 (L) or 3 (RGB)"
+        )
     layout = "NCHW" if first and not last else "NHWC" if last and not first else None
     if first and last and layout_given in ("NCHW", "NHWC"):
         layout = layout_given

@@ -99,6 +99,28 @@ def test_what_is_not_a_servable_classifier_is_refused(tmp_path, bentoml_home, mo
     assert not (bentoml_home / "models" / "refused").exists()
 
 
+def test_an_input_of_neither_1_nor_3_channels_is_refused_by_its_shape(tmp_path, bentoml_home):
+    """A 4-channel input was told "the file leaves it open" and, given the flags asked for,
+    failed inside ONNX Runtime (found by a black-box review)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((4 * 8 * 8, 5), np.float32), "W")
+    flat = numpy_helper.from_array(np.array([-1, 4 * 8 * 8], np.int64), "flat_shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["scores"])],
+        "rgba",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],
+        [weights, flat],
+    )  # fmt: skip
+    path = tmp_path / "rgba.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ModelFileError, match=re.escape("4 channels (NCHW) or 8 (NHWC)")):
+        import_onnx(path, "rgba", "v1", labels=LABELS, say=lambda _: None)
+
+
 def test_cli_refusals_are_one_line_with_exit_1(tmp_path, bentoml_home):
     folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20),
                                    color_mode="RGB", output_kind="sigmoid")  # fmt: skip
