@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ class Classifier:
         self.options = options
         self.on_run = on_run
         self.limits = DecodeLimits(options.allowed_formats, options.max_image_pixels)
-        onnx_path = Path(model_dir) / self.card.onnx_file
+        onnx_path = self.onnx_path = Path(model_dir) / self.card.onnx_file
+        self._loaded_card = self.card  # the files' card, before the service merges evaluations
         self.session = _open_session(onnx_path, options.intra_op_threads)
         # When nothing else is in work, one image may use every core, and answers sooner.
         self.solo_session = (
@@ -95,8 +97,13 @@ class Classifier:
             else None
         )
         self.merging_gain = 1.0  # per-image time alone / in a full run: measured by warm_up
-        self.fingerprint = _fingerprint(onnx_path, self.card, options)
         self._check_signature()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hashes the whole model file: computed when first asked (by the shared cache), not for
+        every classifier the tools and the benchmark open."""
+        return _fingerprint(self.onnx_path, self._loaded_card, self.options)
 
     @property
     def labels(self) -> list[str]:

@@ -109,6 +109,8 @@ class Predictor:
                     classifier.card, served.tag, served.path, evaluations
                 )
                 classifier.warm_up()
+                if self.cache is not None:
+                    classifier.fingerprint  # noqa: B018 - hashed here, off the event loop
             except Exception as exc:
                 raise ModelLoadError(f"model {served.tag} cannot be served: {exc}") from exc
             served.loaded(classifier)
