@@ -117,10 +117,12 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _resume_reading = None  # the timer that ends a refused connection's pause
     _running = None  # the request whose handler runs (uvicorn keeps only the latest one)
     _balanced = False  # counted in the connection balance (from its first answer on)
+    _began_in_this_read = False  # a request's head began in the read being parsed
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
+        self._began_in_this_read = True  # what of the read is this head's is not known
         self._header_bytes = 0  # as parsed: a head that came whole in one read is counted too
         self._head_refused = False
 
@@ -179,14 +181,19 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        self._began_in_this_read = False
         super().data_received(data)
         if self._dropping_body and self._body_deadline is None:
             # A refused request whose body is still coming (most come whole in one read).
             self._body_deadline = self.loop.call_later(
                 self.early_refusal.body_timeout_s, self._give_up_on_body
             )
-        if self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)  # this chunk ended inside a head
+        if self._in_head and not self.transport.is_closing() and not self._began_in_this_read:
+            # This read ended inside a head begun in an earlier one: all of it is that head's.
+            # (The read a head begins in may hold pipelined requests before it, so it is not
+            # counted: a head gets at most one read beyond its cap, whose complete lines the
+            # parser's own count in `on_header` covers.)
+            self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
 

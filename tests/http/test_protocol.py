@@ -227,6 +227,27 @@ def test_an_answer_s_head_and_body_leave_in_one_write():
     asyncio.run(scenario())
 
 
+def test_pipelined_requests_in_one_read_do_not_count_as_one_head():
+    """A read of many small pipelined requests (here 150 KB) that ends inside the next head is
+    not that head's: before, it counted whole and the pipeline was cut with 431."""
+    one = b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n"
+    count = 2 * protocol.MAX_HEAD_BYTES // len(one) + 100
+
+    async def scenario():
+        server, transport = await connected()
+        server.data_received(one * count + one[:20])
+        server.data_received(one[20:])
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if b"".join(transport.written).count(b"HTTP/1.1 ") > count:
+                break
+        return b"".join(transport.written)
+
+    written = asyncio.run(scenario())
+    assert written.count(b"HTTP/1.1 200 OK") == count + 1, written[:300]
+    assert b"431" not in written
+
+
 def test_heads_let_in_count_as_taken_slots_until_their_handlers_start(full_gate):
     """A busy event loop parses a burst's heads before it runs any of their handlers: those let
     in hold the slots meanwhile, so the rest of the burst is refused at the head."""
