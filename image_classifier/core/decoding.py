@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ClassifierError, ErrorCode
 from .header_walk import BASE_STEPS, BYTES_PER_STEP, header_steps, step_budget
@@ -20,6 +20,10 @@ from .header_walk import BASE_STEPS, BYTES_PER_STEP, header_steps, step_budget
 log = logging.getLogger(__name__)
 # HEIC/HEIF is what phone cameras save by default; Pillow reads it through libheif's plugin.
 pillow_heif.register_heif_opener()
+# A PNG's compressed colour profile or text (an XMP packet: Photoshop's grows with its history)
+# may inflate to 16 MB, not Pillow's 1 MB, past which a valid file was called corrupt. What all of
+# a file's text may take stays Pillow's 64 MB (MAX_TEXT_MEMORY): the worst case does not grow.
+PngImagePlugin.MAX_TEXT_CHUNK = 16 * 1024 * 1024
 # MPO is a JPEG with extra frames (phone portraits, stereo cameras): Pillow names it MPO, but it is
 # sent, and decoded, as a JPEG.
 _JPEG_FAMILY = {"JPEG", "MPO"}
@@ -56,6 +60,7 @@ _TYPE_ALIASES = {
     "image/jpg": "image/jpeg",
     "image/pjpeg": "image/jpeg",
     "image/x-png": "image/png",
+    "image/apng": "image/png",  # what browsers declare for .apng files: PNG bytes
     "image/x-ms-bmp": "image/bmp",
     "image/x-bmp": "image/bmp",
     "image/tif": "image/tiff",

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.classifier import Classifier, ModelLoadError
-from ..core.errors import ClassifierError, model_failure
+from ..core.errors import ClassifierError, ErrorCode, model_failure
 from ..core.postprocessing import Prediction
 from . import metrics
 from .batching import MicroBatcher
@@ -241,14 +241,17 @@ class Predictor:
         classifier = served.ready_classifier()
         fair_share = self._share_of_a_many_image_request()
 
-        async def prediction(item: bytes | np.ndarray) -> Prediction:
+        async def prediction(index: int, item: bytes | np.ndarray) -> Prediction:
             async with fair_share:
-                if isinstance(item, bytes):
-                    return (await self.answer(served, item, None, 1)).prediction
-                row, _ = await self._predict_one(served, classifier, item, None)
-                return classifier.to_prediction(row, 1)
+                try:
+                    if isinstance(item, bytes):
+                        return (await self.answer(served, item, None, 1)).prediction
+                    row, _ = await self._predict_one(served, classifier, item, None)
+                    return classifier.to_prediction(row, 1)
+                except ClassifierError as error:
+                    raise _naming_the_item(error, index) from None
 
-        predictions = await asyncio.gather(*(prediction(item) for item in items))
+        predictions = await asyncio.gather(*(prediction(i, item) for i, item in enumerate(items)))
         labels = classifier.card.labels
         for answered in predictions:
             served.record(answered)
@@ -301,6 +304,22 @@ class Predictor:
             metrics.observe_shadow(shadow.ref.version, agreed=label == answered_label)
         except Exception:
             log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
+
+
+_ITEM_ERRORS = {
+    ErrorCode.INVALID_IMAGE,
+    ErrorCode.IMAGE_TOO_LARGE,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    ErrorCode.INVALID_REQUEST,
+    ErrorCode.INTERNAL_ERROR,
+}
+
+
+def _naming_the_item(error: ClassifierError, index: int) -> ClassifierError:
+    """An error about one item of a request that fails as a whole says which item it was."""
+    if error.code not in _ITEM_ERRORS:  # overload, shutdown: about the request, not the item
+        return error
+    return ClassifierError(error.code, f"item {index}: {error.message}", error.retry_after_s)
 
 
 def _in_label_order(probabilities: dict[str, float], labels: list[str]) -> list[float]:

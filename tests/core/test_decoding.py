@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from image_classifier.core.decoding import DecodeLimits, check_declared_type, decode_image
 from image_classifier.core.errors import ClassifierError, ErrorCode
@@ -105,6 +105,7 @@ def test_declared_type_must_match_the_bytes():
     assert decode_image(png, LIMITS, "image/png").size == (64, 48)
     assert decode_image(png, LIMITS, "application/octet-stream").size == (64, 48)
     assert decode_image(encode(picture(), "JPEG"), LIMITS, "image/jpg").size == (64, 48)
+    assert decode_image(png, LIMITS, "image/apng").size == (64, 48)  # a browser's .apng
 
 
 def test_declared_non_image_types_are_refused_early():
@@ -144,6 +145,15 @@ def test_huge_icc_profile_and_appended_zip_are_harmless():
     assert decode_image(with_icc, LIMITS).size == (64, 48)
     polyglot = encode(picture(), "JPEG") + b"PK\x03\x04" + b"\x00" * 500
     assert decode_image(polyglot, LIMITS).size == (64, 48)
+
+
+def test_a_png_with_metadata_that_inflates_past_a_megabyte_decodes():
+    """A colour profile or an XMP packet (Photoshop's grows with its history) is compressed in a
+    PNG; Pillow refused any that inflates past 1 MB, and the service called the file corrupt."""
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", "x" * 3_000_000, zip=True)
+    for options in ({"icc_profile": b"\x00" * 3_000_000}, {"pnginfo": xmp}):
+        assert decode_image(encode(picture(), "PNG", **options), LIMITS).size == (64, 48)
 
 
 def test_animated_gif_gives_the_first_frame():

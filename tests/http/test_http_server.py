@@ -251,6 +251,7 @@ def test_top_k_in_the_query_string_is_honoured_and_other_parameters_refused(serv
         ("/analyze", "top_k=2", {"top_k": "3"}, "different values"),
         ("/analyze", "top_k=x", {}, "must be an integer"),
         ("/analyze", "top_k=11", {}, "top_k"),
+        ("/analyze", "top_k=99999999999", {}, "between 1 and 10, got 99999999999"),
         ("/analyze", "topk=2", {}, "'topk'"),
         ("/analyze_batch", "model=v1", {}, "'model'"),
     ]:
