@@ -35,6 +35,7 @@ def browser():
         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,900",
     ):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for the tests
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
         yield driver
@@ -43,15 +44,29 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def upload(browser, url: str, path: Path) -> None:
-    browser.get(f"{url}/ui")
-    browser.find_element(By.ID, "file").send_keys(str(path))
+def upload(browser, url: str, path: Path, load: bool = True) -> None:
+    if load:
+        browser.get(f"{url}/ui")
+    chooser = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].value = ''", chooser)  # the same file again is a change
+    chooser.send_keys(str(path))
+
+
+def console_errors(browser) -> list[dict]:
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def shown(browser, element_id: str):
+    return WebDriverWait(browser, 30).until(
+        expected_conditions.visibility_of_element_located((By.ID, element_id))
+    )
 
 
 def test_uploading_a_digit_shows_its_label(browser, server, heldout, tmp_path, artifacts):
     image, truth = heldout[3]
     path = tmp_path / "digit.png"
     image.save(path)
+    console_errors(browser)  # the log so far, emptied
     upload(browser, server.url, path)
     wait = WebDriverWait(browser, 30)
     wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
@@ -63,6 +78,57 @@ def test_uploading_a_digit_shows_its_label(browser, server, heldout, tmp_path, a
     assert browser.find_element(By.ID, "preview").is_displayed()
     wait.until(lambda b: "digits-cnn:v1" in b.find_element(By.ID, "model").text)
     browser.save_screenshot(str(artifacts / "ui-prediction.png"))
+    assert console_errors(browser) == []  # no favicon 404, nothing else
+
+
+def test_a_picture_named_for_another_format_is_classified(browser, server, heldout, tmp_path):
+    """The browser's type comes from the extension: a PNG saved as .jpg (a common download) was
+    declared image/jpeg and refused with 415."""
+    image, truth = heldout[5]
+    path = tmp_path / "digit.jpg"
+    image.save(path, format="PNG")
+    upload(browser, server.url, path)
+    shown(browser, "result")
+    assert browser.find_element(By.ID, "label").text == str(truth)
+
+
+def test_a_token_is_asked_for_refused_when_wrong_and_used_when_pasted(
+    browser, trained_store, heldout, tmp_path, artifacts
+):
+    image, truth = heldout[4]
+    path = tmp_path / "digit.png"
+    image.save(path)
+    env = {"API_TOKENS": "right-token"}
+    with serve(trained_store, artifacts / "server-ui-token.log", env=env) as guarded:
+        browser.get(f"{guarded.url}/ui")
+        model = browser.find_element(By.ID, "model")
+        WebDriverWait(browser, 30).until(lambda b: "needs an API token" in model.text)
+
+        def paste(token: str) -> None:
+            field = browser.find_element(By.ID, "token")
+            browser.execute_script("arguments[0].closest('details').open = true", field)
+            field.clear()
+            field.send_keys(token)
+            browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
+
+        upload(browser, guarded.url, path, load=False)
+        assert "needs an API token" in shown(browser, "error").text
+        paste("wrong-token")
+        upload(browser, guarded.url, path, load=False)
+        WebDriverWait(browser, 30).until(
+            lambda b: "refused this API token" in b.find_element(By.ID, "error").text
+        )
+        paste("right-token")
+        WebDriverWait(browser, 30).until(lambda b: "digits-cnn:v1" in model.text)
+        upload(browser, guarded.url, path, load=False)
+        shown(browser, "result")
+        assert browser.find_element(By.ID, "label").text == str(truth)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 5  # /info was read
+        paste("")  # emptied: no token is sent any more
+        upload(browser, guarded.url, path, load=False)
+        WebDriverWait(browser, 30).until(
+            lambda b: "needs an API token" in b.find_element(By.ID, "error").text
+        )
 
 
 def test_a_bad_file_is_explained_in_words(browser, server, tmp_path, artifacts):
