@@ -19,7 +19,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import FormParserError, MultipartParseError
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import (
+    DEFAULT_MAX_HEADER_COUNT,
+    DEFAULT_MAX_HEADER_SIZE,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
@@ -256,16 +262,26 @@ def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> li
         )
     except FormParserError as error:  # a boundary over 256 characters (RFC 2046 allows 70)
         raise ClassifierError(ErrorCode.INVALID_REQUEST, f"multipart boundary: {error}") from None
-    malformed = ClassifierError(ErrorCode.INVALID_REQUEST, "the multipart body is malformed")
     try:
         for chunk in body:
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError:
-        raise malformed from None
+    except MultipartParseError as error:
+        raise _malformed(str(error)) from None
     if parser.state != MultipartState.END:  # cut off before its closing boundary
-        raise malformed
+        raise _malformed("it ends before its closing boundary")
     return parts
+
+
+def _malformed(reason: str) -> ClassifierError:
+    """The parser's own reason, in words where it names one of its limits."""
+    limits = {
+        "Maximum header size exceeded": f"a part's header line is over {DEFAULT_MAX_HEADER_SIZE:,} "
+        "bytes (a filename that long?)",
+        "Maximum header count exceeded": f"a part has more than {DEFAULT_MAX_HEADER_COUNT} headers",
+    }
+    reason = limits.get(reason, reason)
+    return ClassifierError(ErrorCode.INVALID_REQUEST, f"the multipart body is malformed: {reason}")
 
 
 def _check_parts(

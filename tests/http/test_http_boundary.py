@@ -187,6 +187,17 @@ def _refusal_of(body: bytes, rule: UploadRule, boundary: str = "b") -> Classifie
     return refused.value
 
 
+def test_a_malformed_body_says_what_is_wrong_with_it():
+    rule = UploadRule("image", 1, 1)
+    long_name = ("字" * 2000).encode()  # 6 KB in the part's header line
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="%s"\r\n\r\n1\r\n--b--'
+    refusal = _refusal_of(body % long_name, rule)
+    assert refusal.code is ErrorCode.INVALID_REQUEST
+    assert "header line is over 4,224 bytes" in refusal.message, refusal.message
+    cut = _refusal_of(body.replace(b"--b--", b"") % b"a.png", rule)
+    assert "ends before its closing boundary" in cut.message, cut.message
+
+
 def test_parsing_stops_at_the_first_part_past_what_a_valid_upload_has():
     """111,000 empty parts (a 1 MB body) were all parsed before the first, nameless one was
     refused (0.9 CPU-s in the event loop; 37 CPU-s for 63 MB): parsing now stops at the first
