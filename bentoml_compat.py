@@ -119,6 +119,11 @@ def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  #
     if _serving.grpc_port and not _serving.grpc_port_checked:
         # Once, at start: a replaced worker's socket copy is made later, when the others hold it.
         _serving.grpc_port_checked = True
+        if _serving.grpc_port == sock.port:
+            raise SystemExit(
+                f"GRPC_PORT {_serving.grpc_port} is the HTTP port too; give gRPC a port of its "
+                "own, or 0 for no gRPC"
+            )
         try:
             _refuse_a_taken_port(sock.family, sock.host, _serving.grpc_port)
         except OSError as exc:

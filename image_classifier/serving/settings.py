@@ -7,6 +7,7 @@ current values.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -183,8 +184,11 @@ class Settings:
         values = {}
         for spec in _env_fields():
             raw = environ.get(spec.metadata["env"])
+            if raw is not None and raw.strip() == "" and spec.name in _NEVER_BLANK:
+                # An empty Secret would silently open the API: a mistake, not "no auth".
+                raise ValueError(f"{spec.metadata['env']} is set but blank; unset it for none")
             if raw is None or raw.strip() == "":
-                continue
+                continue  # VAR= (compose files, templates): the default
             values[spec.name] = _parse(spec.metadata["env"], raw.strip(), spec.default)
             if values[spec.name] == ():  # e.g. API_TOKENS=" , ": not "no tokens", a mistake
                 raise ValueError(f"{spec.metadata['env']}={raw!r} is set but names nothing")
@@ -227,6 +231,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")
+        for name, most in _MOST.items():
+            value = getattr(self, name)
+            if value > most:
+                raise ValueError(f"{_env_name(name)} must be <= {most:,}, got {value}")
         if not 0 <= self.grade_medium <= self.grade_high <= 1:
             raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
         if not 0 <= self.grpc_port <= 65535:
@@ -235,8 +243,8 @@ class Settings:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
         if not 0 < self.body_timeout_s <= self.request_timeout_s:
             raise ValueError("BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S")
-        if self.gil_switch_interval_ms <= 0:
-            raise ValueError("GIL_SWITCH_INTERVAL_MS must be > 0")
+        if not 0 < self.gil_switch_interval_ms <= 100:
+            raise ValueError("GIL_SWITCH_INTERVAL_MS must be > 0 and at most 100")
         if self.batching_min_gain < 0:
             raise ValueError(f"BATCHING_MIN_GAIN must be >= 0, got {self.batching_min_gain}")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
@@ -267,6 +275,24 @@ class Settings:
 
 
 _SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads", "ort_solo_threads")
+_NEVER_BLANK = {"api_tokens"}
+# Upper bounds: far past any real use, so that a stray digit is named at start, not met later as
+# an ONNX Runtime or memory error that names no variable (every other int fits 32 bits).
+_MOST_COUNT = 1024  # processes, threads, images in one run
+_MOST = {
+    **dict.fromkeys(_SIZED, _MOST_COUNT),
+    "batch_max_size": _MOST_COUNT,
+    "max_batch_images": 100_000,
+    "default_top_k": 100_000,
+    **dict.fromkeys(
+        (
+            "max_upload_bytes", "max_batch_bytes", "max_image_pixels", "drift_window",
+            "cache_size", "max_concurrency", "max_receiving", "max_receiving_per_client",
+            "body_min_bytes_per_s",
+        ),
+        2**31 - 1,
+    ),
+}  # fmt: skip
 
 
 def _env_fields() -> list:
@@ -294,7 +320,10 @@ def _parse(name: str, raw: str, default: object) -> object:
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # NaN passes every comparison a check would make
+                raise ValueError(raw)
+            return value
         if isinstance(default, tuple):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw

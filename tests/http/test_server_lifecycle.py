@@ -37,13 +37,13 @@ def digit_png(heldout) -> bytes:
     return encode(heldout[0][0], "PNG")
 
 
-def start_that_fails(bentoml_home, log_path, **env) -> str:
+def start_that_fails(bentoml_home, log_path, http_port: int | None = None, **env) -> str:
     """`bentoml serve` that must stop by itself at start: its log."""
     full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), **env}
     with open(log_path, "wb") as log_file:
         result = subprocess.run(
             [str(BIN / "bentoml"), "serve", "service:ImageClassifier",
-             "--host", "127.0.0.1", "--port", str(free_port())],
+             "--host", "127.0.0.1", "--port", str(http_port or free_port())],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, timeout=120,
         )  # fmt: skip
     log = log_path.read_text()
@@ -62,8 +62,9 @@ def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, arti
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("CANARY_FRACTION", "1.5"), ("API_TOKENS", " , "), ("ALLOWED_FORMATS", "PNGG")],
-)
+    [("CANARY_FRACTION", "1.5"), ("API_TOKENS", " , "), ("ALLOWED_FORMATS", "PNGG"),
+     ("GIL_SWITCH_INTERVAL_MS", "nan")],  # NaN: every worker aborted in C, naming nothing
+)  # fmt: skip
 def test_a_bad_setting_stops_the_start_with_one_clear_line(
     trained_store, artifacts, variable, value
 ):
@@ -87,6 +88,18 @@ def test_a_taken_grpc_port_stops_the_start_with_one_clear_line(trained_store, ar
         )
     lines = [line for line in log.splitlines() if "GRPC_PORT" in line]
     assert len(lines) == 1 and str(port) in lines[0], log
+
+
+def test_a_grpc_port_that_is_the_http_port_stops_the_start_with_one_clear_line(
+    trained_store, artifacts
+):
+    # Each worker logged gRPC's bind failure with tracebacks and was restarted, for ever.
+    port = free_port()
+    log = start_that_fails(
+        trained_store, artifacts / "server-grpc-is-http.log", http_port=port, GRPC_PORT=str(port)
+    )
+    lines = [line for line in log.splitlines() if "GRPC_PORT" in line]
+    assert len(lines) == 1 and "the HTTP port too" in lines[0], log
 
 
 def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):

@@ -46,6 +46,14 @@ def test_values_are_parsed_by_type():
         ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM"),
         ("GIL_SWITCH_INTERVAL_MS", "0", "GIL_SWITCH_INTERVAL_MS"),
         ("API_TOKENS", " , ", "names nothing"),
+        ("API_TOKENS", " ", "blank"),  # an empty Secret: before, no auth at all
+        ("GIL_SWITCH_INTERVAL_MS", "nan", "GIL_SWITCH_INTERVAL_MS"),  # every worker aborted
+        ("GIL_SWITCH_INTERVAL_MS", "1e6", "at most 100"),
+        ("BATCHING_MIN_GAIN", "nan", "BATCHING_MIN_GAIN"),  # then /info was a 500
+        ("CACHE_TTL_S", "inf", "CACHE_TTL_S"),
+        ("DRIFT_WINDOW", "99999999999999999999999", "DRIFT_WINDOW must be <="),
+        ("ORT_INTRA_OP_THREADS", "5000", "ORT_INTRA_OP_THREADS must be <= 1,024"),
+        ("MAX_CONCURRENCY", "1e23", "MAX_CONCURRENCY"),
         ("ALLOWED_FORMATS", "png,PNGG", "PNGG"),
         ("RATE_LIMIT", "0/second", "RATE_LIMIT"),
     ],
