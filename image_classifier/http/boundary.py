@@ -97,9 +97,10 @@ class BoundaryMiddleware:
                 raise
             message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
             await send.error(ClassifierError(ErrorCode.TIMEOUT, message))
-        except Exception:  # a bug: logged with its traceback, the client gets the envelope only
+        except Exception as error:  # a bug: logged with its traceback, the client gets the envelope
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
-            if send.started:
+            if send.started:  # too late for the envelope: the server cuts the answer
+                logs.logged_with_its_request(error)
                 raise
             await send.error(ClassifierError(ErrorCode.INTERNAL_ERROR, INTERNAL_MESSAGE))
 

@@ -60,7 +60,7 @@ def configure_logging(log_format: str) -> None:
     for name in _LOGGED_TWICE:
         logger = logging.getLogger(name)
         logger.propagate = not logger.handlers
-    logging.getLogger("uvicorn.error").addFilter(_drop_unparsable_head_warning)
+    logging.getLogger("uvicorn.error").addFilter(_said_already)
     if log_format == "json":
         use_json_logs()
 
@@ -75,8 +75,19 @@ def use_json_logs() -> None:
     logging.captureWarnings(True)  # warnings too, instead of bare text on stderr
 
 
-def _drop_unparsable_head_warning(record: logging.LogRecord) -> bool:
-    return record.msg != _UNPARSABLE_HEAD_WARNING
+def logged_with_its_request(error: BaseException) -> BaseException:
+    """Mark an error logged (with its traceback and request id) that is raised on to the server,
+    which would log it again without either."""
+    error.__dict__["logged_with_its_request"] = True
+    return error
+
+
+def _said_already(record: logging.LogRecord) -> bool:
+    """uvicorn's lines that repeat what a request's own lines said."""
+    if record.msg == _UNPARSABLE_HEAD_WARNING:
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    return not getattr(error, "logged_with_its_request", False)
 
 
 @contextmanager

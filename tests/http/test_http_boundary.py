@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from image_classifier.core.errors import ClassifierError, ErrorCode
+from image_classifier.http import logs
 from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.envelope import HTTP_STATUS
 from image_classifier.http.uploads import Upload, UploadRoute, UploadRule, parse_multipart
@@ -46,6 +48,11 @@ async def crash(request: Request) -> PlainTextResponse:
     return PlainTextResponse("Traceback: secret /etc/passwd details", status_code=500)
 
 
+async def break_mid_answer(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    raise RuntimeError("a bug after the answer began")
+
+
 async def overloaded(request: Request) -> JSONResponse:
     return JSONResponse({"error": "process is overloaded"}, status_code=503)
 
@@ -56,6 +63,7 @@ APP = Starlette(
         Route("/bad", framework_400, methods=["POST"]),
         Route("/crash", crash),
         Route("/busy", overloaded),
+        Mount("/broken", break_mid_answer),
     ]
 )
 CLIENT = TestClient(
@@ -185,6 +193,20 @@ def _refusal_of(body: bytes, rule: UploadRule, boundary: str = "b") -> Classifie
     with pytest.raises(ClassifierError) as refused:
         parse_multipart(f"multipart/form-data; boundary={boundary}", [body], rule)
     return refused.value
+
+
+def test_a_bug_after_the_answer_began_is_logged_once_with_its_request(caplog):
+    """Too late for the envelope, the error goes on to the server, which cuts the answer and
+    logged the traceback a second time, without the request id."""
+    with pytest.raises(RuntimeError) as raised:
+        TestClient(BoundaryMiddleware(APP, upload_routes={})).get("/broken")
+    ours = [r for r in caplog.records if r.name == "image_classifier.http.boundary"]
+    assert len(ours) == 1 and ours[0].exc_info[1] is raised.value
+    again = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI "
+                              "application", (), (RuntimeError, raised.value, None))  # fmt: skip
+    assert logs._said_already(again) is False
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "x", (), None)
+    assert logs._said_already(other) is True
 
 
 def test_a_malformed_body_says_what_is_wrong_with_it():
