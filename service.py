@@ -49,7 +49,7 @@ log.info("sized: %s", SETTINGS.sizing)
     tracing={} if SETTINGS.tracing else {"excluded_urls": [".*"]},
 )
 @bentoml.asgi_app(  # /info, /ui and /v2: it claims only its own routes
-    build_app(lambda: bentoml.get_current_service().predictor, SETTINGS),
+    build_app(bentoml.get_current_service, SETTINGS),
     path="/",
 )
 class ImageClassifier:

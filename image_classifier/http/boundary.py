@@ -73,9 +73,10 @@ class BoundaryMiddleware:
         started = time.perf_counter()
         request_id = _adopt_request_id(scope)
         path = scope["path"]
-        send = _EnvelopingSend(
-            send, request_id, path == self.readiness_path, is_open_inference_path(path)
-        )
+        readiness = None
+        if path == self.readiness_path:  # its 503 says why
+            readiness = ErrorCode.SHUTTING_DOWN if self.gate.draining else ErrorCode.NOT_READY
+        send = _EnvelopingSend(send, request_id, readiness, is_open_inference_path(path))
         with logs.request_context(request_id, scope["method"], scope["path"]) as log_fields:
             try:
                 await self._answer(scope, receive, send, request_id)
@@ -206,11 +207,15 @@ class _EnvelopingSend:
     (into the protocol's error shape on Open Inference routes)."""
 
     def __init__(
-        self, send: Send, request_id: str, is_readiness: bool, open_inference: bool = False
+        self,
+        send: Send,
+        request_id: str,
+        readiness: ErrorCode | None,
+        open_inference: bool = False,
     ) -> None:
         self.send = send
         self.request_id = request_id
-        self.is_readiness = is_readiness
+        self.readiness = readiness  # on the readiness probe: the code of its 503
         self.open_inference = open_inference
         self.held_start: Message | None = None
         self.held_body: list[bytes] = []
@@ -279,8 +284,8 @@ class _EnvelopingSend:
         await self.send({"type": "http.response.body", "body": body})
 
     def _code_for(self, status: int) -> ErrorCode:
-        if status == 503 and self.is_readiness:
-            return ErrorCode.NOT_READY
+        if status == 503 and self.readiness is not None:
+            return self.readiness
         if status in CODE_FOR_STATUS:
             return CODE_FOR_STATUS[status]
         return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -120,10 +120,22 @@ def _answers(error: type[BaseModel], statuses: tuple[int, ...]) -> dict[int | st
     return {status: {"model": error, "description": _WHY[status]} for status in sorted(statuses)}
 
 
-def build_app(get_predictor: Callable[[], Predictor], settings: Settings) -> FastAPI:
-    """`get_predictor` is called per request: the service instance exists only once serving."""
+class ServiceView(Protocol):
+    """What the routes need of the service: its predictor, and its readiness (every worker's
+    models loaded, not draining), which `/readyz` and gRPC answer too."""
+
+    predictor: Predictor
+
+    def __is_ready__(self) -> bool: ...
+
+
+def build_app(get_service: Callable[[], ServiceView], settings: Settings) -> FastAPI:
+    """`get_service` is called per request: the service instance exists only once serving."""
     ui_page = UI_PAGE.read_text(encoding="utf-8")
     max_items = settings.max_batch_images
+
+    def get_predictor() -> Predictor:
+        return get_service().predictor
 
     async def info(request: Request) -> JSONResponse:
         return JSONResponse(get_predictor().info())
@@ -139,7 +151,9 @@ def build_app(get_predictor: Callable[[], Predictor], settings: Settings) -> Fas
 
     async def ready(request: Request) -> JSONResponse:
         for served in get_predictor().router.models:
-            served.ready_classifier()
+            served.ready_classifier()  # NOT_READY, naming a model still loading here
+        if not get_service().__is_ready__():  # another worker still loading, or draining
+            raise ClassifierError(ErrorCode.NOT_READY, "the server is not ready to serve")
         return JSONResponse({"ready": True})
 
     async def model_ready(request: Request) -> JSONResponse:

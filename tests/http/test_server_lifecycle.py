@@ -175,7 +175,8 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     measured(f"\nSIGTERM drain: {summary}")
     outcomes, signalled_at = report["outcomes"], report["signalled_at"]
     assert report["batch_status"] == 200 and report["batch_items_ok"] == len(big)
-    assert report["readyz_while_draining"] == 503
+    assert report["readyz_while_draining"] == (503, "SHUTTING_DOWN")  # was NOT_READY: not why
+    assert report["v2_ready_while_draining"] == 503  # it said 200 while /readyz said 503
     # gRPC drains alike: the call in work finishes, a new one is told to go elsewhere.
     assert report["grpc_in_work"] == ("OK", 16), report["grpc_in_work"]
     assert report["grpc_ready_while_draining"] == (False, "NOT_SERVING")
@@ -240,6 +241,7 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
             await asyncio.sleep(0.02)
             readyz = await client.get(f"{server.url}/readyz")
         readyz_503_after_s = round(time.monotonic() - signalled_at, 3)
+        v2_ready = await client.get(f"{server.url}/v2/health/ready")
         grpc_ready = await _grpc_ready(server.grpc_target)
         grpc_new_call = await _grpc_infer(server.grpc_target, [digit])
         batch_response = await batch
@@ -248,7 +250,8 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
     return {
         "signalled_at": signalled_at,
         "outcomes": outcomes,
-        "readyz_while_draining": readyz.status_code,
+        "readyz_while_draining": (readyz.status_code, readyz.headers.get("x-error-code")),
+        "v2_ready_while_draining": v2_ready.status_code,
         "readyz_503_after_s": readyz_503_after_s,
         "grpc_in_work": await grpc_in_work,
         "grpc_ready_while_draining": grpc_ready,
