@@ -34,7 +34,7 @@ from image_classifier.serving.evaluation_record import (
 )
 
 from .folders import UNREADABLE, ImageFolderError, Picture, PictureFolder, scan_labelled
-from .store import stored_classifier
+from .store import stored_classifier, stored_tag
 
 BATCH = 32  # pictures prepared and run at a time: memory stays bounded on large folders
 CALIBRATION_BINS = 15
@@ -237,6 +237,7 @@ def evaluate(
     skip_unknown: bool = False,
 ) -> tuple[dict, PictureFolder]:
     """`python -m training_export evaluate`: figures, a report folder, optionally saved."""
+    tag = stored_tag(tag)
     classifier, model_dir = stored_classifier(tag)
     result, folder = evaluate_classifier(classifier, images, skip_unknown)
     result = {"model": tag, **result}

@@ -174,6 +174,8 @@ def run(args, say: Callable[[str], None] = print) -> None:  # noqa: ANN001 - arg
     path = record_path()
     record = read_record(path)
     action = args.models_command
+    if getattr(args, "tag", None):  # the store's own spelling, as the record and server need it:
+        args.tag = str(_get(args.tag).tag)  # `name:latest` resolved, upper case lowered
     if action == "list":
         rows = list_versions(record, args.name)
         say(f"{'tag':<32} {'created':<17} {'source':<26} {'accuracy':>8}  role")

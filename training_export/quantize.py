@@ -33,7 +33,7 @@ from image_classifier.serving.machine import int8_saturates
 from .digits import render_heldout
 from .pipeline import TrainingError
 from .recipe import MODEL_NAME
-from .store import already_saved, git_commit, library_versions, load_card, save_to_store
+from .store import git_commit, library_versions, load_card, save_to_store
 
 MAX_ACCURACY_DROP = 0.01  # digits: held-out accuracy may fall by at most 1 point
 MIN_TOP1_AGREEMENT = 0.99  # benchmark models: INT8 top-1 equals fp32 top-1 on >= 99% of pictures
@@ -206,6 +206,19 @@ def refuse_int8_source(tag: str, card: ModelCard) -> None:
         )
 
 
+def check_out_tag(source_tag: str, out_tag: str, force: bool) -> None:
+    """The INT8 entry is a new one: never the source (replacing it deleted the float32 model the
+    quantization reads), and an existing one only with --force (replaced once the gate passes)."""
+    stored = model_store.find(out_tag)
+    if stored is not None and str(stored.tag) == source_tag.lower():
+        raise QuantizationError(f"--out {out_tag} is the model being quantized: name a new tag")
+    if stored is not None and not force:
+        raise QuantizationError(
+            f"{stored.tag} is already in the model store: pass --force to replace it (once the "
+            "new one passes its gate), or --out another tag"
+        )
+
+
 def save_int8(
     int8: Path, card: ModelCard, source_tag: str, out_tag: str, metrics: dict, figures: dict
 ) -> str:
@@ -240,8 +253,7 @@ def quantize_and_save(
     card = load_card(source_tag)
     refuse_int8_source(source_tag, card)
     out_tag = out_tag or f"{source.tag.name}-int8:{source.tag.version}"
-    if already_saved(out_tag, force, say):
-        return out_tag
+    check_out_tag(str(source.tag), out_tag, force)
     data = data if data is not None else quantization_data(card)
     fp32 = Path(source.path) / card.onnx_file
     with tempfile.TemporaryDirectory() as folder:

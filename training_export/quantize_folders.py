@@ -27,13 +27,14 @@ from .quantize import (
     MAX_ACCURACY_DROP,
     MIN_TOP1_AGREEMENT,
     QuantizationError,
+    check_out_tag,
     judge_accuracy,
     judge_agreement,
     quantize_qdq,
     refuse_int8_source,
     save_int8,
 )
-from .store import already_saved, stored_classifier
+from .store import stored_classifier, stored_tag
 
 HELD_BACK_EVERY = 4  # without labelled pictures, every 4th calibration picture judges
 MAX_CALIBRATION_PICTURES = 128  # ONNX Runtime's calibrator keeps every run's activations
@@ -50,12 +51,12 @@ def quantize_with_folders(
     skip_unknown: bool = False,
     say: Callable[[str], None] = print,
 ) -> str:
+    tag = stored_tag(tag)
     fp32, model_dir = stored_classifier(tag)
     refuse_int8_source(tag, fp32.card)
     name, version = tag.split(":", 1)
     out_tag = out_tag or f"{name}-int8:{version}"
-    if already_saved(out_tag, force, say):
-        return out_tag
+    check_out_tag(tag, out_tag, force)
     max_drop = MAX_ACCURACY_DROP if max_drop is None else max_drop
     pictures = scan_pictures(calibration)
     if images is None:

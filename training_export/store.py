@@ -41,14 +41,13 @@ def git_commit() -> str | None:
 
 
 def already_saved(tag: str, force: bool, say: Callable[[str], None]) -> bool:
-    """True (and says so) when `tag` is stored and stays; with `force`, it is deleted first."""
-    if model_store.find(tag) is None:
+    """True (and says so) when `tag` is stored and stays. With `force`, False: `save_to_store`
+    replaces the entry once the new model is built and checked, so a failed build or gate
+    leaves the old one (it may be the one served)."""
+    if model_store.find(tag) is None or force:
         return False
-    if not force:
-        say(f"{tag} is already in the model store (use --force to replace it)")
-        return True
-    bentoml.models.delete(tag)
-    return False
+    say(f"{tag} is already in the model store (use --force to replace it)")
+    return True
 
 
 def load_card(tag: str) -> ModelCard:
@@ -56,13 +55,27 @@ def load_card(tag: str) -> ModelCard:
 
 
 def save_to_store(onnx_path: Path, card: ModelCard, tag: str) -> str:
-    """The ONNX file and card.json in a new store entry; the card also goes in the metadata."""
+    """The ONNX file and card.json in a new store entry (replacing one of the same tag: callers
+    ask `already_saved` first); the card also goes in the metadata."""
+    if model_store.find(tag) is not None:
+        bentoml.models.delete(tag)
     card_json = card.model_dump(mode="json", exclude_none=True)  # the store refuses None values
     labels = {"source": card.source, "task": card.task}
     with bentoml.models.create(tag, labels=labels, metadata={"card": card_json}) as model:
         target = Path(model.path)
         shutil.copyfile(onnx_path, target / card.onnx_file)
         (target / CARD_FILE).write_text(card.model_dump_json(indent=2))
+    return str(model.tag)
+
+
+def stored_tag(tag: str) -> str:
+    """The store's own spelling of `tag` (`name:latest` resolved, upper case lowered): what a
+    record or a saved evaluation must name, for the server and the other commands to find it."""
+    if ":" not in tag:
+        raise ValueError(f"give a full tag, name:version (got {tag!r})")
+    model = model_store.find(tag)
+    if model is None:
+        raise ValueError(f"{tag} is not in the model store")
     return str(model.tag)
 
 

@@ -33,7 +33,9 @@ def test_promote_then_roll_back_with_a_restart_each(
     with serve(trained_store, artifacts / "versions-1.log", env=env) as server:
         assert served_version(server, image) == ("v1", "v1")  # no record yet: the default
 
-    promoted = training_cli("models", "promote", second_version, **cli)
+    # As typed, in upper case: the record names the store's own tag (it was written as typed,
+    # and neither `models list` nor saved evaluations matched it; `name:latest` alike).
+    promoted = training_cli("models", "promote", second_version.upper(), **cli)
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert read_record(record).model_tag == second_version
     listing = training_cli("models", "list", "digits-cnn", **cli).stdout

@@ -70,6 +70,27 @@ def test_a_calibration_that_ruins_accuracy_is_refused_by_how_much(
     assert "points below fp32" in result.stderr and "not saved" in result.stderr
     assert not (bentoml_home / "models" / "colours-own-int8" / "white").exists()
 
+    # An entry that --force would replace stays until the new one passes its gate (it was
+    # deleted first: the served INT8 model gone, and the server no longer started).
+    unlabelled = str(own_model / "pictures" / "unlabelled")
+    kept = training_cli("quantize", own_tag, "--calibration", unlabelled, "--out",
+                        "colours-own-int8:kept", home=bentoml_home)  # fmt: skip
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    card_before = (store_model_dir(bentoml_home, "colours-own-int8:kept") / "card.json").read_text()
+    forced = training_cli("quantize", own_tag, "--calibration", str(white), "--images",
+                          str(own_model / "pictures" / "labelled"), "--out",
+                          "colours-own-int8:kept", "--force", home=bentoml_home)  # fmt: skip
+    assert forced.returncode == 1 and "not saved" in forced.stderr, forced.stdout
+    card_after = (store_model_dir(bentoml_home, "colours-own-int8:kept") / "card.json").read_text()
+    assert card_after == card_before
+    unforced = training_cli("quantize", own_tag, "--calibration", unlabelled, "--out",
+                            "colours-own-int8:kept", home=bentoml_home)  # fmt: skip
+    assert unforced.returncode == 1 and "pass --force to replace it" in unforced.stderr
+    onto_source = training_cli("quantize", own_tag, "--calibration", unlabelled, "--out",
+                               own_tag.upper(), "--force", home=bentoml_home)  # fmt: skip
+    assert onto_source.returncode == 1 and "is the model being quantized" in onto_source.stderr
+    assert store_model_dir(bentoml_home, own_tag).exists()  # the float32 model is still there
+
     few = tmp_path / "few"
     shutil.copytree(white, few, ignore=lambda _, names: sorted(names)[5:])
     too_few = training_cli("quantize", own_tag, "--calibration", str(few), "--out",
