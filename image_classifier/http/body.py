@@ -24,6 +24,11 @@ from ..core.errors import ClassifierError, ErrorCode
 from ..serving.settings import Settings
 
 
+class ClientGone(Exception):
+    """The client hung up before its body's end: no one to answer (logged as 499, not counted
+    as a bad request: the refused-uploads alarm would ring for clients that gave up)."""
+
+
 @dataclass(frozen=True)
 class BodyPace:
     timeout_s: float = Settings.body_timeout_s
@@ -53,8 +58,8 @@ async def read_body(
     encoding: str | None = None,
 ) -> list[bytes]:
     """The whole body, as the chunks it came in, or ClassifierError: 413 over `max_bytes` (a
-    Content-Length over it is refused before a byte is read), 408 too slow, 400 when the client
-    hangs up. A body sent gzip or deflate (`encoding`: its Content-Encoding) comes inflated.
+    Content-Length over it is refused before a byte is read), 408 too slow; ClientGone when the
+    client hangs up. A body sent gzip or deflate (`encoding`: its Content-Encoding) comes inflated.
 
     Chunks, not one joined copy: a multipart upload is parsed chunk by chunk, so a photo's bytes
     are copied once (into its part), not twice. Each copy of a few MB is a fresh block of pages
@@ -132,7 +137,7 @@ async def discard_body(receive: Receive, pace: BodyPace) -> bool:
     try:
         async for _ in _paced_chunks(receive, pace):
             pass
-    except ClassifierError:
+    except (ClassifierError, ClientGone):
         return False
     return True
 
@@ -153,7 +158,7 @@ async def _paced_chunks(receive: Receive, pace: BodyPace):
                 f"it within {pace.timeout_s:g} s, at {pace.min_bytes_per_s:,} bytes/s or more",
             ) from None
         if message["type"] == "http.disconnect":
-            raise ClassifierError(ErrorCode.INVALID_REQUEST, "the client disconnected")
+            raise ClientGone
         chunk = message.get("body", b"")
         received += len(chunk)
         yield chunk

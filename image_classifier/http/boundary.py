@@ -26,7 +26,7 @@ from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
-from .body import BodyPace, discard_body, read_body
+from .body import BodyPace, ClientGone, discard_body, read_body
 from .envelope import (
     CODE_FOR_STATUS,
     HTTP_STATUS,
@@ -91,6 +91,8 @@ class BoundaryMiddleware:
         try:
             async with asyncio.timeout(self.gate.policy.request_timeout_s):
                 await self._admit(scope, receive, send, request_id)
+        except ClientGone:
+            return  # no answer to send: the access line says 499
         except ClassifierError as exc:
             await send.error(exc)
         except TimeoutError:

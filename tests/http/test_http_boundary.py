@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -207,6 +208,29 @@ def test_a_bug_after_the_answer_began_is_logged_once_with_its_request(caplog):
     assert logs._said_already(again) is False
     other = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "x", (), None)
     assert logs._said_already(other) is True
+
+
+def test_a_client_gone_mid_body_is_logged_499_not_counted_as_a_bad_request(caplog):
+    """It was answered 400 INVALID_REQUEST (to no one) and counted in the errors that the
+    refused-uploads alarm watches."""
+    messages = [{"type": "http.request", "body": b"--b\r\n", "more_body": True},
+                {"type": "http.disconnect"}]  # fmt: skip
+    sent = []
+
+    async def receive():  # noqa: ANN202
+        return messages.pop(0)
+
+    async def send(message) -> None:  # noqa: ANN001
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"900")]
+    scope = {"type": "http", "method": "POST", "path": "/upload", "headers": headers,
+             "query_string": b"", "client": ("127.0.0.1", 5000)}  # fmt: skip
+    caplog.set_level(logging.INFO, logger="image_classifier.access")
+    asyncio.run(CLIENT.app(scope, receive, send))
+    assert sent == []
+    (line,) = [r for r in caplog.records if r.name == "image_classifier.access"]
+    assert line.status == 499 and not hasattr(line, "error_code"), vars(line)
 
 
 def test_a_malformed_body_says_what_is_wrong_with_it():
