@@ -154,7 +154,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _add_folder_flags(quant, required=False)
     quant.add_argument(
         "--max-drop",
-        type=float,
+        type=_fraction,
         default=None,
         help="largest accuracy drop accepted on --images (default 0.01)",
     )
@@ -175,6 +175,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     _add_models_parser(commands)
     return parser
+
+
+def _fraction(text: str) -> float:
+    """A share between 0 and 1 (an accuracy drop of 0.01 is one point)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text!r}")
+    return value
 
 
 def _add_folder_flags(parser: argparse.ArgumentParser, required: bool) -> None:

@@ -62,8 +62,18 @@ def picture_extensions(formats: tuple[str, ...] = DecodeLimits.allowed_formats) 
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in allowed}
 
 
-def _files_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def _files_below(folder: Path, found: PictureFolder) -> list[Path]:
+    """The files below `folder`, but those in or under a hidden entry (`.ipynb_checkpoints`
+    copies, `.DS_Store`), which are noted as skipped."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        if any(part.startswith(".") for part in path.relative_to(found.root).parts):
+            found.skip(HIDDEN, _relative(path, found.root))
+        else:
+            files.append(path)
+    return files
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -75,7 +85,7 @@ def scan_pictures(folder: Path) -> PictureFolder:
     root = _existing_folder(folder)
     found = PictureFolder(root, [])
     extensions = picture_extensions()
-    for path in _files_below(root):
+    for path in _files_below(root, found):
         if path.suffix.lower() in extensions:
             found.pictures.append(Picture(path, None))
         else:
@@ -98,7 +108,7 @@ def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -
         if entry.is_file():
             found.skip(OUTSIDE_LABELS, entry.name)
             continue
-        files = _files_below(entry)
+        files = _files_below(entry, found)
         pictures = [p for p in files if p.suffix.lower() in extensions]
         for path in files:
             if path.suffix.lower() not in extensions:

@@ -91,6 +91,12 @@ def test_odd_folders_get_clear_errors_with_counts(own_tag, own_model, bentoml_ho
     purple.mkdir()
     for i in range(2):
         Image.new("RGB", (17, 9), (120, 0, 120)).save(purple / f"{i}.png")
+    # Inside a label's folder too, hidden entries are not pictures of it (a notebook's
+    # checkpoint copies were evaluated as red things).
+    checkpoints = images / "red things" / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    Image.new("RGB", (17, 9), (0, 0, 200)).save(checkpoints / "copy.png")
+    (images / "red things" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     unknown, _ = evaluate(own_tag, images, bentoml_home, tmp_path)
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert "'purple things' (2 pictures" in unknown.stderr and "--skip-unknown" in unknown.stderr
@@ -98,6 +104,7 @@ def test_odd_folders_get_clear_errors_with_counts(own_tag, own_model, bentoml_ho
     assert skipped.returncode == 0, skipped.stderr
     assert figures["skipped"][
         "pictures in folders that are not labels of the model"] == 2  # fmt: skip
+    assert figures["skipped"]["hidden entries"] == 2
     assert figures["samples"] == 60
 
     empty = tmp_path / "empty"

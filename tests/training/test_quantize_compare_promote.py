@@ -90,6 +90,9 @@ def test_a_calibration_that_ruins_accuracy_is_refused_by_how_much(
                                own_tag.upper(), "--force", home=bentoml_home)  # fmt: skip
     assert onto_source.returncode == 1 and "is the model being quantized" in onto_source.stderr
     assert store_model_dir(bentoml_home, own_tag).exists()  # the float32 model is still there
+    negative = training_cli("quantize", own_tag, "--calibration", unlabelled, "--max-drop", "-1",
+                            home=bentoml_home)  # fmt: skip
+    assert negative.returncode == 2 and "a share between 0 and 1" in negative.stderr
 
     few = tmp_path / "few"
     shutil.copytree(white, few, ignore=lambda _, names: sorted(names)[5:])
