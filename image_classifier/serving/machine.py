@@ -95,12 +95,20 @@ def size_for(budget: CpuBudget, workers: int = 0) -> Sizing:
     runs = max(1, budget.cpus // workers)
     threads = 2 * runs
     solo = max(runs, min(2, budget.cpus))
-    reason = (
-        f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s), each with "
-        f"{threads} threads and {runs} model run(s) at once of 1 ONNX Runtime thread "
-        f"({solo} for an image that runs alone)"
+    return Sizing(
+        workers, threads, runs, 1, solo, describe_sizing(budget, workers, threads, runs, 1, solo)
     )
-    return Sizing(workers, threads, runs, 1, solo, reason)
+
+
+def describe_sizing(
+    budget: CpuBudget, workers: int, threads: int, runs: int, intra_op: int, solo: int
+) -> str:
+    """What /info and the start line say of the counts in effect, and the CPUs they came from."""
+    return (
+        f"{budget.cpus} usable CPU(s) ({budget.reason}): {workers} worker(s), each with "
+        f"{threads} threads and {runs} model run(s) at once of {intra_op} ONNX Runtime "
+        f"thread(s) ({solo} for an image that runs alone)"
+    )
 
 
 def share_the_interpreter_lock(switch_interval_ms: float) -> None:

@@ -18,7 +18,7 @@ from limits import parse as parse_rate_limit
 from ..core.classifier import ClassifierOptions
 from ..core.decoding import DecodeLimits, decodable_formats
 from .evaluation_record import evaluations_path
-from .machine import CpuBudget, cpu_budget, size_for
+from .machine import CpuBudget, cpu_budget, describe_sizing, size_for
 from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
@@ -175,8 +175,10 @@ class Settings:
         chosen = size_for(budget, workers=self.workers)
         auto = {name: getattr(chosen, name) for name in _SIZED if getattr(self, name) == 0}
         given = [f"{_env_name(name)}={getattr(self, name)}" for name in _SIZED if name not in auto]
-        sizing = chosen.reason + (f"; set in the environment: {', '.join(given)}" if given else "")
-        return replace(self, **auto, sizing=sizing)
+        final = replace(self, **auto)
+        sizing = describe_sizing(budget, *(getattr(final, name) for name in _SIZED))
+        sizing += f"; set in the environment: {', '.join(given)}" if given else ""
+        return replace(final, sizing=sizing)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -83,6 +83,8 @@ def test_given_values_win_and_are_named():
     assert (settings.workers, settings.ort_intra_op_threads) == (3, 2)
     assert settings.threads >= 1 and settings.model_runs >= 1
     assert "set in the environment: WORKERS=3, ORT_INTRA_OP_THREADS=2" in settings.sizing
+    # The sentence says the counts in effect (it said those the CPUs alone would give).
+    assert "3 worker(s)" in settings.sizing and "of 2 ONNX Runtime thread(s)" in settings.sizing
 
 
 @pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (2, 2, 1))])
