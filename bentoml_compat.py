@@ -17,6 +17,7 @@ from circus import process as circus_process
 from circus import sockets as circus_sockets
 
 from image_classifier.http.logs import UNMATCHED_ENDPOINT
+from image_classifier.serving.settings import start_refused
 
 API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
 
@@ -120,14 +121,14 @@ def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  #
         # Once, at start: a replaced worker's socket copy is made later, when the others hold it.
         _serving.grpc_port_checked = True
         if _serving.grpc_port == sock.port:
-            raise SystemExit(
+            raise start_refused(
                 f"GRPC_PORT {_serving.grpc_port} is the HTTP port too; give gRPC a port of its "
                 "own, or 0 for no gRPC"
             )
         try:
             _refuse_a_taken_port(sock.family, sock.host, _serving.grpc_port)
         except OSError as exc:
-            raise SystemExit(
+            raise start_refused(
                 f"GRPC_PORT {_serving.grpc_port} on {sock.host} cannot be used ({exc.strerror}): "
                 "another process holds it; set GRPC_PORT to a free port, or 0 for no gRPC"
             ) from None

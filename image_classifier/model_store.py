@@ -9,6 +9,8 @@ from __future__ import annotations
 import bentoml
 from bentoml.exceptions import NotFound
 
+from .serving.settings import start_refused
+
 MODEL_HELP = (
     "Run `python -m training_export ensure-default` for the default model, or "
     "`python -m training_export import-onnx` for your own, then start again."
@@ -29,7 +31,7 @@ def served(tag: str) -> bentoml.models.BentoModel | None:
     if not tag:
         return None
     if find(tag) is None:
-        raise SystemExit(f"model {tag} is not in the BentoML model store. {MODEL_HELP}")
+        raise start_refused(f"model {tag} is not in the BentoML model store. {MODEL_HELP}")
     return bentoml.models.BentoModel(tag)
 
 
@@ -39,7 +41,7 @@ def served_pair(
     """The served model and its optional candidate, refused at start when they clash."""
     model, candidate = served(model_tag), served(candidate_tag)
     if model and candidate and (clash := version_clash(str(model.tag), str(candidate.tag))):
-        raise SystemExit(clash)
+        raise start_refused(clash)
     return model, candidate
 
 

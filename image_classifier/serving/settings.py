@@ -7,10 +7,12 @@ current values.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from limits import parse as parse_rate_limit
@@ -209,7 +211,7 @@ class Settings:
         try:
             return cls.from_env()
         except ValueError as exc:
-            raise SystemExit(f"configuration error: {exc}") from None
+            raise start_refused(f"configuration error: {exc}") from None
 
     def validate(self) -> None:
         positive = (
@@ -274,6 +276,17 @@ class Settings:
                 f"ALLOWED_FORMATS names {', '.join(unknown)}, which Pillow does not decode here "
                 f"(it does: {', '.join(sorted(decodable_formats()))})"
             )
+
+
+def start_refused(message: str) -> SystemExit:
+    """The one line a server that cannot start writes before it exits with status 1: a JSON
+    line like all the others (log pipelines drop or garble plain text), unless LOG_FORMAT=text.
+    Read from the raw environment: the settings themselves may be what is wrong."""
+    if os.environ.get("LOG_FORMAT", "").strip().lower() == "text":
+        return SystemExit(message)
+    line = {"level": "ERROR", "logger": "image_classifier.start", "message": message,
+            "timestamp": datetime.now(UTC).isoformat()}  # fmt: skip
+    return SystemExit(json.dumps(line))
 
 
 _SIZED = ("workers", "threads", "model_runs", "ort_intra_op_threads", "ort_solo_threads")

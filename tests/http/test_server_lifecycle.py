@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,8 @@ def test_a_bad_setting_stops_the_start_with_one_clear_line(
     )
     lines = [line for line in log.splitlines() if variable in line]
     assert len(lines) == 1 and "configuration error" in lines[0], log
+    # A JSON line, as every other (LOG_FORMAT's default): it was the one plain-text line.
+    assert json.loads(lines[0])["level"] == "ERROR", lines[0]
 
 
 def test_a_taken_grpc_port_stops_the_start_with_one_clear_line(trained_store, artifacts):
@@ -100,6 +103,7 @@ def test_a_grpc_port_that_is_the_http_port_stops_the_start_with_one_clear_line(
     )
     lines = [line for line in log.splitlines() if "GRPC_PORT" in line]
     assert len(lines) == 1 and "the HTTP port too" in lines[0], log
+    assert json.loads(lines[0])["message"].startswith("GRPC_PORT"), lines[0]
 
 
 def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):
