@@ -52,6 +52,7 @@ class AdmissionPolicy:
     request_timeout_s: float = Settings.request_timeout_s  # still in work after: 504 TIMEOUT
     max_receiving: int = Settings.max_receiving  # bodies arriving at once; more: 503 OVERLOADED
     max_receiving_per_client: int = Settings.max_receiving_per_client  # more: 429 RATE_LIMITED
+    max_body_memory: int = Settings.max_body_memory  # body bytes held at once; more: 503
     redis_url: str = Settings.redis_url  # empty: the rate limit is counted per worker
 
     @classmethod
@@ -63,6 +64,7 @@ class AdmissionPolicy:
             request_timeout_s=settings.request_timeout_s,
             max_receiving=settings.max_receiving,
             max_receiving_per_client=settings.max_receiving_per_client,
+            max_body_memory=settings.max_body_memory,
             redis_url=settings.redis_url,
         )
 
@@ -86,6 +88,7 @@ class Gate:
         self.receiving = 0  # bodies arriving (admitted, not yet in work)
         self._responding = 0  # answers being written (work done)
         self._receiving_by_client: collections.Counter[str] = collections.Counter()
+        self.body_bytes = 0  # held for the bodies of requests arriving or in work
         self.draining = False  # set on SIGTERM: finish what is in work, take nothing new
 
     @property
@@ -131,10 +134,12 @@ class Gate:
             retry_after_s=retry_after,
         )
 
-    def start_receiving(self, client_key: str) -> None:
+    def start_receiving(self, client_key: str, body_bytes: int = 0) -> None:
         """On arrival: refuse at once (cheap, before any body is read) when draining, when the
-        work slots and their queue are full, or when too many bodies are arriving, in all or from
-        this client. (While only the slots are full, `protocol.py` refused it earlier still.)"""
+        work slots and their queue are full, when too many bodies are arriving, in all or from
+        this client, or when its body (`body_bytes`: its declared length, else the route's cap)
+        would take the body memory past its budget. (While only the slots are full, `protocol.py`
+        refused it earlier still.) `release_body` gives the bytes back once it is answered."""
         self.check_not_draining()
         if self._slot_queue_is_full():  # its body would be read for nothing
             raise self._overloaded()
@@ -150,8 +155,19 @@ class Gate:
                 f"this client is already sending {self.policy.max_receiving_per_client} uploads",
                 retry_after_s=OVERLOADED_RETRY_AFTER_S,
             )
+        if self.body_bytes and self.body_bytes + body_bytes > self.policy.max_body_memory:
+            raise ClassifierError(
+                ErrorCode.OVERLOADED,
+                f"the server holds its limit of {self.policy.max_body_memory:,} bytes of "
+                "request bodies",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
         self.receiving += 1
         self._receiving_by_client[client_key] += 1
+        self.body_bytes += body_bytes
+
+    def release_body(self, body_bytes: int) -> None:
+        self.body_bytes -= body_bytes
 
     def check_not_draining(self) -> None:
         """New work is refused once SIGTERM came: the client retries on another replica."""

@@ -119,13 +119,26 @@ class BoundaryMiddleware:
             await self.app(scope, receive, send)
             return
         client = client or _client_address(scope)
+        body_bytes = _body_bytes(scope, route.max_bytes)
         send.close_connection = True  # an answer before the whole body is in ends the connection
         try:
-            self.gate.start_receiving(client)  # a SIGTERM drain also waits for bodies coming in
+            # A SIGTERM drain also waits for bodies coming in.
+            self.gate.start_receiving(client, body_bytes)
         except ClassifierError:
             # Answer after the body (no reset under the client), unless it comes too slowly.
             send.close_connection = not await discard_body(receive, self.pace)
             raise
+        try:
+            await self._upload(scope, receive, send, request_id, route, client)
+        finally:
+            self.gate.release_body(body_bytes)
+
+    async def _upload(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, route: UploadRoute,
+        client: str,
+    ) -> None:  # fmt: skip
+        """Its body read against the clock and the cap, then worked on in a slot, then answered."""
+        path = scope["path"]
         try:
             receiving = time.perf_counter()
             body = await read_body(
@@ -156,6 +169,19 @@ class BoundaryMiddleware:
             answered = time.perf_counter()
             await response(scope, receive, send)
             metrics.RESPOND_SECONDS.observe(time.perf_counter() - answered)
+
+
+def _body_bytes(scope: Scope, max_bytes: int) -> int:
+    """What a body will hold in memory at most: its declared length (one over the cap is refused
+    before it is read), else (chunked, or compressed) the route's cap."""
+    declared = _header(scope, "content-length")
+    if (
+        declared is None
+        or not (declared.isascii() and declared.isdigit())
+        or _header(scope, "content-encoding")
+    ):
+        return max_bytes
+    return min(int(declared), max_bytes)
 
 
 def _header(scope: Scope, name: str) -> str | None:

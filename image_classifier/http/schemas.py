@@ -110,6 +110,26 @@ class InfoLimits(BaseModel):
     max_batch_bytes: int
     max_image_pixels: int
     allowed_formats: list[str]
+    max_body_memory: int
+
+
+class InfoAdmission(BaseModel):
+    """Who gets in and for how long: what an operator checks first when requests are refused."""
+
+    auth: bool  # API_TOKENS set
+    rate_limit: str  # "" when off
+    shared_state: bool  # REDIS_URL set
+    max_concurrency: int
+    max_receiving: int
+    max_receiving_per_client: int
+    request_timeout_s: float
+    body_timeout_s: float
+    body_min_bytes_per_s: int
+    shutdown_grace_s: float
+    grpc_port: int  # 0: no gRPC
+    cache_size: int  # 0: off
+    cache_ttl_s: float
+    default_top_k: int
 
 
 class InfoGrades(BaseModel):
@@ -133,4 +153,5 @@ class Info(BaseModel):
     batching: InfoBatching
     sizing: InfoSizing
     limits: InfoLimits
+    admission: InfoAdmission
     grades: InfoGrades

@@ -184,6 +184,13 @@ class Predictor:
                 "max_batch_bytes": settings.max_batch_bytes,
                 "max_image_pixels": settings.max_image_pixels,
                 "allowed_formats": list(settings.allowed_formats),
+                "max_body_memory": settings.max_body_memory,
+            },
+            "admission": {
+                "auth": bool(settings.api_tokens),
+                "rate_limit": settings.rate_limit,
+                "shared_state": bool(settings.redis_url),
+                **{name: getattr(settings, name) for name in _ADMISSION_SETTINGS},
             },
             "grades": {"high": settings.grade_high, "medium": settings.grade_medium},
         }
@@ -306,6 +313,11 @@ class Predictor:
             log.warning("shadow scoring by %s failed", shadow.tag, exc_info=True)
 
 
+_ADMISSION_SETTINGS = (
+    "max_concurrency", "max_receiving", "max_receiving_per_client", "request_timeout_s",
+    "body_timeout_s", "body_min_bytes_per_s", "shutdown_grace_s", "grpc_port", "cache_size",
+    "cache_ttl_s", "default_top_k",
+)  # fmt: skip
 _ITEM_ERRORS = {
     ErrorCode.INVALID_IMAGE,
     ErrorCode.IMAGE_TOO_LARGE,

@@ -129,6 +129,12 @@ class Settings:
         512,
         "upload bodies arriving at once per worker, apart from the requests in work (503 above)",
     )
+    max_body_memory: int = _env(
+        "MAX_BODY_MEMORY",
+        512 * MIB,
+        "request body bytes held at once per worker, arriving or in work (503 above; one "
+        "request alone is always let in)",
+    )
     max_receiving_per_client: int = _env(
         "MAX_RECEIVING_PER_CLIENT",
         64,
@@ -230,6 +236,7 @@ class Settings:
             "body_min_bytes_per_s",
             "max_receiving",
             "max_receiving_per_client",
+            "max_body_memory",
             "drift_window",
         )
         for name in positive:
@@ -307,6 +314,7 @@ _MOST = {
         ),
         2**31 - 1,
     ),
+    "max_body_memory": 2**40,
 }  # fmt: skip
 
 

@@ -67,6 +67,12 @@ def test_probes_and_info(server):
     assert info["model"] == {"name": "digits-cnn", "version": "v1"}
     assert info["metrics"]["accuracy"] >= 0.97
     assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
+    assert info["limits"]["max_body_memory"] == 512 * 1024 * 1024
+    admission = info["admission"]  # what decides refusals, said where an operator looks
+    assert (admission["auth"], admission["rate_limit"], admission["max_concurrency"]) == (
+        False, "", 128,
+    )  # fmt: skip
+    assert admission["grpc_port"] > 0 and admission["body_timeout_s"] == 10.0
     sizing = info["sizing"]  # chosen from the CPUs this process may use, and said so
     assert sizing["workers"] >= 1 and sizing["threads"] >= sizing["model_runs"] >= 1
     assert "usable CPU(s)" in sizing["chosen_from"] and "affinity mask" in sizing["chosen_from"]
