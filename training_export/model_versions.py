@@ -151,11 +151,17 @@ def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -
     return None
 
 
-def rollback(record: ReleaseRecord) -> ReleaseRecord:
-    if not record.history:
+def rollback(record: ReleaseRecord, say: Callable[[str], None] = print) -> ReleaseRecord:
+    """Back to the latest earlier version still in the store (one deleted since is skipped, and
+    said: it left no way back but `promote` before)."""
+    history = list(record.history)
+    while history:
+        previous = history.pop()
+        if model_store.find(previous) is not None:
+            break
+        say(f"note: {previous} is no longer in the model store: skipped")
+    else:
         raise VersionError("no earlier served version is recorded: nothing to roll back to")
-    *history, previous = record.history
-    _get(previous)
     candidate = None if record.candidate_tag == previous else record.candidate_tag
     return ReleaseRecord(model_tag=previous, candidate_tag=candidate, history=history)
 
@@ -202,7 +208,7 @@ def run(args, say: Callable[[str], None] = print) -> None:  # noqa: ANN001 - arg
         updated = promote(record, args.tag, force=args.force, say=say)
         message = f"served version: {record.model_tag} -> {updated.model_tag}"
     elif action == "rollback":
-        updated = rollback(record)
+        updated = rollback(record, say)
         message = f"rolled back: {record.model_tag} -> {updated.model_tag}"
     else:  # candidate
         updated = set_candidate(record, None if args.clear else args.tag)

@@ -48,10 +48,21 @@ def read_labels(path: Path) -> list[str]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    config = json.loads(Path(path).read_text())
+    """The card fields a JSON file gives; ModelImportError naming the file for any it cannot."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelImportError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelImportError(f"{path}: a JSON object of card fields is needed, not a list")
     unknown = set(config) - _CONFIG_FIELDS - _DERIVED_FIELDS
     if unknown:
         raise ModelImportError(f"{path}: unknown fields {sorted(unknown)}")
+    labels = config.get("labels")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(label, str) for label in labels)
+    ):
+        raise ModelImportError(f"{path}: 'labels' must be a list of strings, one per class")
     return {key: value for key, value in config.items() if key in _CONFIG_FIELDS}
 
 

@@ -18,7 +18,7 @@ from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 from tests.training.own_model import colour_picture
 from training_export.onnx_facts import ModelFileError
-from training_export.onnx_import import import_onnx, read_labels
+from training_export.onnx_import import ModelImportError, import_onnx, read_config, read_labels
 
 LABELS = [f"kind {i}" for i in range(5)]
 
@@ -151,6 +151,25 @@ def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_bytes("\ufeffcat\r\ndog\r\n\r\nbird\r\n".encode())
     assert read_labels(path) == ["cat", "dog", "bird"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"labels": ["a", "b"]\n "output_kind": "logits"}', "not a readable JSON file"),
+        ('["a", "b"]', "a JSON object of card fields"),
+        ('{"labels": "red,green,blue"}', "'labels' must be a list of strings"),
+    ],
+    ids=["broken-json", "a-list", "labels-as-one-string"],
+)
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path, content, says):
+    """A string of labels was read as one label per character; broken JSON was refused without
+    the file's name."""
+    path = tmp_path / "card.json"
+    path.write_text(content)
+    with pytest.raises(ModelImportError) as refused:
+        read_config(path)
+    assert str(refused.value).startswith(f"{path}: ") and says in str(refused.value)
 
 
 def test_a_float16_input_is_named_as_the_reason_even_with_a_fixed_batch(tmp_path, bentoml_home):

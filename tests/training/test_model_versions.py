@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
-from image_classifier.serving.release_record import read_record
+from image_classifier.serving.release_record import ReleaseRecord, read_record
 from loadtest.servers import serve
 from tests.model_store import import_model, training_cli
 from tests.onnx_models import build_onnx_classifier
@@ -89,3 +90,20 @@ def test_a_candidate_or_promotion_that_would_share_the_served_version_is_refused
     clash = training_cli("models", "promote", "first:v2", **cli)
     assert clash.returncode == 1 and "candidate second:v2 has the same version" in clash.stderr
     assert read_record(record).model_tag == "first:v1"
+
+
+def test_rollback_skips_versions_deleted_since(monkeypatch):
+    """A deleted previous version stopped every rollback ("not in the model store"), with no way
+    back but promote. (The store's one lookup is stood in for: deleting a real version here would
+    take it from the other tests.)"""
+    from training_export import model_versions
+
+    stored = {"m:v1", "m:v3"}
+    monkeypatch.setattr(model_versions.model_store, "find", lambda tag: tag in stored or None)
+    said: list[str] = []
+    record = ReleaseRecord(model_tag="m:v3", history=["m:v1", "m:v2"])
+    updated = model_versions.rollback(record, said.append)
+    assert (updated.model_tag, updated.history) == ("m:v1", [])
+    assert said == ["note: m:v2 is no longer in the model store: skipped"]
+    with pytest.raises(model_versions.VersionError, match="nothing to roll back"):
+        model_versions.rollback(ReleaseRecord(model_tag="m:v3", history=["m:v2"]), said.append)
