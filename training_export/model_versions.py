@@ -134,6 +134,12 @@ def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -
     last = ours[-1]
     same = record.on_images(served, digest, last.images_sha256)
     if same is None:
+        cards = [_card_of(model_store.find(tag)) for tag in (candidate, served)]
+        if cards[0] and cards[1] and set(cards[0].labels) != set(cards[1].labels):
+            return (  # no picture folder fits both: the hint below could not be followed
+                f"{candidate} and the served {served} have different labels: their accuracies "
+                "cannot be compared"
+            )
         return (
             f"{candidate} was last evaluated on {last.images}, and the served {served} never on "
             f"those pictures: run `evaluate {served} --images {last.images} --save`"
