@@ -99,7 +99,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
         async def ready() -> pb.ModelReadyResponse:
-            served = self._model(request.name, request.version, context)
+            try:
+                served = self._model(request.name, request.version, context)
+            except ClassifierError as error:  # as Triton answers, and /v2/models/.../ready
+                if error.code in _NOT_SERVED:  # does over HTTP: no such model is not ready
+                    return pb.ModelReadyResponse(ready=False)
+                raise
             return pb.ModelReadyResponse(ready=served.classifier is not None)
 
         return await self._answer(context, "ModelReady", ready)
@@ -228,6 +233,9 @@ def _server_metadata() -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(**described, extensions=extensions)
 
 
+_NOT_SERVED = (ErrorCode.NOT_FOUND, ErrorCode.UNKNOWN_MODEL_VERSION)
+
+
 async def _no_repository_control() -> NoReturn:
     raise ClassifierError(
         ErrorCode.METHOD_NOT_ALLOWED,  # gRPC's UNIMPLEMENTED
@@ -287,6 +295,11 @@ def _inference_request(
         oip.check_name(tensor.name)
         if raw and tensor.HasField("contents"):  # the .proto: one or the other, never both
             raise oip.invalid(f"input {tensor.name}: send raw_input_contents or contents, not both")
+        if not raw and not tensor.HasField("contents"):
+            raise oip.invalid(
+                f"input {tensor.name}: no data; send raw_input_contents (one entry per input) "
+                "or contents"
+            )
         data: list[bytes] | np.ndarray = []
         if tensor.datatype == oip.BYTES:
             if raw:

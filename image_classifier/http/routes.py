@@ -12,7 +12,7 @@ infer body may be Triton's binary form) and answer plain responses; the models o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -200,6 +200,7 @@ def build_app(get_service: Callable[[], ServiceView], settings: Settings) -> Fas
         "/v2/health/ready", response_model=open_inference.ServerReady,
         responses=_answers(open_inference.OpenInferenceError, (503,)),
     )(ready)  # fmt: skip
+    _refuse_extensions_not_served(app)  # before /v2/models/{name}: "stats" is not a model
     model_errors = _answers(open_inference.OpenInferenceError, _MODEL_ROUTE)
     infer_body = {
         "required": True,
@@ -233,6 +234,41 @@ def build_app(get_service: Callable[[], ServiceView], settings: Settings) -> Fas
         )(infer)  # fmt: skip
     _answer_head(app)
     return app
+
+
+# Triton's HTTP extensions this server does not serve, and why (tritonclient has a method for
+# each: its users get the reason, not a bare "Not Found", nor "model stats is not served").
+_NOT_SERVED_EXTENSIONS = {
+    "/v2/models/stats": "statistics",
+    "/v2/models/{name}/stats": "statistics",
+    "/v2/models/{name}/versions/{version}/stats": "statistics",
+    "/v2/repository/{rest:path}": "model repository",
+    "/v2/systemsharedmemory{rest:path}": "shared memory",
+    "/v2/cudasharedmemory{rest:path}": "shared memory",
+    "/v2/logging": "logging",
+    "/v2/trace/setting": "trace",
+    "/v2/models/{name}/trace/setting": "trace",
+}
+_INSTEAD = {
+    "statistics": "GET /metrics has the service's Prometheus metrics",
+    "model repository": "models are baked into the bento; deploy a new version",
+    "shared memory": "send tensors in the request body",
+    "logging": "set LOG_FORMAT at start",
+    "trace": "set TRACING at start",
+}
+
+
+def _refuse_extensions_not_served(app: FastAPI) -> None:
+    for path, extension in _NOT_SERVED_EXTENSIONS.items():
+        refuse = _refusal(f"the {extension} extension is not served here: {_INSTEAD[extension]}")
+        app.add_api_route(path, refuse, methods=["GET", "POST"], include_in_schema=False)
+
+
+def _refusal(message: str) -> Callable[[Request], Awaitable[Response]]:
+    async def refuse(request: Request) -> Response:
+        raise ClassifierError(ErrorCode.NOT_FOUND, message)
+
+    return refuse
 
 
 def _answer_head(app: FastAPI) -> None:

@@ -146,3 +146,16 @@ def test_grpc_server_metadata_lists_only_extensions_grpc_serves(server):
     assert {"binary_tensor_data", "classification"} <= extensions
     assert "model_configuration" not in extensions
     assert "model_configuration" in httpx.get(f"{server.url}/v2").json()["extensions"]
+
+
+def test_an_input_without_data_is_named_as_such(server):
+    """No raw_input_contents and no contents: the message blamed the shape ("N = 0 elements")."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+    with (
+        grpc.insecure_channel(server.grpc_target) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input image: no data; send raw_input_contents" in refused.value.details()

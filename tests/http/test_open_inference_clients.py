@@ -150,6 +150,9 @@ def test_health_and_metadata(server, mode, card):
     client = client_of(kind, server)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "v1")
+    # Not served is not ready, on both protocols (gRPC raised NOT_FOUND: a Triton wait loop
+    # `while not client.is_model_ready(...)` broke on it).
+    assert not client.is_model_ready("no-such-model") and not client.is_model_ready(MODEL, "1")
     metadata = client.get_server_metadata()
     metadata = metadata if isinstance(metadata, dict) else {"extensions": metadata.extensions}
     assert {"binary_tensor_data", "classification"} <= set(metadata["extensions"])
@@ -163,6 +166,23 @@ def test_health_and_metadata(server, mode, card):
     assert versions == ["v1"]
     tensor_shape = [-1, *card.preprocessing.tensor_shape]
     assert inputs == {"image": ("BYTES", [-1]), card.input_name: ("FP32", tensor_shape)}
+
+
+def test_triton_extensions_not_served_say_so_to_the_http_client(server):
+    """tritonclient has a method for each; they got a bare "Not Found", and statistics were
+    taken for a model named "stats"."""
+    client = httpclient.InferenceServerClient(server.url.split("//")[1])
+    for call, says in [
+        (client.get_inference_statistics, "statistics extension is not served"),
+        (lambda: client.get_inference_statistics(MODEL), "statistics extension"),
+        (client.get_model_repository_index, "models are baked into the bento"),
+        (lambda: client.load_model(MODEL), "model repository extension"),
+        (client.get_system_shared_memory_status, "send tensors in the request body"),
+        (client.get_log_settings, "logging extension"),
+    ]:
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert refused.value.status() == "404" and says in refused.value.message(), refused.value
 
 
 @pytest.mark.parametrize("mode", MODES)
