@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from starlette.types import Receive
@@ -27,6 +28,12 @@ from ..serving.settings import Settings
 class ClientGone(Exception):
     """The client hung up before its body's end: no one to answer (logged as 499, not counted
     as a bad request: the refused-uploads alarm would ring for clients that gave up)."""
+
+
+# Set per request by the protocol (`protocol._run`): the refusal it answered itself when it could
+# not read the body on (broken chunk framing) and closed the connection. Then the handler, told
+# the client is gone, logs and counts that answer, not a client that left.
+PROTOCOL_REFUSALS: ContextVar[list[ClassifierError]] = ContextVar("protocol_refusals")
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,9 @@ async def _paced_chunks(receive: Receive, pace: BodyPace):
                 f"it within {pace.timeout_s:g} s, at {pace.min_bytes_per_s:,} bytes/s or more",
             ) from None
         if message["type"] == "http.disconnect":
+            refused = PROTOCOL_REFUSALS.get(None)
+            if refused:
+                raise refused[0]
             raise ClientGone
         chunk = message.get("body", b"")
         received += len(chunk)

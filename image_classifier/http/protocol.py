@@ -40,6 +40,7 @@ from ..serving import metrics
 from . import logs
 from .admission import Gate
 from .balance import ConnectionBalance
+from .body import PROTOCOL_REFUSALS
 from .envelope import (
     HTTP_STATUS,
     RETRY_AFTER_S,
@@ -236,6 +237,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         """Every request let in is counted by the gate until its handler's first step
         (`Gate.capacity_refusal` says why), and answers through `_send_unless_gone`."""
         self._running = cycle
+        # What `_refuse_unreadable` answers meanwhile (the task may not have started yet), for
+        # the handler's access line.
+        cycle.protocol_refusals = []
         gate = self.early_refusal.gate if self.early_refusal is not None else None
         if gate is not None:
             gate.starting += 1
@@ -313,6 +317,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self.transport.write(_answer(refusal, request_id, open_inference=False, close=True))
         self.transport.close()
         if in_handler:
+            getattr(self.cycle, "protocol_refusals", []).append(refusal)
             return
         metrics.ERRORS.labels(code=refusal.code.value).inc()
         with logs.request_context(request_id, "-", logs.UNMATCHED_ENDPOINT) as fields:
@@ -323,6 +328,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # noqa: ANN001
     if gate is not None:
         gate.starting -= 1
+    PROTOCOL_REFUSALS.set(cycle.protocol_refusals)
 
     async def send_unless_gone(message) -> None:  # noqa: ANN001 - an ASGI message
         """A client that resets while its answer is on the way: the event loop closes the
