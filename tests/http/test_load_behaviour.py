@@ -75,7 +75,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
             overload, overload_cpu = load(OVERLOAD_CONNECTIONS, 20, rate)
             samples = sampled.result()
         time.sleep(1)  # the work accepted during the burst (up to 2 * MAX_CONCURRENCY) finishes
-        after, _ = load(16, 5)
+        after, _ = load(16, 10)  # as long as the runs it is judged against: 5 s once read noise
         storm, _ = load(OVERLOAD_CONNECTIONS, 15)
         time.sleep(1)  # as after the burst: what the storm let in finishes
         at_capacity_again, _ = load(16, 10)
@@ -85,6 +85,8 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     # "Back to normal" right after the burst is judged against the slower of the two undisturbed
     # runs that bracket it, not their mean: a clean-clone run measured 1721 before and 1267 after,
     # and the burst's aftermath in between 1187. A burst that left damage shows as refusals there.
+    # The aftermath is measured over the same 10 s as they are: over 5 s a clean-clone run read
+    # 690.2 against a bound of 690.4, and 939 in the undisturbed run after it.
     normal = min(at_capacity.rate(200), at_capacity_again.rate(200))
 
     served, offered = overload.rate(200), overload.rate()
