@@ -217,7 +217,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.gate.check_not_draining()  # a call arrives whole: no receiving phase to refuse in
         await self.gate.enter()
         try:
-            yield
+            with metrics.GRPC_IN_WORK.track_inprogress():
+                yield
         finally:
             self.gate.leave()
 

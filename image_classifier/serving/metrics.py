@@ -104,6 +104,12 @@ GRPC_REQUESTS = Counter(
     "DEADLINE_EXCEEDED when the client gave up); BentoML's request metrics count HTTP only",
     ["method", "code"],
 )
+GRPC_IN_WORK = Gauge(
+    "image_classifier_grpc_infer_in_work",
+    "ModelInfer calls admitted and in work, in the worker answering them (HTTP requests in "
+    "progress are BentoML's bentoml_service_request_in_progress)",
+    multiprocess_mode="livesum",
+)
 GRPC_SENT_ON = Counter(
     "image_classifier_grpc_sent_on",
     "ModelInfer calls this worker received and another, less busy worker answered (one gRPC "

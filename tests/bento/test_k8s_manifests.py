@@ -7,6 +7,7 @@ ports by name, probe paths on a real server, and a grace period long enough for 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -122,6 +123,8 @@ def test_adapter_queries_parse_and_their_series_exist_on_a_real_server(server, t
     for index, rule in enumerate(_adapter_rules()):
         series = rule["seriesQuery"].split("{")[0]
         assert series in live, f"{series} is not on /metrics"
+        for named in re.findall(r'__name__=~"([^"]+)"', rule["metricsQuery"]):
+            assert set(named.split("|")) <= live, f"{named}: not all on /metrics"
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
         query = (
             rule["metricsQuery"]

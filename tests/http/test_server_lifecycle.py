@@ -205,9 +205,9 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
 DRAIN_SEEN_WITHIN_S = 5.0  # far less than the drain itself (the 64 big pictures take longer)
 
 
-async def _until_in_work(client: httpx.AsyncClient, url: str, endpoint: str) -> None:
-    """Wait until the server counts a request to `endpoint` in progress (BentoML's gauge)."""
-    wanted = f'bentoml_service_request_in_progress{{endpoint="{endpoint}"'
+async def _until_in_work(client: httpx.AsyncClient, url: str, series: str) -> None:
+    """Wait until a gauge of requests in progress (`series`: its name and labels) is above 0."""
+    wanted = series.removesuffix("}")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         metrics = (await client.get(f"{url}/metrics")).text
@@ -216,7 +216,7 @@ async def _until_in_work(client: httpx.AsyncClient, url: str, endpoint: str) -> 
         ):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{endpoint} never in progress")
+    raise AssertionError(f"{series} never in progress")
 
 
 async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
@@ -233,10 +233,12 @@ async def _load_then_sigterm(server, digit: bytes, big: list[bytes]) -> dict:
             )
         )
         await asyncio.sleep(0.5)  # the steady load gets answers meanwhile
-        await _until_in_work(client, server.url, "/analyze_batch")
-        # A gRPC call in work too: 16 big pictures take seconds to decode, it arrives in ms.
+        batch_series = 'bentoml_service_request_in_progress{endpoint="/analyze_batch"}'
+        await _until_in_work(client, server.url, batch_series)
+        # A gRPC call in work too: 16 big pictures take seconds to decode. Waited for as the
+        # batch is: a fixed 0.3 s once let the signal in before the call was admitted.
         grpc_in_work = asyncio.create_task(_grpc_infer(server.grpc_target, big[:16]))
-        await asyncio.sleep(0.3)
+        await _until_in_work(client, server.url, "image_classifier_grpc_infer_in_work")
         signalled_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes or `docker stop` would
         # The signal reaches the workers through BentoML's arbiter, itself on the busy cores:
