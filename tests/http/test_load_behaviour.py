@@ -73,7 +73,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
             sampled = pool.submit(_sample_answers, url, digit_png, seconds=15)
             rate = 4 * at_capacity.rate(200) / OVERLOAD_CONNECTIONS
             overload, overload_cpu = load(OVERLOAD_CONNECTIONS, 20, rate)
-            samples = sampled.result()
+            per_client = sampled.result()
         time.sleep(1)  # the work accepted during the burst (up to 2 * MAX_CONCURRENCY) finishes
         after, _ = load(16, 10)  # as long as the runs it is judged against: 5 s once read noise
         storm, _ = load(OVERLOAD_CONNECTIONS, 15)
@@ -90,7 +90,11 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     normal = min(at_capacity.rate(200), at_capacity_again.rate(200))
 
     served, offered = overload.rate(200), overload.rate()
+    samples = [answer for answers in per_client for answer in answers]
     refusals = [o for o in samples if o.status == 503]
+    # Where the tail is: a client's first request also waits for its connection to be accepted
+    # by a worker whose event loop serves hundreds of others.
+    after_first = [o.seconds for answers in per_client for o in answers[1:] if o.status == 503]
     refusal_seconds = [o.seconds for o in refusals]
     refusal_p99 = percentile(refusal_seconds, 0.99)
     accepted = [o.seconds for o in samples if o.status == 200]
@@ -115,7 +119,9 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
         f"{len(refusals)} refused, p50 {percentile(refusal_seconds, 0.5) * 1000:.1f} ms, p90 "
         f"{percentile(refusal_seconds, 0.9) * 1000:.1f} ms, p99 "
         f"{refusal_p99 * 1000:.1f} ms (target < 20 ms: "
-        f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}), "
+        f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}; without each client's "
+        f"first, which also waits for its connection: {len(after_first)}, p99 "
+        f"{percentile(after_first, 0.99) * 1000:.1f} ms), "
         f"{len(accepted)} accepted, max "
         f"{max(accepted, default=0) * 1000:.0f} ms (bound {accepted_bound * 1000:.0f} ms); "
         f"p99 as h2load saw them (with its own queueing per connection): accepted "
@@ -147,7 +153,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     assert_no_traceback(log)
 
 
-def _sample_answers(url: str, image: bytes, seconds: float) -> list[Outcome]:
+def _sample_answers(url: str, image: bytes, seconds: float) -> list[list[Outcome]]:
     """Clients that honour Retry-After, each on its own connection, while h2load overloads:
     the refusals' headers and envelope, which h2load does not keep, and the server's latencies
     as such a client sees them (h2load's include the time a request waits behind the one before
@@ -168,10 +174,9 @@ def _sample_answers(url: str, image: bytes, seconds: float) -> list[Outcome]:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             return await client_loop(session, deadline)
 
-    async def sample() -> list[Outcome]:
+    async def sample() -> list[list[Outcome]]:
         deadline = time.monotonic() + seconds
-        loops = await asyncio.gather(*(one_client(deadline) for _ in range(SAMPLING_CLIENTS)))
-        return [answer for answers in loops for answer in answers]
+        return await asyncio.gather(*(one_client(deadline) for _ in range(SAMPLING_CLIENTS)))
 
     time.sleep(1)  # h2load has started
     return asyncio.run(sample())
