@@ -166,6 +166,10 @@ class Gate:
         self._receiving_by_client[client_key] += 1
         self.body_bytes += body_bytes
 
+    def hold_body(self, body_bytes: int) -> None:
+        """A body that declared no length (a gRPC message), counted once in, until released."""
+        self.body_bytes += body_bytes
+
     def release_body(self, body_bytes: int) -> None:
         self.body_bytes -= body_bytes
 

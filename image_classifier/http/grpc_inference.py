@@ -36,6 +36,7 @@ from ..serving.worker_state import directory as shared_directory
 from . import logs
 from .admission import Gate
 from .envelope import HTTP_STATUS, INTERNAL_MESSAGE
+from .grpc_receiving import ReadsMessagesItself
 from .grpc_spread import FORWARDED_BY, FORWARDED_FOR, CallSpreader, passed_on
 from .grpc_standard import INFERENCE_SERVICE, add_standard_services
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
@@ -182,8 +183,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if FORWARDED_BY in metadata and passed_on(context):
                 fields["forwarded_by"] = metadata[FORWARDED_BY]  # the worker it came through
             try:
-                client = self.gate.authenticate(metadata.get("authorization"))
-                await self.gate.check_rate(client or _client_address(context, metadata))
+                await self.gate.check_rate(self.client_of(context, metadata))
                 async with self._work_slot(in_work):
                     async with asyncio.timeout(self.gate.policy.request_timeout_s):
                         return await work()
@@ -208,6 +208,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 logs.log_request(fields, status, (time.perf_counter() - started) * 1000)
         await _abort(context, error, request_id)
         raise AssertionError("unreachable: abort raises")
+
+    def client_of(self, context: Any, metadata: dict[str, str] | None = None) -> str:
+        """The caller's key for the rate limit and the upload caps: its token's digest when auth
+        is on (UNAUTHORIZED without a valid one), else its address."""
+        metadata = _metadata(context) if metadata is None else metadata
+        client = self.gate.authenticate(metadata.get("authorization"))
+        return client or _client_address(context, metadata)
+
+    async def refuse(self, context: Any, method: str, error: ClassifierError) -> NoReturn:
+        """A call refused before its message was read, logged and counted like any other."""
+
+        async def refused() -> NoReturn:
+            raise error
+
+        await self._answer(context, method, refused)
+        raise AssertionError("unreachable: _answer aborts")
 
     @contextlib.asynccontextmanager
     async def _work_slot(self, in_work: bool):  # noqa: ANN202
@@ -365,13 +381,18 @@ def build_server(
     """The server, not started (`await server.start()` in the worker's event loop), and the
     service it serves. Messages twice the batch cap still arrive, so that a large one gets the
     PAYLOAD_TOO_LARGE code."""
+    service = InferenceService(get_predictor, gate, settings, is_ready, spreader)
     server = grpc.aio.server(
+        interceptors=[
+            ReadsMessagesItself(
+                SERVICE, gate, settings.body_timeout_s, service.client_of, service.refuse
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", 2 * settings.max_batch_bytes + 2**20),
             ("grpc.so_reuseport", 1),
-        ]
+        ],
     )
-    service = InferenceService(get_predictor, gate, settings, is_ready, spreader)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     add_standard_services(server, is_ready)  # health checks and reflection, for tools
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")

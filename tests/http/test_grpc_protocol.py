@@ -5,12 +5,17 @@ inference (cancelled calls, unsupported RPCs, the extensions it announces)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 import pytest
 
 from image_classifier.http.grpc_inference import InferenceService
@@ -19,7 +24,8 @@ from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
 from image_classifier.http.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from image_classifier.http.protos.regenerate import GENERATED, PROTO, generate
 from image_classifier.serving.open_inference import join_bytes_elements
-from loadtest.servers import REPO
+from loadtest.servers import REPO, serve
+from tests.figures import measured
 from tests.http.responses import access_lines, assert_no_traceback, metric_value
 from tests.pictures import encode
 
@@ -159,3 +165,88 @@ def test_an_input_without_data_is_named_as_such(server):
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input image: no data; send raw_input_contents" in refused.value.details()
+
+
+TOKEN = "grpc-secret"
+BODY_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def guarded(trained_store, artifacts):
+    """One worker (its memory is the one measured), tokens on, a short body deadline."""
+    env = {"API_TOKENS": TOKEN, "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "WORKERS": "1"}
+    with serve(trained_store, artifacts / "server-grpc-guarded.log", env) as running:
+        yield running
+
+
+def raw_call(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """A unary call that sends bytes as they are: what a client that is not grpc's may send."""
+    return channel.unary_unary(
+        f"/inference.GRPCInferenceService/{method}",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+
+
+def peak_rss_mib(server_pid: int) -> float:
+    """The highest resident memory each process under the server has had, summed (VmHWM)."""
+    total = 0
+    for process in psutil.Process(server_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError, StopIteration):
+            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            total += int(next(line for line in status if line.startswith("VmHWM")).split()[1])
+    return total / 1024
+
+
+def test_a_grpc_message_is_read_only_after_its_token_and_must_arrive_in_time(guarded):
+    """grpc reads a unary call's whole message before its handler runs: 8 calls of 60 MiB
+    without a token made a worker hold 1.2 GB to answer UNAUTHENTICATED, a message that stopped
+    arriving held its stream for good, and bytes that are not protobuf got UNKNOWN and a
+    traceback in the log (`grpc_receiving.py`)."""
+    calls, size = 8, 60 * 2**20
+    before = peak_rss_mib(guarded.process.pid)
+    with grpc.insecure_channel(guarded.grpc_target) as channel:
+        infer = raw_call(channel, "ModelInfer")
+        futures = [infer.future(bytes(size), timeout=60) for _ in range(calls)]
+        refused = [future.exception() for future in futures]
+        grown = peak_rss_mib(guarded.process.pid) - before
+        assert [e.code() if e else None for e in refused] == [grpc.StatusCode.UNAUTHENTICATED] * 8
+
+        token = [("authorization", f"Bearer {TOKEN}")]
+        with pytest.raises(grpc.RpcError) as garbled:
+            infer(b"\xff\xff\xff", metadata=token, timeout=10)
+
+        stop_sending = threading.Event()
+
+        def never_sent():
+            stop_sending.wait(30)  # the message the client never sends, its stream left open
+            yield from ()
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as stalled:
+            channel.stream_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=lambda data: data,
+                response_deserializer=lambda data: data,
+            )(never_sent(), metadata=token, timeout=30)
+        waited = time.monotonic() - started
+        stop_sending.set()
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live  # still answering, no token needed
+    measured(
+        f"gRPC: {calls} ModelInfer calls of {size >> 20} MiB without a token: peak memory of "
+        f"the server's processes grew {grown:.0f} MiB; a message never sent cut after "
+        f"{waited:.1f} s (BODY_TIMEOUT_S "
+        f"{BODY_TIMEOUT_S:g})"
+    )
+    assert grown < calls * size / 2**20 / 4, grown  # not read whole: a quarter of one each
+    assert garbled.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbled.value
+    assert garbled.value.details().startswith("INVALID_REQUEST: not a ModelInfer request")
+    assert stalled.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, stalled.value
+    assert stalled.value.details().startswith("REQUEST_TIMEOUT: "), stalled.value.details()
+    assert BODY_TIMEOUT_S - 0.2 <= waited <= BODY_TIMEOUT_S + 3, waited
+    log = guarded.log()
+    assert_no_traceback(log)
+    codes = Counter(line.get("error_code") for line in access_lines(log))
+    assert codes["UNAUTHORIZED"] >= calls and codes["INVALID_REQUEST"] >= 1, codes
+    assert codes["REQUEST_TIMEOUT"] >= 1, codes
