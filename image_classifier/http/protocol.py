@@ -19,6 +19,12 @@ body deadline (`_refused_early` says when the answer goes). These refusals are c
 `image_classifier_errors_total` and `image_classifier_refused_at_head_total` (BentoML's request
 metrics never see them) and logged once a second as a sum, not one access line each.
 
+A deadline on the head. uvicorn stops its keep-alive timer at a head's first byte and sets no
+other, so a head that never ends held its connection for good (a slowloris: 1,000 connections
+that each sent "POST /analyze HTTP/1.1" and a header were all still open 130 s later, in a
+review). A head that does not arrive whole in the read it began in must be in within
+BODY_TIMEOUT_S, the upload body's deadline: else 408 REQUEST_TIMEOUT and the connection closes.
+
 One write per answer. uvicorn writes an answer's head and its body apart; here the head waits for
 the body (`_HeadHeldUntilBody`), so a small answer is one segment and one wake-up of its client.
 """
@@ -37,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
+from ..serving.settings import Settings
 from . import logs
 from .admission import Gate
 from .balance import ConnectionBalance
@@ -119,6 +126,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _running = None  # the request whose handler runs (uvicorn keeps only the latest one)
     _balanced = False  # counted in the connection balance (from its first answer on)
     _began_in_this_read = False  # a request's head began in the read being parsed
+    _head_deadline = None  # the timer that gives up on a head arriving in several reads
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -143,6 +151,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_deadline()
         if not self._refused_early():
             super().on_headers_complete()
             if self.parser.should_upgrade() or (
@@ -189,6 +198,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._body_deadline = self.loop.call_later(
                 self.early_refusal.body_timeout_s, self._give_up_on_body
             )
+        if self._in_head and self._head_deadline is None and not self.transport.is_closing():
+            # Most heads come whole in the read they begin in, and cost no timer.
+            self._head_deadline = self.loop.call_later(self._head_timeout_s(), self._head_too_slow)
         if self._in_head and not self.transport.is_closing() and not self._began_in_this_read:
             # This read ended inside a head begun in an earlier one: all of it is that head's.
             # (The read a head begins in may hold pipelined requests before it, so it is not
@@ -209,6 +221,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_body_deadline()
+        self._cancel_head_deadline()
         if self._resume_reading is not None:
             self._resume_reading.cancel()
         running = self._running
@@ -294,6 +307,24 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self._body_deadline is not None:
             self._body_deadline.cancel()
             self._body_deadline = None
+
+    def _head_timeout_s(self) -> float:
+        return (self.early_refusal or Settings).body_timeout_s
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self._in_head and not self.transport.is_closing():
+            self._refuse_unreadable(
+                ClassifierError(
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"the request's headers did not arrive within {self._head_timeout_s():g} s",
+                )
+            )
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
 
     def _refuse_head(self) -> None:
         self._refuse_unreadable(

@@ -278,3 +278,85 @@ def test_heads_not_served_as_sent_get_the_envelope_one_log_line_and_the_end(
     assert [line["status"] for line in access] == [400] * len(MALFORMED_HEADS) + logged
     # Nothing else about them (other lines may come meanwhile, e.g. the end of the start).
     assert not [line for line in new_lines if '"logger": "uvicorn' in line], new_lines
+
+
+HEAD_DEADLINE_S = 2.0  # BODY_TIMEOUT_S, which bounds a head too
+
+
+async def _unfinished_head(host: str, port: int, source: str, parts: list[bytes]) -> tuple:
+    """Send `parts` (a head that never ends; the last part is sent again and again, a second
+    apart), then wait: (the last answer's status and error code, seconds until the server
+    closed the connection)."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    started = time.monotonic()
+    answer = b""
+
+    async def trickle() -> None:
+        for part in parts[:-1]:
+            writer.write(part)
+        while True:
+            writer.write(parts[-1])
+            await asyncio.sleep(1)
+
+    sending = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(HEAD_DEADLINE_S + 10):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await sending
+        writer.close()
+    last = answer[answer.rfind(b"HTTP/1.1 ") :]  # after any answer to a complete head before
+    head, _, body = last.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    code = json.loads(body)["error"]["code"] if body.startswith(b"{") else None
+    return status, code, time.monotonic() - started
+
+
+def test_a_head_that_never_ends_is_cut_at_the_deadline(trained_store, artifacts):
+    """uvicorn stops its keep-alive timer at a head's first byte: a head that never ended held
+    its connection for good (a slowloris of 1,000 was all still open 130 s later, in a review).
+    Each shape is sent by 20 connections from 10 addresses, at once."""
+    shapes = {
+        "request line only": [b"POST /analyze HTTP/1.1\r\n", b""],
+        "one byte": [b"G", b""],
+        "a header line a second": [b"POST /analyze HTTP/1.1\r\nHost: x\r\n", b"X-A: b\r\n"],
+        "a second head, after an answer": [
+            b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez HTTP/1.1\r\nHost: x\r\n",
+            b"",
+        ],
+    }
+    env = {"BODY_TIMEOUT_S": str(HEAD_DEADLINE_S)}
+    with serve(trained_store, artifacts / "server-slow-heads.log", env) as server:
+        address = urlsplit(server.url)
+
+        async def all_shapes() -> dict[str, list[tuple]]:
+            runs = {
+                name: [
+                    _unfinished_head(address.hostname, address.port, f"127.0.1.{i % 10 + 1}", parts)
+                    for i in range(20)
+                ]
+                for name, parts in shapes.items()
+            }
+            results = await asyncio.gather(*(run for name in runs for run in runs[name]))
+            return {name: results[i * 20 : (i + 1) * 20] for i, name in enumerate(runs)}
+
+        outcomes = asyncio.run(all_shapes())
+        log = server.log()
+    longest = max(seconds for results in outcomes.values() for _, _, seconds in results)
+    measured(
+        f"heads that never end: {sum(map(len, outcomes.values()))} connections in "
+        f"{len(shapes)} shapes, answered 408 and closed, the longest after {longest:.1f} s "
+        f"(BODY_TIMEOUT_S {HEAD_DEADLINE_S:g})"
+    )
+    for name, results in outcomes.items():
+        for status, code, seconds in results:
+            assert (status, code) == (408, "REQUEST_TIMEOUT"), (name, status, code)
+            assert HEAD_DEADLINE_S - 0.2 <= seconds <= HEAD_DEADLINE_S + 3, (name, seconds)
+    assert_no_traceback(log)
+    timed_out = [line for line in access_lines(log) if line.get("error_code") == "REQUEST_TIMEOUT"]
+    assert len(timed_out) == 80, len(timed_out)
