@@ -52,7 +52,7 @@ def _add_model_description_flags(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "logits", "probabilities"],
         default="auto",
         help="auto: probabilities when rows are in [0, 1] and "
-        "sum to 1 on sample inputs, else logits",
+        "sum to 1 on sample inputs, else logits; a kind the rows contradict is refused",
     )
     parser.add_argument("--description", default="")
 

@@ -6,6 +6,7 @@ left out is counted and named, never dropped silently.
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +96,11 @@ def scan_pictures(folder: Path) -> PictureFolder:
 
 
 def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -> PictureFolder:
-    """Pictures below `folder/<label>/`, labelled by their top subfolder's name (exactly)."""
+    """Pictures below `folder/<label>/`, labelled by their top subfolder's name (exactly, once
+    both are composed: `_composed`)."""
     root = _existing_folder(folder)
     found = PictureFolder(root, [])
-    index = {label: i for i, label in enumerate(labels)}
+    index = {_composed(label): i for i, label in enumerate(labels)}
     extensions = picture_extensions()
     unknown: dict[str, int] = {}
     for entry in sorted(root.iterdir()):
@@ -113,19 +115,26 @@ def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -
         for path in files:
             if path.suffix.lower() not in extensions:
                 found.skip(NOT_PICTURES, _relative(path, root))
-        if entry.name not in index:
+        label = index.get(_composed(entry.name))
+        if label is None:
             if pictures:
                 unknown[entry.name] = len(pictures)
             continue
         if not pictures:
             found.skip(EMPTY_LABELS, entry.name)
-        found.pictures += [Picture(path, index[entry.name]) for path in pictures]
+        found.pictures += [Picture(path, label) for path in pictures]
     if unknown and not skip_unknown:
         raise ImageFolderError(_unknown_message(root, unknown, labels))
     for name, count in unknown.items():
         found.skipped[UNKNOWN_LABELS] += [f"{name}/"] * count
     _require_some(found, labelled=True)
     return found
+
+
+def _composed(name: str) -> str:
+    """A name in one Unicode spelling (NFC): macOS writes file names decomposed ('u' and a
+    combining diaeresis), labels files hold 'ü' as one character; both read 'grün'."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _existing_folder(folder: Path) -> Path:
@@ -148,7 +157,7 @@ def _require_some(found: PictureFolder, labelled: bool = False) -> None:
 def _unknown_message(root: Path, unknown: dict[str, int], labels: list[str]) -> str:
     described = []
     for name, count in unknown.items():
-        close = difflib.get_close_matches(name, labels, n=1)
+        close = difflib.get_close_matches(_composed(name), labels, n=1)
         hint = f", did you mean {close[0]!r}?" if close else ""
         described.append(f"{name!r} ({count} pictures{hint})")
     shown = ", ".join(repr(label) for label in labels[:12]) + (", ..." if len(labels) > 12 else "")

@@ -171,7 +171,8 @@ def output_facts(
     """Check the output is one class vector per image; tell logits from probabilities.
 
     Rows all in [0, 1] summing to 1 are probabilities (a softmax inside); rows in [0, 1] that do
-    not sum to 1 are independent scores (a sigmoid): refused unless the kind is given.
+    not sum to 1 are independent scores (a sigmoid): refused unless the kind is given. A kind
+    given that the rows contradict is refused (`_check_declared_kind`).
     """
     inputs = sample_inputs(spec, 8)
     output = np.asarray(session.run(None, {session.get_inputs()[0].name: inputs})[0])
@@ -186,10 +187,11 @@ def output_facts(
         raise ModelFileError("it answers non-finite values (NaN or infinity) on sample inputs")
     in_range = bool(((squeezed >= -1e-6) & (squeezed <= 1 + 1e-6)).all())
     sums = squeezed.sum(axis=1)
-    sums_to_one = bool(np.allclose(sums, 1.0, atol=1e-3))
+    probabilities = in_range and bool(np.allclose(sums, 1.0, atol=1e-3))
     if declared_kind != "auto":
+        _check_declared_kind(declared_kind, probabilities, sums)
         return OutputFacts(declared_kind, f"output kind {declared_kind} (as given)")
-    if in_range and sums_to_one:
+    if probabilities:
         return OutputFacts("probabilities", "outputs are probabilities (rows in [0, 1], sum 1)")
     if in_range:
         raise ModelFileError(
@@ -198,6 +200,25 @@ def output_facts(
             "--output-kind logits to serve their softmax anyway"
         )
     return OutputFacts("logits", "outputs are logits (a softmax is applied when serving)")
+
+
+def _check_declared_kind(kind: str, probabilities: bool, sums: np.ndarray) -> None:
+    """A kind the sample rows contradict would be served wrong: "probabilities" that are not
+    would be shown as they are (not summing to 1), and "logits" that already are probabilities
+    would get a second softmax, which flattens them towards 1/C."""
+    seen = f"rows summing to {sums.min():.3g}..{sums.max():.3g} on sample inputs"
+    if kind == "probabilities" and not probabilities:
+        raise ModelFileError(
+            f"output kind is given as probabilities but the model answers {seen}, not "
+            "probabilities (each in [0, 1], summing to 1): pass --output-kind logits to serve "
+            "their softmax"
+        )
+    if kind == "logits" and probabilities:
+        raise ModelFileError(
+            f"output kind is given as logits but the model answers probabilities ({seen}, each "
+            "in [0, 1]): a softmax over them would flatten them; pass --output-kind probabilities "
+            "(or leave it auto)"
+        )
 
 
 def _one_vector_each(shape: tuple[int, ...]) -> bool:

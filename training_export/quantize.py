@@ -126,21 +126,28 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
         )
 
 
-_DENSE = {"Gemm", "MatMul"}
-_PASS_THROUGH = {"Softmax", "Identity", "Reshape", "Flatten", "Squeeze", "Sigmoid", "Add"}
+_SCORE_LAYERS = {"Gemm", "MatMul", "Conv"}  # a dense classifier, or SqueezeNet's 1x1 conv
 
 
 def _classifier_tail(graph: onnx.GraphProto) -> list[str]:
-    """The classifier layer (the dense node the output comes from) and what follows it (a
-    softmax, a reshape)."""
+    """The layer that makes the class scores (the last Gemm, MatMul or Conv before an output) and
+    everything after it: a scale, a softmax, pooling, a reshape, whatever they are.
+
+    Walked back from each output along the data each node reads, its first input that is not a
+    constant (weights, a Constant node's scale, a reshape's shape). A list of the ops allowed in
+    between missed torch's `softmax(head(x) * 3)`: its Softmax was quantized (steps of 1/255)."""
     producer = {output: node for node in graph.node for output in node.output}
+    constants = {tensor.name for tensor in graph.initializer} | {
+        node.output[0] for node in graph.node if node.op_type == "Constant"
+    }
     found = []
     for output in graph.output:
         node, walked = producer.get(output.name), []
-        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+        while node is not None and node.op_type not in _SCORE_LAYERS:
             walked.append(node.name)
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type in _DENSE:
+            data = next((name for name in node.input if name and name not in constants), None)
+            node = producer.get(data)
+        if node is not None:
             found += [*walked, node.name]
     return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import httpx
@@ -193,3 +194,23 @@ def test_a_model_answering_nan_on_some_pictures_is_not_given_figures(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "answers NaN or infinity on 1 pictures" in result.stderr
     assert "255.png" in result.stderr and "0.png" not in result.stderr.replace("255.png", "")
+
+
+def test_label_folders_named_by_macos_are_the_labels(tmp_path):
+    """macOS writes names decomposed (NFD: 'u' and a combining diaeresis): 'grün/' was refused
+    as not a label of the model, "did you mean 'grün'?" (found by a black-box review)."""
+    home = tmp_path / "home"
+    folder = build_onnx_classifier(tmp_path / "m", labels=2)
+    card = json.loads((folder / "card.json").read_text())
+    card["labels"] = ["grün", "café crème"]
+    (folder / "card.json").write_text(json.dumps(card))
+    import_model(home, folder, "umlauts:v1")
+    images = tmp_path / "pictures"
+    for label, shade in zip(card["labels"], (0, 255), strict=True):
+        decomposed = images / unicodedata.normalize("NFD", label)
+        decomposed.mkdir(parents=True)
+        Image.new("L", (28, 28), shade).save(decomposed / f"{shade}.png")
+    assert {path.name for path in images.iterdir()} != set(card["labels"])  # kept decomposed
+    result, figures = evaluate("umlauts:v1", images, home, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert figures["samples"] == 2 and figures["skipped"] == {}, figures

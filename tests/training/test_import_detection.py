@@ -147,6 +147,35 @@ def test_cli_refusals_are_one_line_with_exit_1(tmp_path, bentoml_home):
         assert refused.stderr.count("\n") == 1 and "pydantic.dev" not in refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("model", "given", "message"),
+    [
+        ("sigmoid", "probabilities", "output kind is given as probabilities but the model answers "
+                                     "rows summing to"),
+        ("logits", "probabilities", "output kind is given as probabilities"),
+        ("probabilities", "logits", "output kind is given as logits but the model answers "
+                                    "probabilities (rows summing to 1..1"),
+    ],
+    ids=["sigmoid-as-probabilities", "logits-as-probabilities", "probabilities-as-logits"],
+)  # fmt: skip
+def test_an_output_kind_its_rows_contradict_is_refused(tmp_path, bentoml_home, model, given,
+                                                       message):  # fmt: skip
+    """Sigmoid scores served as probabilities (rows summing to 2.7), a softmax applied twice:
+    both were accepted silently (found by a black-box review)."""
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20),
+                                   color_mode="RGB", output_kind=model)  # fmt: skip
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS))
+    name = f"{model}-as-{given}"
+    refused = training_cli("import-onnx", str(folder / "model.onnx"), "--name", name, "--version",
+                           "v1", "--labels", str(labels), "--preset", "imagenet", "--output-kind",
+                           given, home=bentoml_home)  # fmt: skip
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith(f"error: {message}"), refused.stderr
+    assert refused.stderr.count("\n") == 1 and "--output-kind" in refused.stderr
+    assert not (bentoml_home / "models" / name).exists()
+
+
 def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_bytes("\ufeffcat\r\ndog\r\n\r\nbird\r\n".encode())
