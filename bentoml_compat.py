@@ -11,6 +11,7 @@ import re
 import socket
 from dataclasses import dataclass
 
+import starlette.routing
 from bentoml._internal.server.http import instruments as bentoml_instruments
 from bentoml._internal.server.http import traffic as bentoml_traffic
 from circus import process as circus_process
@@ -37,9 +38,27 @@ class _UntimedMiddleware:
 
 def mend_request_middlewares() -> None:
     """Call before the server app is built (importing service.py does): BentoML's timeout
-    middleware replaced, its request metrics labelled by route."""
+    middleware replaced, its request metrics labelled by route, no slash redirects."""
     bentoml_traffic.TimeoutMiddleware = _UntimedMiddleware
     bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__ = _metrics_by_route
+    starlette.routing.Router.__init__ = _without_slash_redirects(starlette.routing.Router.__init__)
+
+
+def _without_slash_redirects(init):  # noqa: ANN001, ANN202 - Router.__init__ and its wrapper
+    """Starlette answers a path with a slash too many or too few (`/info/`) with a 307 to the
+    other spelling on the client's own Host header (`Location: http://evil.example/info`, in a
+    review): a door to cache poisoning behind a shared cache. Every router is built without:
+    such a path is a 404 in the envelope, as any other unknown path."""
+    if getattr(init, "without_slash_redirects", False):
+        return init
+
+    @functools.wraps(init)
+    def build(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        init(self, *args, **kwargs)
+        self.redirect_slashes = False
+
+    build.without_slash_redirects = True
+    return build
 
 
 _REAL_SCOPE = "image_classifier.real_scope"

@@ -237,6 +237,20 @@ def test_head_answers_every_get_route_like_get_without_a_body(server, path):
     assert head.headers["content-type"] == got.headers["content-type"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/info/"), ("GET", "/v2/"), ("POST", "/analyze/"), ("GET", "/ui/")]
+)
+def test_a_path_with_a_slash_too_many_is_a_404_not_a_redirect_to_the_hosts_header(
+    server, method, path
+):
+    """Starlette answered a 307 to the other spelling on the client's own Host header
+    (`Location: http://evil.example/info`): cache poisoning behind a shared cache."""
+    response = httpx.request(method, f"{server.url}{path}", headers={"Host": "evil.example"})
+    assert response.status_code == 404, (response.status_code, response.headers)
+    assert "location" not in response.headers
+    assert response.headers["x-error-code"] == "NOT_FOUND", response.text  # /v2: its own shape
+
+
 def test_top_k_in_the_query_string_is_honoured_and_other_parameters_refused(server, heldout):
     """`?top_k=2` is what users try first: it counts like the form field, not silently ignored."""
     png = encode(heldout[0][0], "PNG")
