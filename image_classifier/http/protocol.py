@@ -373,6 +373,11 @@ async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # 
         if cycle.transport.is_closing() and not cycle.response_complete:
             cycle.disconnected = True  # uvicorn's send then drops the message
         if message["type"] == "http.response.start":
+            if cycle.waiting_for_100_continue:
+                # Answered before its body was asked for (a 404, a 405): a client that then
+                # sends the body, or does not, can no longer be told apart from its next
+                # request, which was read as this one's body. The connection ends instead.
+                cycle.keep_alive = False
             cycle.transport = _HeadHeldUntilBody(cycle.transport)
             await send(message)
             return

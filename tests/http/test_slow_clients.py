@@ -360,3 +360,23 @@ def test_a_head_that_never_ends_is_cut_at_the_deadline(trained_store, artifacts)
     assert_no_traceback(log)
     timed_out = [line for line in access_lines(log) if line.get("error_code") == "REQUEST_TIMEOUT"]
     assert len(timed_out) == 80, len(timed_out)
+
+
+@pytest.mark.parametrize("path", ["/info", "/no-such-route"])
+def test_an_answer_before_a_body_sent_on_100_continue_ends_the_connection(server, path):
+    """A 405 or 404 to a request waiting for `100 Continue` was sent on a kept connection, and
+    the client's next request on it was read as this one's body (no answer within 4 s, in a
+    review): the server cannot tell whether that body comes, so it closes instead."""
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            "Content-Length: 60\r\n\r\n".encode()
+        )
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith((b"http/1.1 404", b"http/1.1 405")), answer[:300]
+    assert b"\r\nconnection: close" in head, head  # and the server closed: recv ended
