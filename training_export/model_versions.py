@@ -22,6 +22,7 @@ from image_classifier.core.model_card import ModelCard
 from image_classifier.serving.evaluation_record import (
     EvaluationRecord,
     SavedEvaluation,
+    evaluated_card,
     evaluations_path,
     file_sha256,
     read_evaluations,
@@ -56,7 +57,9 @@ def _get(tag: str) -> bentoml.Model:
 
 
 def list_versions(record: ReleaseRecord, name: str | None = None) -> list[dict]:
-    """Classifier versions in the store (those with a card), oldest first, with their role."""
+    """Classifier versions in the store (those with a card), oldest first, with their role and
+    accuracy as served: the latest saved evaluation's, else the card's own."""
+    evaluations = read_evaluations(evaluations_path())
     rows = []
     for model in bentoml.models.list(name):
         card = _card_of(model)
@@ -73,7 +76,7 @@ def list_versions(record: ReleaseRecord, name: str | None = None) -> list[dict]:
             "tag": tag,
             "created": model.info.creation_time.strftime("%Y-%m-%d %H:%M"),
             "source": card.source + (" (benchmark only)" if card.benchmark_only else ""),
-            "accuracy": card.metrics.accuracy,
+            "accuracy": evaluated_card(card, tag, Path(model.path), evaluations).metrics.accuracy,
             "role": role,
         })  # fmt: skip
     return sorted(rows, key=lambda row: (row["created"], row["tag"]))

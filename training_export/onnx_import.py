@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from .onnx_facts import (
     with_dynamic_batch,
     with_weights_inside,
 )
-from .store import library_versions, save_to_store
+from .store import library_versions, new_tag, save_to_store
 
 # Card fields a config file may set; the rest are read from the ONNX file or filled in here.
 _CONFIG_FIELDS = {"labels", "preprocessing", "output_kind", "description", "metrics"}
@@ -40,11 +41,27 @@ class ModelImportError(ModelFileError):
 
 def read_labels(path: Path) -> list[str]:
     """One label per line; a UTF-8 byte-order mark (Windows editors write one) is not a label's."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:  # the codec's message names neither the file nor the fix
+        raise ModelImportError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+            "save it as UTF-8, one label per line"
+        ) from None
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if len(labels) < 2:
         raise ModelImportError(f"{path}: need at least two labels, one per line")
+    check_unique_labels(labels, path)
     return labels
+
+
+def check_unique_labels(labels: list[str], source: Path) -> None:
+    """Said when the file is read, naming the repeats: the card's own check comes only after the
+    import has printed its first lines, and names none."""
+    repeated = [label for label, count in Counter(labels).items() if count > 1]
+    if repeated:
+        names = ", ".join(repr(label) for label in repeated)
+        raise ModelImportError(f"{source}: labels must be unique; given more than once: {names}")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -63,6 +80,8 @@ def read_config(path: Path) -> dict[str, Any]:
         isinstance(labels, list) and all(isinstance(label, str) for label in labels)
     ):
         raise ModelImportError(f"{path}: 'labels' must be a list of strings, one per class")
+    if labels is not None:
+        check_unique_labels(labels, path)
     return {key: value for key, value in config.items() if key in _CONFIG_FIELDS}
 
 
@@ -135,7 +154,7 @@ def import_onnx(
     """Validate and save; returns the tag. Flags (labels, preprocessing) override the config."""
     model_path = Path(model_path)
     config = dict(config or {})
-    tag = f"{name}:{version}" if version else name
+    tag = new_tag(name, version)
     if version and model_store.find(tag) is not None:
         raise ModelImportError(f"{tag} is already in the model store: give another --version")
     signature = inspect_onnx(model_path)

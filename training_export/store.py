@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -15,6 +16,10 @@ import bentoml
 from image_classifier import model_store
 from image_classifier.core.classifier import CARD_FILE, Classifier, ModelLoadError
 from image_classifier.core.model_card import ModelCard
+
+# BentoML's rule for a tag's name and its version (bentoml/_internal/tag.py), upper case lowered.
+_TAG_PART = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?")
+_TAG_PART_MAX = 63
 
 _VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "pillow", "scikit-learn", "bentoml")
 
@@ -48,6 +53,19 @@ def already_saved(tag: str, force: bool, say: Callable[[str], None]) -> bool:
         return False
     say(f"{tag} is already in the model store (use --force to replace it)")
     return True
+
+
+def new_tag(name: str, version: str | None) -> str:
+    """`name:version` for a new entry, checked before any work: BentoML refuses a bad one only
+    when saving, with `Invalid Tag my model:v1`, which says neither which part nor what fits."""
+    for flag, value in (("--name", name), ("--version", version)):
+        if value and not (len(value) <= _TAG_PART_MAX and _TAG_PART.fullmatch(value.lower())):
+            raise ValueError(
+                f"{flag} {value!r}: may hold only a-z, 0-9, '_', '-' and '.' (no spaces), "
+                f"starting and ending with a letter or digit, at most {_TAG_PART_MAX} characters "
+                "(upper case is stored lower case)"
+            )
+    return f"{name}:{version}" if version else name
 
 
 def load_card(tag: str) -> ModelCard:

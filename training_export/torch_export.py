@@ -27,6 +27,7 @@ from .export import ExportError
 from .folders import UNREADABLE, PictureFolder, scan_pictures
 from .onnx_facts import InputFacts
 from .onnx_import import import_onnx, resolve_spec
+from .store import new_tag
 
 RANDOM_TENSORS = 8
 DEFAULT_TOLERANCE = 1e-3  # max abs difference of raw outputs: fp32 kernels differ in order of sums
@@ -158,6 +159,7 @@ def export_torch(
     """Build, export, check parity, import with a card; returns the tag."""
     from .export import export_onnx
 
+    new_tag(name, version)  # a name the store refuses: said before the export, not after it
     module = build_module(module_file, factory, weights)
     spec = resolve_spec(InputFacts(None, None, None, None), preset, None, preprocessing, say)
     rng = np.random.default_rng(0)

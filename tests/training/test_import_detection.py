@@ -16,6 +16,7 @@ from image_classifier.core.preprocessing import IMAGENET_SPEC, preprocess
 from tests.model_store import store_model_dir, training_cli
 from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
+from tests.training.conftest import export_own
 from tests.training.own_model import colour_picture
 from training_export.onnx_facts import ModelFileError
 from training_export.onnx_import import ModelImportError, import_onnx, read_config, read_labels
@@ -174,6 +175,40 @@ def test_an_output_kind_its_rows_contradict_is_refused(tmp_path, bentoml_home, m
     assert refused.stderr.startswith(f"error: {message}"), refused.stderr
     assert refused.stderr.count("\n") == 1 and "--output-kind" in refused.stderr
     assert not (bentoml_home / "models" / name).exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "says"),
+    [
+        ("latin1", b"caf\xe9\ndog\nbird\nfish\nfrog\n",
+         "labels.txt: not UTF-8 text (byte 0xe9 at position 3); save it as UTF-8, one label per "
+         "line"),
+        ("dup", b"cat\ndog\ncat\nfish\nfish\n",
+         "labels.txt: labels must be unique; given more than once: 'cat', 'fish'"),
+        ("my model", b"cat\ndog\nbird\nfish\nfrog\n",
+         "--name 'my model': may hold only a-z, 0-9, '_', '-' and '.' (no spaces)"),
+    ],
+    ids=["labels-not-utf8", "labels-repeated", "name-with-a-space"],
+)  # fmt: skip
+def test_a_mistake_is_named_in_one_line_before_any_output(tmp_path, bentoml_home, name, labels,
+                                                          says):  # fmt: skip
+    """The codec's, pydantic's and BentoML's own words named neither the file nor the fix, and
+    repeated labels were refused only after the import's first line (found by a black-box
+    review)."""
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20), color_mode="RGB")
+    (tmp_path / "labels.txt").write_bytes(labels)
+    refused = training_cli("import-onnx", str(folder / "model.onnx"), "--name", name, "--version",
+                           "v1", "--labels", str(tmp_path / "labels.txt"), "--preset", "imagenet",
+                           home=bentoml_home)  # fmt: skip
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
+    assert says in refused.stderr, refused.stderr
+
+
+def test_export_torch_refuses_a_name_the_store_cannot_hold_before_exporting(own_model, tmp_path):
+    refused = export_own(own_model, tmp_path / "home", "my model:v1")
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout  # no parity lines
+    assert refused.stderr.startswith("error: --name 'my model': may hold only"), refused.stderr
 
 
 def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):

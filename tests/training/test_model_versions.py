@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import pytest
@@ -107,3 +108,23 @@ def test_rollback_skips_versions_deleted_since(monkeypatch):
     assert said == ["note: m:v2 is no longer in the model store: skipped"]
     with pytest.raises(model_versions.VersionError, match="nothing to roll back"):
         model_versions.rollback(ReleaseRecord(model_tag="m:v3", history=["m:v2"]), said.append)
+
+
+def test_list_shows_the_latest_saved_evaluation_accuracy(
+    own_tag, own_model, bentoml_home, tmp_path
+):
+    """`models list` showed "-" for a version whose figures `evaluate --save` had saved (and that
+    promote and /info use), as its card holds none (found by a black-box review)."""
+    cli = {"home": bentoml_home, "extra_env": {"SERVED_MODEL_FILE": str(tmp_path / "served.json")}}
+    images = tmp_path / "labelled"
+    shutil.copytree(own_model / "pictures" / "labelled", images)
+    for picture in sorted((images / "red things").glob("*.*"))[:4]:  # 4 of 60 filed wrongly
+        picture.rename(images / "blue things" / picture.name)
+    for folder in (own_model / "pictures" / "labelled", images):  # 1.0, then 56/60: the latest
+        saved = training_cli("evaluate", own_tag, "--images", str(folder), "--save", "--report",
+                             str(tmp_path / "report"), **cli)  # fmt: skip
+        assert saved.returncode == 0, saved.stderr
+    listing = training_cli("models", "list", own_tag.split(":")[0], **cli)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(own_tag))
+    assert row.split()[-1] == f"{56 / 60:.4f}", listing.stdout
