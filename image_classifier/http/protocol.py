@@ -114,11 +114,20 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _Unreadable(Exception):
+    """A head the parser read, that HTTP/1.1 still refuses (`_unreadable_because` says why)."""
+
+
+def _hosts(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(name == b"host" for name, _ in headers)
+
+
 class ServiceHttpProtocol(HttpToolsProtocol):
     early_refusal: EarlyRefusal | None = None  # set by `install`
     balance: ConnectionBalance | None = None  # set by `install`
     _in_head = False  # between a request's first byte and the end of its headers
     _head_refused = False
+    _unreadable_because = ""  # set when a parsed head is refused as not valid HTTP/1.1
     _dropping_body = False  # a refused request's body is being read and dropped
     _held_answer: bytes | None = None  # a refusal sent once that body is in (then the end)
     _body_deadline = None  # the timer that gives up on a refused request's body
@@ -152,6 +161,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_deadline()
+        if self.parser.get_http_version() == "1.1" and _hosts(self.headers) != 1:
+            self._unreadable_because = "an HTTP/1.1 request has one Host header (RFC 9112 3.2)"
+            raise _Unreadable  # the parser stops; uvicorn calls send_400_response
         if not self._refused_early():
             super().on_headers_complete()
             if self.parser.should_upgrade() or (
@@ -240,11 +252,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self._head_refused:
             self._refuse_head()
             return
-        self._refuse_unreadable(
-            ClassifierError(
-                ErrorCode.INVALID_REQUEST, "the request is not valid HTTP/1.1 (RFC 9112)"
-            )
-        )
+        reason = self._unreadable_because or "the request is not valid HTTP/1.1 (RFC 9112)"
+        self._unreadable_because = ""
+        self._refuse_unreadable(ClassifierError(ErrorCode.INVALID_REQUEST, reason))
 
     def _start_asgi_task(self, cycle, app) -> None:  # noqa: ANN001 - uvicorn's own types
         """Every request let in is counted by the gate until its handler's first step

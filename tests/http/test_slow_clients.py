@@ -216,9 +216,11 @@ def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store
         (b"GET /info?" + b"a" * 60_000 + b" HTTP/1.1\r\nHost: x\r\n"
          + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(10)) + b"\r\n", 431,
          "HEADERS_TOO_LARGE"),  # URL and headers together over it, sent in one write
+        (b"GET /livez HTTP/1.1\r\n\r\n", 400, "INVALID_REQUEST"),  # RFC 9112 3.2: a MUST
+        (b"GET /livez HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "INVALID_REQUEST"),
     ],
     ids=["bad-content-length", "length-and-chunked", "http2-preface", "bad-method", "long-url",
-         "long-url-and-headers"],
+         "long-url-and-headers", "no-host", "two-hosts"],
 )  # fmt: skip
 def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
     server, head, status, code
