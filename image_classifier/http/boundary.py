@@ -200,9 +200,15 @@ def _all_values(scope: Scope, name: str) -> str | None:
 
 
 def _set_header(scope: Scope, name: str, value: str) -> None:
+    """In the list itself, which the protocol holds too (`protocol.py` reads the request id
+    there when it answers for the handler)."""
     key = name.encode("latin-1")
     headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != key]
-    scope["headers"] = [*headers, (key, value.encode("latin-1"))]
+    headers.append((key, value.encode("latin-1")))
+    if isinstance(scope.get("headers"), list):
+        scope["headers"][:] = headers
+    else:
+        scope["headers"] = headers
 
 
 def _client_address(scope: Scope) -> str:

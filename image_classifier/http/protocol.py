@@ -351,10 +351,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
         A body that breaks off mid-way (bad chunk framing) ends a request whose handler already
         runs: the handler, told the client is gone, counts and logs it, so it is not logged
-        twice; the client's own X-Request-ID, if it sent one, is the id of both."""
+        twice; its request id is the one of both (the client's, or the handler's: the boundary
+        sets it in the head's header list, which the protocol holds too)."""
         in_handler = self.cycle is not None and not self.cycle.response_complete
         given_id = next((v for k, v in self.headers if k == _REQUEST_ID_KEY), b"")
         request_id = request_id_for(given_id.decode("latin-1")) if in_handler else new_request_id()
+        if in_handler and not given_id:  # the handler, not yet begun, adopts it from the head
+            self.headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))
         self.transport.write(_answer(refusal, request_id, open_inference=False, close=True))
         self.transport.close()
         if in_handler:

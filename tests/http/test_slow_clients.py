@@ -242,6 +242,7 @@ MALFORMED_HEADS = [
     b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcde",
     b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
     b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
 
@@ -266,9 +267,11 @@ def test_heads_not_served_as_sent_get_the_envelope_one_log_line_and_the_end(
     with serve(trained_store, artifacts / "server-malformed.log", env={"WORKERS": "1"}) as server:
         address = urlsplit(server.url)
         lines_before = len(server.log().splitlines())
+        answered_ids = []
         for head in MALFORMED_HEADS:
             status, body, _ = _send_head(address.hostname, address.port, [head])
             assert status == 400 and body["error"]["code"] == "INVALID_REQUEST", (head, body)
+            answered_ids.append(body["request_id"])
         for head, expected in UPGRADES:
             status, body, closed = _send_head(address.hostname, address.port, [head])
             assert status == expected and closed, (head, status, body)
@@ -278,6 +281,8 @@ def test_heads_not_served_as_sent_get_the_envelope_one_log_line_and_the_end(
     access = access_lines("\n".join(new_lines))
     logged = [expected for head, expected in UPGRADES if b"/readyz" not in head]  # probes: not
     assert [line["status"] for line in access] == [400] * len(MALFORMED_HEADS) + logged
+    # The id a user quotes is the log's (a body broken mid-way once answered another one).
+    assert [line["request_id"] for line in access[: len(MALFORMED_HEADS)]] == answered_ids
     # Nothing else about them (other lines may come meanwhile, e.g. the end of the start).
     assert not [line for line in new_lines if '"logger": "uvicorn' in line], new_lines
 
