@@ -299,7 +299,9 @@ def _inference_request(
     message: pb.ModelInferRequest, limits: oip.Limits, card: ModelCard
 ) -> oip.InferenceRequest:
     """Typed contents are counted before they become Python objects, raw BYTES as they are
-    split: more elements than a full batch holds are refused, not converted one by one."""
+    split: more elements than a full batch holds are refused, not converted one by one. Contents
+    of another type than the datatype's are refused, as Triton does, not silently ignored."""
+    contents_field = {oip.BYTES: "bytes_contents", oip.FP32: "fp32_contents"}
     raw = message.raw_input_contents
     if len(message.inputs) > oip.MAX_INPUTS:
         raise oip.invalid(f"{len(message.inputs):,} inputs; send one")
@@ -316,6 +318,12 @@ def _inference_request(
             raise oip.invalid(
                 f"input {tensor.name}: no data; send raw_input_contents (one entry per input) "
                 "or contents"
+            )
+        own = contents_field.get(tensor.datatype)
+        sent = {field.name for field, _ in tensor.contents.ListFields()}
+        if own and sent - {own}:
+            raise oip.invalid(
+                f"input {tensor.name}: a {tensor.datatype} input carries its data in {own} only"
             )
         data: list[bytes] | np.ndarray = []
         if tensor.datatype == oip.BYTES:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..core.model_card import ModelCard
@@ -41,9 +41,14 @@ Datatype = Literal[
 ]  # fmt: skip
 
 
+# A shape's sizes as sent: pydantic's int would turn 1.0 and true into 1, which Triton refuses;
+# `oip.model_items` refuses them for both transports. The schema still says integers.
+ShapeSize = Annotated[Any, WithJsonSchema({"type": "integer"})]
+
+
 class RequestInput(BaseModel):
     name: str = Field(max_length=oip.MAX_NAME_CHARS)
-    shape: list[int] = Field(min_length=1, max_length=8)
+    shape: list[ShapeSize] = Field(min_length=1, max_length=8)
     datatype: Datatype
     data: list[Any] | None = None
     parameters: dict[str, Any] | None = None

@@ -162,17 +162,18 @@ def fp32_from_raw(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4")
 
 
+def is_integer(value: Any) -> bool:
+    """An integer as the protocol means it: not a bool (which Python counts as one), not a
+    float or string that reads as one."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def requested_classification(name: str, value: Any) -> int:
-    """Triton's `classification` output parameter: a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    """Triton's `classification` output parameter: a positive integer (a JSON number, a gRPC
+    int64_param). Triton reads no other type: a string "3" is refused like a bool or a float."""
+    if not is_integer(value) or value < 1:
         raise invalid(f"output {name}: 'classification' must be a positive integer")
-    try:
-        count = int(value)
-    except ValueError:
-        raise invalid(f"output {name}: 'classification' must be a positive integer") from None
-    if count < 1:
-        raise invalid(f"output {name}: 'classification' must be a positive integer")
-    return count
+    return value
 
 
 def tensor_input_name(card: ModelCard) -> str:
@@ -215,6 +216,8 @@ def model_items(
         raise invalid(f"input {tensor.name!r} is {accepted[tensor.name]}, got {tensor.datatype}")
     if tensor.name not in accepted and tensor.datatype in accepted.values():
         raise invalid(f"unknown input {tensor.name!r}; this model takes {expected}")
+    if not all(map(is_integer, tensor.shape)):
+        raise invalid(f"input {tensor.name}: shape must hold integers, got {list(tensor.shape)}")
     if not tensor.shape or any(dim < 0 for dim in tensor.shape):
         raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
     items = tensor.shape[0]

@@ -250,3 +250,35 @@ def test_a_grpc_message_is_read_only_after_its_token_and_must_arrive_in_time(gua
     codes = Counter(line.get("error_code") for line in access_lines(log))
     assert codes["UNAUTHORIZED"] >= calls and codes["INVALID_REQUEST"] >= 1, codes
     assert codes["REQUEST_TIMEOUT"] >= 1, codes
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "contents"),
+    [
+        ("BYTES", [1], {"fp32_contents": [1.0, 2.0]}),
+        ("FP32", [1, 1, 28, 28], {"bytes_contents": [b"png"]}),
+        ("FP32", [1, 1, 28, 28], {"int_contents": [1]}),
+    ],
+    ids=["bytes-with-fp32", "fp32-with-bytes", "fp32-with-int"],
+)
+def test_contents_of_another_type_than_the_datatype_are_refused(server, heldout, datatype, shape,
+                                                                 contents):  # fmt: skip
+    """Typed contents the datatype does not carry its data in were silently ignored (a BYTES
+    input with fp32_contents answered OK); Triton refuses them."""
+    name, own = ("image", "bytes_contents") if datatype == "BYTES" else ("input", "fp32_contents")
+    data = [encode(heldout[0][0], "PNG")] if datatype == "BYTES" else [0.0] * 784
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=name,
+        datatype=datatype,
+        shape=shape,
+        contents=pb.InferTensorContents(**{own: data}, **contents),
+    )
+    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+    with (
+        grpc.insecure_channel(server.grpc_target) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    expected = f"INVALID_REQUEST: input {name}: a {datatype} input carries its data in {own} only"
+    assert refused.value.details() == expected

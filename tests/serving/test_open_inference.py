@@ -3,12 +3,17 @@ and the checks every request meets before the model runs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import PreprocessSpec
+from image_classifier.http import open_inference as rest
+from image_classifier.http.grpc_inference import _classification
+from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
 from image_classifier.serving import open_inference as oip
 
 
@@ -109,7 +114,7 @@ def test_outputs_are_checked_and_classification_only_on_probabilities():
     for bad in (0, -1, True, 2.5, "x"):
         with pytest.raises(ClassifierError):
             oip.requested_classification("probabilities", bad)
-    assert oip.requested_classification("probabilities", "4") == 4
+    assert oip.requested_classification("probabilities", 4) == 4
 
 
 def test_what_is_refused_is_not_echoed_back_whole():
@@ -147,3 +152,47 @@ def test_the_config_agrees_with_the_metadata_on_per_item_shapes():
         for tensor, described in zip(config[kind], metadata[kind + "s"], strict=True):
             shape = tensor.get("reshape", {}).get("shape", tensor["dims"])
             assert [-1, *shape] == described["shape"], (tensor, described)
+
+
+def rest_request(shape: list, output_parameters: dict | None = None) -> oip.InferenceRequest:
+    """A JSON body for `card_of`'s FP32 input "x", parsed as the REST route parses it."""
+    body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [0.0] * 4}]}
+    if output_parameters is not None:
+        body["outputs"] = [{"name": "probabilities", "parameters": output_parameters}]
+    parsed = rest.parse_request(json.dumps(body).encode(), None, LIMITS, card_of(["a", "b"]))
+    return parsed.request
+
+
+@pytest.mark.parametrize(
+    "shape", [[1.0, 1, 2, 2], [True, 1, 2, 2], [1, 1.0, 2.0, 2]], ids=["float", "bool", "floats"]
+)
+def test_a_json_shape_must_hold_integers(shape):
+    """Triton's JSON parser takes integers only (true is none, though Python says so): a shape of
+    1.0 or true was turned into 1 and answered 200."""
+    with pytest.raises(ClassifierError) as refused:
+        oip.model_items(rest_request(shape), card_of(["a", "b"]), LIMITS)
+    assert refused.value.code is ErrorCode.INVALID_REQUEST
+    assert "input x: shape must hold integers" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        lambda: oip.requested_classification("probabilities", "3"),
+        lambda: rest_request([1, 1, 2, 2], {"classification": "3"}),
+        lambda: _classification(
+            pb.ModelInferRequest.InferRequestedOutputTensor(
+                name="probabilities",
+                parameters={"classification": pb.InferParameter(string_param="3")},
+            )
+        ),
+    ],
+    ids=["protocol", "json", "grpc-string_param"],
+)
+def test_classification_as_a_string_is_refused_like_any_other_non_integer(given):
+    """The string "3" was read as 3, where a bool, a float or a list were refused: Triton takes
+    an integer, and one place (`requested_classification`) decides for both transports."""
+    with pytest.raises(ClassifierError) as refused:
+        given()
+    assert refused.value.code is ErrorCode.INVALID_REQUEST
+    assert "'classification' must be a positive integer" in refused.value.message
