@@ -157,14 +157,19 @@ def test_grpc_server_metadata_lists_only_extensions_grpc_serves(server):
 def test_an_input_without_data_is_named_as_such(server):
     """No raw_input_contents and no contents: the message blamed the shape ("N = 0 elements")."""
     tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
-    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+    refused = refusal_of(server, pb.ModelInferRequest(model_name=MODEL, inputs=[tensor]))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input image: no data; send raw_input_contents" in refused.details()
+
+
+def refusal_of(server, request: pb.ModelInferRequest) -> grpc.RpcError:
+    """The error a ModelInfer call is refused with (pytest fails the test if it is answered)."""
     with (
         grpc.insecure_channel(server.grpc_target) as channel,
         pytest.raises(grpc.RpcError) as refused,
     ):
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "input image: no data; send raw_input_contents" in refused.value.details()
+    return refused.value
 
 
 TOKEN = "grpc-secret"
@@ -273,12 +278,7 @@ def test_contents_of_another_type_than_the_datatype_are_refused(server, heldout,
         shape=shape,
         contents=pb.InferTensorContents(**{own: data}, **contents),
     )
-    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
-    with (
-        grpc.insecure_channel(server.grpc_target) as channel,
-        pytest.raises(grpc.RpcError) as refused,
-    ):
-        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = refusal_of(server, pb.ModelInferRequest(model_name=MODEL, inputs=[tensor]))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     expected = f"INVALID_REQUEST: input {name}: a {datatype} input carries its data in {own} only"
-    assert refused.value.details() == expected
+    assert refused.details() == expected
