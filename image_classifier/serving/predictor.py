@@ -286,14 +286,6 @@ class Predictor:
             return batcher.prepare_and_run(partial(_timed_prepare, classifier, data, content_type))
 
         row, merged = await anyio.to_thread.run_sync(prepare_and_run, limiter=self.threads)
-        if row is None and isinstance(data, np.ndarray):
-            # Values a client chose (finite, but far outside what preprocessing gives) made the
-            # model answer NaN or infinity: the request's doing, not a failing model to page for.
-            raise ClassifierError(
-                ErrorCode.INVALID_REQUEST,
-                "the model answered NaN or infinity for this tensor: send values preprocessed "
-                "as the model's config says",
-            )
         if row is None:
             raise model_failure()
         return row, merged
