@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,8 +22,26 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+_HANDED_OUT: set[int] = set()  # each port once per process: picked, not bound yet
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port below the kernel's ephemeral range: a port that bind(0) gave out
+    could be given out again to the server's own process manager, whose control socket then
+    took the HTTP port first (a clean-clone run: "Address already in use")."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    for _ in range(200):
+        port = random.randrange(10_000, first_ephemeral)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as sock:  # every one tried was taken: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
