@@ -19,6 +19,7 @@ def build_onnx_classifier(
     batch: int | str = "batch",
     flatten_batch: int = -1,
     output_dims: tuple[int, ...] | None = None,
+    extra_output: bool = False,
     **spec_options,
 ) -> Path:
     """A linear ONNX classifier and its card.json in `model_dir` (a served-model folder).
@@ -27,7 +28,8 @@ def build_onnx_classifier(
     threshold (a Reshape to a shape that cannot fit), and so does any batch holding one:
     a real model fault, for error-path tests. `output_kind` "sigmoid" gives independent scores;
     `batch` fixes the declared batch axis, `flatten_batch` = 1 makes the graph depend on it;
-    `output_dims` reshapes the output (-1 first) into something else than a class vector.
+    `output_dims` reshapes the output (-1 first) into something else than a class vector;
+    `extra_output` adds a second output first, "features" (the flattened input, doubled).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -76,11 +78,17 @@ def build_onnx_classifier(
     output_shape = (
         [batch, labels] if output_dims is None else [batch, *("d" * (len(output_dims) - 1))]
     )
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)]
+    if extra_output:
+        init.append(numpy_helper.from_array(np.array(2, np.float32), "two"))
+        nodes.append(helper.make_node("Mul", ["flat", "two"], ["features"]))
+        shape = [batch, features]
+        outputs.insert(0, helper.make_tensor_value_info("features", TensorProto.FLOAT, shape))
     graph = helper.make_graph(
         nodes,
         "test-classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *spec.tensor_shape])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
+        outputs,
         init,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

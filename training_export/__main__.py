@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> None:
             output_kind=args.output_kind,
             description=args.description,
             preset=args.preset,
+            output=args.output,
         )
         print(f"imported {args.model} as {tag}")
     elif args.command == "export-torch":

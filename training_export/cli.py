@@ -97,6 +97,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     imp.add_argument("model", type=Path, help="the .onnx file (one self-contained file)")
     imp.add_argument("--config", type=Path, help="JSON with labels/preprocessing/output_kind")
+    imp.add_argument(
+        "--output",
+        default=None,
+        help="the output holding the class scores, for a file with several (the rest dropped)",
+    )
     _add_model_description_flags(imp)
 
     exp = commands.add_parser(

@@ -52,8 +52,9 @@ def export_onnx(module: nn.Module, path: Path, example: np.ndarray) -> OnnxSigna
     return inspect_onnx(path)
 
 
-def inspect_onnx(path: Path) -> OnnxSignature:
-    """Check the file is a valid ONNX model with one input and one output; read its signature."""
+def inspect_onnx(path: Path, output: str | None = None) -> OnnxSignature:
+    """Check the file is a valid ONNX model with one input and one output (or `output` named
+    among several); read its signature."""
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -62,15 +63,22 @@ def inspect_onnx(path: Path) -> OnnxSignature:
     inputs = [
         i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
     ]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise ExportError(f"{path}: expected one input and one output, found "
-                          f"{len(inputs)} and {len(model.graph.output)}")  # fmt: skip
+    outputs = {value.name: value for value in model.graph.output}
+    if len(inputs) != 1:
+        raise ExportError(f"{path}: expected one input, found {len(inputs)}")
+    if output is None and len(outputs) != 1:
+        listed = ", ".join(f"{name} {_shape(value)}" for name, value in outputs.items())
+        raise ExportError(f"{path} has {len(outputs)} outputs ({listed}): name the one that "
+                          "holds the class scores with --output NAME")  # fmt: skip
+    if output is not None and output not in outputs:
+        raise ExportError(f"{path} has no output {output!r} (it has {', '.join(outputs)})")
+    chosen = outputs[output] if output is not None else model.graph.output[0]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxSignature(
         input_name=inputs[0].name,
         input_shape=_shape(inputs[0]),
-        output_name=model.graph.output[0].name,
-        output_shape=_shape(model.graph.output[0]),
+        output_name=chosen.name,
+        output_shape=_shape(chosen),
         opset=opset,
         input_type=onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type),
     )

@@ -109,6 +109,44 @@ def with_weights_inside(path: Path, folder: Path) -> Path:
     return inside
 
 
+def with_only_output(path: Path, folder: Path, output: str) -> Path:
+    """A copy whose one output is `output`, without the nodes and weights only the others
+    needed: the service, the quantizer and the evaluation each read the file's one output."""
+    model = onnx.load(str(path))
+    if [value.name for value in model.graph.output] == [output]:
+        return path
+    kept = [value for value in model.graph.output if value.name == output]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    needed, nodes = {output}, []
+    for node in reversed(model.graph.node):  # nodes are stored in a topological order
+        if needed.intersection(node.output):
+            nodes.append(node)
+            needed.update(_names_read_by(node))
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    dropped = {tensor.name for tensor in model.graph.initializer} - needed
+    weights = [tensor for tensor in model.graph.initializer if tensor.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(weights)
+    inputs = [value for value in model.graph.input if value.name not in dropped]  # old IRs
+    del model.graph.input[:]  # list weights as inputs too: one left would need feeding
+    model.graph.input.extend(inputs)
+    pruned = folder / "one_output.onnx"
+    onnx.save(model, str(pruned))
+    return pruned
+
+
+def _names_read_by(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, and the names its subgraphs (If, Loop, Scan) read from outside them."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs]:
+            for inner in graph.node:
+                names |= _names_read_by(inner)
+    return names
+
+
 def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
     """A copy whose batch axis is symbolic, if a batch then gives the same rows as single runs.
 

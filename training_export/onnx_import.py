@@ -25,6 +25,7 @@ from .onnx_facts import (
     output_facts,
     staging_folder,
     with_dynamic_batch,
+    with_only_output,
     with_weights_inside,
 )
 from .store import library_versions, new_tag, save_to_store
@@ -149,15 +150,17 @@ def import_onnx(
     preset: str | None = None,
     source: str = "imported",
     extra_metrics: dict[str, Any] | None = None,
+    output: str | None = None,
     say: Callable[[str], None] = print,
 ) -> str:
-    """Validate and save; returns the tag. Flags (labels, preprocessing) override the config."""
+    """Validate and save; returns the tag. Flags (labels, preprocessing) override the config.
+    `output`: the class scores' output of a file that has several (the others are dropped)."""
     model_path = Path(model_path)
     config = dict(config or {})
     tag = new_tag(name, version)
     if version and model_store.find(tag) is not None:
         raise ModelImportError(f"{tag} is already in the model store: give another --version")
-    signature = inspect_onnx(model_path)
+    signature = inspect_onnx(model_path, output)
     labels = labels or config.pop("labels", None)
     if not labels:
         raise ModelImportError("labels are required (--labels FILE or a config file)")
@@ -167,6 +170,7 @@ def import_onnx(
     kind = config.pop("output_kind", output_kind) if output_kind == "auto" else output_kind
     with staging_folder() as folder:
         model_path = with_weights_inside(model_path, Path(folder))
+        model_path = with_only_output(model_path, Path(folder), signature.output_name)
         if facts.static_batch is not None:
             model_path = with_dynamic_batch(model_path, Path(folder), spec)
             say(

@@ -136,20 +136,21 @@ class Classifier:
 
     def run_isolating_faults(
         self, tensors: Sequence[np.ndarray], solo: bool = False
-    ) -> list[np.ndarray | None]:
+    ) -> list[np.ndarray | Exception]:
         """Like run, but a run that fails is retried item by item: one poison input fails
-        alone (None) instead of taking every request merged with it down."""
+        alone (its exception in its place, so the caller can tell a NaN answer from a model
+        that raised) instead of taking every request merged with it down."""
         try:
             return list(self.run(tensors, solo))
         except Exception as exc:
             _log_failure(f"a run of {len(tensors)} items failed; retrying them one by one", exc)
-        rows: list[np.ndarray | None] = []
+        rows: list[np.ndarray | Exception] = []
         for tensor in tensors:
             try:
                 rows.append(self.run([tensor])[0])
             except Exception as exc:
                 _log_failure("a model run failed on a single item", exc)
-                rows.append(None)
+                rows.append(exc)
         return rows
 
     def resolve_top_k(self, top_k: int | None) -> int:
@@ -172,7 +173,7 @@ class Classifier:
         """One image end to end in this process (offline use, tests)."""
         k = self.resolve_top_k(top_k)
         (row,) = self.run_isolating_faults([self.prepare(data)])
-        if row is None:
+        if isinstance(row, Exception):
             raise model_failure()
         return self.to_prediction(row, k)
 

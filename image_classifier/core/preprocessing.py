@@ -267,11 +267,16 @@ def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
         return image.resize((width, height), resample)
     if spec.resize_mode == "center_crop":
         # Resize straight from the source window: scaling the whole picture first would build a
-        # huge intermediate for extreme shapes (10000x1 -> 2.5 gigapixels).
+        # huge intermediate for extreme shapes (10000x1 -> 2.5 gigapixels). The window lies on
+        # the grid of the picture torchvision's Resize makes (whole pixels, the long side cut
+        # down) where its CenterCrop takes it (the offset rounded), so the pixels are the ones
+        # resizing and then cropping give: a window centred between pixels was up to 8e-4 off.
         scale = max(width / image.width, height / image.height) / spec.crop_ratio
-        half_w, half_h = width / scale / 2, height / scale / 2
-        centre_x, centre_y = image.width / 2, image.height / 2
-        window = (centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h)
+        grid_w = max(width, int(image.width * scale + 1e-6))
+        grid_h = max(height, int(image.height * scale + 1e-6))
+        left, top = round((grid_w - width) / 2), round((grid_h - height) / 2)
+        per_x, per_y = image.width / grid_w, image.height / grid_h  # source pixels per grid pixel
+        window = (left * per_x, top * per_y, (left + width) * per_x, (top + height) * per_y)
         return image.resize((width, height), resample, box=window)
     # letterbox
     fitted = ImageOps.contain(image, (width, height), resample)

@@ -115,15 +115,22 @@ class _Inflater:
         return cls()
 
     def inflate(self, chunk: bytes) -> Iterator[bytes]:
-        """The chunk inflated, in pieces of at most `STEP` bytes (the caller stops at its cap)."""
+        """The chunk inflated, in pieces of at most `STEP` bytes (the caller stops at its cap).
+        Members that follow one another (`cat a.gz b.gz`, pigz; RFC 1952 2.2) are one body."""
         while True:
+            if self._zlib.eof:
+                chunk = self._zlib.unused_data + chunk
+                if not chunk:
+                    return
+                self._zlib = zlib.decompressobj(32 + zlib.MAX_WBITS)  # the next member
             try:
                 piece = self._zlib.decompress(chunk, self.STEP)
             except zlib.error:
                 raise self._corrupt() from None
             chunk = self._zlib.unconsumed_tail
             yield piece
-            if not chunk and len(piece) < self.STEP:  # a full step may leave output pending
+            # A full step may leave output pending, and a member's end the next one's bytes.
+            if not chunk and len(piece) < self.STEP and not self._zlib.unused_data:
                 return
 
     def check_whole(self) -> None:

@@ -278,11 +278,13 @@ async def _abort(context: Any, error: ClassifierError, request_id: str) -> None:
 
 
 def _metadata(context: Any) -> dict[str, str]:
-    return {
-        key.lower(): value
-        for key, value in (context.invocation_metadata() or ())
-        if isinstance(value, str)
-    }
+    """Text metadata by key; of a repeated key the first value counts, as of a repeated header
+    over HTTP, so a call with two tokens is judged by the same one on both."""
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            found.setdefault(key.lower(), value)
+    return found
 
 
 def _client_address(context: Any, metadata: dict[str, str]) -> str:

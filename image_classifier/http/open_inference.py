@@ -233,6 +233,16 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[: int(digits)], body[int(digits) :]
 
 
+def header_length(values: list[str]) -> str | None:
+    """The binary extension's header (every value the request gave), at most once or repeated
+    alike: two lengths would split the body in two ways, and which one counted would depend on
+    which one a proxy kept."""
+    given = set(values)
+    if len(given) > 1:
+        raise oip.invalid("Inference-Header-Content-Length is given twice, with different values")
+    return given.pop() if given else None
+
+
 def _check_json_size(json_part: bytes, most_values: int) -> None:
     if json_part.count(b",") > most_values + _SPARE_COMMAS:
         raise oip.too_many_values(most_values)

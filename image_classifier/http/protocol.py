@@ -118,10 +118,6 @@ class _Unreadable(Exception):
     """A head the parser read, that HTTP/1.1 still refuses (`_unreadable_because` says why)."""
 
 
-def _hosts(headers: list[tuple[bytes, bytes]]) -> int:
-    return sum(name == b"host" for name, _ in headers)
-
-
 class ServiceHttpProtocol(HttpToolsProtocol):
     early_refusal: EarlyRefusal | None = None  # set by `install`
     balance: ConnectionBalance | None = None  # set by `install`
@@ -142,6 +138,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
         self._began_in_this_read = True  # what of the read is this head's is not known
         self._header_bytes = 0  # as parsed: a head that came whole in one read is counted too
+        self._hosts = 0
         self._head_refused = False
 
     def on_url(self, url: bytes) -> None:
@@ -156,12 +153,24 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self._header_count > MAX_HEADERS or self._header_bytes + len(self.url) > MAX_HEAD_BYTES:
             self._head_refused = True
             raise _HeadTooLarge  # the parser stops; uvicorn calls send_400_response
+        lowered = name.lower()
+        if lowered == b"host":
+            self._hosts += 1
+        elif lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # The parser frames "gzip, chunked" by its last coding and would pass the body on
+            # still gzipped, as if it were the upload. A transfer coding is refused
+            # (RFC 9112 6.1), a compressed upload is said with Content-Encoding.
+            self._unreadable_because = (
+                "only Transfer-Encoding: chunked is read; say a compressed upload with "
+                "Content-Encoding: gzip"
+            )
+            raise _Unreadable
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_deadline()
-        if self.parser.get_http_version() == "1.1" and _hosts(self.headers) != 1:
+        if self.parser.get_http_version() == "1.1" and self._hosts != 1:
             self._unreadable_because = "an HTTP/1.1 request has one Host header (RFC 9112 3.2)"
             raise _Unreadable  # the parser stops; uvicorn calls send_400_response
         if not self._refused_early():
@@ -287,7 +296,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         given_id = next((v for k, v in self.headers if k == _REQUEST_ID_KEY), b"")
         request_id = request_id_for(given_id.decode("latin-1"))
         keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
-        answer = _answer(refusal, request_id, is_open_inference_path(path), not keep_alive)
+        answer = _answer(
+            refusal,
+            request_id,
+            is_open_inference_path(path),
+            not keep_alive,
+            self.server_state.default_headers,
+        )
         if self.expect_100_continue:  # the client waits for our word before sending its body
             self.transport.write(answer)
             self.transport.close()
@@ -358,7 +373,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         request_id = request_id_for(given_id.decode("latin-1")) if in_handler else new_request_id()
         if in_handler and not given_id:  # the handler, not yet begun, adopts it from the head
             self.headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))
-        self.transport.write(_answer(refusal, request_id, open_inference=False, close=True))
+        self.transport.write(
+            _answer(refusal, request_id, False, True, self.server_state.default_headers)
+        )
         self.transport.close()
         if in_handler:
             getattr(self.cycle, "protocol_refusals", []).append(refusal)
@@ -426,18 +443,31 @@ class _HeadHeldUntilBody:
         return getattr(self.transport, name)
 
 
-def _answer(refusal: ClassifierError, request_id: str, open_inference: bool, close: bool) -> bytes:
+def _answer(
+    refusal: ClassifierError,
+    request_id: str,
+    open_inference: bool,
+    close: bool,
+    default_headers: list[tuple[bytes, bytes]],
+) -> bytes:
     """A whole HTTP/1.1 error answer in the envelope, as bytes for one write. Built once per kind
-    of refusal; only the request id (and so the length) differs from one answer to the next."""
+    of refusal; only the request id (and so the length) and uvicorn's `default_headers` (Date,
+    which it renews every second, and any configured) differ from one answer to the next."""
     template, id_count, body_length = _answer_template(
         refusal.code, refusal.message, refusal.retry_after_s, open_inference, close
     )
     request_id_bytes = request_id.encode("latin-1")
     length = str(body_length + id_count * len(request_id_bytes)).encode()
-    return template.replace(_LENGTH_SLOT, length).replace(_ID_SLOT, request_id_bytes)
+    defaults = b"".join(b"%s: %s\r\n" % header for header in default_headers)
+    return (
+        template.replace(_DEFAULTS_SLOT, defaults, 1)
+        .replace(_LENGTH_SLOT, length)
+        .replace(_ID_SLOT, request_id_bytes)
+    )
 
 
-_ID_SLOT, _LENGTH_SLOT = b"@request-id@", b"@length@"  # slots no JSON escaping changes
+# Slots no JSON escaping changes; the default headers' slot takes a whole header line.
+_ID_SLOT, _LENGTH_SLOT, _DEFAULTS_SLOT = b"@request-id@", b"@length@", b"@defaults@\r\n"
 
 
 @functools.lru_cache(maxsize=64)
@@ -450,7 +480,7 @@ def _answer_template(
     body = error_body(refusal, _ID_SLOT.decode("latin-1"), open_inference)
     id_count = body.count(_ID_SLOT)
     status = HTTP_STATUS[code]
-    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode("latin-1")]
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode("latin-1"), _DEFAULTS_SLOT]
     for name, value in error_headers(refusal, _ID_SLOT.decode("latin-1"), body, close):
         value = _LENGTH_SLOT if name == b"content-length" else value
         head.append(b"%s: %s\r\n" % (name, value))

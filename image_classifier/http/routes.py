@@ -12,13 +12,14 @@ infer body may be Triton's binary form) and answer plain responses; the models o
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import compile_path
@@ -66,7 +67,7 @@ def infer_upload_routes(
     /analyze's). Their bodies are JSON with base64 images (4/3 of their bytes) plus some slack."""
     limits = oip.Limits.from_settings(settings)
 
-    async def answer(path: str, headers: Mapping[str, str], body: bytes) -> Response:
+    async def answer(path: str, headers: Headers, body: bytes) -> Response:
         found = next(filter(None, (pattern.match(path) for pattern in _INFER_PATTERNS)), None)
         if found is None:  # the route's glob also matches deeper paths
             raise ClassifierError(ErrorCode.NOT_FOUND, f"no inference route {path}")
@@ -82,13 +83,13 @@ async def _infer(
     limits: oip.Limits,
     name: str,
     version: str | None,
-    headers: Mapping[str, str],
+    headers: Headers,
     body: bytes,
 ) -> Response:
     served = oip.served_model(predictor.router, name, version, headers.get(MODEL_VERSION_HEADER))
     logs.annotate(model_version=served.ref.version)
     card = served.ready_classifier().card
-    header_length = headers.get(open_inference.HEADER_LENGTH)
+    header_length = open_inference.header_length(headers.getlist(open_inference.HEADER_LENGTH))
     rest = open_inference.parse_request(body, header_length, limits, card)
     result = await oip.infer(predictor, served, rest.request, limits)
     response_body, response_headers = open_inference.encode_response(result, rest, card.labels)

@@ -12,7 +12,7 @@ import fnmatch
 import itertools
 import re
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from python_multipart.multipart import (
     MultipartState,
     parse_options_header,
 )
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from ..core.errors import ClassifierError, ErrorCode
@@ -75,7 +76,7 @@ class Upload:
 
 Answer = Callable[[Upload], Awaitable[Response]]
 # (path, request headers, whole body) -> response: a route that reads its own body format
-BodyAnswer = Callable[[str, Mapping[str, str], bytes], Awaitable[Response]]
+BodyAnswer = Callable[[str, Headers, bytes], Awaitable[Response]]
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ from .worker_state import InWork
 
 log = logging.getLogger(__name__)
 
-RunEach = Callable[[Sequence[np.ndarray], bool], list[np.ndarray | None]]  # (tensors, solo)
+Row = np.ndarray | Exception  # an item's answer, or why the model gave none
+RunEach = Callable[[Sequence[np.ndarray], bool], list[Row]]  # (tensors, solo)
 
 
 @dataclass
 class _Queued:
     tensor: np.ndarray
     queued_at: float
-    row: np.ndarray | None = None
+    row: Row | None = None  # set when done
     merged: int = 0
     done: bool = False
 
@@ -45,7 +46,7 @@ class MicroBatcher:
     def __init__(
         self, run_each: RunEach, max_batch: int, runners: int, in_work: InWork | None = None
     ) -> None:
-        self.run_each = run_each  # one row per tensor, None for an item the model failed on;
+        self.run_each = run_each  # one row per tensor, the exception for an item it failed on;
         # told `solo` when it runs the only image in work in the whole server (`InWork.alone`)
         self.max_batch = max_batch
         self.runners = runners  # model runs at once (each one ONNX Runtime call)
@@ -54,12 +55,12 @@ class MicroBatcher:
         self._queue: deque[_Queued] = deque()
         self._running = 0
 
-    def run(self, tensor: np.ndarray) -> tuple[np.ndarray | None, int]:
-        """The probabilities row (None: the model failed on it) and how many shared the run.
+    def run(self, tensor: np.ndarray) -> tuple[Row, int]:
+        """The probabilities row (or why the model failed on it) and how many shared the run.
         Blocking: call it from a worker thread."""
         return self.prepare_and_run(lambda: tensor)
 
-    def prepare_and_run(self, prepare: Callable[[], np.ndarray]) -> tuple[np.ndarray | None, int]:
+    def prepare_and_run(self, prepare: Callable[[], np.ndarray]) -> tuple[Row, int]:
         """`run` for a tensor still to be prepared (decoded, preprocessed): the image counts as
         in work from now, so no other image runs solo while this one is being decoded."""
         self.in_work.change(1)
@@ -94,9 +95,9 @@ class MicroBatcher:
             item.row, item.merged, item.done = row, len(batch), True
         self._changed.notify_all()
 
-    def _rows(self, batch: list[_Queued], solo: bool) -> list[np.ndarray | None]:
+    def _rows(self, batch: list[_Queued], solo: bool) -> list[Row]:
         try:
             return self.run_each([item.tensor for item in batch], solo)
-        except Exception:  # run_each isolates model faults; this is a bug: fail the run's items
+        except Exception as bug:  # run_each isolates model faults: fail the run's items
             log.exception("a batched model run failed outside the model")
-            return [None] * len(batch)
+            return [bug] * len(batch)

@@ -26,11 +26,11 @@ import anyio
 import numpy as np
 
 from .. import __version__
-from ..core.classifier import Classifier, ModelLoadError
+from ..core.classifier import Classifier, ModelLoadError, NonFiniteOutput
 from ..core.errors import ClassifierError, ErrorCode, model_failure
 from ..core.postprocessing import Prediction
 from . import metrics
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Row
 from .cache import PredictionCache, SharedPredictionCache
 from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluations
 from .machine import int8_saturates
@@ -119,26 +119,24 @@ class Predictor:
             _warn_if_int8_saturates(served.tag, classifier)
 
     def _batcher_for(self, classifier: Classifier) -> MicroBatcher:
-        """Merging pays for a model whose runs cost mostly per call (small models); for one whose
-        cost grows with the images (MobileNetV2 on CPU: measured about the same per image at batch
-        1 and 8), runs of one image each, as many at once as there are threads, served more."""
+        """Merging pays for a model whose runs cost mostly per call (small models); one whose
+        cost grows with the images runs each image alone. Either way at most MODEL_RUNS runs at
+        once: MobileNetV2 at 16 clients on 2 cores served as much with one run at a time per
+        worker as with THREADS runs at once, and the extra runs only shared the cores, so the
+        slowest answers took longer (p99 about a third higher, measured interleaved)."""
         settings = self.settings
-        if settings.batching and classifier.merging_gain >= settings.batching_min_gain:
-            return MicroBatcher(
-                classifier.run_isolating_faults,
-                settings.batch_max_size,
-                settings.model_runs,
-                self.in_work,
-            )
-        log.info(
-            "model %s: no merging (BATCHING %s, a full run %.2fx cheaper per image, minimum %g)",
-            classifier.card.name, settings.batching, classifier.merging_gain,
-            settings.batching_min_gain,
-        )  # fmt: skip
+        merges = settings.batching and classifier.merging_gain >= settings.batching_min_gain
+        if not merges:
+            log.info(
+                "model %s: no merging (BATCHING %s, a full run %.2fx cheaper per image, "
+                "minimum %g)",
+                classifier.card.name, settings.batching, classifier.merging_gain,
+                settings.batching_min_gain,
+            )  # fmt: skip
         return MicroBatcher(
             classifier.run_isolating_faults,
-            max_batch=1,
-            runners=settings.threads,
+            max_batch=settings.batch_max_size if merges else 1,
+            runners=settings.model_runs,
             in_work=self.in_work,
         )
 
@@ -280,13 +278,22 @@ class Predictor:
         (`data`: an encoded image, or a tensor already preprocessed)."""
         batcher = self.batchers[served.ref.version]
 
-        def prepare_and_run() -> tuple[np.ndarray | None, int]:
+        def prepare_and_run() -> tuple[Row, int]:
             if isinstance(data, np.ndarray):
                 return batcher.run(data)
             return batcher.prepare_and_run(partial(_timed_prepare, classifier, data, content_type))
 
         row, merged = await anyio.to_thread.run_sync(prepare_and_run, limiter=self.threads)
-        if row is None:
+        if isinstance(row, NonFiniteOutput) and isinstance(data, np.ndarray):
+            # Values a client chose (finite, but far outside what preprocessing gives) made the
+            # model answer NaN or infinity: the request's doing, not a failing model to page for.
+            # A model that raises stays a model failure, as does NaN for a picture we preprocessed.
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST,
+                "the model answered NaN or infinity for this tensor: send values preprocessed "
+                "as the model's config says",
+            )
+        if isinstance(row, Exception):
             raise model_failure()
         return row, merged
 

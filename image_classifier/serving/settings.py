@@ -80,7 +80,7 @@ class Settings:
     )
     batching_min_gain: float = _env(
         "BATCHING_MIN_GAIN",
-        1.25,
+        1.0,
         "merge only if a full run costs this many times less per image than a run of one "
         "(timed at warm-up; 0: always merge)",
     )

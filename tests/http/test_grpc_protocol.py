@@ -257,6 +257,30 @@ def test_a_grpc_message_is_read_only_after_its_token_and_must_arrive_in_time(gua
     assert codes["REQUEST_TIMEOUT"] >= 1, codes
 
 
+def test_of_two_tokens_the_first_counts_over_grpc_as_over_http(guarded, heldout):
+    png = encode(heldout[0][0], "PNG")
+    right, wrong = f"Bearer {TOKEN}", "Bearer not-the-token"
+    with grpc.insecure_channel(guarded.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answered = stub.ModelInfer(
+            infer_request([png]), metadata=[("authorization", right), ("authorization", wrong)]
+        )
+        assert answered.model_name == MODEL
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(
+                infer_request([png]), metadata=[("authorization", wrong), ("authorization", right)]
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for first, second, status in [(right, wrong, 200), (wrong, right, 401)]:
+        response = httpx.post(
+            f"{guarded.url}/analyze",
+            files={"image": ("d.png", png, "image/png")},
+            headers=[("authorization", first), ("authorization", second)],
+            timeout=30,
+        )
+        assert response.status_code == status, response.text
+
+
 @pytest.mark.parametrize(
     ("datatype", "shape", "contents"),
     [

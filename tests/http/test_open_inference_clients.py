@@ -214,15 +214,42 @@ def test_compressed_requests_answer_like_plain_ones(server, mode, pngs, analyzed
     np.testing.assert_allclose(result.as_numpy("probabilities"), analyzed, atol=1e-6)
 
 
+def test_a_gzip_body_of_several_members_is_one_body(server, pngs, analyzed):
+    """What `cat a.gz b.gz` and parallel compressors (pigz) make: gzip's own tools read it whole."""
+    body = json.dumps({"inputs": [{"name": "image", "shape": [len(pngs)], "datatype": "BYTES",
+                                   "data": [base64.b64encode(png).decode() for png in pngs]}],
+                       "outputs": [{"name": "probabilities"}]}).encode()  # fmt: skip
+    members = b"".join(
+        gzip.compress(body[start : start + 1000]) for start in range(0, len(body), 1000)
+    )
+    response = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        content=members,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    probabilities = np.array(output["data"], np.float32).reshape(output["shape"])
+    np.testing.assert_allclose(probabilities, analyzed, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("encoding", "body", "status", "code"),
     [
         ("br", lambda: b"\x1b\x00", 415, "UNSUPPORTED_MEDIA_TYPE"),
         (("gzip", "br"), lambda: gzip.compress(b"{}"), 415, "UNSUPPORTED_MEDIA_TYPE"),  # 2 lines
         ("gzip", lambda: gzip.compress(b'{"inputs": []}')[:-6], 400, "INVALID_REQUEST"),  # cut
+        ("gzip", lambda: gzip.compress(b'{"inputs": []}') + b"junk", 400, "INVALID_REQUEST"),
         ("gzip", lambda: gzip.compress(bytes(120 * 2**20), 1), 413, "PAYLOAD_TOO_LARGE"),
     ],
-    ids=["unknown-encoding", "two-encoding-headers", "truncated", "inflates-past-the-cap"],
+    ids=[
+        "unknown-encoding",
+        "two-encoding-headers",
+        "truncated",
+        "trailing-junk",
+        "inflates-past-the-cap",
+    ],
 )
 def test_a_body_that_cannot_be_inflated_gets_a_clear_4xx(server, encoding, body, status, code):
     encodings = [encoding] if isinstance(encoding, str) else encoding
@@ -369,6 +396,11 @@ def test_binary_bodies_that_lie_about_their_sizes_get_400(server, pngs):
         )
         assert response.status_code == 400, response.text
         assert response.headers["x-error-code"] == "INVALID_REQUEST"
+    good = header.replace(b"999", b"3") + b"abc"
+    twice = [("inference-header-content-length", str(n)) for n in (len(header), len(header) + 1)]
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=good, headers=twice)
+    assert response.status_code == 400, response.text  # which split counts is not a guess
+    assert "given twice" in response.json()["error"]
 
 
 def test_bodies_of_millions_of_tiny_values_are_refused_before_they_are_parsed(server, pngs):

@@ -20,6 +20,7 @@ from image_classifier.http.envelope import is_error_envelope
 from image_classifier.http.uploads import UploadRoute
 
 BODY = b"x" * 300
+DATE = b"Sat, 05 Dec 2026 09:00:00 GMT"
 ROUTE = UploadRoute(rule=None, max_bytes=1000)
 
 
@@ -76,7 +77,9 @@ def full_gate():
 async def connected(asgi_app=None) -> tuple[protocol.ServiceHttpProtocol, FakeTransport]:  # noqa: ANN001
     config = Config(app=asgi_app or app, http="httptools", lifespan="off")
     config.load()
-    server = protocol.ServiceHttpProtocol(config=config, server_state=ServerState(), app_state={})
+    state = ServerState()
+    state.default_headers = [(b"date", DATE)]  # what uvicorn's server renews every second
+    server = protocol.ServiceHttpProtocol(config=config, server_state=state, app_state={})
     transport = FakeTransport()
     server.connection_made(transport)
     return server, transport
@@ -133,6 +136,7 @@ def test_a_refused_request_is_answered_at_its_head_and_its_connection_kept(full_
         status, headers, body = answer_of(raw)
         assert status == 503 and headers["x-error-code"] == "OVERLOADED"
         assert headers["retry-after"] == "1" and headers["x-request-id"] == "my-id-1"
+        assert headers["date"] == DATE.decode()  # RFC 9110 6.6.1: an origin server sends one
         assert is_error_envelope(body) and body["request_id"] == "my-id-1"
         assert "connection" not in headers and not transport.closed
         assert transport.reading  # the rest of the body is read, and dropped

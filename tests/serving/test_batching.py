@@ -12,7 +12,8 @@ from image_classifier.serving.batching import MicroBatcher
 
 
 class RecordingModel:
-    """Doubles each input; returns None for negative inputs (a model fault on that item)."""
+    """Doubles each input; a negative input gets a ValueError in its place (a model fault on
+    that item)."""
 
     def __init__(self, seconds: float = 0.0, fail_outside_the_model: bool = False) -> None:
         self.runs: list[int] = []
@@ -36,7 +37,7 @@ class RecordingModel:
             self.running -= 1
         if self.fail:
             raise RuntimeError("a bug, not a model fault")
-        return [None if t[0] < 0 else t * 2 for t in tensors]
+        return [ValueError(t[0]) if t[0] < 0 else t * 2 for t in tensors]
 
 
 def run_all(batcher: MicroBatcher, values: list[float], threads: int) -> list:
@@ -89,7 +90,7 @@ def test_a_failing_item_fails_alone():
     model = RecordingModel(seconds=0.02)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
     rows = [row for row, _ in run_all(batcher, [1.0, -1.0, 3.0, 4.0], threads=4)]
-    assert rows[1] is None
+    assert isinstance(rows[1], ValueError) and rows[1].args == (-1.0,)  # its own failure
     assert [r.tolist() for r in (rows[0], rows[2], rows[3])] == [[2.0], [6.0], [8.0]]
 
 
@@ -97,7 +98,7 @@ def test_a_bug_outside_the_model_fails_its_run_and_no_thread_hangs():
     model = RecordingModel(seconds=0.02, fail_outside_the_model=True)
     batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
     results = run_all(batcher, [1.0, 2.0, 3.0], threads=3)
-    assert [row for row, _ in results] == [None, None, None]
+    assert [type(row) for row, _ in results] == [RuntimeError] * 3
 
 
 def test_runners_bound_the_model_runs_at_once():

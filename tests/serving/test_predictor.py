@@ -82,7 +82,7 @@ def test_without_merging_every_image_runs_alone_and_info_says_why(model_dir, env
     predictor = predictor_for(model_dir, threads=4, model_runs=1, **env)
     served = predictor.router.primary
     batcher = predictor.batchers[served.ref.version]
-    assert (batcher.max_batch, batcher.runners) == (1, 4)  # as many runs at once as threads
+    assert (batcher.max_batch, batcher.runners) == (1, 1)  # MODEL_RUNS, not a run per thread
     data = pictures(12)
 
     async def together():

@@ -18,6 +18,7 @@ from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 from tests.training.conftest import export_own
 from tests.training.own_model import colour_picture
+from training_export.export import ExportError
 from training_export.onnx_facts import ModelFileError
 from training_export.onnx_import import ModelImportError, import_onnx, read_config, read_labels
 
@@ -49,6 +50,31 @@ def test_nhwc_input_size_and_channels_come_from_the_file(tmp_path, bentoml_home)
     # Expected through an NCHW preprocess, transposed by hand: the layout really is applied.
     nchw = preprocess(picture, spec.model_copy(update={"layout": "NCHW"}))
     expected = softmax(nchw.transpose(1, 2, 0).reshape(1, -1) @ weights(folder))[0]
+    answer = classifier.classify(encode(picture, "PNG"), top_k=5)
+    assert np.allclose([answer.probabilities[label] for label in LABELS], expected, atol=1e-5)
+
+
+def test_a_file_with_several_outputs_is_imported_with_the_one_named(tmp_path, bentoml_home):
+    """Exports often keep a second output (features, an auxiliary head): the import names them
+    and asks which one holds the class scores; the stored file keeps only that one."""
+    folder = build_onnx_classifier(tmp_path / "two", labels=5, input_size=(20, 20),
+                                   color_mode="RGB", extra_output=True)  # fmt: skip
+    path, quiet = folder / "model.onnx", {"say": lambda _: None, "preset": "imagenet"}
+    with pytest.raises(ExportError, match=r"2 outputs \(features \[.*\], output \[.*\]\): "
+                                          r"name the one .* with --output NAME"):  # fmt: skip
+        import_onnx(path, "two", "v1", labels=LABELS, **quiet)
+    with pytest.raises(ExportError, match="has no output 'logits' \\(it has features, output\\)"):
+        import_onnx(path, "two", "v1", labels=LABELS, output="logits", **quiet)
+    tag = import_onnx(path, "two", "v1", labels=LABELS, output="output", **quiet)
+    stored = store_model_dir(bentoml_home, tag)
+    saved = onnx.load(str(stored / "model.onnx"))
+    assert [value.name for value in saved.graph.output] == ["output"]
+    assert [node.op_type for node in saved.graph.node] == ["Reshape", "MatMul", "Identity"]
+    assert "two" not in {tensor.name for tensor in saved.graph.initializer}  # its weight too
+    classifier = Classifier(stored)
+    picture = colour_picture(1, 3)
+    tensor = preprocess(picture, classifier.card.preprocessing)
+    expected = softmax(tensor.reshape(1, -1) @ weights(folder))[0]
     answer = classifier.classify(encode(picture, "PNG"), top_k=5)
     assert np.allclose([answer.probabilities[label] for label in LABELS], expected, atol=1e-5)
 
