@@ -124,7 +124,7 @@ def _run_finite(
     except NonFiniteOutput:
         rows = classifier.run_isolating_faults(tensors)
         answered = zip(pictures, rows, strict=True)
-        failed = [str(picture.path) for picture, row in answered if row is None]
+        failed = [str(picture.path) for picture, row in answered if isinstance(row, Exception)]
         raise ValueError(
             f"{classifier.card.name} answers NaN or infinity on {len(failed)} pictures, e.g. "
             f"{', '.join(failed[:3])}: it cannot be evaluated (check its export and preprocessing)"
