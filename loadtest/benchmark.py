@@ -12,12 +12,14 @@
     (loadtest/litserve_app.py);
     (b') the same service over the Open Inference Protocol at 16 clients, as Triton's clients call
     it: HTTP with binary tensor data, and gRPC (tritonclient.grpc.aio), the same image, each run
-    in two halves interleaved with /analyze's (`side_by_side`), to which they are compared;
+    in two halves interleaved with /analyze's and the in-process limit's (`interleaved`);
     (d) the service with WORKERS=1 (one process: what one worker per CPU gains) and with
     BATCHING=0; each worker's share of the CPU at c=16 says how evenly the kernel spread the
     connections; (e) the duplicate-input cache (CACHE_SIZE on, the
     same picture every time: all hits but the first) and the cost of its key; (f) with --int8, the
     service serving the INT8 variant.
+    The two sides of every target ratio run interleaved (`interleaved`): the machine's speed
+    drifts over the minutes of a run.
     Images: generated photo-like 640x480 and 4032x3024 JPEGs. Prints a table, writes
     docs/benchmarks.json and docs/benchmarks.md with the commit it ran on.
 
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import bentoml
 import httpx
@@ -82,6 +85,7 @@ TARGETS = {
     "oip_grpc_over_analyze": (">=", 1.0),
 }
 BESIDE_OIP = "service /analyze, beside OIP"  # /analyze run side by side with the OIP points
+T = TypeVar("T")
 STAGES = ("body_receive", "preprocess", "queue_wait", "inference", "respond")
 
 
@@ -119,6 +123,9 @@ def in_process_rate(
     after = psutil.Process().cpu_times()
     return {
         "setting": f"{loops} thread(s) x {ort_threads}-thread ORT, batch {batch}",
+        "loops": loops,
+        "ort_threads": ort_threads,
+        "batch": batch,
         "img_s": round(sum(done) / wall, 1),
         "cpu_cores": round((after.user + after.system - cpu.user - cpu.system) / wall, 2),
     }
@@ -132,6 +139,25 @@ def in_process_limit(model_dir: Path, images: list[bytes], seconds: float, batch
         for b in batches
     ]
     return {"best": max(rows, key=lambda r: r["img_s"]), "tried": rows}
+
+
+def limit_beside(model_dir: Path, images: list[bytes], best: dict) -> Callable[[float], dict]:
+    """The limit's best setting, to be measured again for a while beside a point it is compared
+    with (`interleaved`)."""
+    return lambda seconds: in_process_rate(
+        model_dir, images, loops=best["loops"], ort_threads=best["ort_threads"],
+        batch=best["batch"], seconds=seconds,
+    )  # fmt: skip
+
+
+def merged_limit(halves: list[dict]) -> dict:
+    """One limit from runs of equal length: their mean rate."""
+    return {
+        "setting": halves[0]["setting"],
+        "img_s": round(sum(h["img_s"] for h in halves) / len(halves), 1),
+        "cpu_cores": round(sum(h["cpu_cores"] for h in halves) / len(halves), 2),
+        "halves": [h["img_s"] for h in halves],
+    }
 
 
 def model_only_rate(model_dir: Path, seconds: float) -> float:
@@ -295,36 +321,49 @@ def summarise(
     }  # fmt: skip
 
 
-def http_point(
-    system: str, url: str, pid: int, images: list[bytes], kind: str, concurrency: int,
-    seconds: float, batch: int = 1,
-) -> dict:  # fmt: skip
-    """One closed-loop run of /analyze; `batch` > 1 posts that many images per request to
-    /analyze_batch."""
+def analyze_load(
+    url: str, images: list[bytes], concurrency: int, batch: int = 1
+) -> Callable[[float], Awaitable[list[Outcome]]]:
+    """Closed loops of /analyze (the first image); `batch` > 1 posts that many images per request
+    to /analyze_batch. Called with the seconds to run."""
     if batch > 1:
         payload: bytes | list[bytes] = [images[i % len(images)] for i in range(batch)]
         route, options = "/analyze_batch", {"field": "images"}
     else:
         payload, route, options = images[0], "/analyze", {}
-
-    def load() -> Awaitable[list[Outcome]]:
-        return closed_loops(url + route, payload, concurrency=concurrency, seconds=seconds,
-                            content_type="image/jpeg", **options)  # fmt: skip
-
-    return summarise(system, kind, concurrency, batch, [run_segment(pid, load)])
+    return lambda seconds: closed_loops(
+        url + route, payload, concurrency=concurrency, seconds=seconds, content_type="image/jpeg",
+        **options,
+    )  # fmt: skip
 
 
-def side_by_side(
-    pid: int, loads: dict[str, Callable[[float], Awaitable[list[Outcome]]]], seconds: float
-) -> list[dict]:
-    """Points of several loads (16 clients, 640x480) to be compared with each other: each runs
-    for `seconds` in two halves, in the order A B C C B A, so that a drift of the shared
-    machine's speed over the minute weighs on each of them alike."""
-    order = [*loads, *reversed(loads)]
-    segments: dict[str, list[Segment]] = {system: [] for system in loads}
-    for system in order:
-        segments[system].append(run_segment(pid, partial(loads[system], seconds / 2)))
-    return [summarise(system, "640", 16, 1, runs) for system, runs in segments.items()]
+def http_point(
+    system: str, url: str, pid: int, images: list[bytes], kind: str, concurrency: int,
+    seconds: float, batch: int = 1,
+) -> dict:  # fmt: skip
+    """One closed-loop run of `analyze_load`."""
+    load = analyze_load(url, images, concurrency, batch)
+    return summarise(system, kind, concurrency, batch, [run_segment(pid, partial(load, seconds))])
+
+
+def interleaved(
+    measures: dict[str, Callable[[float], T]], seconds: float, middle: Callable[[], object] = tuple
+) -> dict[str, list[T]]:
+    """Each measure for `seconds` in two halves, in the order A B C, `middle` (the points compared
+    with them, when they need a server of their own), C B A: the shared machine's speed drifts
+    over minutes, and so a drift weighs alike on both sides of every ratio."""
+    runs: dict[str, list[T]] = {name: [] for name in measures}
+    for name in measures:
+        runs[name].append(measures[name](seconds / 2))
+    middle()
+    for name in reversed(measures):
+        runs[name].append(measures[name](seconds / 2))
+    return runs
+
+
+def segments_of(pid: int, load: Callable[[float], Awaitable[list[Outcome]]]):
+    """A closed-loop load as a measure for `interleaved`: seconds -> Segment."""
+    return lambda seconds: run_segment(pid, partial(load, seconds))
 
 
 def stage_means_ms(metrics_text: str, before: str) -> dict[str, float]:
@@ -453,7 +492,7 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"model": args.model, "int8_model": args.int8, "points": []}
     batches = (1, 4) if args.quick else (1, 4, 8)
     limit_s = max(1.0, seconds / 4)
-    result["limit"] = {}
+    result["limit"], result["limit_beside"] = {}, {}
     for kind, pictures in images.items():
         say(f"(a) in-process limit, {kind} ...")
         result["limit"][kind] = in_process_limit(model_dir, pictures[:1], limit_s, batches)
@@ -473,9 +512,26 @@ def run(args: argparse.Namespace) -> dict:
 
     def measure(system: str, url: str, pid: int, kind: str, concurrency: int, batch: int = 1):
         point = http_point(system, url, pid, images[kind], kind, concurrency, seconds, batch)
+        return add(point)
+
+    def add(point: dict) -> dict:
         result["points"].append(point)
         say(_row(point))
         return point
+
+    def add_interleaved(runs: dict[str, list], points: dict[str, tuple[str, str, int]]) -> None:
+        """What `interleaved` measured: a name in `points` is an HTTP point (system, images,
+        clients), any other the in-process limit for those images."""
+        for name, halves in runs.items():
+            if name in points:
+                add(summarise(*points[name], 1, halves))
+            else:
+                result["limit_beside"][name] = merged_limit(halves)
+                say(f"{name}: {result['limit_beside'][name]}")
+
+    def limit_of(name: str, limits: dict, folder: Path) -> Callable[[float], dict]:
+        kind = name.split()[0]  # "640 INT8": the INT8 model on the 640 images
+        return limit_beside(folder, images[kind][:1], limits[kind]["best"])
 
     def warm(url: str, pid: int) -> None:
         http_point("warm-up", url, pid, images["640"], "640", 4, min(2.0, seconds))
@@ -493,22 +549,26 @@ def run(args: argparse.Namespace) -> dict:
             if c == 16:
                 result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
-        say("(b') Open Inference at c=16, side by side with /analyze: HTTP binary, gRPC ...")
+        say("(b') /analyze at c=16 interleaved with Open Inference (HTTP binary, gRPC) and with "
+            "the in-process limit ...")  # fmt: skip
         model_name = args.model.split(":")[0]
         image, (body, headers) = images["640"][0], open_inference_body(images["640"][0])
         infer_url = f"{url}/v2/models/{model_name}/infer"
-        for point in side_by_side(pid, {
-            BESIDE_OIP: lambda s: closed_loops(url + "/analyze", image, concurrency=16,
-                                               seconds=s, content_type="image/jpeg"),
-            "service OIP-HTTP": lambda s: closed_loops(infer_url, body, concurrency=16,
-                                                       seconds=s, raw_headers=headers),
-            "service OIP-gRPC": lambda s: grpc_loops(server.grpc_target, model_name, image, 16, s),
-        }, seconds):  # fmt: skip
-            result["points"].append(point)
-            say(_row(point))
+        add_interleaved(interleaved({
+            BESIDE_OIP: segments_of(pid, analyze_load(url, images["640"], 16)),
+            "service OIP-HTTP": segments_of(pid, lambda s: closed_loops(
+                infer_url, body, concurrency=16, seconds=s, raw_headers=headers)),
+            "service OIP-gRPC": segments_of(pid, lambda s: grpc_loops(
+                server.grpc_target, model_name, image, 16, s)),
+            "640": limit_of("640", result["limit"], model_dir),
+        }, seconds), {name: (name, "640", 16) for name in (BESIDE_OIP, "service OIP-HTTP",
+                                                           "service OIP-gRPC")})  # fmt: skip
         measure("service", url, pid, "640", 2, batch=BATCH_IMAGES)
         rss_640 = worker_rss_mb(pid)
-        measure("service", url, pid, "phone", 16)
+        add_interleaved(interleaved({
+            "service": segments_of(pid, analyze_load(url, images["phone"], 16)),
+            "phone": limit_of("phone", result["limit"], model_dir),
+        }, seconds), {"service": ("service", "phone", 16)})  # fmt: skip
         result["rss_mb_per_worker_640"] = rss_640
         result["rss_mb_per_worker"] = max(rss_640, worker_rss_mb(pid))  # after the phone photos
         if args.profile:
@@ -517,12 +577,41 @@ def run(args: argparse.Namespace) -> dict:
                 lambda: http_point("profile", url, pid, images["640"], "640", 16, seconds),
             )  # fmt: skip
 
-    say("(c) the peers: tutorial, expert, LitServe ...")
-    for peer in PEERS:
-        with peer_server(peer, model_dir, logs / f"{peer}.log") as (url, pid):
-            warm(url, pid)
-            for kind, c in (("640", 1), ("640", 16), ("phone", 16)):
-                measure(peer, url, pid, kind, c)
+        say("(c) the peers, each between two halves of the service's points ...")
+        peer_kinds = (("640", 1), ("640", 16), ("phone", 16))
+        for peer in PEERS:
+
+            def peer_points(peer: str = peer) -> None:  # its own server, stopped after
+                with peer_server(peer, model_dir, logs / f"{peer}.log") as (peer_url, peer_pid):
+                    warm(peer_url, peer_pid)
+                    for kind, c in peer_kinds:
+                        measure(peer, peer_url, peer_pid, kind, c)
+
+            beside = f"service, beside {peer}"
+            add_interleaved(interleaved({
+                f"{beside} {kind} {c}": segments_of(pid, analyze_load(url, images[kind], c))
+                for kind, c in peer_kinds
+            }, seconds, middle=peer_points), {
+                f"{beside} {kind} {c}": (beside, kind, c) for kind, c in peer_kinds})  # fmt: skip
+
+        if args.int8:
+            say("(f) the INT8 variant served, between halves of the fp32 service's point and of "
+                "the INT8 limit ...")  # fmt: skip
+
+            def int8_points() -> None:
+                int8_env = {**env, "MODEL_TAG": args.int8}
+                with serve(home, logs / "service-int8.log", env=int8_env) as int8_server:
+                    int8_url, int8_pid = int8_server.url, int8_server.process.pid
+                    warm(int8_url, int8_pid)
+                    for c in (1, 16):
+                        measure("service INT8", int8_url, int8_pid, "640", c)
+                    result["rss_mb_per_worker_int8"] = worker_rss_mb(int8_pid)
+
+            add_interleaved(interleaved({
+                "service, beside INT8": segments_of(pid, analyze_load(url, images["640"], 16)),
+                "640 INT8": limit_of("640 INT8", result["limit_int8"], int8_dir),
+            }, seconds, middle=int8_points), {
+                "service, beside INT8": ("service, beside INT8", "640", 16)})  # fmt: skip
 
     say("(d) the service with WORKERS=1, and with BATCHING=0 ...")
     for name, setting in (("service WORKERS=1", "WORKERS=1"), ("service BATCHING=0", "BATCHING=0")):
@@ -532,13 +621,6 @@ def run(args: argparse.Namespace) -> dict:
             for c in (1, 16):
                 measure(name, server.url, server.process.pid, "640", c)
     result["worker_cpu_shares_c16"] = _point(result, "service", "640", 16)["worker_cpu_shares"]
-    if args.int8:
-        say("(f) the service serving the INT8 variant ...")
-        with serve(home, logs / "service-int8.log", env={**env, "MODEL_TAG": args.int8}) as server:
-            warm(server.url, server.process.pid)
-            for c in (1, 16):
-                measure("service INT8", server.url, server.process.pid, "640", c)
-            result["rss_mb_per_worker_int8"] = worker_rss_mb(server.process.pid)
 
     say("(e) the duplicate-input cache ...")
     with serve(home, logs / "service-cache.log", env={**env, "CACHE_SIZE": "1024"}) as server:
@@ -566,38 +648,39 @@ def _point(result: dict, system: str, kind: str, concurrency: int) -> dict:
 
 
 def _ratios(result: dict) -> dict:
+    """Each ratio compares two points measured interleaved (`interleaved`): the service beside
+    the in-process limit, beside each peer, the INT8 variant beside the fp32 service."""
+
     def at(system: str, kind: str = "640", concurrency: int = 16) -> dict:
         return _point(result, system, kind, concurrency)
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 2)
 
-    service, tutorial, litserve = at("service"), at("tutorial"), at("litserve")
-    beside_oip = at(BESIDE_OIP)
+    def over(peer: str, kind: str = "640", concurrency: int = 16, figure: str = "img_s"):
+        return ratio(at(f"service, beside {peer}", kind, concurrency)[figure],
+                     at(peer, kind, concurrency)[figure])  # fmt: skip
+
+    limit, beside_oip = result["limit_beside"], at(BESIDE_OIP)
     ratios = {
-        "service_over_limit": ratio(service["img_s"], result["limit"]["640"]["best"]["img_s"]),
-        "service_over_limit_phone": ratio(
-            at("service", "phone")["img_s"], result["limit"]["phone"]["best"]["img_s"]
-        ),
-        "service_over_baseline_640": ratio(service["img_s"], tutorial["img_s"]),
-        "service_over_baseline_phone": ratio(
-            at("service", "phone")["img_s"], at("tutorial", "phone")["img_s"]
-        ),
-        "service_over_expert_baseline": ratio(service["img_s"], at("expert")["img_s"]),
-        "service_over_litserve": ratio(service["img_s"], litserve["img_s"]),
-        "p99_over_litserve": ratio(service["p99_ms"], litserve["p99_ms"]),
-        "p50_c1_over_baseline": ratio(at("service", concurrency=1)["p50_ms"],
-                                      at("tutorial", concurrency=1)["p50_ms"]),
-        "p99_over_baseline": ratio(service["p99_ms"], tutorial["p99_ms"]),
+        "service_over_limit": ratio(beside_oip["img_s"], limit["640"]["img_s"]),
+        "service_over_limit_phone": ratio(at("service", "phone")["img_s"], limit["phone"]["img_s"]),
+        "service_over_baseline_640": over("tutorial"),
+        "service_over_baseline_phone": over("tutorial", "phone"),
+        "service_over_expert_baseline": over("expert"),
+        "service_over_litserve": over("litserve"),
+        "p99_over_litserve": over("litserve", figure="p99_ms"),
+        "p50_c1_over_baseline": over("tutorial", concurrency=1, figure="p50_ms"),
+        "p99_over_baseline": over("tutorial", figure="p99_ms"),
         "oip_http_over_analyze": ratio(at("service OIP-HTTP")["img_s"], beside_oip["img_s"]),
         "oip_grpc_over_analyze": ratio(at("service OIP-gRPC")["img_s"], beside_oip["img_s"]),
     }  # fmt: skip
     if "limit_int8" in result:
         int8 = at("service INT8")
-        ratios["int8_served_over_fp32_served"] = ratio(int8["img_s"], service["img_s"])
-        ratios["int8_service_over_int8_limit"] = ratio(
-            int8["img_s"], result["limit_int8"]["640"]["best"]["img_s"]
+        ratios["int8_served_over_fp32_served"] = ratio(
+            int8["img_s"], at("service, beside INT8")["img_s"]
         )
+        ratios["int8_service_over_int8_limit"] = ratio(int8["img_s"], limit["640 INT8"]["img_s"])
     return ratios
 
 
@@ -610,7 +693,7 @@ def _met(result: dict, name: str) -> bool | None:
 
 
 def _row(p: dict) -> str:
-    what = f"{p['system']:<19} {p['images']:<5} c={p['concurrency']:<3}" + (
+    what = f"{p['system']:<26} {p['images']:<5} c={p['concurrency']:<3}" + (
         f" batch={p['batch']}" if p["batch"] > 1 else "        "
     )
     return (f"{what} {p['img_s']:>7.1f} img/s  p50 {p['p50_ms']:>7.1f}  p95 {p['p95_ms']:>7.1f}  "
@@ -654,6 +737,14 @@ def markdown(result: dict) -> str:
     for kind, limit in limits.items():
         tried = "; ".join(f"{r['setting']}: {r['img_s']}" for r in limit["tried"])
         lines += [f"- {kind}: {tried}"]
+    if result.get("limit_beside"):
+        lines += ["", "The best setting measured again in two halves around the service's points "
+                  "it is compared with (the ratios use these: the machine's speed drifts between "
+                  "the sweep and the points):", ""]  # fmt: skip
+        for kind, limit in result["limit_beside"].items():
+            halves = ", ".join(str(h) for h in limit["halves"])
+            lines += [f"- {kind}: {limit['img_s']} img/s (halves {halves}), {limit['cpu_cores']} "
+                      "CPU cores"]  # fmt: skip
     lines += [
         "",
         "## Over HTTP (aiohttp closed loops, one image per request unless batch > 1)",
@@ -663,9 +754,12 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines[-2:-2] = [
-        "`service OIP-HTTP` (binary tensors) and `service OIP-gRPC` (tritonclient.grpc.aio, one "
-        f"channel) ran in halves interleaved with `{BESIDE_OIP}` (A B C C B A), the point their "
-        "ratios compare with.",
+        "Every ratio compares points run interleaved, in two halves each (A B C, C B A): "
+        f"`service OIP-HTTP` (binary tensors), `service OIP-gRPC` (tritonclient.grpc.aio, one "
+        f"channel) and the in-process limit with `{BESIDE_OIP}`; the phone limit with the "
+        "`service` phone point; each peer's points (its server up only meanwhile: LitServe's "
+        "idle workers poll) between the halves of `service, beside <peer>`; the INT8 service's "
+        "points between the halves of `service, beside INT8` and of the INT8 limit.",
         "",
     ]
     for p in result["points"]:

@@ -138,5 +138,10 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
     assert len(shares) >= figures["sizing"]["workers"] and sum(shares) <= 1.01, shares
     assert figures["cache"]["hit_over_miss_c16"] > 0 and figures["cache"]["key_ms"]["640"] > 0
     markdown = out.with_suffix(".md").read_text()
-    for system in ("service", "tutorial", "expert", "litserve", "service WORKERS=1"):
+    for system in ("service", "tutorial", "expert", "litserve", "service WORKERS=1",
+                   "service, beside litserve", "service, beside INT8"):  # fmt: skip
         assert f"| {system} | 640 | 16 |" in markdown, system
+    # the limits the ratios use were measured again, in two halves, beside their points
+    assert set(figures["limit_beside"]) == {"640", "phone", "640 INT8"}, figures["limit_beside"]
+    for limit in figures["limit_beside"].values():
+        assert len(limit["halves"]) == 2 and min(limit["halves"]) > 0, limit
