@@ -240,6 +240,18 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._balanced = True
             self.balance.opened()
 
+    def eof_received(self) -> bool:
+        """A client that closes its sending side once its request is sent (`shutdown(SHUT_WR)`:
+        `nc -N`, some HTTP/1.0 clients and scripts) still gets its answer. uvicorn answers None
+        here, and the transport then closed at once, dropping the request in work unanswered.
+        The connection now stays open for that answer and closes after it (the client can send
+        nothing more); one idle, or whose request is still sending its body, closes as before."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.more_body:
+            return False
+        cycle.keep_alive = False
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_body_deadline()
         self._cancel_head_deadline()

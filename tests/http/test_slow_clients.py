@@ -21,7 +21,7 @@ import psutil
 import pytest
 import uvloop
 
-from loadtest.load import closed_loops, percentile, throughput
+from loadtest.load import closed_loops, percentile, raw_multipart, throughput
 from loadtest.servers import serve
 from tests.figures import measured
 from tests.http.responses import access_lines, assert_no_traceback
@@ -392,3 +392,23 @@ def test_an_answer_before_a_body_sent_on_100_continue_ends_the_connection(server
     head = answer.partition(b"\r\n\r\n")[0].lower()
     assert head.startswith((b"http/1.1 404", b"http/1.1 405")), answer[:300]
     assert b"\r\nconnection: close" in head, head  # and the server closed: recv ended
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_its_answer(server, digit_png):
+    """`shutdown(SHUT_WR)` once the request is sent (what `nc -N` does): the connection was
+    closed with the request in work and nothing came back. The answer now comes, and then the
+    end of the connection (the client can send nothing more)."""
+    body, content_type = raw_multipart([("image", "digit.png", "image/png", digit_png)])
+    head = (f"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):  # ends when the server closes (a timeout fails)
+            answer += chunk
+    answer_head, _, payload = answer.partition(b"\r\n\r\n")
+    assert answer_head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"\r\nconnection: close" in answer_head.lower(), answer_head
+    assert json.loads(payload)["success"] is True
