@@ -123,7 +123,7 @@ class Predictor:
         cost grows with the images runs each image alone. Either way at most MODEL_RUNS runs at
         once: MobileNetV2 at 16 clients on 2 cores served as much with one run at a time per
         worker as with THREADS runs at once, and the extra runs only shared the cores, so the
-        slowest answers took longer (p99 about a third higher, measured interleaved)."""
+        slowest answers took longer (a higher p99 in runs interleaved with the default's)."""
         settings = self.settings
         merges = settings.batching and classifier.merging_gain >= settings.batching_min_gain
         if not merges:

@@ -238,6 +238,27 @@ def test_head_answers_every_get_route_like_get_without_a_body(server, path):
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "/analyze", {"POST"}), ("PUT", "/analyze_batch", {"POST"}),
+     ("POST", "/livez", {"GET", "HEAD"}), ("DELETE", "/info", {"GET", "HEAD"}),
+     ("GET", "/v2/models/digits-cnn/infer", {"POST"})],
+)  # fmt: skip
+def test_a_method_a_route_does_not_take_gets_405_saying_which_it_takes(
+    server, method, path, allowed
+):
+    """RFC 9110 15.5.6: a 405 names the methods the route takes (`Allow`), in the route's error
+    shape (the envelope, or Open Inference's `{"error": "CODE: message"}` under /v2)."""
+    response = httpx.request(method, f"{server.url}{path}")
+    assert response.status_code == 405, response.text
+    assert {m.strip() for m in response.headers["allow"].split(",")} >= allowed - {"HEAD"}
+    assert set(response.headers["allow"].replace(" ", "").split(",")) <= allowed
+    if path.startswith("/v2/"):
+        assert response.json()["error"].startswith("METHOD_NOT_ALLOWED: "), response.text
+    else:
+        assert envelope_code(response) == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize(
     ("method", "path"), [("GET", "/info/"), ("GET", "/v2/"), ("POST", "/analyze/"), ("GET", "/ui/")]
 )
 def test_a_path_with_a_slash_too_many_is_a_404_not_a_redirect_to_the_hosts_header(
