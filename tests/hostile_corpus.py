@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from loadtest.load import raw_multipart
-from tests.pictures import EXIF_STORED_AS, encode, png_claiming, with_header_parts
+from tests.pictures import EXIF_STORED_AS, chunk, encode, png_claiming, with_header_parts
 
 MIB = 1024 * 1024
 MAX_UPLOAD_BYTES = 10 * MIB  # settings.py defaults, which the test server runs with
@@ -160,6 +160,31 @@ def lab_tiff(label: int) -> bytes:
     return encode(ImageCms.applyTransform(digit(label).convert("RGB"), to_lab), "TIFF")
 
 
+def premultiplied_la_tiff(label: int) -> bytes:
+    """A grey TIFF with associated (premultiplied) alpha: Pillow mode La, which Pillow converts
+    to nothing but LA (a 500 before)."""
+    grey = digit(label)
+    la_tiff = encode(Image.merge("LA", (grey, Image.new("L", grey.size, 255))), "TIFF")
+    data = bytearray(la_tiff)
+    first_ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[first_ifd : first_ifd + 2])[0]):
+        at = first_ifd + 2 + 12 * entry
+        if struct.unpack("<H", data[at : at + 2])[0] == 338:  # ExtraSamples: 2 -> 1, associated
+            data[at + 8 : at + 10] = struct.pack("<H", 1)
+    assert bytes(data) != la_tiff
+    return bytes(data)
+
+
+def palette_png_with_a_long_trns() -> bytes:
+    """A palette PNG whose tRNS has 257 entries (at most 256 are allowed): Pillow decodes it, then
+    fails converting it ("palette index out of range"), which was a 500."""
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 3, 0, 0, 0)
+    rows = zlib.compress((b"\0" + bytes(range(8))) * 8)
+    parts = [(b"IHDR", header), (b"PLTE", bytes(range(48))), (b"tRNS", b"\xff" * 257),
+             (b"IDAT", rows), (b"IEND", b"")]  # fmt: skip
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(kind, data) for kind, data in parts)
+
+
 def big_sixteen_bit_png(width: int = 7000, height: int = 7000) -> bytes:
     """~110 KB of 16-bit PNG that declares 49 MP (under MAX_IMAGE_PIXELS): a memory amplifier."""
     return encode(Image.fromarray(np.full((height, width), 50000, dtype=np.uint16)), "PNG")
@@ -242,6 +267,8 @@ def image_cases() -> list[Case]:
         ok("tiff", "TIFF", encode(two, "TIFF"), "image/tiff", "TIFF"),
         ok("tiff-lab", "a CIELAB TIFF: converted by colour (it was a 500 before)", lab_tiff(2),
            "image/tiff", "TIFF, mode LAB"),
+        ok("tiff-la-premultiplied", "grey TIFF with premultiplied alpha (Pillow's La): it was a "
+           "500", premultiplied_la_tiff(2), "image/tiff", "TIFF, mode La"),
         ok("png-16-bit-49mp", "a 16-bit PNG of ~110 KB declaring 49 MP: converted in blocks, "
            "not as whole-picture float64 arrays", big_sixteen_bit_png(), "image/png",
            "7000x7000 I;16 PNG (~110 KB)", label=None),
@@ -257,6 +284,10 @@ def refused_image_cases() -> list[Case]:
     cases = [
         Case("zero-byte-file", "a file part with no bytes", "/analyze", 422, "INVALID_IMAGE",
              "image=empty.png (0 bytes)", files=one("empty.png", b"", "image/png")),
+        Case("png-trns-257", "a palette PNG with 257 tRNS entries: Pillow decodes it but cannot "
+             "convert its pixels (it was a 500)", "/analyze", 422, "INVALID_IMAGE",
+             "P PNG + 257-entry tRNS", files=one("t.png", palette_png_with_a_long_trns(),
+             "image/png")),
         Case("jpeg-truncated", "a JPEG cut in half: refused, never padded", "/analyze", 422,
              "INVALID_IMAGE", "first half of a JPEG", files=one("t.jpg", truncated(jpeg),
              "image/jpeg")),
@@ -433,6 +464,7 @@ def batch_cases() -> list[Case]:
         (("empty.png", b"", "image/png"), "INVALID_IMAGE", None),
         (("page.jpg", NON_IMAGES["html"], "image/jpeg"), "UNSUPPORTED_MEDIA_TYPE", None),
         (("cut.png", truncated(encode(two, "PNG")), "image/png"), "INVALID_IMAGE", None),
+        (("trns.png", palette_png_with_a_long_trns(), "image/png"), "INVALID_IMAGE", None),
         (("bomb.png", png_claiming(50_000, 50_000), "image/png"), "IMAGE_TOO_LARGE", None),
         (("six.jpg", encode(six, "JPEG", quality=90), "image/jpeg"), OK, "6"),
         (("png.jpg", encode(six, "PNG"), "image/jpeg"), "UNSUPPORTED_MEDIA_TYPE", None),
@@ -454,7 +486,7 @@ def batch_cases() -> list[Case]:
              files=tuple(("images", (f"{i}.png", tiny, "image/png")) for i in range(many)),
              item_codes=(OK,) * many),
         Case("batch-mixed", "good and bad images together: each bad one fails alone",
-             "/analyze_batch", 200, OK, "10 files, 3 good, 7 bad",
+             "/analyze_batch", 200, OK, "11 files, 3 good, 8 bad",
              files=tuple(("images", item) for item, _, _ in mixed),
              item_codes=tuple(code for _, code, _ in mixed),
              item_labels=tuple(label for _, _, label in mixed)),

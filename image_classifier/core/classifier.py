@@ -118,7 +118,17 @@ class Classifier:
         check_declared_type(declared_type, self.limits.allowed_formats)
         spec = self.card.preprocessing
         image = decode_image(data, self.limits, declared_type, spec.decode_size_hint)
-        return preprocess(image, spec)
+        try:
+            return preprocess(image, spec)
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow refusing this picture's pixels: the data's doing
+            log.warning("preprocessing refused a %s %s image: %r", image.format, image.mode, exc)
+            raise ClassifierError(
+                ErrorCode.INVALID_IMAGE,
+                f"the {image.format or ''} image's pixels ({image.mode}) cannot be converted "
+                f"to the model's input",
+            ) from None
 
     def run(self, tensors: Sequence[np.ndarray], solo: bool = False) -> np.ndarray:
         """Tensors -> probabilities, in model runs of at most `max_batch` images. `solo`: nothing

@@ -120,6 +120,8 @@ def _convert(image: Image.Image, mode: Literal["L", "RGB"], depth_factor: float)
         image = _high_depth_to_l(image, depth_factor)
     elif image.mode == "LAB":  # CIELAB TIFFs: Pillow converts LAB to nothing else by itself
         image = _lab_to_rgb(image)
+    elif image.mode == "La":  # premultiplied grey+alpha (TIFF): Pillow's only way out is LA
+        image = image.convert("LA")
     if _has_transparency(image):
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

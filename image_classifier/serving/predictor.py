@@ -227,6 +227,11 @@ class Predictor:
                     return (await self.answer(served, data, content_type, top_k)).prediction
                 except ClassifierError as exc:
                     return exc
+                except Exception:  # a fault of ours on one image fails that image, not the rest
+                    log.exception("unexpected error on one image of a many-image request")
+                    return ClassifierError(
+                        ErrorCode.INTERNAL_ERROR, "internal error; quote the request_id"
+                    )
 
         outcomes = await asyncio.gather(*(outcome(data, kind) for data, kind in uploads))
         for item in outcomes:

@@ -114,6 +114,19 @@ def test_an_input_the_model_answers_nan_for_fails_alone(tmp_path):
     assert all(np.isfinite(results[i]).all() for i in (0, 2))
 
 
+def test_pixels_pillow_cannot_convert_are_the_images_fault_not_a_500(classifier):
+    """Pillow decodes a palette PNG with 257 tRNS entries, then raises converting it: that is the
+    picture's doing (INVALID_IMAGE), and a grey TIFF with premultiplied alpha (La) converts."""
+    from tests.hostile_corpus import la_png, palette_png_with_a_long_trns, premultiplied_la_tiff
+
+    with pytest.raises(ClassifierError) as refused:
+        classifier.prepare(palette_png_with_a_long_trns(), "image/png")
+    assert refused.value.code == ErrorCode.INVALID_IMAGE
+    assert "(P)" in refused.value.message
+    opaque_la = classifier.prepare(la_png(2), "image/png")  # the same picture, alpha 255
+    np.testing.assert_array_equal(classifier.prepare(premultiplied_la_tiff(2), None), opaque_la)
+
+
 def test_mismatched_card_is_refused_at_load(tmp_path):
     model_dir = build_onnx_classifier(tmp_path)
     card = (

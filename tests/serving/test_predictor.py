@@ -183,3 +183,25 @@ def test_a_canary_share_without_a_candidate_is_named_at_start(model_dir, caplog,
         predictor = Predictor.for_models(settings, [("tiny:v1", model_dir)])
     assert ("no candidate to send requests to" in caplog.text) is warned
     assert predictor.router.canary_fraction == 0.0  # and nothing is routed to a missing model
+
+
+def test_a_fault_of_ours_on_one_item_fails_that_item_alone(model_dir, monkeypatch, caplog):
+    """Not only a refusal: an unexpected exception on one image (a bug, a library's surprise)
+    is that image's INTERNAL_ERROR, logged with its traceback; the others are answered."""
+    predictor = predictor_for(model_dir)
+    classifier = predictor.router.primary.ready_classifier()
+    good = pictures(3)
+    prepare = classifier.prepare
+
+    def failing_on_the_second(data, declared_type=None):
+        if data == good[1]:
+            raise RuntimeError("a surprise")
+        return prepare(data, declared_type)
+
+    monkeypatch.setattr(classifier, "prepare", failing_on_the_second)
+    uploads = [(picture, "image/png") for picture in good]
+    outcomes = asyncio.run(predictor.answer_each(predictor.router.primary, uploads, 3))
+    assert isinstance(outcomes[1], ClassifierError), outcomes[1]
+    assert outcomes[1].code == ErrorCode.INTERNAL_ERROR
+    assert [isinstance(outcomes[i], ClassifierError) for i in (0, 2)] == [False, False]
+    assert "a surprise" in caplog.text
