@@ -155,7 +155,9 @@ def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
     computes per batch of one (a Reshape to [1, -1]) is refused with what to do.
     """
     model = onnx.load(str(path))
-    for value in (model.graph.input[0], *model.graph.output):
+    weights = {tensor.name for tensor in model.graph.initializer}  # older exporters list them
+    image = next(value for value in model.graph.input if value.name not in weights)  # as inputs
+    for value in (image, *model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims:
             dims[0].ClearField("dim_value")

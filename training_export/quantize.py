@@ -9,6 +9,7 @@ nothing that fails it is saved.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        tail = _classifier_tail(onnx.load(str(prepared)).graph)
+        tail = _classifier_tail(_with_every_node_named(prepared).graph)
         quantize_static(
             str(prepared),
             str(target),
@@ -127,6 +128,24 @@ def quantize_qdq(source: Path, target: Path, input_name: str, calibration: np.nd
 
 
 _SCORE_LAYERS = {"Gemm", "MatMul", "Conv"}  # a dense classifier, or SqueezeNet's 1x1 conv
+
+
+def _with_every_node_named(path: Path) -> onnx.ModelProto:
+    """Names are optional in ONNX (graphs built with `onnx.helper` often have none), but ONNX
+    Runtime excludes nodes by name: `nodes_to_exclude=[""]` left every unnamed node, the convs
+    too, in float32. Names the unnamed ones, uniquely, in the file at `path`."""
+    model = onnx.load(str(path))
+    taken = {node.name for node in model.graph.node}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = next(
+                name
+                for n in itertools.count()
+                if (name := f"{node.op_type}_{index}" + (f"_{n}" if n else "")) not in taken
+            )
+            taken.add(node.name)
+    onnx.save(model, str(path))
+    return model
 
 
 def _classifier_tail(graph: onnx.GraphProto) -> list[str]:

@@ -141,7 +141,9 @@ def _has_transparency(image: Image.Image) -> bool:
 
 def _high_depth_factor(image: Image.Image) -> float:
     """What maps a 16/32-bit or float grey picture's range to 0..255: read from the whole picture
-    (its finite peak), a block of rows at a time; 1 for any other picture."""
+    (its finite peak), a block of rows at a time. 16-bit data keeps its type's range (0..65535),
+    floats up to 1 are 0..1, and values past those (32-bit integers, floats up to 1000) are
+    scaled by their peak rather than clipped to white; 1 for any other picture."""
     if image.mode not in _HIGH_DEPTH_MODES:
         return 1.0
     peak = 0.0
@@ -149,10 +151,12 @@ def _high_depth_factor(image: Image.Image) -> float:
         bottom = min(image.height, top + _HIGH_DEPTH_ROWS)
         block = np.asarray(image.crop((0, top, image.width, bottom)))
         peak = max(peak, float(np.max(block, initial=0, where=np.isfinite(block))))
-    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
-        return 1 / 257  # 0..65535 -> 0..255
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < peak <= 65535):
+        return 1 / 257  # 0..65535 -> 0..255, the range of 16-bit data (stored as I or I;16)
     if image.mode == "F" and peak <= 1.0:
         return 255.0
+    if peak > (65535 if image.mode == "I" else 255):  # no type range to go by: the peak's
+        return 255.0 / peak
     return 1.0
 
 

@@ -86,9 +86,7 @@ class EarlyRefusal:
         refusal = self.gate.capacity_refusal()  # first: the common case costs one comparison
         if refusal is None or method != b"POST":
             return None
-        path = httptools.parse_url(url).path.decode("latin-1")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
+        path = _path_of(url)
         return (refusal, path) if route_for(self.work_routes, path) is not None else None
 
     def count(self, refusal: ClassifierError, loop) -> None:  # noqa: ANN001 - an event loop
@@ -385,8 +383,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         request_id = request_id_for(given_id.decode("latin-1")) if in_handler else new_request_id()
         if in_handler and not given_id:  # the handler, not yet begun, adopts it from the head
             self.headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))
+        try:  # the head's path, when its request line was read: /v2 answers in its own shape
+            url = getattr(self, "url", b"")  # none before the first request line
+            open_inference = bool(url) and is_open_inference_path(_path_of(url))
+        except httptools.HttpParserInvalidURLError:
+            open_inference = False
         self.transport.write(
-            _answer(refusal, request_id, False, True, self.server_state.default_headers)
+            _answer(refusal, request_id, open_inference, True, self.server_state.default_headers)
         )
         self.transport.close()
         if in_handler:
@@ -453,6 +456,12 @@ class _HeadHeldUntilBody:
 
     def __getattr__(self, name: str):  # noqa: ANN204 - is_closing and the rest, as they are
         return getattr(self.transport, name)
+
+
+def _path_of(url: bytes) -> str:
+    """A request target's path, percent-decoded as the router sees it."""
+    path = httptools.parse_url(url).path.decode("latin-1")
+    return urllib.parse.unquote(path) if "%" in path else path
 
 
 def _answer(

@@ -218,8 +218,12 @@ def model_items(
         raise invalid(f"unknown input {tensor.name!r}; this model takes {expected}")
     if not all(map(is_integer, tensor.shape)):
         raise invalid(f"input {tensor.name}: shape must hold integers, got {list(tensor.shape)}")
-    if not tensor.shape or any(dim < 0 for dim in tensor.shape):
+    if not tensor.shape:
+        raise invalid(f"input {tensor.name}: a shape of one dimension or more (the batch), got []")
+    if any(dim < 0 for dim in tensor.shape):
         raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
+    if tensor.datatype == FP32:  # a wrong shape first: [784] is one digit misshapen, not 784
+        _check_tensor_shape(tensor, card)
     items = tensor.shape[0]
     if items > limits.max_items:
         raise too_many_items(items, limits.max_items)
@@ -256,13 +260,16 @@ def _images(tensor: InputTensor, max_item_bytes: int) -> list[bytes]:
     return list(tensor.data)
 
 
-def _preprocessed(tensor: InputTensor, card: ModelCard) -> np.ndarray:
+def _check_tensor_shape(tensor: InputTensor, card: ModelCard) -> None:
     expected = list(card.preprocessing.tensor_shape)
     if list(tensor.shape[1:]) != expected:
         raise invalid(
             f"input {tensor.name}: an FP32 input has shape [N, {', '.join(map(str, expected))}], "
             f"got {list(tensor.shape)}"
         )
+
+
+def _preprocessed(tensor: InputTensor, card: ModelCard) -> np.ndarray:
     with np.errstate(over="ignore"):  # a number past float32 becomes inf, refused just below
         array = np.asarray(tensor.data, dtype=np.float32).ravel()
     size = int(np.prod(tensor.shape))

@@ -98,6 +98,23 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert to_color_mode(mid_grey, "L").getpixel((0, 0)) == 128  # clipping would give 255
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [((0, 1000), np.float32, (0, 255)), ((0, 500, 1000), np.float32, (0, 128, 255)),
+     ((0, 2_000_000_000), np.int32, (0, 255)), ((0, 65535), np.int32, (0, 255)),
+     ((0, 200), np.float32, (0, 200))],
+    ids=["float-to-1000", "float-mid", "int32-full", "int32-16-bit-data", "float-8-bit-range"],
+)  # fmt: skip
+def test_greys_past_a_type_range_are_scaled_by_their_peak_not_clipped_to_white(
+    values, dtype, expected
+):
+    """A float TIFF of 0..1000 or an int32 one of 0..2e9 was clipped: nearly all white, and a
+    confident wrong label (found by a black-box review)."""
+    picture = Image.fromarray(np.array([values], dtype=dtype))
+    assert picture.mode in ("I", "F")
+    assert np.asarray(to_color_mode(picture, "L")).tolist() == [list(expected)]
+
+
 def test_float_nan_and_infinity_become_the_ends_of_the_range():
     values = np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)
     grey = np.asarray(to_color_mode(Image.fromarray(values, mode="F"), "L"))

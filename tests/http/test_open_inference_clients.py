@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import gzip
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -379,6 +380,30 @@ def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(se
     assert response.headers["x-request-id"] == "oip-err-1"
     unknown = httpx.get(f"{server.url}/v2/models/{MODEL}/nothing-here")
     assert unknown.status_code == 404 and unknown.json()["error"].startswith("NOT_FOUND: ")
+
+
+def test_what_the_http_layer_refuses_on_v2_is_in_the_protocols_shape_too(server, pngs):
+    """Heads over the cap and requests the parser cannot read are refused below the routes:
+    under /v2 they too answer `{"error": "CODE: ..."}`, which tritonclient can print (its
+    `str()` raised TypeError on the envelope)."""
+    client = client_of("http", server)
+    too_long = {"authorization-extra": "x" * 70_000}  # a long token plus a proxy's headers
+    message = expect_error(  # (tritonclient adds its own headers to the dict it is given)
+        lambda: client.infer(MODEL, [image_input("http", pngs[:1])], headers=dict(too_long)),
+        "http", "431", "HEADERS_TOO_LARGE",
+    )  # fmt: skip
+    assert "headers" in message
+    with socket.create_connection(server.url.removeprefix("http://").split(":")) as raw:
+        raw.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Length: 12, 13\r\n\r\n".encode())  # fmt: skip
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["error"].startswith("INVALID_REQUEST: "), body
+    analyze = httpx.post(f"{server.url}/analyze", headers=too_long)  # elsewhere: the envelope
+    assert analyze.status_code == 431 and analyze.json()["success"] is False
 
 
 def test_binary_bodies_that_lie_about_their_sizes_get_400(server, pngs):

@@ -81,10 +81,13 @@ def test_classification_strings_are_best_first_with_float32_scores():
         (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.zeros(3)), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "FP32", (1, 1, 2, 2), np.full(4, np.inf)), ErrorCode.INVALID_REQUEST),
         (oip.InputTensor("x", "INT64", (1, 1, 2, 2), np.zeros(4)), ErrorCode.INVALID_REQUEST),
+        # One picture sent flat, more numbers than items allowed: misshapen, not too large.
+        (oip.InputTensor("x", "FP32", (100,), np.zeros(100)), ErrorCode.INVALID_REQUEST),
+        (oip.InputTensor("image", "BYTES", (), [b"a"]), ErrorCode.INVALID_REQUEST),
     ],
     ids=["count", "shape", "too-many", "too-big", "too-big-together", "fp32-too-big-together",
          "empty", "fp32-shape", "fp32-size", "inf",
-         "int64"],
+         "int64", "fp32-flat", "scalar"],
 )  # fmt: skip
 def test_inputs_are_checked_before_the_model(tensor, code):
     with pytest.raises(ClassifierError) as refused:

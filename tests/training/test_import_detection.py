@@ -106,6 +106,28 @@ def test_a_batch_axis_fixed_at_one_is_made_dynamic_when_rows_stay_the_same(tmp_p
     assert np.allclose(together, np.concatenate([classifier.run([t]) for t in tensors]))
 
 
+def test_weights_listed_as_inputs_before_the_picture_do_not_hide_its_batch_axis(
+    tmp_path, bentoml_home
+):
+    """Older exporters list initializers among the graph's inputs, first: the batch axis made
+    dynamic was a weight's, and the model was refused (found by a black-box review)."""
+    folder = build_onnx_classifier(tmp_path / "weights-first", labels=5, input_size=(20, 20),
+                                   color_mode="RGB", batch=1)  # fmt: skip
+    model = onnx.load(str(folder / "model.onnx"))
+    picture = list(model.graph.input)
+    as_inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                 for t in model.graph.initializer]  # fmt: skip
+    del model.graph.input[:]
+    model.graph.input.extend([*as_inputs, *picture])
+    onnx.save(model, str(folder / "model.onnx"))
+    tag = import_onnx(folder / "model.onnx", "weights-first", "v1", labels=LABELS,
+                      preset="imagenet", say=lambda _: None)  # fmt: skip
+    classifier = Classifier(store_model_dir(bentoml_home, tag))
+    assert classifier.session.get_inputs()[0].shape[0] == "batch"
+    tensors = [np.full(classifier.card.preprocessing.tensor_shape, v, np.float32) for v in (0, 1)]
+    assert classifier.run(tensors).shape == (2, 5)
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
