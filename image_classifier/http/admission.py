@@ -117,7 +117,9 @@ class Gate:
             matched |= hmac.compare_digest(given, expected)
         if not matched:
             raise ClassifierError(
-                ErrorCode.UNAUTHORIZED, "send a valid API token as 'Authorization: Bearer <token>'"
+                ErrorCode.UNAUTHORIZED,
+                "send a valid API token: 'authorization: Bearer <token>' as an HTTP header or as "
+                "gRPC metadata",
             )
         return "token:" + given.hex()[:16]
 

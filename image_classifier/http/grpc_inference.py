@@ -314,6 +314,7 @@ def _inference_request(
     inputs = []
     for index, tensor in enumerate(message.inputs):
         oip.check_name(tensor.name)
+        oip.refuse_shared_memory("input", tensor.name, tensor.parameters)
         if raw and tensor.HasField("contents"):  # the .proto: one or the other, never both
             raise oip.invalid(f"input {tensor.name}: send raw_input_contents or contents, not both")
         if not raw and not tensor.HasField("contents"):
@@ -343,6 +344,8 @@ def _inference_request(
             else:
                 data = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
         inputs.append(oip.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+    for output in message.outputs:
+        oip.refuse_shared_memory("output", output.name, output.parameters)
     outputs = [
         oip.RequestedOutput(output.name, _classification(output)) for output in message.outputs
     ]

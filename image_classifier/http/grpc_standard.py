@@ -3,19 +3,22 @@
 - Health (`grpc.health.v1.Health/Check`): what Kubernetes' `grpc:` probes, `grpc_health_probe`
   and Envoy ask. SERVING while the service is ready (what /readyz answers: warmed up, not
   draining), for the whole server ("") and for `inference.GRPCInferenceService` by name.
-- Server reflection: `grpcurl`, Postman and Evans list and call the inference service without its
-  .proto file. It describes from the generated code's own descriptor pool (a private one: Triton's
-  client registers the same `inference.*` names in protobuf's default pool).
+- Server reflection: `grpcurl`, Postman and Evans list and call the inference service (and the
+  health check) without their .proto files. It describes from the generated code's own
+  descriptor pool (a private one: Triton's client registers the same `inference.*` names in
+  protobuf's default pool).
 
 Both are open, like /v2/health/* over HTTP: no token, no access line.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +26,7 @@ from .protos import grpc_predict_v2_pb2 as pb
 
 # "inference.GRPCInferenceService", as the .proto names it (the servers' paths are built from it).
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -43,5 +47,16 @@ class HealthCheck(health_pb2_grpc.HealthServicer):
 def add_standard_services(server: grpc.aio.Server, is_ready: Callable[[], bool]) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(HealthCheck(is_ready), server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool
+        (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+        server,
+        pool=_described_pool(),
     )
+
+
+@functools.cache
+def _described_pool() -> DescriptorPool:
+    """The protocol's private pool (tritonclient puts its own `inference` package in the default
+    one), with the health check's file added, so that grpcurl can describe it too."""
+    pool = pb.DESCRIPTOR.pool
+    pool.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return pool

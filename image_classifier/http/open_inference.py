@@ -188,6 +188,7 @@ def parse_request(
         raise oip.invalid(f"not an inference request: {place}{first['msg']}") from None
     inputs, offset = [], 0
     for tensor in parsed.inputs:
+        oip.refuse_shared_memory("input", tensor.name, tensor.parameters or {})
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is None:
             inputs.append(_json_input(tensor))
@@ -208,6 +209,7 @@ def parse_request(
     outputs = []
     for output in parsed.outputs or []:
         parameters = output.parameters or {}
+        oip.refuse_shared_memory("output", output.name, parameters)
         if "binary_data" in parameters:
             binary[output.name] = _flag(parameters, "binary_data")
         count = parameters.get("classification")

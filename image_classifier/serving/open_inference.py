@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,16 @@ def too_many_values(most_values: int) -> ClassifierError:
         ErrorCode.PAYLOAD_TOO_LARGE,
         f"more values than a full batch of this model's tensors ({most_values:,} numbers)",
     )
+
+
+def refuse_shared_memory(kind: str, name: str, parameters: Iterable[str]) -> None:
+    """Triton's shared-memory parameters name a region this server never registered (it serves
+    no shared memory): an output would come back inline while the client reads the region."""
+    if any(key.startswith("shared_memory_") for key in parameters):
+        raise invalid(
+            f"{kind} {name}: the shared memory extension is not served here; send and receive "
+            "tensors in the request and the answer"
+        )
 
 
 def check_name(name: str) -> str:

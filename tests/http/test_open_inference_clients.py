@@ -138,7 +138,11 @@ def test_grpc_tools_find_the_health_check_and_the_service_description(server):
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         described = ProtoReflectionDescriptorDatabase(channel)
-        assert "inference.GRPCInferenceService" in described.get_services()
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= set(
+            described.get_services()
+        )
+        check = DescriptorPool(described).FindServiceByName("grpc.health.v1.Health")
+        assert check.methods_by_name["Check"].output_type.name == "HealthCheckResponse"
         service = DescriptorPool(described).FindServiceByName("inference.GRPCInferenceService")
         infer = service.methods_by_name["ModelInfer"]
         assert infer.input_type.full_name == "inference.ModelInferRequest"
@@ -380,6 +384,26 @@ def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(se
     assert response.headers["x-request-id"] == "oip-err-1"
     unknown = httpx.get(f"{server.url}/v2/models/{MODEL}/nothing-here")
     assert unknown.status_code == 404 and unknown.json()["error"].startswith("NOT_FOUND: ")
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_shared_memory_regions_are_refused_not_ignored(server, pngs, kind):
+    """An output asked into a region came back inline with 200, while the client would read the
+    region (stale data); an input in a region was "no data". Both name the extension now."""
+    client, module = client_of(kind, server), CLIENTS[kind]
+    into_region = module.InferRequestedOutput("probabilities")
+    into_region.set_shared_memory("never-registered", 40)
+    status = "400" if kind == "http" else "StatusCode.INVALID_ARGUMENT"
+    message = expect_error(
+        lambda: client.infer(MODEL, [image_input(kind, pngs[:1])], outputs=[into_region]),
+        kind, status, "INVALID_REQUEST",
+    )  # fmt: skip
+    assert "shared memory" in message
+    from_region = module.InferInput("image", [1], "BYTES")
+    from_region.set_shared_memory("never-registered", len(pngs[0]))
+    message = expect_error(lambda: client.infer(MODEL, [from_region]), kind, status,
+                           "INVALID_REQUEST")  # fmt: skip
+    assert "shared memory" in message
 
 
 def test_what_the_http_layer_refuses_on_v2_is_in_the_protocols_shape_too(server, pngs):
