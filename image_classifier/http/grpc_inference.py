@@ -384,6 +384,29 @@ def listening_host() -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class _TritonOnlyMethods(grpc.GenericRpcHandler):
+    """Triton's methods beyond KServe's protocol (ModelConfig, statistics, shared memory,
+    ModelStreamInfer...) are refused with UNIMPLEMENTED, the code and what is served, as over
+    HTTP, not with grpc's bare "Method not found!"."""
+
+    SERVED = ", ".join(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name)
+
+    def service(self, handler_call_details: Any) -> Any:
+        if not handler_call_details.method.startswith(SERVICE):
+            return None
+        name = handler_call_details.method.removeprefix(SERVICE)[:80]
+
+        async def refuse(_requests: Any, context: Any) -> None:
+            error = ClassifierError(
+                ErrorCode.METHOD_NOT_ALLOWED,
+                f"{name} is not served here; KServe's Open Inference methods are: {self.SERVED}",
+            )
+            given = _metadata(context).get(REQUEST_ID_HEADER, "")
+            await _abort(context, error, request_id_for(given))
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 def build_server(
     get_predictor: Callable[[], Predictor],
     gate: Gate,
@@ -407,6 +430,7 @@ def build_server(
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((_TritonOnlyMethods(),))  # after the protocol's own
     add_standard_services(server, is_ready)  # health checks and reflection, for tools
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
     return server, service

@@ -299,7 +299,12 @@ def _check_parts(
                     f"field {rule.file_field!r} must be a file upload, not a text value",
                 )
             files.append(part)
-        elif part.name in rule.integer_fields and not part.is_file:
+        elif part.name in rule.integer_fields and part.is_file:
+            raise ClassifierError(
+                ErrorCode.INVALID_REQUEST,
+                f"field {part.name!r} must be a text value, not a file upload",
+            )
+        elif part.name in rule.integer_fields:
             if part.name in integers:
                 raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
             integers[part.name] = _integer(part.name, part.data, part.size, rule)
@@ -326,8 +331,13 @@ def _check_parts(
 
 def _integer(name: str, value: bytes, size: int, rule: UploadRule) -> int:
     """`size`: the value's length as sent (a form field keeps only its first bytes)."""
+    if size > rule.max_text_bytes:
+        raise ClassifierError(
+            ErrorCode.INVALID_REQUEST,
+            f"{name!r} must be an integer; got a value of {size:,} bytes",
+        )
     text = value.decode("utf-8", "replace").strip()
-    if size > rule.max_text_bytes or not _INTEGER.fullmatch(text):
+    if not _INTEGER.fullmatch(text):
         raise ClassifierError(
             ErrorCode.INVALID_REQUEST, f"{name!r} must be an integer, got {text[:20]!r}"
         )

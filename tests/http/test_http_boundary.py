@@ -244,6 +244,19 @@ def test_a_malformed_body_says_what_is_wrong_with_it():
     assert "ends before its closing boundary" in cut.message, cut.message
 
 
+def test_a_misplaced_or_oversized_top_k_is_named_for_what_it_is():
+    """top_k sent as a file was told "unexpected field 'top_k'; expected: image, top_k"; one over
+    the text cap quoted an empty value (found by a black-box review)."""
+    rule = UploadRule("image", 1, 1, _TOP_K)
+    image = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n1\r\n'
+    as_file = b'--b\r\nContent-Disposition: form-data; name="top_k"; filename="k"\r\n\r\n3\r\n'
+    refusal = _refusal_of(image + as_file + b"--b--\r\n", rule)
+    assert refusal.message == "field 'top_k' must be a text value, not a file upload"
+    padded = b'--b\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n3' + b" " * 100_000
+    refusal = _refusal_of(image + padded + b"\r\n--b--\r\n", rule)
+    assert refusal.message == "'top_k' must be an integer; got a value of 100,001 bytes"
+
+
 def test_parsing_stops_at_the_first_part_past_what_a_valid_upload_has():
     """111,000 empty parts (a 1 MB body) were all parsed before the first, nameless one was
     refused (0.9 CPU-s in the event loop; 37 CPU-s for 63 MB): parsing now stops at the first

@@ -386,6 +386,22 @@ def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(se
     assert unknown.status_code == 404 and unknown.json()["error"].startswith("NOT_FOUND: ")
 
 
+def test_tritons_methods_beyond_the_protocol_are_refused_with_the_code_over_grpc(server):
+    """ModelConfig, statistics, ModelStreamInfer: grpc's bare "Method not found!" gave no code
+    and no hint of what is served."""
+    client = client_of("grpc", server)
+    for call in (lambda: client.get_model_config(MODEL),
+                 lambda: client.get_inference_statistics(MODEL)):  # fmt: skip
+        message = expect_error(call, "grpc", "StatusCode.UNIMPLEMENTED", "METHOD_NOT_ALLOWED")
+        assert "ModelInfer" in message  # what is served instead
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stream(iter([b""]), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert refused.value.details().startswith("METHOD_NOT_ALLOWED: ModelStreamInfer")
+
+
 @pytest.mark.parametrize("kind", ["http", "grpc"])
 def test_shared_memory_regions_are_refused_not_ignored(server, pngs, kind):
     """An output asked into a region came back inline with 200, while the client would read the
