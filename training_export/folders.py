@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import unicodedata
+import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -
         for path in files:
             if path.suffix.lower() not in extensions:
                 found.skip(NOT_PICTURES, _relative(path, root))
-        label = index.get(_composed(entry.name))
+        label = _label_index(entry.name, index)
         if label is None:
             if pictures:
                 unknown[entry.name] = len(pictures)
@@ -128,6 +129,15 @@ def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -
     for name, count in unknown.items():
         found.skipped[UNKNOWN_LABELS] += [f"{name}/"] * count
     _require_some(found, labelled=True)
+    return found
+
+
+def _label_index(folder_name: str, index: dict[str, int]) -> int | None:
+    """The label a folder is named for: exactly, or percent-encoded (`T-shirt%2Ftop` for
+    Fashion-MNIST's `T-shirt/top`: no folder name can hold a `/`)."""
+    found = index.get(_composed(folder_name))
+    if found is None and "%" in folder_name:
+        found = index.get(_composed(urllib.parse.unquote(folder_name)))
     return found
 
 
@@ -158,7 +168,7 @@ def _unknown_message(root: Path, unknown: dict[str, int], labels: list[str]) -> 
     described = []
     for name, count in unknown.items():
         close = difflib.get_close_matches(_composed(name), labels, n=1)
-        hint = f", did you mean {close[0]!r}?" if close else ""
+        hint = f", did you mean {_folder_name_for(close[0])!r}?" if close else ""
         described.append(f"{name!r} ({count} pictures{hint})")
     shown = ", ".join(repr(label) for label in labels[:12]) + (", ..." if len(labels) > 12 else "")
     return (
@@ -166,6 +176,11 @@ def _unknown_message(root: Path, unknown: dict[str, int], labels: list[str]) -> 
         f"{'; '.join(described)}. Its labels: {shown}. Rename or remove them, or pass "
         "--skip-unknown to leave their pictures out (they are counted)."
     )
+
+
+def _folder_name_for(label: str) -> str:
+    """What a folder for `label` is named: the label, its `/` and `%` percent-encoded."""
+    return label.replace("%", "%25").replace("/", "%2F")
 
 
 def _examples(items: list[str], shown: int = 3) -> str:

@@ -214,3 +214,24 @@ def test_label_folders_named_by_macos_are_the_labels(tmp_path):
     result, figures = evaluate("umlauts:v1", images, home, tmp_path)
     assert result.returncode == 0, result.stderr
     assert figures["samples"] == 2 and figures["skipped"] == {}, figures
+
+
+def test_a_label_with_a_slash_has_a_percent_encoded_folder(tmp_path):
+    """Fashion-MNIST's `T-shirt/top` can name no folder: its pictures go in `T-shirt%2Ftop/`,
+    and the hint for a folder named `T-shirt` says so (found by a black-box review)."""
+    home = tmp_path / "home"
+    folder = build_onnx_classifier(tmp_path / "m", labels=2)
+    card = json.loads((folder / "card.json").read_text())
+    card["labels"] = ["T-shirt/top", "Trouser"]
+    (folder / "card.json").write_text(json.dumps(card))
+    import_model(home, folder, "fashion:v1")
+    images = tmp_path / "pictures"
+    for name, shade in (("T-shirt%2Ftop", 0), ("Trouser", 255)):
+        (images / name).mkdir(parents=True)
+        Image.new("L", (28, 28), shade).save(images / name / f"{shade}.png")
+    result, figures = evaluate("fashion:v1", images, home, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert figures["samples"] == 2 and figures["skipped"] == {}, figures
+    (images / "T-shirt%2Ftop").rename(images / "T-shirt")
+    result, _ = evaluate("fashion:v1", images, home, tmp_path)
+    assert result.returncode != 0 and "did you mean 'T-shirt%2Ftop'?" in result.stderr
