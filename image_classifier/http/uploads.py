@@ -268,20 +268,36 @@ def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> li
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as error:
-        raise _malformed(str(error)) from None
+        raise _malformed(_in_our_words(str(error))) from None
     if parser.state != MultipartState.END:  # cut off before its closing boundary
         raise _malformed("it ends before its closing boundary")
     return parts
 
 
+# The parser's reasons (python-multipart's wording, with its offsets), in the client's terms.
+_MALFORMED_BECAUSE = {
+    "Maximum header size exceeded": f"a part's header line is over {DEFAULT_MAX_HEADER_SIZE:,} "
+    "bytes (a filename that long?)",
+    "Maximum header count exceeded": f"a part has more than {DEFAULT_MAX_HEADER_COUNT} headers",
+    "Did not find CR": "a boundary line does not end with CRLF",
+    "Did not find LF": "a line does not end with CRLF (bare LF or CR line ends?)",
+    "Expected boundary": "a boundary line differs from the Content-Type's boundary",
+    "Did not find -": "the closing boundary does not end with '--'",
+    "Found invalid character": "a part's header is not 'Name: value' (a character headers cannot "
+    "hold)",
+    "Found 0-length header": "a part's header has an empty name",
+}
+
+
+def _in_our_words(parser_reason: str) -> str:
+    """The parser's reason in words of the grammar (RFC 2046, RFC 7578), not its internals."""
+    return next(
+        (ours for theirs, ours in _MALFORMED_BECAUSE.items() if parser_reason.startswith(theirs)),
+        "it breaks the multipart grammar (RFC 2046)",
+    )
+
+
 def _malformed(reason: str) -> ClassifierError:
-    """The parser's own reason, in words where it names one of its limits."""
-    limits = {
-        "Maximum header size exceeded": f"a part's header line is over {DEFAULT_MAX_HEADER_SIZE:,} "
-        "bytes (a filename that long?)",
-        "Maximum header count exceeded": f"a part has more than {DEFAULT_MAX_HEADER_COUNT} headers",
-    }
-    reason = limits.get(reason, reason)
     return ClassifierError(ErrorCode.INVALID_REQUEST, f"the multipart body is malformed: {reason}")
 
 

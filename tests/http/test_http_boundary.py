@@ -242,6 +242,11 @@ def test_a_malformed_body_says_what_is_wrong_with_it():
     assert "header line is over 4,224 bytes" in refusal.message, refusal.message
     cut = _refusal_of(body.replace(b"--b--", b"") % b"a.png", rule)
     assert "ends before its closing boundary" in cut.message, cut.message
+    # The parser's own wording, with its offsets, was the message (a black-box review)
+    bare_lf = _refusal_of((body % b"a.png").replace(b"\r\n", b"\n"), rule)
+    assert bare_lf.message.endswith("a boundary line does not end with CRLF"), bare_lf.message
+    colonless = _refusal_of(b"--b\r\nContent-Disposition form-data\r\n\r\n1\r\n--b--", rule)
+    assert colonless.message.endswith("(a character headers cannot hold)"), colonless.message
 
 
 def test_a_misplaced_or_oversized_top_k_is_named_for_what_it_is():
