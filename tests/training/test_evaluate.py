@@ -196,21 +196,33 @@ def test_a_model_answering_nan_on_some_pictures_is_not_given_figures(tmp_path):
     assert "255.png" in result.stderr and "0.png" not in result.stderr.replace("255.png", "")
 
 
+def _model_with_labels(tmp_path, labels: list[str], tag: str):
+    """A two-class test model stored as `tag` with these labels; the store's home."""
+    home = tmp_path / "home"
+    folder = build_onnx_classifier(tmp_path / "m", labels=len(labels))
+    card = json.loads((folder / "card.json").read_text())
+    card["labels"] = labels
+    (folder / "card.json").write_text(json.dumps(card))
+    import_model(home, folder, tag)
+    return home
+
+
+def _one_picture_per_folder(tmp_path, folder_names: list[str]):
+    """pictures/<name>/: a black picture in the first, a white one in the second."""
+    images = tmp_path / "pictures"
+    for name, shade in zip(folder_names, (0, 255), strict=True):
+        (images / name).mkdir(parents=True)
+        Image.new("L", (28, 28), shade).save(images / name / f"{shade}.png")
+    return images
+
+
 def test_label_folders_named_by_macos_are_the_labels(tmp_path):
     """macOS writes names decomposed (NFD: 'u' and a combining diaeresis): 'grün/' was refused
     as not a label of the model, "did you mean 'grün'?" (found by a black-box review)."""
-    home = tmp_path / "home"
-    folder = build_onnx_classifier(tmp_path / "m", labels=2)
-    card = json.loads((folder / "card.json").read_text())
-    card["labels"] = ["grün", "café crème"]
-    (folder / "card.json").write_text(json.dumps(card))
-    import_model(home, folder, "umlauts:v1")
-    images = tmp_path / "pictures"
-    for label, shade in zip(card["labels"], (0, 255), strict=True):
-        decomposed = images / unicodedata.normalize("NFD", label)
-        decomposed.mkdir(parents=True)
-        Image.new("L", (28, 28), shade).save(decomposed / f"{shade}.png")
-    assert {path.name for path in images.iterdir()} != set(card["labels"])  # kept decomposed
+    labels = ["grün", "café crème"]
+    home = _model_with_labels(tmp_path, labels, "umlauts:v1")
+    images = _one_picture_per_folder(tmp_path, [unicodedata.normalize("NFD", n) for n in labels])
+    assert {path.name for path in images.iterdir()} != set(labels)  # kept decomposed
     result, figures = evaluate("umlauts:v1", images, home, tmp_path)
     assert result.returncode == 0, result.stderr
     assert figures["samples"] == 2 and figures["skipped"] == {}, figures
@@ -219,16 +231,8 @@ def test_label_folders_named_by_macos_are_the_labels(tmp_path):
 def test_a_label_with_a_slash_has_a_percent_encoded_folder(tmp_path):
     """Fashion-MNIST's `T-shirt/top` can name no folder: its pictures go in `T-shirt%2Ftop/`,
     and the hint for a folder named `T-shirt` says so (found by a black-box review)."""
-    home = tmp_path / "home"
-    folder = build_onnx_classifier(tmp_path / "m", labels=2)
-    card = json.loads((folder / "card.json").read_text())
-    card["labels"] = ["T-shirt/top", "Trouser"]
-    (folder / "card.json").write_text(json.dumps(card))
-    import_model(home, folder, "fashion:v1")
-    images = tmp_path / "pictures"
-    for name, shade in (("T-shirt%2Ftop", 0), ("Trouser", 255)):
-        (images / name).mkdir(parents=True)
-        Image.new("L", (28, 28), shade).save(images / name / f"{shade}.png")
+    home = _model_with_labels(tmp_path, ["T-shirt/top", "Trouser"], "fashion:v1")
+    images = _one_picture_per_folder(tmp_path, ["T-shirt%2Ftop", "Trouser"])
     result, figures = evaluate("fashion:v1", images, home, tmp_path)
     assert result.returncode == 0, result.stderr
     assert figures["samples"] == 2 and figures["skipped"] == {}, figures
