@@ -25,6 +25,14 @@ that each sent "POST /analyze HTTP/1.1" and a header were all still open 130 s l
 review). A head that does not arrive whole in the read it began in must be in within
 BODY_TIMEOUT_S, the upload body's deadline: else 408 REQUEST_TIMEOUT and the connection closes.
 
+A lingering close. An answer given before its request's body is all in (413 over the cap, 408,
+401 or 429 to an upload) ends the connection; closed at once, the kernel answers the bytes still
+coming with a reset, which can destroy the answer before the client reads it (a review saw
+`bentoml.AsyncHTTPClient` get an empty ReadError for an 11 MB upload, 11 times in 11, and curl
+lose the 413 in 3 of 21). So such a connection is half-closed after its answer (the answer, then
+our FIN), what still comes is dropped unparsed, and it closes when the client closes or after
+LINGER_S, as nginx's `lingering_close` does (RFC 9112 9.6).
+
 One write per answer. uvicorn writes an answer's head and its body apart; here the head waits for
 the body (`_HeadHeldUntilBody`), so a small answer is one segment and one wake-up of its client.
 """
@@ -69,6 +77,9 @@ _SUMMARY_EVERY_S = 1.0
 # refused is paced to 2 refusals a second per connection (tests/http/test_load_behaviour.py
 # measures what 512 of them leave of the capacity).
 REFUSED_CONNECTION_PAUSE_S = RETRY_AFTER_S / 2
+# How long a connection answered before its body was all in keeps reading and dropping it: time
+# for the answer to reach the client and the client to stop sending (nginx waits up to 30 s).
+LINGER_S = 2.0
 
 
 class EarlyRefusal:
@@ -130,6 +141,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _balanced = False  # counted in the connection balance (from its first answer on)
     _began_in_this_read = False  # a request's head began in the read being parsed
     _head_deadline = None  # the timer that gives up on a head arriving in several reads
+    _lingering = None  # the timer that closes a connection half-closed after its answer
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -210,6 +222,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            return  # the rest of a body that was answered before it came: dropped unparsed
         self._began_in_this_read = False
         super().data_received(data)
         if self._dropping_body and self._body_deadline is None:
@@ -238,6 +252,17 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._balanced = True
             self.balance.opened()
 
+    def close_after_answer(self, cycle) -> None:  # noqa: ANN001 - uvicorn's request cycle
+        """Close after an answer that ends its connection: lingering (above) when the request's
+        body is still coming, at once otherwise."""
+        transport = self.transport
+        if not cycle.more_body or transport.is_closing() or self._lingering is not None:
+            transport.close()
+            return
+        self._lingering = self.loop.call_later(LINGER_S, transport.close)
+        self.flow.resume_reading()
+        transport.write_eof()  # once the answer is out; the reading side stays open
+
     def eof_received(self) -> bool:
         """A client that closes its sending side once its request is sent (`shutdown(SHUT_WR)`:
         `nc -N`, some HTTP/1.0 clients and scripts) still gets its answer. uvicorn answers None
@@ -246,11 +271,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         nothing more); one idle, or whose request is still sending its body, closes as before."""
         cycle = self.cycle
         if cycle is None or cycle.response_complete or cycle.more_body:
-            return False
+            return False  # (a lingering connection's answer is complete: it closes)
         cycle.keep_alive = False
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
         self._cancel_body_deadline()
         self._cancel_head_deadline()
         if self._resume_reading is not None:
@@ -285,6 +312,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         gate = self.early_refusal.gate if self.early_refusal is not None else None
         if gate is not None:
             gate.starting += 1
+        cycle.transport = _ClosesAfterAnswer(self, cycle)
         super()._start_asgi_task(cycle, functools.partial(_run, gate, cycle, app))
 
     def _refused_early(self) -> bool:
@@ -433,6 +461,22 @@ async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # 
                 cycle.transport = cycle.transport.release()
 
     await app(scope, receive, send_unless_gone)
+
+
+class _ClosesAfterAnswer:
+    """A request's transport, whose close (uvicorn's, once an answer that ends the connection is
+    out) is the protocol's `close_after_answer`."""
+
+    def __init__(self, protocol: ServiceHttpProtocol, cycle) -> None:  # noqa: ANN001
+        self.protocol = protocol
+        self.cycle = cycle
+        self.transport = protocol.transport
+
+    def close(self) -> None:
+        self.protocol.close_after_answer(self.cycle)
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - write, is_closing and the rest
+        return getattr(self.transport, name)
 
 
 class _HeadHeldUntilBody:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def test_sync_http_client(server, heldout, tmp_path):
     assert single["prediction"]["label"] == str(heldout[0][1])
     assert len(single["prediction"]["top_k"]) == 2
     assert [r["prediction"]["label"] for r in batch["results"]] == [str(d) for _, d in heldout[:3]]
+
+
+def test_an_upload_over_the_cap_gets_its_413_not_a_reset(server, tmp_path):
+    """Answered before its body is all in, the connection lingers: bentoml.AsyncHTTPClient,
+    still sending when the 413 comes, read a reset (an empty ReadError) every time before."""
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (11 * 1024 * 1024))
+
+    async def upload() -> str:
+        async with bentoml.AsyncHTTPClient(server.url) as client:
+            try:
+                await client.analyze(image=big)
+            except bentoml.exceptions.BentoMLException as error:
+                return f"{error.error_code} {error}"
+        return "200"
+
+    for _ in range(4):
+        answer = asyncio.run(upload())
+        assert answer.startswith("413") and "PAYLOAD_TOO_LARGE" in answer, answer
 
 
 def test_request_id_round_trip(server, heldout):
