@@ -19,12 +19,13 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import inspect
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse_many
 from limits.aio.strategies import MovingWindowRateLimiter as SharedRateLimiter
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, storage_from_string
@@ -47,7 +48,7 @@ class AdmissionPolicy:
     """The admission part of `Settings` (its defaults are the settings' defaults)."""
 
     api_tokens: tuple[str, ...] = Settings.api_tokens  # empty: no authentication
-    rate_limit: str = Settings.rate_limit  # `limits` notation, e.g. "20/second"; empty: off
+    rate_limit: str = Settings.rate_limit  # `limits` notation, e.g. "20/second;500/hour"; "": off
     max_concurrency: int = Settings.max_concurrency  # in work at once; more: 503 OVERLOADED
     request_timeout_s: float = Settings.request_timeout_s  # still in work after: 504 TIMEOUT
     max_receiving: int = Settings.max_receiving  # bodies arriving at once; more: 503 OVERLOADED
@@ -80,8 +81,8 @@ class Gate:
         self.policy = policy
         # Compare digests, not tokens: equal length for every candidate, and no token kept around.
         self._token_digests = tuple(_digest(token) for token in policy.api_tokens)
-        rate = parse(policy.rate_limit) if policy.rate_limit else None
-        self._rate_limit = RateLimit(rate, policy.redis_url) if rate else None
+        rates = parse_many(policy.rate_limit) if policy.rate_limit else []
+        self._rate_limit = RateLimit(rates, policy.redis_url) if rates else None
         self.in_flight = 0
         self.starting = 0  # requests let in at their head whose handling has not begun yet
         self._slot_queue: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -251,14 +252,15 @@ class Gate:
 
 class RateLimit:
     """One `RATE_LIMIT` for each client, counted in Redis when it is given, else in this worker.
+    It may be several limits (`20/second;500/hour`): a request must pass each.
 
     Redis down: it fails open to this worker's own count of the same limit (logged once, counted
     in image_classifier_shared_state_errors_total{part="rate_limit"}). A client then gets at most
     the limit from each worker, instead of every request refused (fail closed: an outage of the
     whole service for an outage of an optimisation) or none limited (fail wide open)."""
 
-    def __init__(self, rate: RateLimitItem, redis_url: str = "") -> None:
-        self.rate = rate
+    def __init__(self, rates: RateLimitItem | Sequence[RateLimitItem], redis_url: str = "") -> None:
+        self.rates = (rates,) if isinstance(rates, RateLimitItem) else tuple(rates)
         self._local = MovingWindowRateLimiter(MemoryStorage())
         self._shared = None
         if redis_url:
@@ -276,19 +278,39 @@ class RateLimit:
         """Count one request: None when it is let in, else when the client may come back."""
         if self._shared is not None and self.health.usable():
             try:
-                if await self._shared.hit(self.rate, client_key):
-                    reset_at = None
-                else:
-                    stats = await self._shared.get_window_stats(self.rate, client_key)
-                    reset_at = stats.reset_time
+                reset_at = await self._count(self._shared, client_key)
             except (StorageError, OSError) as error:
                 self.health.failed(error, "limiting in each worker on its own")
             else:
                 self.health.succeeded()
                 return reset_at
-        if self._local.hit(self.rate, client_key):
-            return None
-        return self._local.get_window_stats(self.rate, client_key).reset_time
+        return await self._count(self._local, client_key)
+
+    async def _count(
+        self, limiter: MovingWindowRateLimiter | SharedRateLimiter, client_key: str
+    ) -> float | None:
+        """Count the request in every limit, or in none: the others are tested before the last
+        counts it, so a request one limit refuses does not use up the others' budget."""
+        *others, last = self.rates
+        for rate in others:
+            if not await _settled(limiter.test(rate, client_key)):
+                return await self._reset_at(limiter, rate, client_key)
+        if not await _settled(limiter.hit(last, client_key)):
+            return await self._reset_at(limiter, last, client_key)
+        for rate in others:  # tested above; a request racing this one may make it one too many
+            await _settled(limiter.hit(rate, client_key))
+        return None
+
+    @staticmethod
+    async def _reset_at(
+        limiter: MovingWindowRateLimiter | SharedRateLimiter, rate: RateLimitItem, client_key: str
+    ) -> float:
+        return (await _settled(limiter.get_window_stats(rate, client_key))).reset_time
+
+
+async def _settled(result: object) -> object:
+    """The answer of this worker's limiter (plain) and of the shared one (awaitable) alike."""
+    return await result if inspect.isawaitable(result) else result
 
 
 def _digest(token: str) -> bytes:

@@ -21,7 +21,11 @@ from .drift import DriftState
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Up to the default BODY_TIMEOUT_S and REQUEST_TIMEOUT_S, where a body or a wait is cut: past 2.5 s,
+# every slow upload and every long queue wait fell in +Inf.
+_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 
 def _shown_from_zero(counter: Counter, label_values: tuple[str, ...]) -> Counter:

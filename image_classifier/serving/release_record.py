@@ -36,13 +36,24 @@ def record_path(environ: dict[str, str] | os._Environ | None = None) -> Path:
 
 
 def read_record(path: Path) -> ReleaseRecord:
-    """The record, or the defaults when there is none yet; a damaged file is an error."""
+    """The record, or the defaults when none was written yet (`models promote` writes it there).
+    A damaged or unreadable file, or a missing folder (a typo, a volume not mounted), is an
+    error in one line that names the variable."""
+    where = f"{RECORD_ENV}={path}"
     try:
         return ReleaseRecord.model_validate_json(path.read_bytes())
     except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ValueError(f"{where}: its folder does not exist") from None
         return ReleaseRecord()
+    except OSError as exc:  # a folder, no permission
+        raise ValueError(f"{where} cannot be read: {exc.strerror}") from None
     except ValidationError as exc:
-        raise ValueError(f"{path} is not a valid served-model record: {exc}") from None
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'file'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ValueError(f"{where} is not a valid served-model record: {problems}") from None
 
 
 def write_record(path: Path, record: ReleaseRecord) -> None:

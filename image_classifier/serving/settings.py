@@ -10,23 +10,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from limits import parse as parse_rate_limit
+from limits import parse_many as parse_rate_limits
 
 from ..core.classifier import ClassifierOptions
 from ..core.decoding import DecodeLimits, decodable_formats
 from .evaluation_record import evaluations_path
 from .machine import CpuBudget, cpu_budget, describe_sizing, size_for
-from .release_record import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TAG, read_record, record_path
+from .release_record import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_TAG,
+    RECORD_ENV,
+    read_record,
+    record_path,
+)
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
 MIB = 1024 * 1024
 REDIS_SCHEMES = ("redis://", "rediss://")
+# BentoML's tag rules, without importing BentoML here: a name and an optional version, each 1 to 63
+# lowercase letters, digits, '-', '_' or '.', with a letter or digit at both ends.
+_TAG_PART = r"[a-z0-9](?:[-._a-z0-9]{0,61}[a-z0-9])?"
+_MODEL_TAG_FORM = re.compile(rf"{_TAG_PART}(?::{_TAG_PART})?")
 
 
 def _env(name: str, default: object, doc: str):  # noqa: ANN202 - dataclass field factory
@@ -35,8 +46,17 @@ def _env(name: str, default: object, doc: str):  # noqa: ANN202 - dataclass fiel
 
 @dataclass(frozen=True)
 class Settings:
+    served_model_file: str = _env(
+        RECORD_ENV,
+        "",
+        "the release record that names the served versions (default: served_model.json beside "
+        "service.py); a missing file: none promoted yet, the defaults below; its folder must exist",
+    )
     model_tag: str = _env(
-        "MODEL_TAG", DEFAULT_MODEL_TAG, "model served, as name:version (default: served_model.json)"
+        "MODEL_TAG",
+        DEFAULT_MODEL_TAG,
+        "model served, as name:version; a name alone or name:latest serves the newest version "
+        "(default: served_model.json)",
     )
     candidate_model_tag: str = _env(
         "CANDIDATE_MODEL_TAG", "", "a second version served beside it (default: served_model.json)"
@@ -122,7 +142,7 @@ class Settings:
     body_min_bytes_per_s: int = _env(
         "BODY_MIN_BYTES_PER_S",
         1024,
-        "after its first second, an upload body slower than this on average gets 408",
+        "from half of BODY_TIMEOUT_S on, an upload body slower than this on average gets 408",
     )
     max_receiving: int = _env(
         "MAX_RECEIVING",
@@ -144,7 +164,10 @@ class Settings:
         "API_TOKENS", (), "bearer tokens the APIs accept (comma-separated); empty: no auth"
     )
     rate_limit: str = _env(
-        "RATE_LIMIT", "", "per-client limit, e.g. '20/second' (key: token, else address); off"
+        "RATE_LIMIT",
+        "",
+        "per-client limit, e.g. '20/second', or several a request must each pass, "
+        "'20/second;500/hour' (key: token, else address); off",
     )
     redis_url: str = _env(
         "REDIS_URL",
@@ -227,11 +250,6 @@ class Settings:
             "max_image_pixels",
             "default_top_k",
             "batch_max_size",
-            "workers",
-            "threads",
-            "model_runs",
-            "ort_intra_op_threads",
-            "ort_solo_threads",
             "max_concurrency",
             "body_min_bytes_per_s",
             "max_receiving",
@@ -242,18 +260,40 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env_name(name)} must be >= 1, got {getattr(self, name)}")
+        for name in _SIZED:  # 0 was taken from the CPUs by `sized`
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{_env_name(name)} must be >= 0 (0: from the CPUs), got {getattr(self, name)}"
+                )
         for name, most in _MOST.items():
             value = getattr(self, name)
             if value > most:
                 raise ValueError(f"{_env_name(name)} must be <= {most:,}, got {value}")
         if not 0 <= self.grade_medium <= self.grade_high <= 1:
-            raise ValueError("need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1")
+            raise ValueError(
+                "need 0 <= GRADE_MEDIUM <= GRADE_HIGH <= 1, got "
+                f"GRADE_MEDIUM={self.grade_medium:g}, GRADE_HIGH={self.grade_high:g}"
+            )
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"GRPC_PORT must be a port number (0: off), got {self.grpc_port}")
         if self.request_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("REQUEST_TIMEOUT_S must be > 0 and SHUTDOWN_GRACE_S >= 0")
         if not 0 < self.body_timeout_s <= self.request_timeout_s:
-            raise ValueError("BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S")
+            raise ValueError(
+                "BODY_TIMEOUT_S must be > 0 and at most REQUEST_TIMEOUT_S, got "
+                f"BODY_TIMEOUT_S={self.body_timeout_s:g}, "
+                f"REQUEST_TIMEOUT_S={self.request_timeout_s:g}"
+            )
+        if self.max_upload_bytes > self.max_batch_bytes:  # an image /analyze takes, batches refuse
+            raise ValueError(
+                f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must be at most "
+                f"MAX_BATCH_BYTES={self.max_batch_bytes}"
+            )
+        if self.max_body_memory < self.max_upload_bytes:  # the largest upload only ever alone
+            raise ValueError(
+                f"MAX_BODY_MEMORY={self.max_body_memory} must be at least "
+                f"MAX_UPLOAD_BYTES={self.max_upload_bytes}"
+            )
         if not 0 < self.gil_switch_interval_ms <= 100:
             raise ValueError("GIL_SWITCH_INTERVAL_MS must be > 0 and at most 100")
         if self.batching_min_gain < 0:
@@ -266,23 +306,38 @@ class Settings:
             raise ValueError("DRIFT_MAX_DROP must be between 0 and 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("LOG_FORMAT must be 'json' or 'text'")
-        if self.candidate_model_tag and self.candidate_model_tag == self.model_tag:
-            raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
+        _check_model_tag("MODEL_TAG", self.model_tag)
+        if self.candidate_model_tag:
+            _check_model_tag("CANDIDATE_MODEL_TAG", self.candidate_model_tag)
+            if self.candidate_model_tag == self.model_tag:
+                raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
         if self.rate_limit:
             try:
-                amount = parse_rate_limit(self.rate_limit).amount
+                amounts = [rate.amount for rate in parse_rate_limits(self.rate_limit)]
             except ValueError:
-                amount = 0
-            if amount < 1:
-                raise ValueError(f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second'")
+                amounts = [0]
+            if min(amounts) < 1:
+                raise ValueError(
+                    f"RATE_LIMIT={self.rate_limit!r}: use e.g. '20/second', or "
+                    "'20/second;500/hour' for several"
+                )
         unknown = sorted(set(self.allowed_formats) - decodable_formats())
         if unknown:
             raise ValueError(
                 f"ALLOWED_FORMATS names {', '.join(unknown)}, which Pillow does not decode here "
                 f"(it does: {', '.join(sorted(decodable_formats()))})"
             )
+
+
+def _check_model_tag(variable: str, tag: str) -> None:
+    """Here, in one line that names the variable, not as BentoML's traceback at model load."""
+    if not _MODEL_TAG_FORM.fullmatch(tag):
+        raise ValueError(
+            f"{variable}={tag!r} is not a model tag: use name:version, each 1 to 63 lowercase "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        )
 
 
 def start_refused(message: str) -> SystemExit:

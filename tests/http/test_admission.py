@@ -53,6 +53,25 @@ def test_rate_limit_is_per_client_and_says_when_to_retry():
     assert 1 <= caught.value.retry_after_s <= 60
 
 
+def test_every_limit_of_a_rate_limit_with_several_bites():
+    """`3/minute;2/second`: only the first was enforced (found by a black-box review). A request
+    one limit refuses uses up none of the others' budget."""
+    gate = Gate(AdmissionPolicy(rate_limit="3/minute;2/second"))
+
+    def refused_retry_after() -> int | None:
+        try:
+            asyncio.run(gate.check_rate("a"))
+        except ClassifierError as refused:
+            assert refused.code is ErrorCode.RATE_LIMITED
+            return refused.retry_after_s
+        return None
+
+    assert [refused_retry_after() for _ in range(3)] == [None, None, 1]  # the second's limit
+    time.sleep(1.1)
+    assert refused_retry_after() is None  # the refused one did not count in the minute's three
+    assert refused_retry_after() > 50  # the minute's limit
+
+
 def test_slots_refuse_arrivals_past_the_cap_and_while_draining():
     gate = Gate(AdmissionPolicy(max_concurrency=2))
     asyncio.run(gate.enter())

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from image_classifier.serving.settings import DEFAULT_MODEL_TAG, Settings
+from image_classifier.serving import metrics
+from image_classifier.serving.settings import DEFAULT_MODEL_TAG, MIB, Settings
 
 
 def test_defaults_without_environment():
@@ -56,6 +57,18 @@ def test_values_are_parsed_by_type():
         ("MAX_CONCURRENCY", "1e23", "MAX_CONCURRENCY"),
         ("ALLOWED_FORMATS", "png,PNGG", "PNGG"),
         ("RATE_LIMIT", "0/second", "RATE_LIMIT"),
+        ("RATE_LIMIT", "3/second;0/minute", "RATE_LIMIT"),  # only the first part was checked
+        # Found by a black-box review: an 88-line traceback, or "Invalid Tag :v1" naming nothing.
+        ("MODEL_TAG", "Bad Tag!", "MODEL_TAG='Bad Tag!' is not a model tag: use name:version"),
+        ("MODEL_TAG", "digits-cnn:v1:extra", "MODEL_TAG="),
+        ("MODEL_TAG", ":v1", "MODEL_TAG="),
+        ("CANDIDATE_MODEL_TAG", "Digits-CNN:v2", "CANDIDATE_MODEL_TAG="),
+        ("WORKERS", "-1", r"WORKERS must be >= 0 \(0: from the CPUs\), got -1"),
+        ("ORT_SOLO_THREADS", "-1", r">= 0 \(0: from the CPUs\)"),
+        ("GRADE_MEDIUM", "0.95", "GRADE_MEDIUM=0.95, GRADE_HIGH=0.9"),
+        ("BODY_TIMEOUT_S", "45", "BODY_TIMEOUT_S=45, REQUEST_TIMEOUT_S=30"),
+        ("MAX_UPLOAD_BYTES", str(65 * MIB), "must be at most MAX_BATCH_BYTES=67108864"),
+        ("MAX_BODY_MEMORY", str(MIB), "must be at least MAX_UPLOAD_BYTES=10485760"),
     ],
 )
 def test_bad_values_fail_loudly(name, value, message):
@@ -63,9 +76,61 @@ def test_bad_values_fail_loudly(name, value, message):
         Settings.from_env({name: value})
 
 
+@pytest.mark.parametrize("tag", ["digits-cnn", "digits-cnn:latest", "my_model.2:v1-rc.3"])
+def test_a_name_alone_or_latest_is_a_model_tag(tag):
+    assert Settings.from_env({"MODEL_TAG": tag}).model_tag == tag
+
+
+def test_the_body_caps_a_deployment_sets_are_accepted():
+    """The caps tests and deploy/k8s set: the cross-checks refuse only what can never work."""
+    limited = Settings.from_env({"MAX_BATCH_BYTES": "12000", "MAX_UPLOAD_BYTES": "8000"})
+    assert (limited.max_upload_bytes, limited.max_batch_bytes) == (8000, 12000)
+    assert Settings.from_env({"MAX_BODY_MEMORY": str(256 * MIB)}).max_body_memory == 256 * MIB
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("folder", "cannot be read: Is a directory"),  # was a 71-line traceback
+        ("garbage.json", "is not a valid served-model record: file: Invalid JSON"),
+        ("absent/served.json", "its folder does not exist"),  # was silently the default
+    ],
+)
+def test_a_served_model_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, where, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "garbage.json").write_text("not json")
+    path = tmp_path / where
+    with pytest.raises(ValueError) as caught:
+        Settings.from_env({"SERVED_MODEL_FILE": str(path)})
+    error = str(caught.value)
+    assert error.startswith(f"SERVED_MODEL_FILE={path}") and message in error and "\n" not in error
+
+
+def test_the_stage_histograms_reach_the_default_deadlines():
+    """A body may take BODY_TIMEOUT_S and a wait REQUEST_TIMEOUT_S: with buckets ending at 2.5 s,
+    every slower one fell in +Inf."""
+    for histogram, deadline in [
+        (metrics.BODY_SECONDS, Settings.body_timeout_s),
+        (metrics.QUEUE_WAIT_SECONDS, Settings.request_timeout_s),
+    ]:
+        buckets = [
+            float(sample.labels["le"])
+            for sample in histogram.collect()[0].samples
+            if sample.name.endswith("_bucket")
+        ]
+        assert deadline in buckets and len(buckets) <= 20, buckets
+
+
 def test_settings_table_lists_every_variable():
     out = subprocess.run(
         [sys.executable, "-m", "image_classifier.serving.settings"], capture_output=True, text=True
     ).stdout
-    for name in ("MODEL_TAG", "MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "BATCHING", "WORKERS"):
+    for name in (
+        "MODEL_TAG",
+        "SERVED_MODEL_FILE",
+        "MAX_UPLOAD_BYTES",
+        "MAX_IMAGE_PIXELS",
+        "BATCHING",
+        "WORKERS",
+    ):
         assert name in out
