@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import starlette.routing
@@ -18,7 +19,7 @@ from circus import process as circus_process
 from circus import sockets as circus_sockets
 
 from image_classifier.http.logs import UNMATCHED_ENDPOINT
-from image_classifier.serving.settings import start_refused
+from image_classifier.serving.settings import Settings, start_refused
 
 API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
 
@@ -121,8 +122,8 @@ _bentoml_request_metrics = bentoml_instruments.RunnerTrafficMetricsMiddleware.__
 
 def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - CircusSocket's
     """Where `bentoml serve` makes its HTTP socket, in its arbiter before any worker starts (not
-    on `bentoml build`): a taken gRPC port stops the start there with one line, where each worker
-    failed to bind it, died with a traceback and was restarted, for ever.
+    on `bentoml build`): a taken port stops the start there with one line, and the served
+    versions are pinned for the workers (`prepare_serving`).
 
     With several workers, BentoML binds one listening socket in its arbiter and every worker
     accepts from it: the worker already on a CPU accepts the waiting connections, so 16
@@ -136,25 +137,36 @@ def _socket_made(sock: circus_sockets.CircusSocket, *args, **kwargs) -> None:  #
     sock.copy_per_worker = None
     if sock.name != API_SERVER_NAME:
         return
-    if _serving.grpc_port and not _serving.grpc_port_checked:
-        # Once, at start: a replaced worker's socket copy is made later, when the others hold it.
-        _serving.grpc_port_checked = True
-        if _serving.grpc_port == sock.port:
-            raise start_refused(
-                f"GRPC_PORT {_serving.grpc_port} is the HTTP port too; give gRPC a port of its "
-                "own, or 0 for no gRPC"
-            )
-        try:
-            _refuse_a_taken_port(sock.family, sock.host, _serving.grpc_port)
-        except OSError as exc:
-            raise start_refused(
-                f"GRPC_PORT {_serving.grpc_port} on {sock.host} cannot be used ({exc.strerror}): "
-                "another process holds it; set GRPC_PORT to a free port, or 0 for no gRPC"
-            ) from None
+    if not _serving.started:  # once: a replaced worker's socket is made when the others run
+        _serving.started = True
+        _refuse_taken_ports(sock)
+        _serving.before_workers()
     if _serving.workers > 1 and not sock.so_reuseport and hasattr(socket, "SO_REUSEPORT"):
-        _refuse_a_taken_port(sock.family, sock.host, sock.port)
         sock.so_reuseport = True  # circus then leaves it unbound in the arbiter
         sock.copy_per_worker = lambda: _bound_copy(args, kwargs)
+
+
+def _refuse_taken_ports(sock: circus_sockets.CircusSocket) -> None:
+    """A port another process holds stops the start with one line, not a traceback (HTTP) or a
+    worker that fails to bind, dies and is restarted for ever (gRPC)."""
+    grpc_port = _serving.grpc_port
+    if grpc_port and grpc_port == sock.port:
+        raise start_refused(
+            f"GRPC_PORT {grpc_port} is the HTTP port too; give gRPC a port of its own, or 0 for "
+            "no gRPC"
+        )
+    for name, port, otherwise in (
+        ("the HTTP port", sock.port, "choose another with --port (make serve PORT=...)"),
+        (f"GRPC_PORT {grpc_port}", grpc_port, "set GRPC_PORT to a free port, or 0 for no gRPC"),
+    ):
+        try:
+            if port:
+                _refuse_a_taken_port(sock.family, sock.host, port)
+        except OSError as exc:
+            raise start_refused(
+                f"{name} ({sock.host}:{port}) cannot be used ({exc.strerror}): another process "
+                f"holds it; {otherwise}"
+            ) from None
 
 
 def _bound_copy(args: tuple, kwargs: dict) -> circus_sockets.CircusSocket:
@@ -190,15 +202,19 @@ _circus_sockets_fds = circus_process.Process._get_sockets_fds
 class _Serving:
     workers: int = 1
     grpc_port: int = 0
-    grpc_port_checked: bool = False
+    started: bool = False
+    before_workers: Callable[[], None] = lambda: None
 
 
 _serving = _Serving()
 
 
-def prepare_serving(workers: int, grpc_port: int) -> None:
+def prepare_serving(settings: Settings, before_workers: Callable[[Settings], None]) -> None:
     """Call before `bentoml serve` builds its sockets (importing service.py does: the CLI loads
-    the service first): a socket per worker when there are several, and the gRPC port checked."""
-    _serving.workers, _serving.grpc_port = workers, grpc_port
+    the service first): a socket per worker when there are several, and the gRPC port checked;
+    `before_workers` runs in the arbiter then, before the workers (and their environment) are
+    made."""
+    _serving.workers, _serving.grpc_port = settings.workers, settings.grpc_port
+    _serving.before_workers = functools.partial(before_workers, settings)
     circus_sockets.CircusSocket.__init__ = _socket_made
     circus_process.Process._get_sockets_fds = _sockets_fds_with_own_listener

@@ -6,10 +6,17 @@ BentoML, and the core stays free of it.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import bentoml
 from bentoml.exceptions import NotFound
 
-from .serving.settings import start_refused
+from .serving.release_record import DEFAULT_RECORD_PATH, RECORD_ENV, ReleaseRecord, write_record
+from .serving.settings import Settings, start_refused
 
 MODEL_HELP = (
     "Run `python -m training_export ensure-default` for the default model, or "
@@ -56,3 +63,25 @@ def version_clash(served_tag: str, candidate_tag: str) -> str | None:
         f"pins (X-Model-Version), metrics and drift name a model by its version, so they must "
         f"differ. Import the candidate under another version (import-onnx --version ...)."
     )
+
+
+def pin_for_workers(settings: Settings) -> None:
+    """In the arbiter, before any worker starts: every worker, a replacement too, serves the
+    versions resolved now. Each worker reads its settings itself, so a `models promote` (or a
+    newer import under a bare `name`) while the server runs reached the worker that replaced a
+    dead one, and one server answered with two versions. The workers read a copy of the record
+    (and of the saved evaluations beside it) made now, and MODEL_TAG names the version."""
+    snapshot = Path(tempfile.mkdtemp(prefix="image-classifier-served-"))
+    atexit.register(shutil.rmtree, snapshot, ignore_errors=True)
+    evaluations = settings.evaluations_file
+    if evaluations.is_file():
+        shutil.copy(evaluations, snapshot / evaluations.name)
+    model_tag, candidate_tag = (
+        str(find(tag).tag) if tag else None
+        for tag in (settings.model_tag, settings.candidate_model_tag)
+    )
+    record = snapshot / DEFAULT_RECORD_PATH.name
+    write_record(record, ReleaseRecord(model_tag=model_tag, candidate_tag=candidate_tag))
+    os.environ[RECORD_ENV] = str(record)
+    os.environ["MODEL_TAG"] = model_tag
+    os.environ.pop("CANDIDATE_MODEL_TAG", None)  # the record's, resolved
