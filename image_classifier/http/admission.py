@@ -91,6 +91,8 @@ class Gate:
         self._receiving_by_client: collections.Counter[str] = collections.Counter()
         self.body_bytes = 0  # held for the bodies of requests arriving or in work
         self.draining = False  # set on SIGTERM: finish what is in work, take nothing new
+        self.cut_short = False  # set when the drain's grace is over: what is left is answered
+        self._deadlines: set[asyncio.Timeout] = set()  # of the requests being handled
 
     @property
     def admitted(self) -> int:
@@ -175,6 +177,32 @@ class Gate:
 
     def release_body(self, body_bytes: int) -> None:
         self.body_bytes -= body_bytes
+
+    @contextlib.contextmanager
+    def cut_short_at_shutdown(self, deadline: asyncio.Timeout) -> Iterator[None]:
+        """A request's deadline, brought to now when the drain's grace is over (`cut_in_work`)."""
+        self._deadlines.add(deadline)
+        try:
+            yield
+        finally:
+            self._deadlines.discard(deadline)
+
+    def cut_in_work(self) -> None:
+        """SHUTDOWN_GRACE_S is over: the requests still in work are answered SHUTTING_DOWN now
+        (their clients retry on another replica), so the process exits within the grace the
+        operator gave it and Kubernetes' termination grace period, not at REQUEST_TIMEOUT_S."""
+        self.cut_short = True
+        now = asyncio.get_running_loop().time()
+        for deadline in self._deadlines:
+            deadline.reschedule(now)
+
+    def shutdown_cut(self) -> ClassifierError:
+        return ClassifierError(
+            ErrorCode.SHUTTING_DOWN,
+            "this server shut down before the request was done (its SHUTDOWN_GRACE_S was over); "
+            "retry on another replica",
+            retry_after_s=OVERLOADED_RETRY_AFTER_S,
+        )
 
     def check_not_draining(self) -> None:
         """New work is refused once SIGTERM came: the client retries on another replica."""

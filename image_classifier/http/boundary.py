@@ -89,8 +89,9 @@ class BoundaryMiddleware:
 
     async def _answer(self, scope: Scope, receive: Receive, send: _EnvelopingSend, request_id: str):
         try:
-            async with asyncio.timeout(self.gate.policy.request_timeout_s):
-                await self._admit(scope, receive, send, request_id)
+            async with asyncio.timeout(self.gate.policy.request_timeout_s) as deadline:
+                with self.gate.cut_short_at_shutdown(deadline):
+                    await self._admit(scope, receive, send, request_id)
         except ClientGone:
             return  # no answer to send: the access line says 499
         except ClassifierError as exc:
@@ -98,6 +99,9 @@ class BoundaryMiddleware:
         except TimeoutError:
             if send.started:  # too late for an answer of our own; the client sees a cut response
                 raise
+            if self.gate.cut_short:
+                await send.error(self.gate.shutdown_cut())
+                return
             message = f"no answer within {self.gate.policy.request_timeout_s:g} s"
             await send.error(ClassifierError(ErrorCode.TIMEOUT, message))
         except Exception as error:  # a bug: logged with its traceback, the client gets the envelope

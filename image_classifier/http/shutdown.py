@@ -3,7 +3,8 @@
 Uvicorn's own SIGTERM handling stops listening at once and, behind BentoML's process manager,
 cut in-flight requests here (measured: 14 of 150 concurrent requests failed with a read error).
 This handler goes first: readiness turns 503 and new requests get 503 SHUTTING_DOWN, requests in
-work finish (up to the grace period), and only then is uvicorn's handler called.
+work finish within the grace period (those still in work then are answered SHUTTING_DOWN), and
+only then is uvicorn's handler called.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def drain_on_sigterm(
         while gate.admitted and loop.time() < deadline:
             await asyncio.sleep(0.02)
         log.warning("drain done, %d request(s) still in work; shutting down", gate.admitted)
+        if gate.admitted:
+            gate.cut_in_work()  # answered SHUTTING_DOWN, then the server's own handler
+            await asyncio.sleep(0)
         if then is not None:
             await then()
         if callable(previous):

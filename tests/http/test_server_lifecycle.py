@@ -219,6 +219,42 @@ def test_sigterm_finishes_accepted_work_and_refuses_new(trained_store, artifacts
     assert exit_code == 0, log[-3000:]  # a clean exit after the drain, not a kill
 
 
+def test_work_still_in_work_when_the_grace_is_over_is_answered_shutting_down(
+    trained_store, artifacts, heldout
+):
+    """SHUTDOWN_GRACE_S bounds the shutdown: a batch that outlives it got its 200 seconds later
+    (the process exited at REQUEST_TIMEOUT_S at worst, past Kubernetes' grace period)."""
+    big = [encode(image.resize((3000, 3000)), "PNG") for image, _ in heldout[:64]]
+    with serve(
+        trained_store, artifacts / "server-grace-over.log", env={"SHUTDOWN_GRACE_S": "1"}
+    ) as server:
+
+        async def batch_then_sigterm() -> tuple[httpx.Response, float]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(big)]
+                batch = asyncio.create_task(client.post(f"{server.url}/analyze_batch", files=files))
+                series = 'bentoml_service_request_in_progress{endpoint="/analyze_batch"}'
+                await _until_in_work(client, server.url, series)
+                signalled_at = time.monotonic()
+                os.kill(server.process.pid, signal.SIGTERM)
+                return await batch, signalled_at
+
+        answer, signalled_at = asyncio.run(batch_then_sigterm())
+        answered_after = time.monotonic() - signalled_at
+        exit_code = server.process.wait(60)
+        exited_after = time.monotonic() - signalled_at
+        log = server.log()
+    measured(
+        f"SIGTERM with SHUTDOWN_GRACE_S 1 and a 64-picture batch in work: answered "
+        f"{answer.status_code} after {answered_after:.1f} s, exited after {exited_after:.1f} s",
+        doc="operations",
+    )
+    assert (answer.status_code, envelope_code(answer)) == (503, "SHUTTING_DOWN"), answer.text
+    assert answer.headers["retry-after"] == "1" and "SHUTDOWN_GRACE_S" in answer.text
+    assert "drain done, 1 request(s) still in work" in log, log[-3000:]
+    assert exit_code == 0, log[-3000:]
+
+
 DRAIN_SEEN_WITHIN_S = 5.0  # far less than the drain itself (the 64 big pictures take longer)
 
 
