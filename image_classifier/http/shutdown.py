@@ -10,8 +10,10 @@ only then is uvicorn's handler called.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -63,4 +65,14 @@ def drain_on_sigterm(
         loop.call_soon_threadsafe(lambda: _tasks.add(loop.create_task(finish(signum, frame))))
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm_when_the_parent_dies()
     return True
+
+
+def _sigterm_when_the_parent_dies() -> None:
+    """A worker whose arbiter is killed (SIGKILL, the OOM killer) is sent SIGTERM and drains.
+    Before, the workers went on answering on their ports with no process to supervise them, and
+    held those ports against a restart. Linux's parent-death signal (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)

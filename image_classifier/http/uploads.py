@@ -174,7 +174,8 @@ def _query_integers(query: bytes, rule: UploadRule) -> dict[str, int]:
         if name in integers:
             raise ClassifierError(ErrorCode.INVALID_REQUEST, f"{name!r} given twice in the query")
         raw = value.encode()
-        integers[name] = _integer(name, raw, len(raw), rule)
+        if (given := _integer(name, raw, len(raw), rule)) is not None:
+            integers[name] = given
     return integers
 
 
@@ -323,7 +324,8 @@ def _check_parts(
         elif part.name in rule.integer_fields:
             if part.name in integers:
                 raise ClassifierError(ErrorCode.INVALID_REQUEST, f"field {part.name!r} given twice")
-            integers[part.name] = _integer(part.name, part.data, part.size, rule)
+            if (given := _integer(part.name, part.data, part.size, rule)) is not None:
+                integers[part.name] = given
         else:
             raise ClassifierError(
                 ErrorCode.INVALID_REQUEST, f"unexpected field {part.name!r}; expected: {expected}"
@@ -345,14 +347,18 @@ def _check_parts(
     return files, integers
 
 
-def _integer(name: str, value: bytes, size: int, rule: UploadRule) -> int:
-    """`size`: the value's length as sent (a form field keeps only its first bytes)."""
+def _integer(name: str, value: bytes, size: int, rule: UploadRule) -> int | None:
+    """`size`: the value's length as sent (a form field keeps only its first bytes). None for
+    `null`: what BentoML's clients send for an optional left at None (the OpenAPI document says
+    the field is nullable), meaning the default."""
     if size > rule.max_text_bytes:
         raise ClassifierError(
             ErrorCode.INVALID_REQUEST,
             f"{name!r} must be an integer; got a value of {size:,} bytes",
         )
     text = value.decode("utf-8", "replace").strip()
+    if text == "null":
+        return None
     if not _INTEGER.fullmatch(text):
         raise ClassifierError(
             ErrorCode.INVALID_REQUEST, f"{name!r} must be an integer, got {text[:20]!r}"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from image_classifier.core.classifier import Classifier
 from image_classifier.core.preprocessing import preprocess
+from image_classifier.serving.settings import Settings
 from loadtest.h2load import h2load
 from loadtest.load import raw_multipart
 from loadtest.servers import serve
@@ -149,8 +150,11 @@ def test_sync_http_client(server, heldout, tmp_path):
     with bentoml.SyncHTTPClient(server.url) as client:
         single = client.analyze(image=paths[0], top_k=2)
         batch = client.analyze_batch(images=paths)
+        # The client sends JSON null for an optional left at None: the default (it was a 400).
+        unset = client.analyze(image=paths[0], top_k=None)
     assert single["prediction"]["label"] == str(heldout[0][1])
     assert len(single["prediction"]["top_k"]) == 2
+    assert len(unset["prediction"]["top_k"]) == Settings.default_top_k
     assert [r["prediction"]["label"] for r in batch["results"]] == [str(d) for _, d in heldout[:3]]
 
 

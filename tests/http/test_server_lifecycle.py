@@ -373,6 +373,26 @@ def _probe(url: str, since: float) -> int | str:
         raise
 
 
+def test_workers_drain_and_exit_when_their_arbiter_is_killed(trained_store, artifacts, digit_png):
+    """SIGKILL to `bentoml serve` itself: its workers went on answering with nothing to supervise
+    them, and held the ports against a restart."""
+    with serve(trained_store, artifacts / "server-arbiter-killed.log", env={"WORKERS": "2"}) as s:
+        workers = [psutil.Process(pid) for pid in _workers(s.process.pid)]
+        try:
+            assert len(workers) == 2, workers
+            os.kill(s.process.pid, signal.SIGKILL)
+            gone, alive = psutil.wait_procs(workers, timeout=30)
+        finally:
+            for worker in workers:
+                with contextlib.suppress(psutil.Error):
+                    worker.kill()
+        with pytest.raises(httpx.TransportError):
+            httpx.post(f"{s.url}/analyze", files={"image": ("d.png", digit_png)}, timeout=5)
+        log = s.log()
+    assert alive == [], f"still running 30 s after their arbiter died: {alive}"
+    assert log.count("SIGTERM: taking no new work") == 2, log[-3000:]
+
+
 def _replaced_and_ready(url: str) -> bool:
     """One worker replaced, and both workers' models loaded, as /metrics says."""
     metrics_text = httpx.get(f"{url}/metrics", timeout=5).text
