@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make serve   create .venv, train the default model if the store lacks it, serve it on 127.0.0.1:$(PORT)
+#   make serve   create .venv, train the default model if it is served and missing, serve on 127.0.0.1:$(PORT)
 #   make test    install what the tests need and run them (CI runs exactly this)
 # BENTOML_HOME is respected (BentoML's default store is ~/bentoml).
 
@@ -22,7 +22,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(wildcard requirements/*.txt)
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m training_export ensure-default
+	$(PY) -m training_export ensure-served
 	$(VENV)/bin/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
 
 # The browser test drives Debian's Chromium; install it once (CI runs as root on Debian).
@@ -77,7 +77,7 @@ train: $(STAMP)
 
 # The bento is labelled with the model version it pins and the commit it was built from.
 build: $(STAMP)
-	$(PY) -m training_export ensure-default
+	$(PY) -m training_export ensure-served
 	$(VENV)/bin/bentoml build \
 		--label model_version=$$($(PY) -c 'from image_classifier.serving.settings import Settings; print(Settings.from_env().model_tag.split(":")[1])') \
 		--label git_commit=$$(git rev-parse HEAD)

@@ -1,5 +1,5 @@
-"""python -m training_export {train, ensure-default, bench-models, import-onnx, export-torch,
-evaluate, quantize, compare, models}
+"""python -m training_export {train, ensure-default, ensure-served, bench-models, import-onnx,
+export-torch, evaluate, quantize, compare, models}
 
 Each command has its own --help; docs/your-model.md walks from a PyTorch module to a served INT8
 model."""
@@ -27,7 +27,13 @@ def _run(args: argparse.Namespace) -> None:
 
         extra = {"epochs": args.epochs} if args.epochs else {}
         print(train_and_save(args.version, force=args.force, **extra))
-    elif args.command == "ensure-default":
+    elif args.command in ("ensure-default", "ensure-served"):
+        from .store import served_tag_unless_default
+
+        served = served_tag_unless_default() if args.command == "ensure-served" else None
+        if served:
+            print(f"serving {served}: the default model is not needed")
+            return
         from .pipeline import ensure_default_model
 
         print(ensure_default_model())

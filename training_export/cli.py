@@ -78,6 +78,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="train the default model only if the store lacks it",
         description="Train the default model only if the store lacks it.",
     )
+    commands.add_parser(
+        "ensure-served",
+        help="ensure-default, when the served model (MODEL_TAG or served_model.json) is it",
+        description="What make serve and make build run first: train the default model when it "
+        "is the one served and the store lacks it; nothing when another model is served.",
+    )
 
     bench = commands.add_parser(
         "bench-models",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shutil
@@ -16,6 +17,7 @@ import bentoml
 from image_classifier import model_store
 from image_classifier.core.classifier import CARD_FILE, Classifier, ModelLoadError
 from image_classifier.core.model_card import ModelCard
+from image_classifier.serving.release_record import DEFAULT_MODEL_TAG, read_record, record_path
 
 # BentoML's rule for a tag's name and its version (bentoml/_internal/tag.py), upper case lowered.
 _TAG_PART = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?")
@@ -111,3 +113,12 @@ def stored_classifier(tag: str, max_batch: int = 32) -> tuple[Classifier, Path]:
         return Classifier(Path(model.path), options), Path(model.path)
     except ModelLoadError as exc:
         raise ValueError(f"{tag} cannot be loaded: {exc}") from None
+
+
+def served_tag_unless_default() -> str | None:
+    """The served tag (MODEL_TAG, else served_model.json), or None when it is the default model.
+    `make serve` and `make build` train the default only when it is served: a user serving their
+    own model neither waits for nor needs torch for one they do not serve."""
+    served = os.environ.get("MODEL_TAG", "").strip() or read_record(record_path()).model_tag
+    name = DEFAULT_MODEL_TAG.split(":")[0]
+    return None if served in (DEFAULT_MODEL_TAG, name, f"{name}:latest") else served

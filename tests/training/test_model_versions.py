@@ -128,3 +128,28 @@ def test_list_shows_the_latest_saved_evaluation_accuracy(
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if line.startswith(own_tag))
     assert row.split()[-1] == f"{56 / 60:.4f}", listing.stdout
+
+
+@pytest.mark.parametrize(
+    ("model_tag", "record_tag", "trains"),
+    [("my-model:v1", None, False), ("", "my-model:v1", False), ("", None, True)],
+    ids=["MODEL_TAG", "record", "default served"],
+)
+def test_make_serve_trains_the_default_only_when_it_is_served(
+    trained_store, tmp_path, model_tag, record_tag, trains
+):
+    """`make serve` runs ensure-served: serving your own model trained the default first (minutes,
+    and torch) even though nothing would serve it. An empty store shows whether it would train."""
+    record = tmp_path / "served_model.json"
+    if record_tag:
+        record.write_text(ReleaseRecord(model_tag=record_tag).model_dump_json())
+    env = {"MODEL_TAG": model_tag, "SERVED_MODEL_FILE": str(record)}
+    if trains:  # the default is already in this store: it is found there, not trained again
+        result = training_cli("ensure-served", home=trained_store, extra_env=env)
+        assert result.returncode == 0 and "already in the model store" in result.stdout
+        return
+    empty = tmp_path / "home"
+    result = training_cli("ensure-served", home=empty, extra_env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "serving my-model:v1: the default model is not needed\n"
+    assert not (empty / "models").exists() or not any((empty / "models").iterdir())
