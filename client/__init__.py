@@ -9,6 +9,7 @@ from .errors import (
     Overloaded,
     RateLimited,
     ServerError,
+    TimedOut,
     Unauthorized,
     Unreachable,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "RateLimited",
     "ServerError",
     "ServiceInfo",
+    "TimedOut",
     "Unauthorized",
     "Unreachable",
 ]

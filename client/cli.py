@@ -4,8 +4,9 @@ Images go through /analyze_batch in chunks sized from the server's /info limits,
 once. Each image gets one JSON line in the output, written as soon as its chunk comes back, so an
 interrupted run loses nothing: the next run skips every path already in the file.
 
-Exit status: 0 every image classified, 1 some failed (or could not be read, or were not sent:
-run again to resend those), 2 usage error or server unreachable, 130/143 interrupted.
+Exit status: 0 every image classified, 1 some failed (or could not be read, timed out, or were
+not sent: run again to resend those), 2 usage error, wrong URL or server unreachable, 130/143
+interrupted.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import signal
+import stat
 import sys
 import threading
 import time
@@ -28,14 +31,17 @@ from typing import TextIO, TypeVar
 
 from tqdm import tqdm
 
-from .errors import RETRYABLE, ClassifierClientError, Unauthorized, Unreachable
-from .typed import DEFAULT_URL, BatchResult, ImageClassifierClient, Limits
+from .errors import RETRYABLE, ClassifierClientError, TimedOut, Unauthorized, Unreachable
+from .typed import DEFAULT_TIMEOUT_S, DEFAULT_URL, BatchResult, ImageClassifierClient, Limits
 
 DEFAULT_EXTENSIONS = "jpg,jpeg,png,webp,gif,bmp,tif,tiff"
 COLUMNS = ["path", "label", "confidence", "grade", "model_version", "top_k", "error", "message"]
 TOKEN_VARIABLE = "IMAGE_CLASSIFIER_TOKEN"  # read when --token is not given (not shown by ps)
 UNREADABLE = "UNREADABLE"  # a file or folder this machine could not read: tried again next run
+TIMEOUT = "TIMEOUT"  # a chunk with no answer within --timeout: its images are tried again next run
+SENT_AGAIN = {UNREADABLE, TIMEOUT}
 MAX_ATTEMPTS = 8  # per chunk, for 429 and 503 answers
+MAX_TIMEOUT_ATTEMPTS = 2  # per chunk, for no answer in time: each one waits out all of --timeout
 BACKOFF_BASE_S = 0.5  # attempt n waits at least BACKOFF_BASE_S * 2**n, and Retry-After if longer
 BACKOFF_MAX_S = 30.0
 # Room for each file's multipart headers (boundary, Content-Disposition with the file name,
@@ -94,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--batch-size", type=_positive, default=16, help="images per request")
     run.add_argument("--concurrency", type=_positive, default=2, help="requests in flight")
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for an answer (longer than the server's REQUEST_TIMEOUT_S)",
+    )
     run.add_argument("--extensions", default=DEFAULT_EXTENSIONS, help="comma-separated")
     run.add_argument(
         "--top-k", type=_positive, default=None, help="also record the k best labels (top_k)"
@@ -113,13 +125,23 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {value}")
+    return seconds
+
+
 @dataclass
 class Tally:
     """What the summary reports; updated by the worker threads (retries) and the main one."""
 
     retries: Counter[str] = field(default_factory=Counter)
     unsent: Counter[str] = field(default_factory=Counter)  # images of chunks that never got in
-    unreadable: int = 0  # folders and broken links found on the walk (no image record)
+    unreadable: int = 0  # folders, broken links and FIFOs found on the walk (no image record)
     sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -153,7 +175,7 @@ def classify(args: argparse.Namespace) -> int:
 
     def client() -> ImageClassifierClient:
         if not hasattr(local, "client"):
-            local.client = ImageClassifierClient(args.url, token=args.token)
+            local.client = ImageClassifierClient(args.url, token=args.token, timeout=args.timeout)
         return local.client
 
     def send(chunk: list[Path]) -> Sent:
@@ -169,6 +191,9 @@ def classify(args: argparse.Namespace) -> int:
             )
         except (Unreachable, Unauthorized):
             raise
+        except TimedOut as exc:  # this chunk only: recorded, so that the next run sends it again
+            message = f"{exc.message}, {MAX_TIMEOUT_ATTEMPTS} times (sent again next run)"
+            return Sent(records + [_failure(path, TIMEOUT, message) for path in paths], paths)
         except ClassifierClientError as exc:  # not the images' fault: sent again next run
             return Sent(records, paths, exc)
         return Sent(records + list(to_records(paths, result, args.top_k)), paths)
@@ -208,34 +233,61 @@ def classify(args: argparse.Namespace) -> int:
 
 def _key(path: Path | str) -> str:
     """A path as the resume check compares it: absolute, so `photos/a.png` and
-    `/home/me/photos/a.png` are one file (links are not followed: two links, two images)."""
+    `/home/me/photos/a.png` are one file (links are not resolved: two links, two images)."""
     return os.path.abspath(path)
 
 
 def _to_send(record: Record | None) -> bool:
-    return record is None or record.get("error") == UNREADABLE
+    return record is None or record.get("error") in SENT_AGAIN
 
 
 def find_images(root: Path, extensions: set[str]) -> tuple[list[Path], list[Record]]:
-    """Every file under root whose extension (any case) is listed, in sorted order; and a
-    record for each folder that could not be listed and each link to nothing (not skipped
-    silently: their images would be missing from the results)."""
+    """Every file under root whose extension (any case) is listed, in sorted order, through
+    linked folders too; and a record for each folder that could not be listed and each file so
+    named that is not one (a link to nothing, a FIFO...): not skipped silently, since their
+    images would be missing from the results."""
     images: list[Path] = []
     problems: list[Record] = []
+    walked: set[str] = set()  # real paths: a link back up the tree must not loop
 
     def unlisted(error: OSError) -> None:
         problems.append(_unreadable(Path(error.filename or root), f"folder not read: {error}"))
 
-    for folder, _, names in os.walk(root, onerror=unlisted):
+    for folder, folders, names in os.walk(root, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:  # a loop, or a second link to one folder: its files once only
+            folders.clear()
+            continue
+        walked.add(real)
+        folders.sort()  # the same path wins every run when two lead to one folder
         for name in names:
             path = Path(folder, name)
             if path.suffix.lower().lstrip(".") not in extensions:
                 continue
-            if path.is_file():
+            problem = _not_a_file(path)
+            if problem is None:
                 images.append(path)
-            elif path.is_symlink():
-                problems.append(_unreadable(path, "a link to nothing"))
+            else:
+                problems.append(problem)
     return sorted(images), problems
+
+
+SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _not_a_file(path: Path) -> Record | None:
+    """None for a regular file (through links), else the record that says why it is not sent.
+    Only stat: opening a FIFO would block until something writes to it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and path.is_symlink():
+            return _unreadable(path, "a link to nothing")
+        return _unreadable(path, f"not read: {error.strerror or error}")
+    if stat.S_ISREG(mode):
+        return None
+    kind = SPECIAL_FILES.get(stat.S_IFMT(mode), "a device")
+    return _unreadable(path, f"not a regular file but {kind} (not sent)")
 
 
 def read_files(paths: list[Path]) -> tuple[list[tuple[Path, bytes]], list[Record]]:
@@ -250,22 +302,30 @@ def read_files(paths: list[Path]) -> tuple[list[tuple[Path, bytes]], list[Record
 
 
 def _unreadable(path: Path, message: str) -> Record:
-    return {"path": str(path), "error": UNREADABLE, "message": message}
+    return _failure(path, UNREADABLE, message)
+
+
+def _failure(path: Path | str, code: str, message: str) -> Record:
+    return {"path": str(path), "error": code, "message": message}
+
+
+def _whole_lines(data: bytes) -> bytes:
+    """data up to the end of its last whole line: what follows was torn by a killed run."""
+    return data[: data.rfind(b"\n") + 1]
 
 
 def read_results(out: Path) -> dict[str, Record]:
     """The records already in the output file, by `_key` of their path (a torn last line is
-    ignored); UsageError for a file that is not this command's output."""
+    ignored: `open_for_append` cuts it off); UsageError for a file that is not this command's
+    output."""
     records: dict[str, Record] = {}
     if not out.exists():
         return records
-    lines = out.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = _whole_lines(out.read_bytes()).decode("utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines):
-                continue  # torn by a killed run
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
             raise UsageError(f"{out} line {number} is not a result of this command")
@@ -298,7 +358,8 @@ def plan_chunks(
 
 
 def with_retries(call: Callable[[], T], tally: Tally, stop: threading.Event) -> T:
-    """call(), again on 429 and 503 answers, with exponential backoff honouring Retry-After.
+    """call(), again on 429 and 503 answers and on no answer in time, with exponential backoff
+    honouring Retry-After.
 
     Waits on `stop` rather than sleeping, so Ctrl-C does not have to wait out the backoffs.
     """
@@ -306,9 +367,9 @@ def with_retries(call: Callable[[], T], tally: Tally, stop: threading.Event) -> 
     while True:
         try:
             return call()
-        except RETRYABLE as exc:
+        except (*RETRYABLE, TimedOut) as exc:
             attempt += 1
-            if attempt == MAX_ATTEMPTS:
+            if attempt == (MAX_TIMEOUT_ATTEMPTS if isinstance(exc, TimedOut) else MAX_ATTEMPTS):
                 raise
             tally.retried(exc.code)
             backoff = BACKOFF_BASE_S * 2 ** (attempt - 1)
@@ -335,22 +396,22 @@ def to_records(
                 record["top_k"] = [[c.label, c.probability] for c in item.prediction.top_k]
             yield record
         else:
-            yield {"path": path, "error": item.error.code, "message": item.error.message}
+            yield _failure(path, item.error.code, item.error.message)
 
 
 def _too_large(path: Path, limits: Limits) -> Record:
     limit = min(limits.max_upload_bytes, limits.max_batch_bytes - PART_OVERHEAD_BYTES)
     message = f"the file is over the limit of {limit:,} bytes (not sent)"
-    return {"path": str(path), "error": "PAYLOAD_TOO_LARGE", "message": message}
+    return _failure(path, "PAYLOAD_TOO_LARGE", message)
 
 
 def open_for_append(path: Path) -> TextIO:
-    """The output file, opened to append after a complete line (a killed run may leave half)."""
+    """The output file, opened to append after its last whole line: half a line left by a killed
+    run is cut off (its image is sent again), as ending it would make it a broken record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     out = path.open("a", encoding="utf-8")
-    if torn:
-        out.write("\n")
+    if out.tell():  # O_APPEND: at the end of what is there
+        out.truncate(len(_whole_lines(path.read_bytes())))
     return out
 
 

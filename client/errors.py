@@ -53,6 +53,11 @@ class Unreachable(ClassifierClientError):
     """No HTTP answer at all: wrong URL, server down, connection cut."""
 
 
+class TimedOut(ClassifierClientError):
+    """No answer within the client's timeout: the server is up (it took the request) but slow or
+    stuck, so this request failed, not the server; sending it again may work."""
+
+
 RETRYABLE = (RateLimited, Overloaded)
 
 

@@ -7,11 +7,12 @@ server renames breaks here at once instead of somewhere downstream.
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import bentoml
 import httpx
@@ -20,13 +21,17 @@ from pydantic import BaseModel, ConfigDict
 
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse, ModelRef
 
-from .errors import InvalidInput, Unreachable, error_for
+from .errors import ClassifierClientError, InvalidInput, TimedOut, Unreachable, error_for
 
 AnalyzeResult = AnalyzeResponse
 BatchResult = AnalyzeBatchResponse
 Image = Path | str | bytes  # a file, or the encoded bytes of one
 
 DEFAULT_URL = "http://127.0.0.1:3000"
+# Longer than the server's own REQUEST_TIMEOUT_S (30 s by default), so a slow request gets the
+# server's 504 TIMEOUT, with its request_id, before the client gives up on it.
+DEFAULT_TIMEOUT_S = 60.0
+API_NAMES = frozenset({"analyze", "analyze_batch"})  # what /schema.json lists for this service
 
 
 class Limits(BaseModel):
@@ -56,8 +61,17 @@ class ImageClassifierClient:
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 30
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        self._timeout = timeout
+        try:
+            urlsplit(url)  # as SyncHTTPClient parses it, which would let the ValueError out
+        except ValueError as exc:  # "http://[::1"
+            raise _invalid_url(url, exc) from None
         try:
             self._bento = bentoml.SyncHTTPClient(
                 url,
@@ -68,10 +82,15 @@ class ImageClassifierClient:
                 # down; a server that is up but still loading answers 503 NOT_READY (Overloaded).
                 server_ready_timeout=0,
             )
-        except httpx.InvalidURL as exc:
-            raise InvalidInput("INVALID_URL", f"{_shown(url)}: {exc}") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # no http:// for one
+            raise _invalid_url(url, exc) from None
         except httpx.HTTPError as exc:
-            raise Unreachable("UNREACHABLE", f"{_shown(url)}: {exc}") from None
+            raise self._no_answer(exc, _shown(url)) from None
+        except (BentoMLException, ValueError, LookupError, TypeError):  # /schema.json: none, or
+            raise _not_this_service(url) from None  # not JSON, or not a BentoML schema
+        if not self._bento.endpoints.keys() >= API_NAMES:  # another BentoML service
+            self._bento.close()
+            raise _not_this_service(url)
         # SyncHTTPClient turns a non-2xx answer into a BentoMLException holding the status and
         # the body text (so the code, message and request_id survive) but not the headers, and
         # Retry-After travels only in a header: keep the headers of the last answer here.
@@ -94,10 +113,7 @@ class ImageClassifierClient:
 
     def info(self) -> ServiceInfo:
         """Versions, labels and limits (SyncHTTPClient knows only the POST apis, hence raw GET)."""
-        try:
-            response = self._bento.request("GET", "/info")
-        except httpx.HTTPError as exc:
-            raise Unreachable("UNREACHABLE", str(exc)) from None
+        response = self._call(self._bento.request, "GET", "/info")
         if response.is_error:
             raise error_for(response.status_code, response.text, response.headers)
         return ServiceInfo.model_validate(response.json())
@@ -111,24 +127,43 @@ class ImageClassifierClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _call(self, api: Any, **kwargs: Any) -> Any:
+    def _call(self, api: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return api(**kwargs)
+            return api(*args, **kwargs)
         except BentoMLException as exc:
             raise error_for(int(exc.error_code), exc.message, self._last_headers) from None
         except httpx.HTTPError as exc:
-            raise Unreachable("UNREACHABLE", str(exc)) from None
+            raise self._no_answer(exc) from None
+
+    def _no_answer(self, exc: httpx.HTTPError, where: str = "") -> ClassifierClientError:
+        """TimedOut when the server took the request but did not answer in time (that request
+        failed); Unreachable when there is no server to talk to (every request will fail)."""
+        prefix = f"{where}: " if where else ""
+        if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
+            message = f"no answer within {self._timeout:g} s (the client's timeout)"
+            return TimedOut("TIMEOUT", f"{prefix}{message}")
+        return Unreachable("UNREACHABLE", f"{prefix}{exc}")
 
     def _keep_headers(self, response: httpx.Response) -> None:
         self._last_headers = response.headers
 
 
 def _shown(url: str) -> str:
-    """The URL without the password it may carry (user:password@host), for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+    """The URL without the password it may carry (user:password@host), for messages; by pattern,
+    so that a URL too broken to parse is shown without it too."""
+    return re.sub(r"(//[^/:@]*):[^/]*@", r"\1:***@", url, count=1)
+
+
+def _invalid_url(url: str, error: Exception) -> InvalidInput:
+    return InvalidInput("INVALID_URL", f"{_shown(url)}: {error}")
+
+
+def _not_this_service(url: str) -> InvalidInput:
+    message = (
+        f"{_shown(url)} answers, but not as this service (its /schema.json does not list "
+        f"{' and '.join(sorted(API_NAMES))}): check the URL"
+    )
+    return InvalidInput("NOT_THIS_SERVICE", message)
 
 
 def _optional(top_k: int | None) -> dict[str, int]:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -155,7 +161,18 @@ def test_resume_sends_only_what_is_missing(server, first_run, tree, tmp_path):
     assert summary_counts(run.stdout)["sent"] == missing
     assert images_seen(server.url) - seen == missing
     assert outcomes(out) == outcomes(complete)
-    assert len(records(out)) == len(lines)  # every path once
+    assert len(whole_records(out)) == len(lines)  # every path once, the torn half cut off
+    # Found by a black-box review: the torn half was kept as a line of its own, so the next
+    # resume refused the file ("line 101 is not a result of this command", exit 2).
+    again = classify(tree.root, out, server.url)
+    assert again.returncode == 1, again.stderr
+    assert summary_counts(again.stdout)["sent"] == 0
+    assert len(whole_records(out)) == len(lines)
+
+
+def whole_records(out: Path) -> list[dict]:
+    """Every line of the output as a record: none torn, none broken."""
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def outcomes(out: Path) -> dict[str, str]:
@@ -199,21 +216,115 @@ def test_files_that_cannot_be_read_fail_alone_and_any_file_name_is_sent(server, 
     assert summary_counts(again.stdout)["sent"] == 0, again.stdout
 
 
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server in this process, answering with `handler`; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bad_output_files_urls_and_top_k_are_usage_errors(server, tree, tmp_path):
-    """Each was a traceback (exit 1), or every chunk refused with the reason hidden."""
+    """Each was a traceback (exit 1), or every chunk refused with the reason hidden; a URL of
+    another web server (`python -m http.server` here, a proxy's other site in real life) too."""
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text("[1, 2]\n")
-    for out, url, options, says in [
-        (tmp_path, server.url, (), "is a folder"),
-        (foreign, server.url, (), "not a result of this command"),
-        (tmp_path / "r.jsonl", "http://127.0.0.1:abc", (), "INVALID_URL"),
-        (tmp_path / "r.jsonl", "http://user:secret-77@127.0.0.1:1", (), "UNREACHABLE"),
-        (tmp_path / "r.jsonl", server.url, ("--top-k", "11"), "the model has 10 labels"),
-    ]:
-        run = classify(tree.root, out, url, *options)
-        assert run.returncode == 2 and says in run.stderr, run.stderr
-        assert "Traceback" not in run.stderr and "secret-77" not in run.stderr
+    (tmp_path / "site").mkdir()
+    site = functools.partial(SimpleHTTPRequestHandler, directory=tmp_path / "site")
+    with http_server(site) as foreign_url:
+        cases = [
+            (tmp_path, server.url, (), "is a folder"),
+            (foreign, server.url, (), "not a result of this command"),
+            (tmp_path / "r.jsonl", "http://127.0.0.1:abc", (), "INVALID_URL"),
+            (tmp_path / "r.jsonl", "http://[::1", (), "INVALID_URL"),
+            (tmp_path / "r.jsonl", foreign_url, (), "NOT_THIS_SERVICE"),
+            (tmp_path / "r.jsonl", "http://user:secret-77@127.0.0.1:1", (), "UNREACHABLE"),
+            (tmp_path / "r.jsonl", server.url, ("--top-k", "11"), "the model has 10 labels"),
+            (tmp_path / "r.jsonl", server.url, ("--timeout", "0"), "not a positive number"),
+        ]
+        for out, url, options, says in cases:
+            run = classify(tree.root, out, url, *options)
+            assert run.returncode == 2 and says in run.stderr, run.stderr
+            assert "Traceback" not in run.stderr and "secret-77" not in run.stderr
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def stalling_proxy(target: str, stalled: bytes, unstalled: threading.Event):
+    """A handler passing every request on to `target`, except that one whose body holds the
+    bytes `stalled` gets no answer until `unstalled` is set: a batch the server is stuck on."""
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.do_POST()
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if stalled in body:
+                unstalled.wait()
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() == "content-type"}
+            answer = httpx.request(self.command, target + self.path, content=body, headers=headers)
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers.get("content-type", "text/plain"))
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+    return Proxy
+
+
+def test_a_batch_with_no_answer_in_time_fails_alone_and_is_sent_again(server, tree, tmp_path):
+    """Found by a black-box review: one batch the server did not answer within the client's
+    timeout ended the whole run as UNREACHABLE (exit 2), and the timeout could not be set."""
+    truth = copy_pngs(tree, 4, tmp_path / "photos")
+    stuck = sorted(truth)[1]
+    out = tmp_path / "results.jsonl"
+    unstalled = threading.Event()
+    try:
+        with http_server(stalling_proxy(server.url, Path(stuck).read_bytes(), unstalled)) as url:
+            options = ("--timeout", "1", "--batch-size", "1", "--concurrency", "1")
+            run = classify(tmp_path / "photos", out, url, *options)
+    finally:
+        unstalled.set()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    assert run.stdout.startswith("3 ok, 1 failed (TIMEOUT: 1)\n"), run.stdout
+    assert "retries: 1 (TIMEOUT: 1)" in run.stdout  # tried twice
+    by_path = {r["path"]: r for r in whole_records(out)}
+    assert by_path[stuck]["error"] == "TIMEOUT"
+    assert "no answer within 1 s" in by_path[stuck]["message"]
+    assert all(by_path[path]["label"] == label for path, label in truth.items() if path != stuck)
+    again = classify(tmp_path / "photos", out, server.url)  # the server answers now
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary_counts(again.stdout)["sent"] == 1
+    assert outcomes(out)[stuck] == truth[stuck]
+
+
+def test_linked_folders_are_walked_once_and_special_files_are_recorded(server, tree, tmp_path):
+    """Found by a black-box review: a linked folder was skipped, and so was a FIFO or a socket
+    named like an image, silently and with exit 0."""
+    folder = tmp_path / "photos"
+    copy_pngs(tree, 1, folder)
+    elsewhere = tmp_path / "elsewhere"
+    copy_pngs(tree, 1, elsewhere)
+    (folder / "again").symlink_to(elsewhere)  # walked (the first in sorted order)...
+    (folder / "more").symlink_to(elsewhere)  # ...but not twice through a second link
+    (folder / "loop").symlink_to(folder)  # a link back up the tree: not walked in circles
+    os.mkfifo(folder / "pipe.png")  # never opened: that would block the walk
+    out = tmp_path / "results.jsonl"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(folder / "socket.png"))
+        run = classify(folder, out, server.url)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stdout.startswith("2 ok, 2 failed (UNREADABLE: 2)\n"), run.stdout
+    by_path = {os.path.relpath(r["path"], folder): r for r in records(out)}
+    assert sorted(by_path) == ["again/digit-000.png", "digit-000.png", "pipe.png", "socket.png"]
+    assert "a FIFO" in by_path["pipe.png"]["message"]
+    assert "a socket" in by_path["socket.png"]["message"]
 
 
 def test_sigterm_ends_the_run_like_ctrl_c(server, tree, tmp_path):

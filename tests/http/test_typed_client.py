@@ -60,6 +60,21 @@ def test_analyze_batch_keeps_order_and_isolates_a_bad_item(client, digits):
     assert [item.prediction.label for item in good] == [label for _, label in digits]
 
 
+def test_top_k_none_is_not_sent(server, digits):
+    """SyncHTTPClient would send an argument left at None as the form field `top_k=null`, which
+    only this server's leniency reads as its default: the client leaves it out."""
+    data, _ = digits[0]
+    bodies = []
+    with ImageClassifierClient(server.url) as fresh:
+        fresh._bento.client.event_hooks["request"].append(
+            lambda request: bodies.append(request.read())
+        )
+        fresh.analyze(data)
+        fresh.analyze_batch([data, data])
+        fresh.analyze(data, top_k=2)
+    assert [b'name="top_k"' in body for body in bodies] == [False, False, True]
+
+
 def test_info_is_typed(client):
     info = client.info()
     assert info.model.name == "digits-cnn"
@@ -119,6 +134,22 @@ def test_no_server_is_unreachable():
     with pytest.raises(Unreachable) as caught:
         ImageClassifierClient(f"http://127.0.0.1:{free_port()}", timeout=5)
     assert caught.value.status == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://[::1", "INVALID_URL"),
+        ("127.0.0.1:3000", "INVALID_URL"),
+        ("http://{server}/not-the-service", "NOT_THIS_SERVICE"),  # a web server, not this one
+    ],
+)
+def test_a_wrong_url_is_invalid_input(server, url, code):
+    """Found by a black-box review: a URL of another web server raised BentoMLException, and a
+    URL that does not parse ValueError, both outside the client's typed errors."""
+    with pytest.raises(InvalidInput) as caught:
+        ImageClassifierClient(url.format(server=server.url.removeprefix("http://")))
+    assert (caught.value.code, caught.value.status) == (code, 0)
 
 
 def test_the_documented_example_runs(server, digits, tmp_path):
