@@ -66,4 +66,3 @@ def train_and_save(
 def ensure_default_model(say: Callable[[str], None] = print) -> str:
     """The default model's tag, training it first only when the store lacks it."""
     return train_and_save(MODEL_VERSION, force=False, say=say)
-
