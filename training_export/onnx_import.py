@@ -171,9 +171,10 @@ def import_onnx(
     with staging_folder() as folder:
         model_path = with_weights_inside(model_path, Path(folder))
         model_path = with_only_output(model_path, Path(folder), signature.output_name)
+        notes = []  # said once every check has passed: "saved" before a refusal misled
         if facts.static_batch is not None:
             model_path = with_dynamic_batch(model_path, Path(folder), spec)
-            say(
+            notes.append(
                 f"note: the file fixes the batch axis at {facts.static_batch}; saved with a "
                 "dynamic one (a batch gave the same rows as single runs)"
             )
@@ -198,7 +199,10 @@ def import_onnx(
             versions=library_versions(),
         )
         _check_with_runtime(model_path, card)
-        return save_to_store(model_path, card, tag)
+        saved = save_to_store(model_path, card, tag)
+        for note in notes:
+            say(note)
+        return saved
 
 
 def _check_with_runtime(model_path: Path, card: ModelCard) -> None:

@@ -94,6 +94,15 @@ def test_softmax_outputs_are_detected_as_probabilities_grey_gets_one_mean(tmp_pa
     assert np.allclose([answer.probabilities[label] for label in LABELS], expected, atol=1e-5)
 
 
+def test_a_refused_import_never_said_it_saved_anything(tmp_path, bentoml_home):
+    """The batch-axis note ("saved with a dynamic one") came before the label check refused."""
+    folder = build_onnx_classifier(tmp_path / "refused", labels=5, batch=1)
+    notes: list[str] = []
+    with pytest.raises(ModelFileError, match="labels"):
+        import_onnx(folder / "model.onnx", "refused", "v1", labels=LABELS[:3], say=notes.append)
+    assert not any("saved" in note for note in notes), notes
+
+
 def test_a_batch_axis_fixed_at_one_is_made_dynamic_when_rows_stay_the_same(tmp_path, bentoml_home):
     notes: list[str] = []
     classifier, _ = imported(tmp_path, bentoml_home, "batch-one", notes,
