@@ -11,14 +11,17 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import starlette.routing
+from _bentoml_sdk.service import openapi as bentoml_openapi
 from bentoml._internal.server.http import instruments as bentoml_instruments
 from bentoml._internal.server.http import traffic as bentoml_traffic
 from circus import process as circus_process
 from circus import sockets as circus_sockets
 
 from image_classifier.http.logs import UNMATCHED_ENDPOINT
+from image_classifier.http.routes import UPLOAD_ERRORS
 from image_classifier.serving.settings import Settings, start_refused
 
 API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
@@ -37,12 +40,34 @@ class _UntimedMiddleware:
         await self.app(scope, receive, send)
 
 
-def mend_request_middlewares() -> None:
+def mend_bentoml() -> None:
     """Call before the server app is built (importing service.py does): BentoML's timeout
-    middleware replaced, its request metrics labelled by route, no slash redirects."""
+    middleware replaced, its request metrics labelled by route, no slash redirects, and the
+    apis' error answers documented as they are."""
+    bentoml_openapi._get_api_routes = _api_routes_answering_the_envelope
     bentoml_traffic.TimeoutMiddleware = _UntimedMiddleware
     bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__ = _metrics_by_route
     starlette.routing.Router.__init__ = _without_slash_redirects(starlette.routing.Router.__init__)
+
+
+def _api_routes_answering_the_envelope(svc) -> dict:  # noqa: ANN001 - a BentoML Service
+    """BentoML documents every api's errors as its own three (400, 404, 500, with its own
+    schemas); ours answer in the envelope, with the statuses of `UPLOAD_ERRORS`. Code generated
+    from the document, and schemathesis' checks, got every error wrong."""
+    envelope = bentoml_openapi.MediaType(
+        schema=bentoml_openapi.Reference(bentoml_openapi.REF_TEMPLATE.format(model="ErrorEnvelope"))
+    )
+    errors = {
+        status: bentoml_openapi.Response(description=why, content={"application/json": envelope})
+        for status, why in UPLOAD_ERRORS.items()
+    }
+    routes = _bentoml_api_routes(svc)
+    for item in routes.values():
+        item.post["responses"] = {
+            HTTPStatus.OK.value: item.post["responses"][HTTPStatus.OK.value],
+            **errors,
+        }
+    return routes
 
 
 def _without_slash_redirects(init):  # noqa: ANN001, ANN202 - Router.__init__ and its wrapper
@@ -117,6 +142,7 @@ def _routes(app) -> list[tuple[re.Pattern, str]]:  # noqa: ANN001
     return found
 
 
+_bentoml_api_routes = bentoml_openapi._get_api_routes
 _bentoml_request_metrics = bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__
 
 

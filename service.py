@@ -32,7 +32,7 @@ SETTINGS = Settings.at_start()
 memory.limit_malloc_arenas()  # before any thread starts: bounded memory per worker
 machine.share_the_interpreter_lock(SETTINGS.gil_switch_interval_ms)  # the event loop's turn
 logs.configure_logging(SETTINGS.log_format)  # BentoML configured logging before importing us
-bentoml_compat.mend_request_middlewares()
+bentoml_compat.mend_bentoml()
 bentoml_compat.prepare_serving(SETTINGS, model_store.pin_for_workers)  # sockets, one version
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 WORKER_SLOT = bentoml.server_context.worker_index or 0  # this worker's slot in shared counts

@@ -52,6 +52,11 @@ _WHY = {
     504: "no answer within REQUEST_TIMEOUT_S (TIMEOUT)",
 }
 _GUARDED = (401, 429, 503)  # any route outside admission.OPEN_PATHS: token, rate, drain
+# What /analyze and /analyze_batch answer besides 200, each in the envelope (404: a version pin
+# names no served version); `bentoml_compat` writes them into BentoML's own operations.
+UPLOAD_ERRORS = {
+    status: _WHY[status] for status in (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
+}
 _MODEL_ROUTE = (*_GUARDED, 404)
 _INFER = (*_MODEL_ROUTE, 400, 408, 413, 415, 422, 504)
 
