@@ -113,6 +113,8 @@ class BoundaryMiddleware:
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path = scope["path"]
+        # Who sent it, on its access line: a 401 or 429 must be traceable to a client.
+        logs.annotate(client=_client_address(scope).removeprefix("addr:"))
         client = None
         if not is_open_path(path):
             client = self.gate.authenticate(_header(scope, "authorization"))
@@ -315,7 +317,11 @@ class _EnvelopingSend:
         metrics.ERRORS.labels(code=self.error_code).inc()
         if status in (429, 503):
             extra.append((b"retry-after", retry_after.encode("latin-1")))
-        kept = [(k, v) for k, v in start["headers"] if k.lower() not in _REPLACED_HEADERS]
+        kept = [
+            (k, _with_head(v) if k.lower() == b"allow" else v)
+            for k, v in start["headers"]
+            if k.lower() not in _REPLACED_HEADERS
+        ]
         extra.append((_ERROR_CODE_KEY, str(code).encode("latin-1")))
         start["headers"] = kept + json_headers(body) + extra
         await self.send(start)
@@ -327,6 +333,15 @@ class _EnvelopingSend:
         if status in CODE_FOR_STATUS:
             return CODE_FOR_STATUS[status]
         return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
+
+
+def _with_head(allow: bytes) -> bytes:
+    """A 405's Allow with HEAD wherever GET is (RFC 9110 9.3.2; every GET route answers HEAD,
+    `routes._answer_head`): Starlette names the methods of the first route matching the path."""
+    methods = [method.strip() for method in allow.decode("latin-1").split(",")]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    return ", ".join(methods).encode("latin-1")
 
 
 def _message_from(status: int, parsed: Any, raw: bytes) -> str:

@@ -180,6 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         error: ClassifierError | None = None
         status, outcome = 200, "OK"  # outcome: the metric's code
         with logs.request_context(request_id, "GRPC", SERVICE + method) as fields:
+            fields["client"] = _client_address(context, metadata).removeprefix("addr:")
             if FORWARDED_BY in metadata and passed_on(context):
                 fields["forwarded_by"] = metadata[FORWARDED_BY]  # the worker it came through
             try:
