@@ -435,8 +435,9 @@ def write_csv(path: Path, records) -> None:
         writer.writeheader()
         for record in records:
             best = record.get("top_k")
-            if isinstance(best, list):  # "label:probability" pairs, best first
-                record = {**record, "top_k": " ".join(f"{label}:{p:.4g}" for label, p in best)}
+            if isinstance(best, list):  # JSON, as in the output file: labels may hold any
+                # character (spaces, ":"), and a probability keeps every digit
+                record = {**record, "top_k": json.dumps(best, ensure_ascii=False)}
             writer.writerow(record)
 
 

@@ -212,6 +212,11 @@ def test_files_that_cannot_be_read_fail_alone_and_any_file_name_is_sent(server, 
     named_oddly = by_path[os.path.join(relative, odd.name)]
     assert named_oddly["label"] and len(named_oddly["top_k"]) == 2
     assert (tmp_path / "r.csv").read_bytes().count(b"\xff\xfe.png") == 1  # the name as it was
+    with (tmp_path / "r.csv").open(newline="", errors="surrogateescape") as f:
+        in_csv = {row["path"]: row for row in csv.DictReader(f)}
+    # As in the output file, every digit: "label:probability" pairs could not be split back
+    # when a label held a space or a colon, and rounded 0.99997 to 1.
+    assert json.loads(in_csv[named_oddly["path"]]["top_k"]) == named_oddly["top_k"]
     again = classify(folder, out, server.url)  # the absolute path: the same files
     assert summary_counts(again.stdout)["sent"] == 0, again.stdout
 
