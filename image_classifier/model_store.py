@@ -15,6 +15,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
+from .core.classifier import CARD_FILE
 from .serving.release_record import DEFAULT_RECORD_PATH, RECORD_ENV, ReleaseRecord, write_record
 from .serving.settings import Settings, start_refused
 
@@ -37,9 +38,27 @@ def served(tag: str) -> bentoml.models.BentoModel | None:
     start with one line saying what to run, not a stack trace."""
     if not tag:
         return None
-    if find(tag) is None:
-        raise start_refused(f"model {tag} is not in the BentoML model store. {MODEL_HELP}")
+    stored = find(tag)
+    if stored is None:
+        raise start_refused(
+            f"model {tag} is not in the BentoML model store{_held(tag)}. {MODEL_HELP}"
+        )
+    if not (Path(stored.path) / CARD_FILE).is_file():  # the workers would wait unready for ever
+        raise start_refused(
+            f"model {stored.tag} has no model card ({CARD_FILE}): it was not saved by "
+            f"training_export, so it cannot be served. {MODEL_HELP}"
+        )
     return bentoml.models.BentoModel(tag)
+
+
+def _held(tag: str) -> str:
+    """The versions of that name the store holds, if any: a bento holds only the version it was
+    built with (MODEL_TAG at `bentoml build`), which its served_model.json may not name."""
+    try:
+        versions = [str(model.tag) for model in bentoml.models.list(tag.split(":")[0])]
+    except (NotFound, ValueError):
+        versions = []
+    return f" (it holds {', '.join(sorted(versions))}: set MODEL_TAG to one)" if versions else ""
 
 
 def served_pair(

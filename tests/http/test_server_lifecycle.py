@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -27,7 +28,7 @@ from image_classifier.serving.release_record import ReleaseRecord, write_record
 from loadtest.load import closed_loops
 from loadtest.servers import BIN, REPO, free_port, serve
 from tests.figures import measured
-from tests.http.responses import assert_no_traceback, envelope_code, metric_value
+from tests.http.responses import access_lines, assert_no_traceback, envelope_code, metric_value
 from tests.model_store import import_model
 from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
@@ -55,12 +56,31 @@ def start_that_fails(bentoml_home, log_path, http_port: int | None = None, **env
     return log
 
 
-def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, artifacts):
-    log = start_that_fails(
-        trained_store, artifacts / "server-missing-model.log", MODEL_TAG="absent-model:v7"
-    )
-    lines = [line for line in log.splitlines() if "absent-model:v7" in line]
+@pytest.mark.parametrize(
+    ("tag", "held"), [("absent-model:v7", None), ("digits-cnn:v7", "it holds digits-cnn:v1")]
+)
+def test_a_missing_model_stops_the_start_with_one_clear_line(trained_store, artifacts, tag, held):
+    """A missing version of a stored name also says which the store holds (a bento holds the
+    one it was built with, which its served_model.json may not name)."""
+    log = start_that_fails(trained_store, artifacts / f"server-missing-{tag}.log", MODEL_TAG=tag)
+    lines = [line for line in log.splitlines() if tag in line]
     assert len(lines) == 1 and "training_export ensure-default" in lines[0], log
+    assert held is None or held in lines[0], lines[0]
+
+
+def test_a_model_without_a_card_stops_the_start_with_one_clear_line(artifacts, tmp_path):
+    """Something else saved in the store (not by training_export): the workers logged an error
+    and the server stayed up, unready for ever."""
+    home = tmp_path / "home"
+    save = "import bentoml; bentoml.picklable_model.save_model('notimage:v1', {})"
+    saved = subprocess.run(
+        [sys.executable, "-c", save],
+        env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    log = start_that_fails(home, artifacts / "server-no-card.log", MODEL_TAG="notimage:v1")
+    lines = [line for line in log.splitlines() if "notimage:v1" in line]
+    assert len(lines) == 1 and "has no model card" in lines[0], log
 
 
 @pytest.mark.parametrize(
@@ -174,6 +194,9 @@ def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artif
         log = server.log()
     for token in TOKENS.split(","):
         assert token not in log
+    # Each refusal's access line says who was refused, so its owners can be told.
+    refusals = [line for line in access_lines(log) if line["status"] in (401, 429)]
+    assert len(refusals) == 5 and {line["client"] for line in refusals} == {"127.0.0.1"}, refusals
 
 
 def _digit_file(artifacts, digit_png: bytes):
