@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import bentoml
+from starlette.middleware.cors import CORSMiddleware
 
 import bentoml_compat
 from image_classifier import model_store
@@ -19,6 +20,7 @@ from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
+from image_classifier.http.headers import cors_options
 from image_classifier.http.protocol import EarlyRefusal
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
@@ -102,18 +104,17 @@ class ImageClassifier:
         return await self.apis.analyze_batch(upload_of(images, top_k, ctx.request.headers))
 
 
-UPLOAD_ROUTES = {
+ROUTES = {  # the upload routes: bodies capped and read by the boundary
     **routes_of_apis(
         ImageClassifier.apis.values(), SETTINGS, lambda: bentoml.get_current_service().apis
     ),
     **infer_upload_routes(SETTINGS, lambda: bentoml.get_current_service().predictor),
 }
+if SETTINGS.cors_origins:  # outermost: it answers preflights, and marks every answer, errors too
+    ImageClassifier.add_asgi_middleware(CORSMiddleware, **cors_options(SETTINGS.cors_origins))
 ImageClassifier.add_asgi_middleware(
-    BoundaryMiddleware,
-    gate=GATE,
-    pace=BodyPace.from_settings(SETTINGS),
-    upload_routes=UPLOAD_ROUTES,
+    BoundaryMiddleware, gate=GATE, pace=BodyPace.from_settings(SETTINGS), upload_routes=ROUTES
 )
 # Before the server loads its config: request heads are capped, and overload is refused there.
-EARLY_REFUSAL = EarlyRefusal(GATE, UPLOAD_ROUTES, SETTINGS.body_timeout_s)
+EARLY_REFUSAL = EarlyRefusal(GATE, ROUTES, SETTINGS.body_timeout_s)
 protocol.install(EARLY_REFUSAL, SETTINGS.workers, WORKER_SLOT)

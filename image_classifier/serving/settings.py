@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
 MIB = 1024 * 1024
 REDIS_SCHEMES = ("redis://", "rediss://")
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
 # BentoML's tag rules, without importing BentoML here: a name and an optional version, each 1 to 63
 # lowercase letters, digits, '-', '_' or '.', with a letter or digit at both ends.
 _TAG_PART = r"[a-z0-9](?:[-._a-z0-9]{0,61}[a-z0-9])?"
@@ -162,6 +163,12 @@ class Settings:
     )
     api_tokens: tuple[str, ...] = _env(
         "API_TOKENS", (), "bearer tokens the APIs accept (comma-separated); empty: no auth"
+    )
+    cors_origins: tuple[str, ...] = _env(
+        "CORS_ORIGINS",
+        (),
+        "origins whose browser pages may call the API (comma-separated, e.g. "
+        "https://app.example.com; * for any); empty: the same origin only (the /ui page)",
     )
     rate_limit: str = _env(
         "RATE_LIMIT",
@@ -313,6 +320,12 @@ class Settings:
                 raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
+        for origin in self.cors_origins:  # as a browser sends Origin: no path, no trailing slash
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], e.g. "
+                    "https://app.example.com, or *)"
+                )
         if self.rate_limit:
             try:
                 amounts = [rate.amount for rate in parse_rate_limits(self.rate_limit)]

@@ -199,6 +199,34 @@ def test_tokens_guard_the_apis_and_a_rate_limit_answers_429(trained_store, artif
     assert len(refusals) == 5 and {line["client"] for line in refusals} == {"127.0.0.1"}, refusals
 
 
+def test_cors_origins_let_a_page_of_that_origin_call_and_read_every_answer(
+    trained_store, artifacts, digit_png
+):
+    """A browser app on another origin: its preflight (which carries no token) is answered, and
+    every answer, a 401 too, names its origin; another origin gets nothing it could read."""
+    app, token = "https://app.example", TOKENS.split(",")[0]
+    env = {"CORS_ORIGINS": app, "API_TOKENS": TOKENS}
+    files = {"image": ("d.png", digit_png, "image/png")}
+    with serve(trained_store, artifacts / "server-cors.log", env=env) as server:
+        url = f"{server.url}/analyze"
+        asks = {"access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, x-request-id"}  # fmt: skip
+        preflight = httpx.options(url, headers={"origin": app, **asks})
+        answered = httpx.post(url, files=files, headers={
+            "origin": app, "authorization": f"Bearer {token}"})  # fmt: skip
+        refused = httpx.post(url, files=files, headers={"origin": app})
+        elsewhere = httpx.post(url, files=files, headers={
+            "origin": "https://evil.example", "authorization": f"Bearer {token}"})  # fmt: skip
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == app
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == app
+    assert "x-request-id" in answered.headers["access-control-expose-headers"].lower()
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
+    assert elsewhere.status_code == 200
+    assert "access-control-allow-origin" not in elsewhere.headers
+
+
 def _digit_file(artifacts, digit_png: bytes):
     path = artifacts / "digit.png"
     path.write_bytes(digit_png)

@@ -48,6 +48,8 @@ def test_values_are_parsed_by_type():
         ("GIL_SWITCH_INTERVAL_MS", "0", "GIL_SWITCH_INTERVAL_MS"),
         ("API_TOKENS", " , ", "names nothing"),
         ("API_TOKENS", " ", "blank"),  # an empty Secret: before, no auth at all
+        ("CORS_ORIGINS", "https://app.example/", "not an origin"),  # a browser sends no "/"
+        ("CORS_ORIGINS", "app.example", "not an origin"),
         ("GIL_SWITCH_INTERVAL_MS", "nan", "GIL_SWITCH_INTERVAL_MS"),  # every worker aborted
         ("GIL_SWITCH_INTERVAL_MS", "1e6", "at most 100"),
         ("BATCHING_MIN_GAIN", "nan", "BATCHING_MIN_GAIN"),  # then /info was a 500
