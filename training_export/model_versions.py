@@ -127,6 +127,18 @@ def _evaluations_of(tag: str, record: EvaluationRecord) -> tuple[list[SavedEvalu
 def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -> str | None:
     """Why the candidate's last saved evaluation is worse than the served version's on the same
     pictures (or cannot be compared once both were evaluated); None when it may go."""
+    cards = [
+        _card_of(model) if (model := model_store.find(tag)) else None for tag in (candidate, served)
+    ]
+    if cards[0] and cards[1] and set(cards[0].labels) != set(cards[1].labels):
+        # No picture folder fits both, so no accuracy compares them: said, never refused (the
+        # first promote of one's own model over the default digits is this, evaluated or not).
+        say(
+            f"note: {candidate} answers other labels than the served {served} "
+            f"({len(cards[0].labels)} vs {len(cards[1].labels)}): not compared; clients that "
+            "map labels must expect the new ones"
+        )
+        return None
     record = read_evaluations(evaluations_path())
     ours, _ = _evaluations_of(candidate, record)
     theirs, digest = _evaluations_of(served, record)
@@ -137,12 +149,6 @@ def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -
     last = ours[-1]
     same = record.on_images(served, digest, last.images_sha256)
     if same is None:
-        cards = [_card_of(model_store.find(tag)) for tag in (candidate, served)]
-        if cards[0] and cards[1] and set(cards[0].labels) != set(cards[1].labels):
-            return (  # no picture folder fits both: the hint below could not be followed
-                f"{candidate} and the served {served} have different labels: their accuracies "
-                "cannot be compared"
-            )
         return (
             f"{candidate} was last evaluated on {last.images}, and the served {served} never on "
             f"those pictures: run `evaluate {served} --images {last.images} --save`"
