@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from typing import Annotated, Any, Literal
 
@@ -291,9 +292,18 @@ def _numbers(tensor: RequestInput) -> np.ndarray:
         data = np.asarray(tensor.data)
     except (TypeError, ValueError):  # ragged nesting
         data = None
-    if data is None or data.dtype.kind not in "iuf":  # "b": booleans, "U"/"O": strings, ints>64
+    if data is None or data.dtype.kind not in "iuf" or _with_booleans(tensor.data, data.ndim):
+        # "b": booleans alone, "U"/"O": strings, ints over 64 bits; among numbers, a true or
+        # false is read as 1.0 or 0.0, so the elements' own types are looked at too
         raise oip.invalid(f"input {tensor.name}: FP32 data must be numbers")
     return data
+
+
+def _with_booleans(data: list[Any], depth: int) -> bool:
+    leaves = data
+    for _ in range(depth - 1):  # nested by the shape: flattened at C speed, as the types are read
+        leaves = itertools.chain.from_iterable(leaves)
+    return bool in set(map(type, leaves))
 
 
 def _base64_images(data: list[Any]) -> list[bytes]:

@@ -136,6 +136,8 @@ def fp32(data, shape=(1, 1, 28, 28), name="input", datatype="FP32") -> dict:
         (fp32([10**400] * 784), 400, "INVALID_REQUEST", "must be numbers"),
         (fp32(["0.5"] * 784), 400, "INVALID_REQUEST", "must be numbers"),
         (fp32([True] * 784), 400, "INVALID_REQUEST", "must be numbers"),
+        # One true among numbers: numpy read it as 1.0, and it was classified (Triton refuses).
+        (fp32([0.5] * 783 + [True]), 400, "INVALID_REQUEST", "must be numbers"),
         (fp32([0.0] * 784, name="x"), 400, "INVALID_REQUEST", "unknown input 'x'"),
         (fp32([0.0] * 784, name="image"), 400, "INVALID_REQUEST", "input 'image' is BYTES"),
         ({"inputs": [{"name": "picture", "shape": [1], "datatype": "BYTES", "data": [PNG_B64]}]},
@@ -151,6 +153,7 @@ def fp32(data, shape=(1, 1, 28, 28), name="input", datatype="FP32") -> dict:
     ids=["no-inputs", "bad-base64", "shape-mismatch", "not-an-image", "second-not-an-image",
          "wrong-fp32-shape",
          "nan", "past-float32", "int64", "huge-integer", "strings-as-fp32", "bools-as-fp32",
+         "a-bool-among-fp32",
          "unknown-fp32-name", "fp32-named-image", "unknown-bytes-name", "duplicate-output",
          "not-a-datatype", "too-many"],
 )  # fmt: skip

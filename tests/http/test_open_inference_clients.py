@@ -149,6 +149,19 @@ def test_grpc_tools_find_the_health_check_and_the_service_description(server):
         assert "raw_input_contents" in infer.input_type.fields_by_name
 
 
+def test_grpc_client_side_health_checking_can_watch(server):
+    """`Watch` is what gRPC's client-side health checking (`healthCheckConfig`) calls: it was
+    UNIMPLEMENTED, with a traceback in the server's log on every call."""
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service, expected in (("", "SERVING"), ("no.such.Service", "SERVICE_UNKNOWN")):
+            watching = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            first = next(watching)
+            watching.cancel()
+            assert health_pb2.HealthCheckResponse.ServingStatus.Name(first.status) == expected
+    assert "NotImplementedError" not in server.log()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_health_and_metadata(server, mode, card):
     kind, _ = mode_parts(mode)
