@@ -306,3 +306,31 @@ def test_contents_of_another_type_than_the_datatype_are_refused(server, heldout,
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     expected = f"INVALID_REQUEST: input {name}: a {datatype} input carries its data in {own} only"
     assert refused.details() == expected
+
+
+def test_classification_sent_as_any_integer_parameter_is_top_k(server, heldout):
+    """Triton's proto has InferParameter's uint64_param (5) and double_param (4), which the
+    served one lacked: a k sent as uint64_param arrived as an unknown field, and was refused."""
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="image",
+        datatype="BYTES",
+        shape=[1],
+        contents=pb.InferTensorContents(bytes_contents=[encode(heldout[0][0], "PNG")]),
+    )
+    answers = []
+    for parameter in (pb.InferParameter(int64_param=3), pb.InferParameter(uint64_param=3)):
+        output = pb.ModelInferRequest.InferRequestedOutputTensor(
+            name="probabilities", parameters={"classification": parameter}
+        )
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], outputs=[output])
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        answers.append(answer.outputs[0].shape)
+    assert answers == [[1, 3], [1, 3]], answers
+    fractional = pb.ModelInferRequest.InferRequestedOutputTensor(
+        name="probabilities", parameters={"classification": pb.InferParameter(double_param=2.5)}
+    )
+    refused = refusal_of(
+        server, pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], outputs=[fractional])
+    )
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
