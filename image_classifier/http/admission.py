@@ -247,7 +247,7 @@ class Gate:
         except BaseException:  # the deadline, or the client left
             if turn.done() and not turn.cancelled():
                 self.leave()  # the slot came with the cancellation: pass it on
-            else:
+            elif turn in self._slot_queue:  # `leave` drops a cancelled turn it meets first
                 self._slot_queue.remove(turn)
             raise
 

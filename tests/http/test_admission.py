@@ -126,6 +126,25 @@ def test_a_request_whose_body_is_in_waits_for_a_slot_in_a_queue_as_long_as_the_c
     asyncio.run(scenario())
 
 
+def test_a_waiting_request_cancelled_as_a_slot_frees_leaves_without_an_error():
+    """Its turn cancelled, then `leave` dropped that turn from the queue before the waiter ran:
+    the waiter's `remove` raised ValueError, a 500 with a traceback (gRPC calls cancelled in a
+    loop, in a review), in place of the cancellation."""
+
+    async def scenario():
+        gate = Gate(AdmissionPolicy(max_concurrency=1))
+        await gate.enter()
+        waiter = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        waiter.cancel()  # its turn is cancelled now; its own handler runs on the next step,
+        gate.leave()  # after this one, which meets the cancelled turn first
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (gate.in_flight, gate.admitted) == (0, 0)
+
+    asyncio.run(scenario())
+
+
 def test_bodies_arriving_have_their_own_caps_in_all_and_per_client():
     gate = Gate(AdmissionPolicy(max_concurrency=1, max_receiving=3, max_receiving_per_client=2))
     gate.start_receiving("a")
