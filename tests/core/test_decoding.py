@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from image_classifier.core.decoding import DecodeLimits, check_declared_type, decode_image
 from image_classifier.core.errors import ClassifierError, ErrorCode
@@ -129,6 +131,38 @@ def test_exif_orientation_is_applied(orientation):
     values = np.asarray(decoded.convert("L"), dtype=float)
     assert values[:20, :30].mean() > 200  # the white block is back in the top-left corner
     assert values[-20:, -30:].mean() < 60
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_turns_as_pillows_exif_transpose_does(orientation):
+    stored = picture((120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert np.array_equal(np.asarray(decode_image(data, LIMITS).convert("RGB")), expected)
+
+
+def test_an_orientation_tag_of_a_million_values_costs_its_bytes_not_hundreds_of_mib():
+    """A 32x32 PNG whose eXIf orientation held 4 million values (and an EXIF IFD pointing back
+    at the first): Pillow's exif_transpose rewrote it all in Python, 3 s and 600 MiB an image
+    (a review). Not one value of 1..8: the picture as stored."""
+    entries = 1_000_000
+    exif = (
+        b"MM\0*\0\0\0\x08" + struct.pack(">H", 2)
+        + struct.pack(">HHII", 0x112, 3, entries, 8) + struct.pack(">HHII", 0x8769, 4, 1, 8)
+        + b"\0" * (2 * entries)
+    )  # fmt: skip
+    data = encode(picture((32, 32)), "PNG")
+    data = data[:-12] + chunk(b"eXIf", exif) + data[-12:]  # before IEND
+    tracemalloc.start()
+    try:
+        decoded = decode_image(data, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.size == (32, 32)
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB for a 2 MB EXIF block"
 
 
 def test_broken_exif_is_ignored():
