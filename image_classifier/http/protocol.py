@@ -143,6 +143,16 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _head_deadline = None  # the timer that gives up on a head arriving in several reads
     _lingering = None  # the timer that closes a connection half-closed after its answer
 
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
+        """A connection that never sends a byte is idle, as one between requests is: it gets
+        uvicorn's keep-alive timer, which stops at the first byte (the head's deadline takes it
+        from there). uvicorn arms it only after an answer: a connection opened and left silent
+        was held for good (still open after 150 s, in a review), one file descriptor each."""
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0

@@ -374,6 +374,37 @@ def test_a_head_that_never_ends_is_cut_at_the_deadline(trained_store, artifacts)
     assert len(timed_out) == 80, len(timed_out)
 
 
+KEEP_ALIVE_S = 5  # uvicorn's, which BentoML keeps
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed_as_an_idle_one(server):
+    """Held for good before (still open after 150 s, in a review): a file descriptor each, for
+    as long as the client liked. Closed silently, as an idle keep-alive connection is."""
+
+    async def silent(source: str) -> tuple[float, bytes]:
+        address = urlsplit(server.url)
+        reader, writer = await asyncio.open_connection(
+            address.hostname, address.port, local_addr=(source, 0)
+        )
+        opened, answer = time.monotonic(), b""
+        try:
+            async with asyncio.timeout(KEEP_ALIVE_S + 10):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+        except (TimeoutError, OSError):
+            return float("inf"), answer
+        finally:
+            writer.close()
+        return time.monotonic() - opened, answer
+
+    async def many() -> list[tuple[float, bytes]]:
+        return await asyncio.gather(*(silent(f"127.0.2.{i % 10 + 1}") for i in range(20)))
+
+    closed = asyncio.run(many())
+    assert all(answer == b"" for _, answer in closed), closed
+    assert all(KEEP_ALIVE_S - 0.5 <= after <= KEEP_ALIVE_S + 3 for after, _ in closed), closed
+
+
 @pytest.mark.parametrize("path", ["/info", "/no-such-route"])
 def test_an_answer_before_a_body_sent_on_100_continue_ends_the_connection(server, path):
     """A 405 or 404 to a request waiting for `100 Continue` was sent on a kept connection, and
