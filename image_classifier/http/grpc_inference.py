@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from ..core.errors import ClassifierError, ErrorCode
 from ..core.model_card import ModelCard
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = f"/{INFERENCE_SERVICE}/"  # the access line's endpoint: SERVICE + method
 _background: set[asyncio.Task] = set()  # keeps the start task referenced until it is done
-# Announced by `GET /v2` only: KServe's gRPC service has no ModelConfig RPC.
-HTTP_ONLY_EXTENSIONS = frozenset({"model_configuration"})
 # grpc's deadline timer may cancel a call a little before the clock says its deadline passed.
 DEADLINE_SLACK_S = 0.05
 
@@ -128,6 +127,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
 
         return await self._answer(context, "ModelMetadata", metadata)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> Any:
+        """Triton's method (not KServe's): the configuration `/v2/models/{name}/config` gives."""
+
+        async def config() -> pb.ModelConfigResponse:
+            served = self._model(request.name, request.version, context)
+            card = served.ready_classifier().card
+            described = oip.model_config(card, served.ref.name, self.limits.max_items)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(described, pb.ModelConfig()))
+
+        return await self._answer(context, "ModelConfig", config)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
         if self.spreader is None:
@@ -245,10 +255,8 @@ async def _done(value: T) -> T:
 
 
 def _server_metadata() -> pb.ServerMetadataResponse:
-    """What `GET /v2` announces, less the extensions whose routes gRPC has no RPC for."""
-    described = oip.server_metadata()
-    extensions = [name for name in described.pop("extensions") if name not in HTTP_ONLY_EXTENSIONS]
-    return pb.ServerMetadataResponse(**described, extensions=extensions)
+    """What `GET /v2` announces: gRPC has a method for each extension."""
+    return pb.ServerMetadataResponse(**oip.server_metadata())
 
 
 _NOT_SERVED = (ErrorCode.NOT_FOUND, ErrorCode.UNKNOWN_MODEL_VERSION)
@@ -386,7 +394,7 @@ def listening_host() -> str:
 
 
 class _TritonOnlyMethods(grpc.GenericRpcHandler):
-    """Triton's methods beyond KServe's protocol (ModelConfig, statistics, shared memory,
+    """Triton's methods beyond KServe's protocol and ModelConfig (statistics, shared memory,
     ModelStreamInfer...) are refused with UNIMPLEMENTED, the code and what is served, as over
     HTTP, not with grpc's bare "Method not found!"."""
 

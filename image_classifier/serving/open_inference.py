@@ -371,7 +371,8 @@ def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> 
 
 
 def model_config(card: ModelCard, name: str, max_items: int) -> dict[str, Any]:
-    """Triton's model configuration (the fields its clients read), for `.../config`."""
+    """Triton's model configuration (the fields its clients read), for `.../config` over HTTP
+    and the ModelConfig method over gRPC."""
     metadata = model_metadata(card, name, "", max_items)
 
     def config_tensor(tensor: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +380,8 @@ def model_config(card: ModelCard, name: str, max_items: int) -> dict[str, Any]:
         config = {"name": tensor["name"], "data_type": f"TYPE_{kind}", "dims": tensor["shape"][1:]}
         if not config["dims"]:  # one value per item: Triton writes dims [1] reshaped to [] ([N])
             config.update(dims=[1], reshape={"shape": []})
+        if tensor["name"] == tensor_input_name(card):  # the pixels' layout, which clients read
+            config["format"] = f"FORMAT_{card.preprocessing.layout}"
         return config
 
     return {

@@ -144,14 +144,13 @@ def test_every_rpc_of_the_service_is_answered_by_our_own_code():
         assert method.name in vars(InferenceService), f"{method.name} is the generated default"
 
 
-def test_grpc_server_metadata_lists_only_extensions_grpc_serves(server):
-    """KServe's gRPC service has no ModelConfig RPC: `model_configuration` is HTTP's alone."""
+def test_grpc_server_metadata_lists_the_extensions_http_lists(server):
+    """Each has its method over gRPC too (`model_configuration`: Triton's ModelConfig)."""
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        extensions = set(stub.ServerMetadata(pb.ServerMetadataRequest()).extensions)
-    assert {"binary_tensor_data", "classification"} <= extensions
-    assert "model_configuration" not in extensions
-    assert "model_configuration" in httpx.get(f"{server.url}/v2").json()["extensions"]
+        extensions = list(stub.ServerMetadata(pb.ServerMetadataRequest()).extensions)
+    assert extensions == httpx.get(f"{server.url}/v2").json()["extensions"]
+    assert {"binary_tensor_data", "classification", "model_configuration"} <= set(extensions)
 
 
 def test_an_input_without_data_is_named_as_such(server):

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from image_classifier.core.model_card import ModelCard
@@ -399,14 +400,43 @@ def test_http_errors_are_the_protocols_shape_with_code_and_request_id_headers(se
     assert unknown.status_code == 404 and unknown.json()["error"].startswith("NOT_FOUND: ")
 
 
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_model_config_is_tritons_on_both_protocols(server, kind, card):
+    """What Triton's example clients read before they infer (image_client.py's parse_model):
+    max_batch_size, and each tensor's type, dims and the pixel tensor's format. gRPC answered
+    UNIMPLEMENTED; HTTP's had no format."""
+    config = client_of(kind, server).get_model_config(MODEL, "v1")
+    if kind == "grpc":
+        config = config.config
+        types, formats = model_config_pb2.DataType, model_config_pb2.ModelInput.Format
+        inputs = {t.name: (types.Name(t.data_type), list(t.dims), formats.Name(t.format))
+                  for t in config.input}  # fmt: skip
+        outputs = {t.name: (types.Name(t.data_type), list(t.dims)) for t in config.output}
+        name, max_batch_size = config.name, config.max_batch_size
+    else:
+        inputs = {t["name"]: (t["data_type"], t["dims"], t.get("format", "FORMAT_NONE"))
+                  for t in config["input"]}  # fmt: skip
+        outputs = {t["name"]: (t["data_type"], t["dims"]) for t in config["output"]}
+        name, max_batch_size = config["name"], config["max_batch_size"]
+    pixels = list(card.preprocessing.tensor_shape)
+    assert name == MODEL
+    assert inputs == {
+        "image": ("TYPE_STRING", [1], "FORMAT_NONE"),
+        card.input_name: ("TYPE_FP32", pixels, f"FORMAT_{card.preprocessing.layout}"),
+    }
+    assert outputs == {"probabilities": ("TYPE_FP32", [len(card.labels)]),
+                       "label": ("TYPE_STRING", [1])}  # fmt: skip
+    described = httpx.get(f"{server.url}/v2/models/{MODEL}").json()
+    assert max_batch_size == described["parameters"]["max_batch_size"] > 1
+
+
 def test_tritons_methods_beyond_the_protocol_are_refused_with_the_code_over_grpc(server):
-    """ModelConfig, statistics, ModelStreamInfer: grpc's bare "Method not found!" gave no code
-    and no hint of what is served."""
+    """Statistics, ModelStreamInfer: grpc's bare "Method not found!" gave no code and no hint
+    of what is served."""
     client = client_of("grpc", server)
-    for call in (lambda: client.get_model_config(MODEL),
-                 lambda: client.get_inference_statistics(MODEL)):  # fmt: skip
-        message = expect_error(call, "grpc", "StatusCode.UNIMPLEMENTED", "METHOD_NOT_ALLOWED")
-        assert "ModelInfer" in message  # what is served instead
+    call = lambda: client.get_inference_statistics(MODEL)  # noqa: E731
+    message = expect_error(call, "grpc", "StatusCode.UNIMPLEMENTED", "METHOD_NOT_ALLOWED")
+    assert "ModelInfer" in message and "ModelConfig" in message  # what is served instead
     with grpc.insecure_channel(server.grpc_target) as channel:
         stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
         with pytest.raises(grpc.RpcError) as refused:

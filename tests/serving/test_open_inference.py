@@ -157,6 +157,17 @@ def test_the_config_agrees_with_the_metadata_on_per_item_shapes():
             assert [-1, *shape] == described["shape"], (tensor, described)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_the_config_gives_the_pixel_tensors_layout_as_tritons_format(layout):
+    """Triton's image clients read `format` to lay out the pixels they send."""
+    spec = PreprocessSpec(input_size=(2, 2), color_mode="RGB", layout=layout)
+    card = card_of(["a", "b"]).model_copy(update={"preprocessing": spec})
+    inputs = {t["name"]: t for t in oip.model_config(card, "tiny", 64)["input"]}
+    assert inputs["x"]["format"] == f"FORMAT_{layout}"
+    assert inputs["x"]["dims"] == list(spec.tensor_shape)
+    assert "format" not in inputs["image"]  # encoded files: no layout
+
+
 def rest_request(shape: list, output_parameters: dict | None = None) -> oip.InferenceRequest:
     """A JSON body for `card_of`'s FP32 input "x", parsed as the REST route parses it."""
     body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [0.0] * 4}]}
