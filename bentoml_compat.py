@@ -17,6 +17,7 @@ import starlette.routing
 from _bentoml_sdk.service import openapi as bentoml_openapi
 from bentoml._internal.server.http import instruments as bentoml_instruments
 from bentoml._internal.server.http import traffic as bentoml_traffic
+from bentoml._internal.service.openapi.specification import OpenAPISpecification
 from circus import process as circus_process
 from circus import sockets as circus_sockets
 
@@ -24,6 +25,7 @@ from image_classifier.http.logs import UNMATCHED_ENDPOINT
 from image_classifier.http.routes import UPLOAD_ERRORS
 from image_classifier.serving.settings import Settings, start_refused
 
+OPENAPI_VERSION = "3.1.0"
 API_SERVER_NAME = "_bento_api_server"  # _bentoml_impl.server.serving's name for the HTTP socket
 
 
@@ -43,11 +45,37 @@ class _UntimedMiddleware:
 def mend_bentoml() -> None:
     """Call before the server app is built (importing service.py does): BentoML's timeout
     middleware replaced, its request metrics labelled by route, no slash redirects, and the
-    apis' error answers documented as they are."""
+    apis' error answers and the document's OpenAPI version declared as they are."""
     bentoml_openapi._get_api_routes = _api_routes_answering_the_envelope
+    OpenAPISpecification.asdict = _as_openapi_31(OpenAPISpecification.asdict)
     bentoml_traffic.TimeoutMiddleware = _UntimedMiddleware
     bentoml_instruments.RunnerTrafficMetricsMiddleware.__call__ = _metrics_by_route
     starlette.routing.Router.__init__ = _without_slash_redirects(starlette.routing.Router.__init__)
+
+
+def _as_openapi_31(asdict: Callable[[OpenAPISpecification], dict]) -> Callable:
+    """The document as the OpenAPI version its schemas are written in. They are pydantic 2's
+    JSON Schema 2020-12 (`type: "null"`, `const`, `prefixItems`): OpenAPI 3.1's dialect, not the
+    3.0.2 BentoML declares; and BentoML types an uploaded file `file`, which no OpenAPI version
+    has (3.1 writes a string of format binary). Validators and code generators refused it."""
+
+    def as_31(spec: OpenAPISpecification) -> dict:
+        document = asdict(spec)
+        document["openapi"] = OPENAPI_VERSION
+        return _files_as_binary_strings(document)
+
+    return functools.wraps(asdict)(as_31)
+
+
+def _files_as_binary_strings(node: object) -> object:
+    if isinstance(node, list):
+        return [_files_as_binary_strings(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    mended = {key: _files_as_binary_strings(value) for key, value in node.items()}
+    if mended.get("type") == "file":
+        mended.update(type="string", format="binary")
+    return mended
 
 
 def _api_routes_answering_the_envelope(svc) -> dict:  # noqa: ANN001 - a BentoML Service
