@@ -48,7 +48,7 @@ def served(tag: str) -> bentoml.models.BentoModel | None:
             f"model {stored.tag} has no model card ({CARD_FILE}): it was not saved by "
             f"training_export, so it cannot be served. {MODEL_HELP}"
         )
-    return bentoml.models.BentoModel(tag)
+    return bentoml.models.BentoModel(str(stored.tag))  # resolved: a name alone is a version now
 
 
 def _held(tag: str) -> str:
@@ -95,12 +95,11 @@ def pin_for_workers(settings: Settings) -> None:
     evaluations = settings.evaluations_file
     if evaluations.is_file():
         shutil.copy(evaluations, snapshot / evaluations.name)
-    model_tag, candidate_tag = (
-        str(find(tag).tag) if tag else None
-        for tag in (settings.model_tag, settings.candidate_model_tag)
-    )
+    # Checked here on the resolved versions: a worker that refused them would be respawned for ever.
+    model, candidate = served_pair(settings.model_tag, settings.candidate_model_tag)
+    model_tag, candidate_tag = (str(m.tag) if m else None for m in (model, candidate))
     record = snapshot / DEFAULT_RECORD_PATH.name
     write_record(record, ReleaseRecord(model_tag=model_tag, candidate_tag=candidate_tag))
     os.environ[RECORD_ENV] = str(record)
     os.environ["MODEL_TAG"] = model_tag
-    os.environ.pop("CANDIDATE_MODEL_TAG", None)  # the record's, resolved
+    os.environ["CANDIDATE_MODEL_TAG"] = candidate_tag or ""  # resolved; blank: none

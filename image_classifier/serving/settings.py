@@ -60,7 +60,10 @@ class Settings:
         "(default: served_model.json)",
     )
     candidate_model_tag: str = _env(
-        "CANDIDATE_MODEL_TAG", "", "a second version served beside it (default: served_model.json)"
+        "CANDIDATE_MODEL_TAG",
+        "",
+        "a second version served beside it (default: served_model.json's, when MODEL_TAG is "
+        "the record's too; blank: none)",
     )
     canary_fraction: float = _env(
         "CANARY_FRACTION", 0.0, "share of unpinned requests the candidate answers (0..1)"
@@ -234,7 +237,10 @@ class Settings:
                 raise ValueError(f"{spec.metadata['env']}={raw!r} is set but names nothing")
         record = read_record(record_path(environ))
         values.setdefault("model_tag", record.model_tag)
-        values.setdefault("candidate_model_tag", record.candidate_tag or "")
+        # The record's candidate goes with the record's model: MODEL_TAG naming another one, or a
+        # blank CANDIDATE_MODEL_TAG, serves no candidate (it could not be turned off before).
+        if "CANDIDATE_MODEL_TAG" not in environ and values["model_tag"] == record.model_tag:
+            values["candidate_model_tag"] = record.candidate_tag or ""
         values["evaluations_file"] = evaluations_path(environ)
         settings = cls(**values).sized(cpu_budget())
         settings.validate()

@@ -143,14 +143,17 @@ def test_a_grpc_port_that_is_the_http_port_stops_the_start_with_one_clear_line(
     assert json.loads(lines[0])["message"].startswith("GRPC_PORT"), lines[0]
 
 
-def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path):
-    """Answers, pins and metrics name a model by version: two models both `v1` would mix up."""
+@pytest.mark.parametrize("served", ["first:v1", "first"])
+def test_a_candidate_with_the_served_version_stops_the_start(artifacts, tmp_path, served):
+    """Answers, pins and metrics name a model by version: two models both `v1` would mix up.
+    A name alone is resolved first: it once passed the arbiter's check, and each worker then
+    refused to start and was respawned for ever."""
     home = tmp_path / "home"
     for tag in ("first:v1", "second:v1"):
         import_model(home, build_onnx_classifier(tmp_path / tag.replace(":", "-")), tag)
     log = start_that_fails(
-        home, artifacts / "server-version-clash.log",
-        MODEL_TAG="first:v1", CANDIDATE_MODEL_TAG="second:v1",
+        home, artifacts / f"server-version-clash-{served}.log",
+        MODEL_TAG=served, CANDIDATE_MODEL_TAG="second:v1",
         SERVED_MODEL_FILE=str(tmp_path / "none.json"),
     )  # fmt: skip
     lines = [line for line in log.splitlines() if "second:v1" in line]

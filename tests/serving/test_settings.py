@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from image_classifier.serving import metrics
+from image_classifier.serving.release_record import ReleaseRecord, write_record
 from image_classifier.serving.settings import DEFAULT_MODEL_TAG, MIB, Settings
 
 
@@ -81,6 +82,25 @@ def test_bad_values_fail_loudly(name, value, message):
 @pytest.mark.parametrize("tag", ["digits-cnn", "digits-cnn:latest", "my_model.2:v1-rc.3"])
 def test_a_name_alone_or_latest_is_a_model_tag(tag):
     assert Settings.from_env({"MODEL_TAG": tag}).model_tag == tag
+
+
+@pytest.mark.parametrize(
+    ("environ", "served", "candidate"),
+    [
+        ({}, "digits-cnn:v1", "digits-cnn:v2"),  # the record, whole
+        ({"MODEL_TAG": "digits-cnn:v1"}, "digits-cnn:v1", "digits-cnn:v2"),
+        ({"CANDIDATE_MODEL_TAG": ""}, "digits-cnn:v1", ""),  # turned off
+        ({"MODEL_TAG": "mine:v3"}, "mine:v3", ""),  # the record's candidate goes with its model
+        ({"MODEL_TAG": "mine:v3", "CANDIDATE_MODEL_TAG": "mine:v4"}, "mine:v3", "mine:v4"),
+    ],
+)
+def test_the_records_candidate_rides_with_its_model_and_a_blank_turns_it_off(
+    tmp_path, environ, served, candidate
+):
+    record = tmp_path / "served.json"
+    write_record(record, ReleaseRecord(model_tag="digits-cnn:v1", candidate_tag="digits-cnn:v2"))
+    settings = Settings.from_env({"SERVED_MODEL_FILE": str(record), **environ})
+    assert (settings.model_tag, settings.candidate_model_tag) == (served, candidate)
 
 
 def test_the_body_caps_a_deployment_sets_are_accepted():
