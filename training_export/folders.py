@@ -71,7 +71,7 @@ def _files_below(folder: Path, found: PictureFolder) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
-        if any(part.startswith(".") for part in path.relative_to(found.root).parts):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
             found.skip(HIDDEN, _relative(path, found.root))
         else:
             files.append(path)
@@ -105,7 +105,9 @@ def scan_labelled(folder: Path, labels: list[str], skip_unknown: bool = False) -
     extensions = picture_extensions()
     unknown: dict[str, int] = {}
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints
+        if entry.name.startswith(".") and not (
+            entry.is_dir() and _label_index(entry.name, index) is not None
+        ):  # .DS_Store, .ipynb_checkpoints; a label may begin with a dot (".net")
             found.skip(HIDDEN, entry.name)
             continue
         if entry.is_file():

@@ -127,17 +127,10 @@ def _evaluations_of(tag: str, record: EvaluationRecord) -> tuple[list[SavedEvalu
 def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -> str | None:
     """Why the candidate's last saved evaluation is worse than the served version's on the same
     pictures (or cannot be compared once both were evaluated); None when it may go."""
-    cards = [
-        _card_of(model) if (model := model_store.find(tag)) else None for tag in (candidate, served)
-    ]
-    if cards[0] and cards[1] and set(cards[0].labels) != set(cards[1].labels):
+    if other_labels := _other_labels(candidate, served):
         # No picture folder fits both, so no accuracy compares them: said, never refused (the
         # first promote of one's own model over the default digits is this, evaluated or not).
-        say(
-            f"note: {candidate} answers other labels than the served {served} "
-            f"({len(cards[0].labels)} vs {len(cards[1].labels)}): not compared; clients that "
-            "map labels must expect the new ones"
-        )
+        say(f"{other_labels}: not compared; clients that map labels must expect the new ones")
         return None
     record = read_evaluations(evaluations_path())
     ours, _ = _evaluations_of(candidate, record)
@@ -166,6 +159,19 @@ def worse_than_served(candidate: str, served: str, say: Callable[[str], None]) -
     return None
 
 
+def _other_labels(candidate: str, served: str) -> str | None:
+    """A note when the two versions answer different label sets, or None."""
+    cards = [
+        _card_of(model) if (model := model_store.find(tag)) else None for tag in (candidate, served)
+    ]
+    if not (cards[0] and cards[1]) or set(cards[0].labels) == set(cards[1].labels):
+        return None
+    return (
+        f"note: {candidate} answers other labels than the served {served} "
+        f"({len(cards[0].labels)} vs {len(cards[1].labels)})"
+    )
+
+
 def rollback(record: ReleaseRecord, say: Callable[[str], None] = print) -> ReleaseRecord:
     """Back to the latest earlier version still in the store (one deleted since is skipped, and
     said: it left no way back but `promote` before)."""
@@ -181,13 +187,22 @@ def rollback(record: ReleaseRecord, say: Callable[[str], None] = print) -> Relea
     return ReleaseRecord(model_tag=previous, candidate_tag=candidate, history=history)
 
 
-def set_candidate(record: ReleaseRecord, tag: str | None) -> ReleaseRecord:
+def set_candidate(
+    record: ReleaseRecord, tag: str | None, say: Callable[[str], None] = print
+) -> ReleaseRecord:
     if tag is not None:
         check_servable(tag)
         if tag == record.model_tag:
             raise VersionError(f"{tag} is the served version; a candidate must differ")
         if clash := model_store.version_clash(record.model_tag, tag):
             raise VersionError(clash)
+        if other_labels := _other_labels(tag, record.model_tag):
+            # Allowed (a new label set is tried this way), but its canary answers and shadow
+            # agreement then speak of other labels than the served version's.
+            say(
+                f"{other_labels}: its canary answers carry its labels, and shadow agreement "
+                "compares labels that differ"
+            )
     return record.model_copy(update={"candidate_tag": tag})
 
 
@@ -226,7 +241,7 @@ def run(args, say: Callable[[str], None] = print) -> None:  # noqa: ANN001 - arg
         updated = rollback(record, say)
         message = f"rolled back: {record.model_tag} -> {updated.model_tag}"
     else:  # candidate
-        updated = set_candidate(record, None if args.clear else args.tag)
+        updated = set_candidate(record, None if args.clear else args.tag, say)
         message = f"candidate: {record.candidate_tag} -> {updated.candidate_tag}"
     write_record(path, updated)
     say(f"{message} (written to {path}); {RESTART_NOTE}")

@@ -50,15 +50,19 @@ def read_labels(path: Path) -> list[str]:
             "save it as UTF-8, one label per line"
         ) from None
     labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(labels) < 2:
-        raise ModelImportError(f"{path}: need at least two labels, one per line")
-    check_unique_labels(labels, path)
+    check_labels(labels, path)
     return labels
 
 
-def check_unique_labels(labels: list[str], source: Path) -> None:
-    """Said when the file is read, naming the repeats: the card's own check comes only after the
-    import has printed its first lines, and names none."""
+def check_labels(labels: list[str], source: Path) -> None:
+    """The same checks for a labels file and a config's list, said when the file is read and
+    naming the culprits: the card's own check comes only after the import has printed its first
+    lines, and names none."""
+    if len(labels) < 2:
+        raise ModelImportError(f"{source}: need at least two labels, one per class")
+    blank = [index for index, label in enumerate(labels) if not label.strip()]
+    if blank:
+        raise ModelImportError(f"{source}: labels must not be blank (at positions {blank})")
     repeated = [label for label, count in Counter(labels).items() if count > 1]
     if repeated:
         names = ", ".join(repr(label) for label in repeated)
@@ -82,7 +86,7 @@ def read_config(path: Path) -> dict[str, Any]:
     ):
         raise ModelImportError(f"{path}: 'labels' must be a list of strings, one per class")
     if labels is not None:
-        check_unique_labels(labels, path)
+        check_labels(labels, path)
     return {key: value for key, value in config.items() if key in _CONFIG_FIELDS}
 
 

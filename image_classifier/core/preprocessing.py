@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 ResizeFilter = Literal["nearest", "bilinear", "bicubic", "lanczos", "box"]
 
@@ -55,9 +55,9 @@ class PreprocessSpec(BaseModel):
     content_padding: float = Field(
         0.15, ge=0, lt=0.5, description="margin kept around the content, as a fraction of the side"
     )
-    scale: float = Field(1 / 255, description="pixel value multiplier before mean/std")
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
+    scale: FiniteFloat = Field(1 / 255, gt=0, description="pixel value multiplier before mean/std")
+    mean: tuple[FiniteFloat, ...] = (0.0,)
+    std: tuple[FiniteFloat, ...] = (1.0,)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
 
     @model_validator(mode="after")
@@ -65,7 +65,8 @@ class PreprocessSpec(BaseModel):
         channels = self.channels
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, channels):
-                raise ValueError(f"{name} must have 1 or {channels} values for {self.color_mode}")
+                counts = "1 value" if channels == 1 else f"1 or {channels} values"
+                raise ValueError(f"{name} must have {counts} for {self.color_mode}")
         if any(s == 0 for s in self.std):
             raise ValueError("std values must be non-zero")
         if min(self.input_size) < 1:

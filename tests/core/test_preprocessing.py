@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -347,11 +348,22 @@ def test_normalisation_equals_the_arithmetic_on_every_pixel_value(mode, mean, st
     np.testing.assert_array_equal(tensor, expected)
 
 
-def test_spec_rejects_inconsistent_values():
-    with pytest.raises(ValueError, match="mean"):
-        PreprocessSpec(input_size=(8, 8), color_mode="RGB", mean=(0.1, 0.2))
-    with pytest.raises(ValueError, match="std"):
-        PreprocessSpec(input_size=(8, 8), color_mode="L", std=(0.0,))
+@pytest.mark.parametrize(
+    ("mode", "field", "value", "message"),
+    [
+        ("RGB", "mean", (0.1, 0.2), "mean must have 1 or 3 values for RGB"),
+        ("L", "mean", (0.1, 0.2), "mean must have 1 value for L"),
+        ("L", "std", (0.0,), "std values must be non-zero"),
+        # Each was accepted: a tensor of NaN, or of all-zero and inverted pixels, classified.
+        ("L", "std", (float("nan"),), "finite number"),
+        ("RGB", "mean", (0.5, float("inf"), 0.5), "finite number"),
+        ("L", "scale", -1.0, "greater than 0"),
+        ("L", "scale", 0.0, "greater than 0"),
+    ],
+)
+def test_spec_rejects_inconsistent_values(mode, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PreprocessSpec(input_size=(8, 8), color_mode=mode, **{field: value})
 
 
 def test_spec_round_trips_through_json():

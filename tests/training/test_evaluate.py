@@ -239,3 +239,15 @@ def test_a_label_with_a_slash_has_a_percent_encoded_folder(tmp_path):
     (images / "T-shirt%2Ftop").rename(images / "T-shirt")
     result, _ = evaluate("fashion:v1", images, home, tmp_path)
     assert result.returncode != 0 and "did you mean 'T-shirt%2Ftop'?" in result.stderr
+
+
+def test_a_label_that_begins_with_a_dot_is_a_label_not_a_hidden_folder(tmp_path):
+    """`.net/` was skipped as a hidden entry, so its pictures were never evaluated; a hidden
+    entry that is no label (`.ipynb_checkpoints`) still is."""
+    home = _model_with_labels(tmp_path, [".net", "java"], "dotted:v1")
+    images = _one_picture_per_folder(tmp_path, [".net", "java"])
+    (images / ".ipynb_checkpoints").mkdir()
+    Image.new("L", (28, 28), 0).save(images / ".ipynb_checkpoints" / "copy.png")
+    result, figures = evaluate("dotted:v1", images, home, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert figures["samples"] == 2 and figures["skipped"] == {"hidden entries": 1}, figures

@@ -280,12 +280,15 @@ def test_a_labels_file_from_a_windows_editor_reads_as_plain_labels(tmp_path):
         ('{"labels": ["a", "b"]\n "output_kind": "logits"}', "not a readable JSON file"),
         ('["a", "b"]', "a JSON object of card fields"),
         ('{"labels": "red,green,blue"}', "'labels' must be a list of strings"),
+        ('{"labels": ["only"]}', "need at least two labels"),
+        ('{"labels": ["cat", " ", "dog"]}', "labels must not be blank (at positions [1])"),
+        ('{"labels": ["cat", "dog", "cat"]}', "given more than once: 'cat'"),
     ],
-    ids=["broken-json", "a-list", "labels-as-one-string"],
+    ids=["broken-json", "a-list", "labels-as-one-string", "one-label", "blank-label", "repeat"],
 )
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path, content, says):
     """A string of labels was read as one label per character; broken JSON was refused without
-    the file's name."""
+    the file's name; a config's labels skipped the labels file's checks."""
     path = tmp_path / "card.json"
     path.write_text(content)
     with pytest.raises(ModelImportError) as refused:

@@ -155,15 +155,18 @@ def test_make_serve_trains_the_default_only_when_it_is_served(
     assert not (empty / "models").exists() or not any((empty / "models").iterdir())
 
 
-def test_a_promote_to_other_labels_says_so_and_is_never_an_accuracy_refusal(tmp_path):
+def test_a_candidate_or_promote_to_other_labels_says_so_and_is_never_refused(tmp_path):
     """No folder of pictures fits two label sets: it was refused once both were evaluated and let
     through with "no saved evaluation" otherwise; now it is always said, and never refused."""
     home, record = tmp_path / "home", tmp_path / "served_model.json"
     import_model(home, build_onnx_classifier(tmp_path / "ten"), "ten:v1")
-    import_model(home, build_onnx_classifier(tmp_path / "five", labels=5), "five:v1")
+    import_model(home, build_onnx_classifier(tmp_path / "five", labels=5), "five:v2")
     cli = {"home": home, "extra_env": {"SERVED_MODEL_FILE": str(record)}}
     assert training_cli("models", "promote", "ten:v1", **cli).returncode == 0
-    promoted = training_cli("models", "promote", "five:v1", **cli)
+    tried = training_cli("models", "candidate", "five:v2", **cli)  # was accepted silently
+    assert tried.returncode == 0 and read_record(record).candidate_tag == "five:v2", tried.stderr
+    assert "five:v2 answers other labels than the served ten:v1 (5 vs 10)" in tried.stdout
+    promoted = training_cli("models", "promote", "five:v2", **cli)
     assert promoted.returncode == 0, promoted.stderr
-    assert "five:v1 answers other labels than the served ten:v1 (5 vs 10)" in promoted.stdout
-    assert read_record(record).model_tag == "five:v1"
+    assert "five:v2 answers other labels than the served ten:v1 (5 vs 10)" in promoted.stdout
+    assert read_record(record).model_tag == "five:v2"
