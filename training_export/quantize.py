@@ -39,7 +39,9 @@ from .store import git_commit, library_versions, load_card, save_to_store
 MAX_ACCURACY_DROP = 0.01  # digits: held-out accuracy may fall by at most 1 point
 MIN_TOP1_AGREEMENT = 0.99  # benchmark models: INT8 top-1 equals fp32 top-1 on >= 99% of pictures
 DIGITS_CALIBRATION = 120  # first held-out digits calibrate; the rest (~330) judge
-PHOTO_CALIBRATION = range(30_000, 30_064)  # photo seeds, disjoint from benchmark_models' own
+# Photo seeds, disjoint from benchmark_models' own. 64 calibrated MobileNetV2-bench to 98.67%
+# agreement on an AVX-512 VNNI EPYC (ONNX Runtime 1.32), just short of the gate; 128 to 100%.
+PHOTO_CALIBRATION = range(30_000, 30_128)
 PHOTO_EVALUATION = range(31_000, 31_300)
 CALIBRATION_BATCH = 8
 
