@@ -100,7 +100,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
         async def ready() -> pb.ModelReadyResponse:
             try:
-                served = self._model(request.name, request.version, context)
+                served = self._model(request.name, request.version, context, canary=False)
             except ClassifierError as error:  # as Triton answers, and /v2/models/.../ready
                 if error.code in _NOT_SERVED:  # does over HTTP: no such model is not ready
                     return pb.ModelReadyResponse(ready=False)
@@ -111,11 +111,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Any:
         async def metadata() -> pb.ModelMetadataResponse:
-            served = self._model(request.name, request.version, context)
+            served = self._model(request.name, request.version, context, canary=False)
             described = oip.model_metadata(
                 served.ready_classifier().card,
                 served.ref.name,
-                served.ref.version,
+                oip.served_versions(self.get_predictor().router, served.ref.name),
                 self.limits.max_items,
             )
             return pb.ModelMetadataResponse(
@@ -132,7 +132,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's method (not KServe's): the configuration `/v2/models/{name}/config` gives."""
 
         async def config() -> pb.ModelConfigResponse:
-            served = self._model(request.name, request.version, context)
+            served = self._model(request.name, request.version, context, canary=False)
             card = served.ready_classifier().card
             described = oip.model_config(card, served.ref.name, self.limits.max_items)
             return pb.ModelConfigResponse(config=json_format.ParseDict(described, pb.ModelConfig()))
@@ -173,9 +173,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         return await self._answer(context, "RepositoryModelUnload", _no_repository_control)
 
-    def _model(self, name: str, version: str, context: Any):  # noqa: ANN202
+    def _model(self, name: str, version: str, context: Any, canary: bool = True):  # noqa: ANN202
         pinned = _metadata(context).get(MODEL_VERSION_HEADER)
-        return oip.served_model(self.get_predictor().router, name, version or None, pinned)
+        router = self.get_predictor().router
+        return oip.served_model(router, name, version or None, pinned, canary)
 
     async def _answer(
         self, context: Any, method: str, work: Callable[[], Awaitable[T]], in_work: bool = False
@@ -398,7 +399,11 @@ class _TritonOnlyMethods(grpc.GenericRpcHandler):
     ModelStreamInfer...) are refused with UNIMPLEMENTED, the code and what is served, as over
     HTTP, not with grpc's bare "Method not found!"."""
 
-    SERVED = ", ".join(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name)
+    SERVED = ", ".join(
+        method
+        for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+        if not method.startswith("Repository")  # in the proto, but refused: no model control
+    )
 
     def service(self, handler_call_details: Any) -> Any:
         if not handler_call_details.method.startswith(SERVICE):
@@ -408,7 +413,7 @@ class _TritonOnlyMethods(grpc.GenericRpcHandler):
         async def refuse(_requests: Any, context: Any) -> None:
             error = ClassifierError(
                 ErrorCode.METHOD_NOT_ALLOWED,
-                f"{name} is not served here; KServe's Open Inference methods are: {self.SERVED}",
+                f"{name} is not served here; the methods served are: {self.SERVED}",
             )
             given = _metadata(context).get(REQUEST_ID_HEADER, "")
             await _abort(context, error, request_id_for(given))

@@ -14,7 +14,7 @@ import base64
 import binascii
 import itertools
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
@@ -36,10 +36,14 @@ _SPARE_COMMAS = 1_000
 
 # The protocol's tensor data types (Triton's BF16 too). Only BYTES and FP32 are served; the
 # others get that reason (serving/open_inference.py), anything else is not the protocol.
-Datatype = Literal[
+# Checked there, not here, so that HTTP and gRPC say the same: the schema still lists them.
+DATATYPES = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "BF16", "FP32", "FP64", "BYTES",
-]  # fmt: skip
+)  # fmt: skip
+Datatype = Annotated[
+    str, Field(max_length=8), WithJsonSchema({"type": "string", "enum": list(DATATYPES)})
+]
 
 
 # A shape's sizes as sent: pydantic's int would turn 1.0 and true into 1, which Triton refuses;
@@ -49,7 +53,7 @@ ShapeSize = Annotated[Any, WithJsonSchema({"type": "integer"})]
 
 class RequestInput(BaseModel):
     name: str = Field(max_length=oip.MAX_NAME_CHARS)
-    shape: list[ShapeSize] = Field(min_length=1, max_length=8)
+    shape: list[ShapeSize] = Field(max_length=8)  # [] is refused as gRPC refuses it
     datatype: Datatype
     data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
@@ -64,7 +68,7 @@ class InferenceRequestBody(BaseModel):
     """The JSON an inference request carries (the JSON header, in binary form)."""
 
     id: str | None = None
-    inputs: list[RequestInput] = Field(min_length=1, max_length=oip.MAX_INPUTS)
+    inputs: list[RequestInput] = Field(max_length=oip.MAX_INPUTS)  # none: as gRPC says it
     outputs: list[RequestOutput] | None = None
     parameters: dict[str, Any] | None = None
 

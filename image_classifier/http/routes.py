@@ -169,8 +169,9 @@ def build_app(get_service: Callable[[], ServiceView], settings: Settings) -> Fas
 
     async def model_metadata(request: Request) -> JSONResponse:
         served = _model(request, get_predictor().router)
-        ref, card = served.ref, served.ready_classifier().card
-        return JSONResponse(oip.model_metadata(card, ref.name, ref.version, max_items))
+        router, card = get_predictor().router, served.ready_classifier().card
+        versions = oip.served_versions(router, served.ref.name)
+        return JSONResponse(oip.model_metadata(card, served.ref.name, versions, max_items))
 
     async def model_config(request: Request) -> JSONResponse:
         served = _model(request, get_predictor().router)
@@ -288,7 +289,7 @@ def _answer_head(app: FastAPI) -> None:
 
 def _model(request: Request, router: ModelRouter) -> ServedVersion:
     params, pinned = request.path_params, request.headers.get(MODEL_VERSION_HEADER)
-    return oip.served_model(router, params["name"], params.get("version"), pinned)
+    return oip.served_model(router, params["name"], params.get("version"), pinned, canary=False)
 
 
 async def _envelope(request: Request, exc: Exception) -> Response:

@@ -79,10 +79,15 @@ class InferenceResult:
 
 
 def served_model(
-    router: ModelRouter, name: str, version: str | None, pinned: str | None = None
+    router: ModelRouter,
+    name: str,
+    version: str | None,
+    pinned: str | None = None,
+    canary: bool = True,
 ) -> ServedVersion:
     """The model a request names; without a version, the router chooses (an X-Model-Version pin,
-    the canary share) among the served models of that name."""
+    the canary share) among the served models of that name. A call that describes the model
+    (ready, metadata, config) passes `canary=False`: it gets the served version, not a draw."""
     served_tags = ", ".join(served.tag for served in router.models)
     not_served = ClassifierError(
         ErrorCode.NOT_FOUND, f"model {name}:{version or '*'} is not served here ({served_tags})"
@@ -94,7 +99,7 @@ def served_model(
             return router.find(f"{name}:{version}")
         except ClassifierError:
             raise not_served from None
-    chosen = router.route(pinned)
+    chosen = router.route(pinned) if canary or pinned else router.primary
     if chosen.ref.name == name:
         return chosen
     for served in router.models:
@@ -352,11 +357,18 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> dict[str, Any]:
+def served_versions(router: ModelRouter, name: str) -> list[str]:
+    """The versions of `name` a client may ask for here, the served one first."""
+    return [served.ref.version for served in router.models if served.ref.name == name]
+
+
+def model_metadata(
+    card: ModelCard, name: str, versions: list[str], max_items: int
+) -> dict[str, Any]:
     tensor_shape = list(card.preprocessing.tensor_shape)
     return {
         "name": name,
-        "versions": [version],
+        "versions": versions,
         "platform": "onnxruntime_onnx",
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
@@ -373,7 +385,7 @@ def model_metadata(card: ModelCard, name: str, version: str, max_items: int) -> 
 def model_config(card: ModelCard, name: str, max_items: int) -> dict[str, Any]:
     """Triton's model configuration (the fields its clients read), for `.../config` over HTTP
     and the ModelConfig method over gRPC."""
-    metadata = model_metadata(card, name, "", max_items)
+    metadata = model_metadata(card, name, [], max_items)
 
     def config_tensor(tensor: dict[str, Any]) -> dict[str, Any]:
         kind = "STRING" if tensor["datatype"] == BYTES else tensor["datatype"]

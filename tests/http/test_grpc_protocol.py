@@ -161,6 +161,31 @@ def test_an_input_without_data_is_named_as_such(server):
     assert "input image: no data; send raw_input_contents" in refused.details()
 
 
+@pytest.mark.parametrize(
+    "inputs",
+    [[], [{"name": "image", "shape": [], "datatype": "BYTES"}],
+     [{"name": "image", "shape": [1], "datatype": "bytes"}]],
+    ids=["no-inputs", "shape-of-no-dimension", "lower-case-datatype"],
+)  # fmt: skip
+def test_a_malformed_request_is_refused_in_the_same_words_over_http_and_grpc(server, inputs):
+    """HTTP's answers were pydantic's ("List should have at least 1 item after validation",
+    a list of every datatype), gRPC's the protocol's own checks."""
+    over_http = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        json={"inputs": [{**tensor, "data": ["aGk="]} for tensor in inputs]},
+    )
+    tensors = [pb.ModelInferRequest.InferInputTensor(**tensor) for tensor in inputs]
+    request = pb.ModelInferRequest(
+        model_name=MODEL,
+        inputs=tensors,
+        raw_input_contents=[join_bytes_elements([b"hi"])] * len(tensors),
+    )
+    over_grpc = refusal_of(server, request)
+    assert over_http.status_code == 400 and over_grpc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert over_http.json()["error"] == over_grpc.details(), (over_http.text, over_grpc.details())
+    assert over_grpc.details().startswith("INVALID_REQUEST: ")
+
+
 def refusal_of(server, request: pb.ModelInferRequest) -> grpc.RpcError:
     """The error a ModelInfer call is refused with (pytest fails the test if it is answered)."""
     with (

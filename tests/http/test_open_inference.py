@@ -117,7 +117,7 @@ def fp32(data, shape=(1, 1, 28, 28), name="input", datatype="FP32") -> dict:
 @pytest.mark.parametrize(
     ("body", "status", "code", "says"),
     [
-        ({"inputs": []}, 400, "INVALID_REQUEST", "inputs"),
+        ({"inputs": []}, 400, "INVALID_REQUEST", "send one input"),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
          400, "INVALID_REQUEST", "not valid base64"),
         ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]},

@@ -437,6 +437,7 @@ def test_tritons_methods_beyond_the_protocol_are_refused_with_the_code_over_grpc
     call = lambda: client.get_inference_statistics(MODEL)  # noqa: E731
     message = expect_error(call, "grpc", "StatusCode.UNIMPLEMENTED", "METHOD_NOT_ALLOWED")
     assert "ModelInfer" in message and "ModelConfig" in message  # what is served instead
+    assert "Repository" not in message  # in the proto, but refused too
     with grpc.insecure_channel(server.grpc_target) as channel:
         stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
         with pytest.raises(grpc.RpcError) as refused:

@@ -359,6 +359,21 @@ def test_dashboard_queries_parse(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_model_metadata_lists_both_versions_and_never_draws_the_canary(ops_server):
+    """Metadata, config and ready describe the model: the canary draw applied to them, so the
+    metadata named v1 or v2 at random, and never both (a black-box review's finding)."""
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with grpc_client.InferenceServerClient(ops_server.grpc_target) as client:
+        over_grpc = [
+            list(client.get_model_metadata("digits-cnn", headers=auth).versions) for _ in range(12)
+        ]
+    over_http = [
+        httpx.get(f"{ops_server.url}/v2/models/digits-cnn", headers=auth).json()["versions"]
+        for _ in range(12)
+    ]
+    assert over_http == over_grpc == [["v1", "v2"]] * 12, (over_http, over_grpc)
+
+
 def test_every_metric_the_rules_and_dashboard_use_exists_live(ops_server, heldout):
     data = encode(heldout[2][0], "PNG")
     headers = {"Authorization": f"Bearer {TOKEN}"}

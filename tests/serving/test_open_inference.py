@@ -139,7 +139,7 @@ def test_what_is_refused_is_not_echoed_back_whole():
 
 def test_a_model_whose_input_is_named_image_keeps_every_input_name_distinct():
     card = card_of(["a", "b"]).model_copy(update={"input_name": "image"})
-    metadata = oip.model_metadata(card, "tiny", "v1", 64)
+    metadata = oip.model_metadata(card, "tiny", ["v1"], 64)
     names = [tensor["name"] for tensor in metadata["inputs"]]
     assert names == ["image", "image_tensor"]
     tensor = oip.InputTensor("image_tensor", "FP32", (1, 1, 2, 2), np.zeros(4, np.float32))
@@ -150,7 +150,7 @@ def test_the_config_agrees_with_the_metadata_on_per_item_shapes():
     """Triton writes a per-item scalar as dims [1] reshaped to []: [N] in the metadata."""
     card = card_of(["a", "b"])
     config = oip.model_config(card, "tiny", 64)
-    metadata = oip.model_metadata(card, "tiny", "v1", 64)
+    metadata = oip.model_metadata(card, "tiny", ["v1"], 64)
     for kind in ("input", "output"):
         for tensor, described in zip(config[kind], metadata[kind + "s"], strict=True):
             shape = tensor.get("reshape", {}).get("shape", tensor["dims"])
