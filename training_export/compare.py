@@ -57,9 +57,10 @@ def compare(tag_a: str, tag_b: str, images: Path, skip_unknown: bool = False) ->
 
 def comparison_lines(result: dict) -> list[str]:
     a, b = result["models"]
+    skipped = "; ".join(f"{count} {reason}" for reason, count in result["skipped"].items())
     lines = [
         f"{result['samples']} labelled pictures in {result['images']}"
-        + (f" (skipped: {result['skipped']})" if result["skipped"] else ""),
+        + (f" (skipped: {skipped})" if skipped else ""),  # it was a Python dict
         f"{'':<30} {a['tag'][:24]:>24} {b['tag'][:24]:>24}",
     ]
     for key in (*SUMMARY, "ms_per_picture_median"):

@@ -180,7 +180,7 @@ def rollback(record: ReleaseRecord, say: Callable[[str], None] = print) -> Relea
         previous = history.pop()
         if model_store.find(previous) is not None:
             break
-        say(f"note: {previous} is no longer in the model store: skipped")
+        say(f"note: {previous} is not in the model store (deleted, or never here): skipped")
     else:
         raise VersionError("no earlier served version is recorded: nothing to roll back to")
     candidate = None if record.candidate_tag == previous else record.candidate_tag

@@ -30,11 +30,12 @@ from image_classifier import model_store
 from image_classifier.core.model_card import HeldOutMetrics, ModelCard
 from image_classifier.core.preprocessing import preprocess
 from image_classifier.serving.machine import int8_saturates
+from image_classifier.serving.release_record import read_record, record_path
 
 from .digits import render_heldout
 from .pipeline import TrainingError
 from .recipe import MODEL_NAME
-from .store import git_commit, library_versions, load_card, save_to_store
+from .store import git_commit, library_versions, load_card, new_tag, save_to_store
 
 MAX_ACCURACY_DROP = 0.01  # digits: held-out accuracy may fall by at most 1 point
 MIN_TOP1_AGREEMENT = 0.99  # benchmark models: INT8 top-1 equals fp32 top-1 on >= 99% of pictures
@@ -233,10 +234,16 @@ def gate(
     return figures
 
 
+def _int8_gate(card: ModelCard) -> dict | None:
+    """The gate's figures an INT8 entry's card holds; None for any other model."""
+    gate_figures = (card.metrics.model_extra or {}).get("int8_gate")
+    return gate_figures if isinstance(gate_figures, dict) else None
+
+
 def refuse_int8_source(tag: str, card: ModelCard) -> None:
     """An INT8 entry is not quantized again (its card already holds a gate's figures)."""
-    gate_of_source = (card.metrics.model_extra or {}).get("int8_gate")
-    if isinstance(gate_of_source, dict):
+    gate_of_source = _int8_gate(card)
+    if gate_of_source is not None:
         raise QuantizationError(
             f"{tag} is already INT8 (quantized from {gate_of_source.get('source_tag')}): "
             "quantize the float32 model"
@@ -245,14 +252,34 @@ def refuse_int8_source(tag: str, card: ModelCard) -> None:
 
 def check_out_tag(source_tag: str, out_tag: str, force: bool) -> None:
     """The INT8 entry is a new one: never the source (replacing it deleted the float32 model the
-    quantization reads), and an existing one only with --force (replaced once the gate passes)."""
+    quantization reads), and an existing one only with --force (replaced once the gate passes),
+    and only an INT8 entry that is not served: --force replaced any model, the served one too,
+    which the next start then served unchecked."""
+    name, _, version = out_tag.partition(":")
+    new_tag(name, version or None, flags=("--out's name", "--out's version"))
     stored = model_store.find(out_tag)
-    if stored is not None and str(stored.tag) == source_tag.lower():
+    if stored is None:
+        return
+    if str(stored.tag) == source_tag.lower():
         raise QuantizationError(f"--out {out_tag} is the model being quantized: name a new tag")
-    if stored is not None and not force:
+    if not force:
         raise QuantizationError(
             f"{stored.tag} is already in the model store: pass --force to replace it (once the "
             "new one passes its gate), or --out another tag"
+        )
+    try:
+        card = load_card(str(stored.tag))
+    except (KeyError, ValueError):  # no card, or not ours: not an INT8 entry either
+        card = None
+    if card is None or _int8_gate(card) is None:
+        raise QuantizationError(
+            f"{stored.tag} is not an INT8 entry (quantize made none by that tag): --force "
+            "replaces only those; --out another tag"
+        )
+    record = read_record(record_path())
+    if str(stored.tag) in (record.model_tag, record.candidate_tag):
+        raise QuantizationError(
+            f"{stored.tag} is served ({record_path()}): --out another tag, then promote it"
         )
 
 

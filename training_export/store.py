@@ -57,10 +57,12 @@ def already_saved(tag: str, force: bool, say: Callable[[str], None]) -> bool:
     return True
 
 
-def new_tag(name: str, version: str | None) -> str:
+def new_tag(
+    name: str, version: str | None, flags: tuple[str, str] = ("--name", "--version")
+) -> str:
     """`name:version` for a new entry, checked before any work: BentoML refuses a bad one only
     when saving, with `Invalid Tag my model:v1`, which says neither which part nor what fits."""
-    for flag, value in (("--name", name), ("--version", version)):
+    for flag, value in zip(flags, (name, version), strict=True):
         if value and not (len(value) <= _TAG_PART_MAX and _TAG_PART.fullmatch(value.lower())):
             raise ValueError(
                 f"{flag} {value!r}: may hold only a-z, 0-9, '_', '-' and '.' (no spaces), "

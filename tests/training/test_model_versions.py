@@ -105,7 +105,7 @@ def test_rollback_skips_versions_deleted_since(monkeypatch):
     record = ReleaseRecord(model_tag="m:v3", history=["m:v1", "m:v2"])
     updated = model_versions.rollback(record, said.append)
     assert (updated.model_tag, updated.history) == ("m:v1", [])
-    assert said == ["note: m:v2 is no longer in the model store: skipped"]
+    assert said == ["note: m:v2 is not in the model store (deleted, or never here): skipped"]
     with pytest.raises(model_versions.VersionError, match="nothing to roll back"):
         model_versions.rollback(ReleaseRecord(model_tag="m:v3", history=["m:v2"]), said.append)
 

@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 
 from image_classifier.core.classifier import read_card
-from image_classifier.serving.release_record import read_record
-from tests.model_store import store_model_dir, training_cli
+from image_classifier.serving.release_record import ReleaseRecord, read_record, write_record
+from tests.model_store import import_model, store_model_dir, training_cli
+from tests.onnx_models import build_onnx_classifier
 from tests.training.conftest import export_own
 from tests.training.own_model import UNLABELLED_SEEDS, train_weights
+from training_export.compare import SUMMARY, comparison_lines
 from training_export.quantize_folders import HELD_BACK_EVERY, MIN_PICTURES
 
 WEAK_TAG = "colours-weak:v1"
@@ -90,6 +92,25 @@ def test_a_calibration_that_ruins_accuracy_is_refused_by_how_much(
                                own_tag.upper(), "--force", home=bentoml_home)  # fmt: skip
     assert onto_source.returncode == 1 and "is the model being quantized" in onto_source.stderr
     assert store_model_dir(bentoml_home, own_tag).exists()  # the float32 model is still there
+    # --force replaced any model: a float32 one of another name, or the served INT8 entry, which
+    # the next start then served unchecked (a black-box review's finding).
+    import_model(bentoml_home, build_onnx_classifier(tmp_path / "other"), "other-fp32:v1")
+    other_card = (store_model_dir(bentoml_home, "other-fp32:v1") / "card.json").read_text()
+    record = tmp_path / "served_model.json"
+    write_record(record, ReleaseRecord(model_tag="colours-own-int8:kept"))
+    for out, env, says in [
+        ("other-fp32:v1", {}, "other-fp32:v1 is not an INT8 entry"),
+        ("colours-own-int8:kept", {"SERVED_MODEL_FILE": str(record)},
+         "colours-own-int8:kept is served"),
+        ("Bad Name:v1", {}, "--out's name 'Bad Name': may hold only"),
+    ]:  # fmt: skip
+        refused = training_cli("quantize", own_tag, "--calibration", unlabelled, "--out", out,
+                               "--force", home=bentoml_home, extra_env=env)  # fmt: skip
+        assert refused.returncode == 1 and says in refused.stderr, refused.stderr
+    assert (store_model_dir(bentoml_home, "other-fp32:v1") / "card.json").read_text() == other_card
+    assert (store_model_dir(bentoml_home, "colours-own-int8:kept") / "card.json").read_text() == (
+        card_before
+    )
     negative = training_cli("quantize", own_tag, "--calibration", unlabelled, "--max-drop", "-1",
                             home=bentoml_home)  # fmt: skip
     assert negative.returncode == 2 and "a share between 0 and 1" in negative.stderr
@@ -121,6 +142,20 @@ def test_compare_shows_both_side_by_side(own_tag, weak_tag, own_model, bentoml_h
     text = training_cli("compare", own_tag, weak_tag, "--images", str(labelled),
                         home=bentoml_home).stdout  # fmt: skip
     assert "per-class recall changes" in text and "ms_per_picture_median" in text
+
+
+def test_compare_says_what_it_skipped_in_words():
+    """It printed the counts as a Python dict: `(skipped: {'hidden entries': 1})`."""
+    model = dict.fromkeys((*SUMMARY, "ms_per_picture_median"), 0.5)
+    result = {
+        "images": "pictures", "samples": 2, "per_class": {},
+        "skipped": {"hidden entries": 1, "not pictures (by extension)": 2},
+        "models": [{"tag": "a:v1", **model}, {"tag": "b:v1", **model}],
+        "accuracy_change": 0.0, "top1_agreement": 1.0,
+    }  # fmt: skip
+    assert comparison_lines(result)[0] == (
+        "2 labelled pictures in pictures (skipped: 1 hidden entries; 2 not pictures (by extension))"
+    )
 
 
 def test_promote_refuses_a_worse_version_unless_forced(
