@@ -141,6 +141,7 @@ class Tally:
 
     retries: Counter[str] = field(default_factory=Counter)
     unsent: Counter[str] = field(default_factory=Counter)  # images of chunks that never got in
+    unsent_keys: set[str] = field(default_factory=set)  # their paths (`_key`)
     unreadable: int = 0  # folders, broken links and FIFOs found on the walk (no image record)
     sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -161,9 +162,7 @@ class Sent:
 
 
 def classify(args: argparse.Namespace) -> int:
-    for path in filter(None, (args.out, args.csv)):
-        if path.is_dir():
-            raise UsageError(f"{path} is a folder; give a file name")
+    check_outputs(args.out, args.csv)
     extensions = {e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()}
     images, walk_problems = find_images(args.dir, extensions)
     done = read_results(args.out)
@@ -218,6 +217,7 @@ def classify(args: argparse.Namespace) -> int:
                 write(out, done, sent.records, progress)
                 if sent.error is not None:
                     tally.unsent[sent.error.code] += len(sent.paths)
+                    tally.unsent_keys.update(map(_key, sent.paths))
                     progress.update(len(sent.paths))
                 else:
                     tally.sent += len(sent.paths)
@@ -229,6 +229,19 @@ def classify(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(args.csv, read_results(args.out).values())
     return summarise(images, done, len(images) - len(todo), tally, elapsed, args.out)
+
+
+def check_outputs(out: Path | None, csv_path: Path | None) -> None:
+    """Refused before any image is sent: a folder, one file named for both (the CSV replaced the
+    results), or a path under a file (a traceback once the images had been classified)."""
+    if out and csv_path and _key(out) == _key(csv_path):
+        raise UsageError(f"--csv {csv_path} is the --out file too; give it another name")
+    for path in filter(None, (out, csv_path)):
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name")
+        existing = next(folder for folder in Path(_key(path)).parents if folder.exists())
+        if not existing.is_dir():
+            raise UsageError(f"{path}: {existing} is a file, so no file can be made under it")
 
 
 def _key(path: Path | str) -> str:
@@ -342,7 +355,10 @@ def plan_chunks(
     largest = min(limits.max_upload_bytes, budget - PART_OVERHEAD_BYTES)
     too_large, chunks, chunk, chunk_bytes = [], [], [], 0
     for path in paths:
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError:  # gone since the walk: its chunk's read records it UNREADABLE (a crash)
+            size = 0
         if size > largest:
             too_large.append(path)
             continue
@@ -363,13 +379,18 @@ def with_retries(call: Callable[[], T], tally: Tally, stop: threading.Event) -> 
 
     Waits on `stop` rather than sleeping, so Ctrl-C does not have to wait out the backoffs.
     """
+    failures: Counter[bool] = Counter()  # by "was it a timeout": each kind has its own limit
     attempt = 0
     while True:
         try:
             return call()
         except (*RETRYABLE, TimedOut) as exc:
+            timed_out = isinstance(exc, TimedOut)
+            failures[timed_out] += 1
             attempt += 1
-            if attempt == (MAX_TIMEOUT_ATTEMPTS if isinstance(exc, TimedOut) else MAX_ATTEMPTS):
+            # >=, per kind: one shared count stepped past either limit when the kinds mixed
+            # (two 503s, then timeouts), and a chunk was sent again for ever.
+            if failures[timed_out] >= (MAX_TIMEOUT_ATTEMPTS if timed_out else MAX_ATTEMPTS):
                 raise
             tally.retried(exc.code)
             backoff = BACKOFF_BASE_S * 2 ** (attempt - 1)
@@ -451,7 +472,9 @@ def summarise(
 ) -> int:
     """Print the outcome for every image under DIR (this run's and earlier ones'); exit status.
     An image with no record that was not counted unsent is MISSING: the exit says so too."""
-    records = [done[_key(p)] for p in images if _key(p) in done]
+    # An image resent and not let in this run is counted by that, not by its earlier record too.
+    keys = [key for key in map(_key, images) if key not in tally.unsent_keys]
+    records = [done[key] for key in keys if key in done]
     failed = Counter(str(r["error"]) for r in records if "error" in r) + tally.unsent
     failed[UNREADABLE] += tally.unreadable
     failed["MISSING"] += len(images) - len(records) - sum(tally.unsent.values())

@@ -7,6 +7,7 @@ server renames breaks here at once instead of somewhere downstream.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -72,6 +73,7 @@ class ImageClassifierClient:
             urlsplit(url)  # as SyncHTTPClient parses it, which would let the ValueError out
         except ValueError as exc:  # "http://[::1"
             raise _invalid_url(url, exc) from None
+        self._shown_url = _shown(url)
         try:
             self._bento = bentoml.SyncHTTPClient(
                 url,
@@ -85,7 +87,7 @@ class ImageClassifierClient:
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # no http:// for one
             raise _invalid_url(url, exc) from None
         except httpx.HTTPError as exc:
-            raise self._no_answer(exc, _shown(url)) from None
+            raise self._no_answer(exc, self._shown_url) from None
         except (BentoMLException, ValueError, LookupError, TypeError):  # /schema.json: none, or
             raise _not_this_service(url) from None  # not JSON, or not a BentoML schema
         if not self._bento.endpoints.keys() >= API_NAMES:  # another BentoML service
@@ -132,8 +134,8 @@ class ImageClassifierClient:
             return api(*args, **kwargs)
         except BentoMLException as exc:
             raise error_for(int(exc.error_code), exc.message, self._last_headers) from None
-        except httpx.HTTPError as exc:
-            raise self._no_answer(exc) from None
+        except httpx.HTTPError as exc:  # the URL named here too: the server went away mid-run
+            raise self._no_answer(exc, self._shown_url) from None
 
     def _no_answer(self, exc: httpx.HTTPError, where: str = "") -> ClassifierClientError:
         """TimedOut when the server took the request but did not answer in time (that request
@@ -181,6 +183,19 @@ def _on_disk(images: Sequence[Image]) -> Iterator[list[Path]]:
                 path = Path(tmp) / f"image-{i}"
                 path.write_bytes(image)
                 paths.append(path)
-            else:
+            elif _utf8(str(image)):
                 paths.append(Path(image))
+            else:  # a name from a non-UTF-8 disk: the upload's encoding raised UnicodeEncodeError
+                readable = os.fsencode(Path(image).name).decode("utf-8", "backslashreplace")
+                path = Path(tmp) / f"image-{i}-{readable}"
+                path.write_bytes(Path(image).read_bytes())
+                paths.append(path)
         yield paths
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

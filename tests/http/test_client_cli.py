@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client import ImageClassifierClient, cli
+from client.errors import Overloaded, TimedOut, Unreachable
 from loadtest.servers import REPO, free_port, serve
 from tests.http.responses import metric_value
 
@@ -251,6 +255,20 @@ def test_bad_output_files_urls_and_top_k_are_usage_errors(server, tree, tmp_path
             (tmp_path / "r.jsonl", "http://user:secret-77@127.0.0.1:1", (), "UNREACHABLE"),
             (tmp_path / "r.jsonl", server.url, ("--top-k", "11"), "the model has 10 labels"),
             (tmp_path / "r.jsonl", server.url, ("--timeout", "0"), "not a positive number"),
+            # The CSV replaced the results; a path under a file was a traceback at the end.
+            (
+                tmp_path / "r.jsonl",
+                server.url,
+                ("--csv", str(tmp_path / "r.jsonl")),
+                "is the --out file too",
+            ),
+            (foreign / "r.jsonl", server.url, (), "is a file, so no file can be made"),
+            (
+                tmp_path / "r.jsonl",
+                server.url,
+                ("--csv", str(foreign / "r.csv")),
+                "is a file, so no file can be made",
+            ),
         ]
         for out, url, options, says in cases:
             run = classify(tree.root, out, url, *options)
@@ -307,6 +325,62 @@ def test_a_batch_with_no_answer_in_time_fails_alone_and_is_sent_again(server, tr
     assert again.returncode == 0, again.stdout + again.stderr
     assert summary_counts(again.stdout)["sent"] == 1
     assert outcomes(out)[stuck] == truth[stuck]
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "raised", "calls"),
+    [(["503"] * 2, "timeout", TimedOut, 4), (["503"] * 7 + ["timeout"], "503", Overloaded, 9)],
+    ids=["refusals-then-timeouts", "timeout-among-refusals"],
+)
+def test_retries_end_when_either_kind_reaches_its_limit(monkeypatch, first, then, raised, calls):
+    """One count served both limits, compared with ==: once the kinds mixed it stepped past the
+    limit it had to equal, and a chunk was sent again for ever (a black-box review's finding)."""
+    monkeypatch.setattr(cli, "BACKOFF_BASE_S", 0.0)
+    errors = {
+        "503": Overloaded("OVERLOADED", "busy", status=503),
+        "timeout": TimedOut("TIMEOUT", "slow"),
+    }
+    outcomes = iter([*first, *itertools.repeat(then, 100)])
+    made = []
+
+    def call() -> None:
+        made.append(1)
+        raise errors[next(outcomes)]
+
+    with pytest.raises(raised):
+        cli.with_retries(call, cli.Tally(), threading.Event())
+    assert len(made) == calls  # 2 timeouts at most; 8 refusals at most
+
+
+def test_a_file_gone_since_the_walk_is_planned_and_read_as_unreadable(tmp_path):
+    """It crashed the run with FileNotFoundError when it went before the chunks were planned."""
+    kept, gone = tmp_path / "kept.png", tmp_path / "gone.png"
+    kept.write_bytes(b"x" * 10)
+    limits = cli.Limits(max_upload_bytes=10_000, max_batch_bytes=100_000, max_batch_images=8)
+    too_large, chunks = cli.plan_chunks([gone, kept], limits, batch_size=8)
+    assert too_large == [] and chunks == [[gone, kept]]
+    readable, records = cli.read_files([gone, kept])
+    assert [path for path, _ in readable] == [kept]
+    assert [(r["path"], r["error"]) for r in records] == [(str(gone), cli.UNREADABLE)]
+
+
+def test_an_image_resent_and_not_let_in_is_counted_once(tmp_path, capsys):
+    """Its earlier TIMEOUT record and this run's refusal were both counted: 6 failed of 3."""
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    done = {cli._key(path): cli._failure(path, cli.TIMEOUT, "no answer") for path in images}
+    tally = cli.Tally(unsent=Counter({"REQUEST_TIMEOUT": 3}))
+    tally.unsent_keys.update(map(cli._key, images))
+    assert cli.summarise(images, done, 0, tally, 1.0, tmp_path / "out.jsonl") == 1
+    assert capsys.readouterr().out.startswith("0 ok, 3 failed (REQUEST_TIMEOUT: 3)\n")
+
+
+def test_a_server_gone_mid_run_is_named_by_its_url(server, tree):
+    """Once connected, a refused connection said only `[Errno 111] Connection refused`."""
+    with http_server(stalling_proxy(server.url, b"never", threading.Event())) as url:
+        client = ImageClassifierClient(url, timeout=5)
+    with pytest.raises(Unreachable) as gone:
+        client.analyze(Path(tree.pngs[0]))
+    assert gone.value.message.startswith(f"{url}: "), gone.value.message
 
 
 def test_linked_folders_are_walked_once_and_special_files_are_recorded(server, tree, tmp_path):

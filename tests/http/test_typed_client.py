@@ -49,6 +49,17 @@ def test_analyze_from_a_path_and_from_bytes(client, digits, tmp_path):
     assert from_path.model.name == "digits-cnn"
 
 
+def test_a_file_name_that_is_not_utf8_is_sent(client, digits, tmp_path):
+    """A Latin-1 disk's `bad\xffname.png` raised a raw UnicodeEncodeError (a review's finding)."""
+    data, label = digits[0]
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xffname.png"))
+    path.write_bytes(data)
+    assert client.analyze(path).prediction.label == label
+    assert client.analyze(str(path)).prediction.label == label
+    batch = client.analyze_batch([path, data])
+    assert [item.prediction.label for item in batch.results] == [label, label]
+
+
 def test_analyze_batch_keeps_order_and_isolates_a_bad_item(client, digits):
     images = [data for data, _ in digits]
     result = client.analyze_batch([*images[:3], b"plain text, not an image", *images[3:]])
