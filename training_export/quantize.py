@@ -234,15 +234,9 @@ def gate(
     return figures
 
 
-def _int8_gate(card: ModelCard) -> dict | None:
-    """The gate's figures an INT8 entry's card holds; None for any other model."""
-    gate_figures = (card.metrics.model_extra or {}).get("int8_gate")
-    return gate_figures if isinstance(gate_figures, dict) else None
-
-
 def refuse_int8_source(tag: str, card: ModelCard) -> None:
     """An INT8 entry is not quantized again (its card already holds a gate's figures)."""
-    gate_of_source = _int8_gate(card)
+    gate_of_source = card.metrics.int8_gate
     if gate_of_source is not None:
         raise QuantizationError(
             f"{tag} is already INT8 (quantized from {gate_of_source.get('source_tag')}): "
@@ -271,7 +265,7 @@ def check_out_tag(source_tag: str, out_tag: str, force: bool) -> None:
         card = load_card(str(stored.tag))
     except (KeyError, ValueError):  # no card, or not ours: not an INT8 entry either
         card = None
-    if card is None or _int8_gate(card) is None:
+    if card is None or card.metrics.int8_gate is None:
         raise QuantizationError(
             f"{stored.tag} is not an INT8 entry (quantize made none by that tag): --force "
             "replaces only those; --out another tag"

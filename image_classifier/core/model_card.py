@@ -22,6 +22,13 @@ class HeldOutMetrics(BaseModel):
     )
     samples: int | None = Field(None, ge=0)
 
+    @property
+    def int8_gate(self) -> dict | None:
+        """The figures of the gate an INT8 entry passed (`quantize` writes them); None for any
+        other model."""
+        figures = (self.model_extra or {}).get("int8_gate")
+        return figures if isinstance(figures, dict) else None
+
 
 class ModelCard(BaseModel):
     """Serialised as plain JSON into the BentoML model's metadata (key `card`)."""

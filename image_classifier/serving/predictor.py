@@ -374,8 +374,8 @@ def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None
 def _warn_if_int8_saturates(tag: str, classifier: Classifier) -> None:
     """An INT8 model with 8-bit weights answers differently on a CPU without VNNI than its gate
     measured (`machine.int8_saturates`): say so once, at start."""
-    gate = (classifier.card.metrics.model_extra or {}).get("int8_gate")
-    if isinstance(gate, dict) and gate.get("weight_bits", 8) == 8 and int8_saturates():
+    gate = classifier.card.metrics.int8_gate
+    if gate is not None and gate.get("weight_bits", 8) == 8 and int8_saturates():
         log.warning(
             "model %s is INT8 with 8-bit weights and this CPU has no VNNI: ONNX Runtime's INT8 "
             "kernels saturate here, so its answers may differ from what its gate measured "
