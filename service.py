@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import bentoml
-from starlette.middleware.cors import CORSMiddleware
 
 import bentoml_compat
 from image_classifier import model_store
@@ -20,7 +19,7 @@ from image_classifier.http.admission import AdmissionPolicy, Gate
 from image_classifier.http.apis import UploadApis, upload_of
 from image_classifier.http.body import BodyPace
 from image_classifier.http.boundary import BoundaryMiddleware
-from image_classifier.http.headers import cors_options
+from image_classifier.http.cors import EnvelopedCORS, cors_options
 from image_classifier.http.protocol import EarlyRefusal
 from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
@@ -111,7 +110,7 @@ ROUTES = {  # the upload routes: bodies capped and read by the boundary
     **infer_upload_routes(SETTINGS, lambda: bentoml.get_current_service().predictor),
 }
 if SETTINGS.cors_origins:  # outermost: it answers preflights, and marks every answer, errors too
-    ImageClassifier.add_asgi_middleware(CORSMiddleware, **cors_options(SETTINGS.cors_origins))
+    ImageClassifier.add_asgi_middleware(EnvelopedCORS, **cors_options(SETTINGS.cors_origins))
 ImageClassifier.add_asgi_middleware(
     BoundaryMiddleware, gate=GATE, pace=BodyPace.from_settings(SETTINGS), upload_routes=ROUTES
 )

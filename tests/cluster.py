@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import redis
+import yaml
 
 from loadtest.servers import Server, free_port, serve, stop, wait_until_ready
 
@@ -211,9 +212,24 @@ global:
 rule_files: [{rules}]
 scrape_configs:
   - job_name: image-classifier
+    honor_labels: {honor_labels}
     static_configs:
       - targets: [{targets}]
+    relabel_configs:
+      - target_label: endpoint
+        replacement: {port_name}
 """
+SERVICE_MONITOR = Path(__file__).resolve().parent.parent / "deploy/k8s/servicemonitor.yaml"
+
+
+def scraped_as_the_service_monitor_says() -> dict[str, str]:
+    """What the Prometheus Operator makes of the shipped ServiceMonitor, in a scrape config: it
+    labels every target `endpoint=<the endpoint's port name>` (prometheus-operator,
+    pkg/prometheus/promcfg.go), so without `honorLabels` BentoML's own `endpoint` label, which
+    the alerts and the autoscaler's metric select on, became `exported_endpoint`."""
+    (endpoint,) = yaml.safe_load(SERVICE_MONITOR.read_text())["spec"]["endpoints"]
+    honor = "true" if endpoint.get("honorLabels", False) else "false"
+    return {"honor_labels": honor, "port_name": endpoint["port"]}
 
 
 @dataclass
@@ -240,7 +256,9 @@ def prometheus(directory: Path, targets: list[int], rules: Path) -> Iterator[Pro
     port = free_port()
     conf = directory / "prometheus.yml"
     listed = ", ".join(f"'127.0.0.1:{p}'" for p in targets)
-    conf.write_text(PROMETHEUS_CONF.format(rules=rules, targets=listed))
+    conf.write_text(
+        PROMETHEUS_CONF.format(rules=rules, targets=listed, **scraped_as_the_service_monitor_says())
+    )
     command = [need("prometheus"), f"--config.file={conf}",
                f"--storage.tsdb.path={directory / 'data'}",
                f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip

@@ -45,6 +45,7 @@ from .uploads import Upload, UploadRoute, parse_multipart, route_for
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _ERROR_CODE_KEY = ERROR_CODE_HEADER.encode("latin-1")
+_MODEL_VERSION_KEY = MODEL_VERSION_HEADER.encode("latin-1")
 _REPLACED_HEADERS = (b"content-length", b"content-type", b"retry-after", _ERROR_CODE_KEY)
 # Not access-logged (as BentoML's own access log): polled every few seconds, they would drown it.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live",
@@ -120,6 +121,7 @@ class BoundaryMiddleware:
             client = self.gate.authenticate(_header(scope, "authorization"))
             client = client or _client_address(scope)
             await self.gate.check_rate(client)
+        _refuse_two_pins(scope)
         route = route_for(self.upload_routes, path)
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -203,6 +205,17 @@ def _all_values(scope: Scope, name: str) -> str | None:
     wanted = name.encode("latin-1")
     values = [value for key, value in scope.get("headers", []) if key.lower() == wanted]
     return b", ".join(values).decode("latin-1") if values else None
+
+
+def _refuse_two_pins(scope: Scope) -> None:
+    """X-Model-Version given twice with two versions: which was meant is unknown (the first was
+    served, silently), as for two Inference-Header-Content-Length values."""
+    pins = {v for k, v in scope.get("headers", []) if k.lower() == _MODEL_VERSION_KEY}
+    if len(pins) > 1:
+        raise ClassifierError(
+            ErrorCode.INVALID_REQUEST,
+            f"{MODEL_VERSION_HEADER} is given {len(pins)} different versions; give one",
+        )
 
 
 def _set_header(scope: Scope, name: str, value: str) -> None:

@@ -24,21 +24,3 @@ def new_request_id() -> str:
     throughput with the INT8 model at 16 clients in interleaved runs). An id must be unique, not
     secret."""
     return str(uuid.UUID(int=random.getrandbits(128), version=4))
-
-
-def cors_options(origins: tuple[str, ...]) -> dict[str, object]:
-    """Starlette's CORSMiddleware options for CORS_ORIGINS: the routes' methods, the headers a
-    client sends (a token, a request id, a version pin, Triton's binary header) and the ones its
-    page may read (the request id, the version that answered, why and how long to wait)."""
-    return {
-        "allow_origins": list(origins),
-        "allow_methods": ["GET", "HEAD", "POST"],
-        "allow_headers": [
-            "authorization", "content-type", REQUEST_ID_HEADER, MODEL_VERSION_HEADER,
-            "inference-header-content-length",
-        ],
-        "expose_headers": [
-            REQUEST_ID_HEADER, MODEL_VERSION_HEADER, ERROR_CODE_HEADER, "retry-after",
-        ],
-        "max_age": 600,
-    }  # fmt: skip

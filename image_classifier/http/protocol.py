@@ -190,7 +190,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_deadline()
-        if self.parser.get_http_version() == "1.1" and self._hosts != 1:
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):  # httptools reads "HTTP/2.0" or "HTTP/0.9" heads too
+            self._unreadable_because = f"HTTP/{version} is not served here: HTTP/1.1 or 1.0"
+            raise _Unreadable
+        if version == "1.1" and self._hosts != 1:
             self._unreadable_because = "an HTTP/1.1 request has one Host header (RFC 9112 3.2)"
             raise _Unreadable  # the parser stops; uvicorn calls send_400_response
         if not self._refused_early():

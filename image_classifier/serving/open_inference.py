@@ -35,6 +35,9 @@ BYTES, FP32 = "BYTES", "FP32"
 _LENGTH = struct.Struct("<I")  # a BYTES element in binary form: its length, then its bytes
 OUTPUT_NAMES = (PROBABILITIES, LABEL)
 MAX_NAME_CHARS = 256  # a tensor name longer than this is refused, and not echoed back
+# A request's id is echoed in its answer: a client's correlation token, not a payload (an 80 MiB
+# id was answered whole, a black-box review found).
+MAX_ID_CHARS = 1024
 MAX_INPUTS = 8  # inputs a request may list (one is served): more are refused before they are read
 
 
@@ -223,6 +226,8 @@ def model_items(
     """The request's items for the model: encoded images, or tensors already preprocessed."""
     accepted = {IMAGE_INPUT: BYTES, tensor_input_name(card): FP32}
     expected = " or ".join(f"{name!r} ({datatype})" for name, datatype in accepted.items())
+    if request.id is not None and len(request.id) > MAX_ID_CHARS:
+        raise invalid(f"an id of {len(request.id):,} characters; at most {MAX_ID_CHARS:,}")
     if len(request.inputs) != 1:
         raise invalid(f"send one input, {expected}; got {len(request.inputs)}")
     tensor = request.inputs[0]
@@ -236,7 +241,7 @@ def model_items(
     if not tensor.shape:
         raise invalid(f"input {tensor.name}: a shape of one dimension or more (the batch), got []")
     if any(dim < 0 for dim in tensor.shape):
-        raise invalid(f"input {tensor.name}: a shape of non-negative sizes, got {tensor.shape}")
+        raise invalid(f"input {tensor.name}: sizes must not be negative, got {list(tensor.shape)}")
     if tensor.datatype == FP32:  # a wrong shape first: [784] is one digit misshapen, not 784
         _check_tensor_shape(tensor, card)
     items = tensor.shape[0]

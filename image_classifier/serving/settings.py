@@ -34,7 +34,11 @@ __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_TAG", "Settings", "describe"]
 
 MIB = 1024 * 1024
 REDIS_SCHEMES = ("redis://", "rediss://")
-_ORIGIN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+# As a browser sends Origin: lower case, no path, no trailing slash. Starlette compares origins as
+# strings, so a pattern (https://*.example.com) would only ever match itself: refused.
+_ORIGIN = re.compile(
+    r"https?://(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?"
+)
 # BentoML's tag rules, without importing BentoML here: a name and an optional version, each 1 to 63
 # lowercase letters, digits, '-', '_' or '.', with a letter or digit at both ends.
 _TAG_PART = r"[a-z0-9](?:[-._a-z0-9]{0,61}[a-z0-9])?"
@@ -239,7 +243,10 @@ class Settings:
         values.setdefault("model_tag", record.model_tag)
         # The record's candidate goes with the record's model: MODEL_TAG naming another one, or a
         # blank CANDIDATE_MODEL_TAG, serves no candidate (it could not be turned off before).
-        if "CANDIDATE_MODEL_TAG" not in environ and values["model_tag"] == record.model_tag:
+        if (
+            _env_name("candidate_model_tag") not in environ
+            and values["model_tag"] == record.model_tag
+        ):
             values["candidate_model_tag"] = record.candidate_tag or ""
         values["evaluations_file"] = evaluations_path(environ)
         settings = cls(**values).sized(cpu_budget())
@@ -302,6 +309,11 @@ class Settings:
                 f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must be at most "
                 f"MAX_BATCH_BYTES={self.max_batch_bytes}"
             )
+        if self.max_receiving_per_client > self.max_receiving:  # else one client could fill it
+            raise ValueError(
+                f"MAX_RECEIVING_PER_CLIENT={self.max_receiving_per_client} must be at most "
+                f"MAX_RECEIVING={self.max_receiving}"
+            )
         if self.max_body_memory < self.max_upload_bytes:  # the largest upload only ever alone
             raise ValueError(
                 f"MAX_BODY_MEMORY={self.max_body_memory} must be at least "
@@ -321,16 +333,16 @@ class Settings:
             raise ValueError("LOG_FORMAT must be 'json' or 'text'")
         _check_model_tag("MODEL_TAG", self.model_tag)
         if self.candidate_model_tag:
-            _check_model_tag("CANDIDATE_MODEL_TAG", self.candidate_model_tag)
+            _check_model_tag(_env_name("candidate_model_tag"), self.candidate_model_tag)
             if self.candidate_model_tag == self.model_tag:
                 raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
-        for origin in self.cors_origins:  # as a browser sends Origin: no path, no trailing slash
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
+        for origin in self.cors_origins:
+            if origin != "*" and not _is_origin(origin):
                 raise ValueError(
-                    f"CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], e.g. "
-                    "https://app.example.com, or *)"
+                    f"CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port] in lower "
+                    "case, e.g. https://app.example.com, or * for any; no patterns)"
                 )
         if self.rate_limit:
             try:
@@ -390,6 +402,11 @@ _MOST = {
     ),
     "max_body_memory": 2**40,
 }  # fmt: skip
+
+
+def _is_origin(origin: str) -> bool:
+    match = _ORIGIN.fullmatch(origin)
+    return match is not None and 1 <= int(match["port"] or 443) <= 65535
 
 
 def _env_fields() -> list:

@@ -146,6 +146,17 @@ def test_a_request_pins_a_version_and_an_unknown_one_is_refused(ops_server, held
     assert response.json()["model"]["version"] == "v1"
     response = post(ops_server, data, pin="v7")
     assert response.status_code == 404 and envelope_code(response) == "UNKNOWN_MODEL_VERSION"
+    # Two different pins: the first was served, silently (a black-box review). One pin twice
+    # is still one.
+    for pins, status in [(("v1", "v2"), 400), (("v2", "v2"), 200)]:
+        response = httpx.post(
+            f"{ops_server.url}/analyze",
+            files={"image": ("d.png", data, "image/png")},
+            headers=[("x-model-version", pin) for pin in pins],
+        )
+        assert response.status_code == status, response.text
+        if status == 400:
+            assert envelope_code(response) == "INVALID_REQUEST"
 
 
 def _out_of_distribution(count: int) -> list[bytes]:

@@ -220,6 +220,9 @@ def test_cors_origins_let_a_page_of_that_origin_call_and_read_every_answer(
         refused = httpx.post(url, files=files, headers={"origin": app})
         elsewhere = httpx.post(url, files=files, headers={
             "origin": "https://evil.example", "authorization": f"Bearer {token}"})  # fmt: skip
+        # Found by a black-box review: a bare text 400, no request id, code or access line.
+        refused_preflight = httpx.options(url, headers={"origin": "https://evil.example", **asks})
+        log = server.log()
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == app
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
@@ -228,6 +231,19 @@ def test_cors_origins_let_a_page_of_that_origin_call_and_read_every_answer(
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
     assert elsewhere.status_code == 200
     assert "access-control-allow-origin" not in elsewhere.headers
+    assert refused_preflight.status_code == 400, refused_preflight.text
+    assert refused_preflight.json()["error"]["code"] == "INVALID_REQUEST"
+    assert "not allowed: origin" in refused_preflight.json()["error"]["message"]
+    assert refused_preflight.headers["x-error-code"] == "INVALID_REQUEST"
+    request_id = refused_preflight.headers["x-request-id"]
+    assert refused_preflight.json()["request_id"] == request_id
+    assert "access-control-allow-origin" not in refused_preflight.headers
+    (line,) = [line for line in access_lines(log) if line.get("request_id") == request_id]
+    assert (line["method"], line["status"], line["error_code"]) == (
+        "OPTIONS",
+        400,
+        "INVALID_REQUEST",
+    )
 
 
 def _digit_file(artifacts, digit_png: bytes):

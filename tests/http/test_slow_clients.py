@@ -218,6 +218,9 @@ def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store
          "HEADERS_TOO_LARGE"),  # URL and headers together over it, sent in one write
         (b"GET /livez HTTP/1.1\r\n\r\n", 400, "INVALID_REQUEST"),  # RFC 9112 3.2: a MUST
         (b"GET /livez HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "INVALID_REQUEST"),
+        # Found by a black-box review: read as HTTP/1.x and answered, with no Host either.
+        (b"GET /info HTTP/2.0\r\n\r\n", 400, "INVALID_REQUEST"),
+        (b"GET /info HTTP/0.9\r\n\r\n", 400, "INVALID_REQUEST"),
         # A transfer coding before chunked: framed as chunked, the body would pass on gzipped.
         (b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
          b"0\r\n\r\n", 400, "INVALID_REQUEST"),
@@ -225,7 +228,8 @@ def test_oversized_request_heads_get_431_and_the_connection_closed(trained_store
          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "INVALID_REQUEST"),
     ],
     ids=["bad-content-length", "length-and-chunked", "http2-preface", "bad-method", "long-url",
-         "long-url-and-headers", "no-host", "two-hosts", "gzip-chunked", "gzip-then-chunked"],
+         "long-url-and-headers", "no-host", "two-hosts", "http-2.0-line", "http-0.9-line",
+         "gzip-chunked", "gzip-then-chunked"],
 )  # fmt: skip
 def test_unreadable_request_heads_get_the_envelope_and_the_connection_closed(
     server, head, status, code

@@ -132,6 +132,13 @@ def test_what_is_refused_is_not_echoed_back_whole():
     request = oip.InferenceRequest([oip.InputTensor(long_name, "BYTES", (1,), [b"png"])])
     with pytest.raises(ClassifierError) as long_input:
         oip.model_items(request, card_of(["a", "b"]), LIMITS)
+    # An id is echoed in the answer: an 80 MiB one came back whole (a black-box review).
+    request = oip.InferenceRequest(
+        [oip.InputTensor("image", "BYTES", (1,), [b"png"])], (), "i" * 2000
+    )
+    with pytest.raises(ClassifierError) as long_id:
+        oip.model_items(request, card_of(["a", "b"]), LIMITS)
+    assert "an id of 2,000 characters; at most 1,024" in long_id.value.message
     for refused in (long_output, long_input):
         assert refused.value.code is ErrorCode.INVALID_REQUEST
         assert len(refused.value.message) < 200 and "1,000,000 characters" in refused.value.message

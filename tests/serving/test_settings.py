@@ -51,6 +51,12 @@ def test_values_are_parsed_by_type():
         ("API_TOKENS", " ", "blank"),  # an empty Secret: before, no auth at all
         ("CORS_ORIGINS", "https://app.example/", "not an origin"),  # a browser sends no "/"
         ("CORS_ORIGINS", "app.example", "not an origin"),
+        # Found by a black-box review: accepted, and then never matched (origins are compared as
+        # strings), or a port no browser sends.
+        ("CORS_ORIGINS", "https://*.example.org", "no patterns"),
+        ("CORS_ORIGINS", "http://a.example:99999", "not an origin"),
+        ("CORS_ORIGINS", "https://App.Example", "lower case"),
+        ("MAX_RECEIVING", "2", "MAX_RECEIVING_PER_CLIENT=64 must be at most MAX_RECEIVING=2"),
         ("GIL_SWITCH_INTERVAL_MS", "nan", "GIL_SWITCH_INTERVAL_MS"),  # every worker aborted
         ("GIL_SWITCH_INTERVAL_MS", "1e6", "at most 100"),
         ("BATCHING_MIN_GAIN", "nan", "BATCHING_MIN_GAIN"),  # then /info was a 500
