@@ -20,6 +20,7 @@ def build_onnx_classifier(
     flatten_batch: int = -1,
     output_dims: tuple[int, ...] | None = None,
     extra_output: bool = False,
+    mix_batch: bool = False,
     **spec_options,
 ) -> Path:
     """A linear ONNX classifier and its card.json in `model_dir` (a served-model folder).
@@ -29,7 +30,9 @@ def build_onnx_classifier(
     a real model fault, for error-path tests. `output_kind` "sigmoid" gives independent scores;
     `batch` fixes the declared batch axis, `flatten_batch` = 1 makes the graph depend on it;
     `output_dims` reshapes the output (-1 first) into something else than a class vector;
-    `extra_output` adds a second output first, "features" (the flattened input, doubled).
+    `extra_output` adds a second output first, "features" (the flattened input, doubled);
+    `mix_batch` subtracts the whole batch's mean first (`x - x.mean()` with no dim): each image's
+    answer then depends on the others in its run.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -45,7 +48,11 @@ def build_onnx_classifier(
         numpy_helper.from_array(np.array([flatten_batch, features], np.int64), "flat_shape"),
     ]
     nodes = [
-        helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+        helper.make_node("ReduceMean", ["input"], ["batch_mean"], keepdims=1),
+        helper.make_node("Sub", ["input", "batch_mean"], ["centred"]),
+    ] if mix_batch else []  # fmt: skip
+    nodes += [
+        helper.make_node("Reshape", ["centred" if mix_batch else "input", "flat_shape"], ["flat"]),
         helper.make_node("MatMul", ["flat", "W"], ["scores"]),
     ]
     final = "scores"

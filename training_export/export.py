@@ -73,15 +73,19 @@ def inspect_onnx(path: Path, output: str | None = None) -> OnnxSignature:
     if output is not None and output not in outputs:
         raise ExportError(f"{path} has no output {output!r} (it has {', '.join(outputs)})")
     chosen = outputs[output] if output is not None else model.graph.output[0]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxSignature(
         input_name=inputs[0].name,
         input_shape=_shape(inputs[0]),
         output_name=chosen.name,
         output_shape=_shape(chosen),
-        opset=opset,
+        opset=default_opset(model),
         input_type=onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type),
     )
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default (ai.onnx) operator set a model uses; 0 when it names none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _shape(value: onnx.ValueInfoProto) -> list[int | str | None]:

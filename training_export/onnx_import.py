@@ -21,6 +21,7 @@ from .export import ExportError, inspect_onnx
 from .onnx_facts import (
     InputFacts,
     ModelFileError,
+    check_rows_independent,
     input_facts,
     output_facts,
     staging_folder,
@@ -183,6 +184,7 @@ def import_onnx(
                 "dynamic one (a batch gave the same rows as single runs)"
             )
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        check_rows_independent(session, spec)
         output = output_facts(session, spec, len(labels), kind)
         height, width = spec.input_size
         say(

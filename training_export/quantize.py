@@ -33,6 +33,7 @@ from image_classifier.serving.machine import int8_saturates
 from image_classifier.serving.release_record import read_record, record_path
 
 from .digits import render_heldout
+from .export import default_opset
 from .pipeline import TrainingError
 from .recipe import MODEL_NAME
 from .store import git_commit, library_versions, load_card, new_tag, save_to_store
@@ -286,6 +287,9 @@ def save_int8(
     quantized = card.model_copy(
         update={
             "name": out_tag.split(":")[0],
+            # quantizing upgrades an old file (7 -> 11): not checked (onnx.checker refuses ORT's
+            # per-channel weights below opset 13, which ONNX Runtime runs)
+            "opset": default_opset(onnx.load(str(int8), load_external_data=False)),
             "metrics": HeldOutMetrics(**metrics, int8_gate=figures),
             "description": f"INT8 (ONNX Runtime static QDQ: uint8 activations, per-channel "
             f"int8 weights) of {source_tag}. {card.description}",

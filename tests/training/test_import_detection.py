@@ -141,11 +141,21 @@ def test_weights_listed_as_inputs_before_the_picture_do_not_hide_its_batch_axis(
     ("model", "message"),
     [
         ({"batch": 1, "flatten_batch": 1}, "batch axis is fixed and the graph depends on it"),
+        # Found by a black-box review: imported, then each answer depended on its neighbours.
+        ({"mix_batch": True}, "the images of a batch change each other's answers"),
+        ({"mix_batch": True, "batch": 1}, "batch axis is fixed and the graph depends on it"),
         ({"output_kind": "sigmoid"}, "independent (sigmoid, multi-label) scores"),
         ({"labels": 10, "output_dims": (-1, 2, 5)}, "not a class vector [N, C] with C = 10"),
         ({"labels": 7}, "not a class vector [N, C] with C = 5 labels"),
     ],
-    ids=["graph-fixes-batch", "sigmoid", "not-a-vector", "labels-mismatch"],
+    ids=[
+        "graph-fixes-batch",
+        "mixes-the-batch",
+        "fixed-and-mixes",
+        "sigmoid",
+        "not-a-vector",
+        "labels-mismatch",
+    ],
 )
 def test_what_is_not_a_servable_classifier_is_refused(tmp_path, bentoml_home, model, message):
     labels = model.pop("labels", 5)

@@ -10,8 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from image_classifier.core.classifier import read_card
+from image_classifier.core.model_card import ModelCard
+from image_classifier.core.preprocessing import PreprocessSpec
+from tests.model_store import store_model_dir
 from tests.onnx_models import build_onnx_classifier
-from training_export.quantize import QuantizationError, quantize_qdq
+from training_export.quantize import QuantizationError, quantize_qdq, save_int8
 
 CLASSES = 20
 
@@ -44,7 +48,9 @@ def _classifier_heads() -> dict[str, list[onnx.NodeProto]]:
     }  # fmt: skip
 
 
-def conv_net_with_softmax(path: Path, head: str = "dense", named: bool = True) -> Path:
+def conv_net_with_softmax(
+    path: Path, head: str = "dense", named: bool = True, opset: int = 17
+) -> Path:
     """Conv, ReLU, a classifier head (`_classifier_heads`) and a softmax: probabilities out.
     `named=False`: no node has a name (optional in ONNX; `onnx.helper` graphs often lack them)."""
     rng = np.random.default_rng(0)
@@ -71,7 +77,7 @@ def conv_net_with_softmax(path: Path, head: str = "dense", named: bool = True) -
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
         [weight for weight in weights if weight.name in used],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.save(model, path)
     return path
 
@@ -106,3 +112,21 @@ def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
     calibration = np.random.default_rng(2).random((16, 1, 28, 28), dtype=np.float32)
     with pytest.raises(QuantizationError, match="nothing in this model is quantized"):
         quantize_qdq(folder / "model.onnx", tmp_path / "int8.onnx", "input", calibration)
+
+
+def test_the_int8_card_states_the_opset_of_its_file(tmp_path, bentoml_home):
+    """ONNX Runtime's quantizer upgrades an opset-10 file to 11; the INT8 card said 10, the
+    source's (found by a black-box review)."""
+    source = conv_net_with_softmax(tmp_path / "net.onnx", opset=10)
+    calibration = np.random.default_rng(3).random((16, 3, 16, 16), dtype=np.float32)
+    quantize_qdq(source, tmp_path / "int8.onnx", "input", calibration)
+    file_opset = next(o.version for o in onnx.load(str(tmp_path / "int8.onnx")).opset_import
+                      if o.domain in ("", "ai.onnx"))  # fmt: skip
+    assert file_opset > 10
+    card = ModelCard(
+        name="opset-ten", labels=[f"c{i}" for i in range(CLASSES)], output_kind="probabilities",
+        preprocessing=PreprocessSpec(input_size=(16, 16), color_mode="RGB"),
+        input_name="input", output_name="probabilities", opset=10,
+    )  # fmt: skip
+    tag = save_int8(tmp_path / "int8.onnx", card, "opset-ten:v1", "opset-ten-int8:v1", {}, {})
+    assert read_card(store_model_dir(bentoml_home, tag)).opset == file_opset
