@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections import Counter
 
@@ -70,7 +71,9 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
         at_capacity, capacity_cpu = load(16, 10)
         assert at_capacity.rate(200) > 0 and at_capacity.unanswered == 0, at_capacity.outcomes[:5]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            sampled = pool.submit(_sample_answers, url, digit_png, seconds=15)
+            connected = threading.Event()
+            sampled = pool.submit(_sample_answers, url, digit_png, 15, connected)
+            assert connected.wait(30), sampled.exception(0) if sampled.done() else "no connection"
             rate = 4 * at_capacity.rate(200) / OVERLOAD_CONNECTIONS
             overload, overload_cpu = load(OVERLOAD_CONNECTIONS, 20, rate)
             per_client = sampled.result()
@@ -92,9 +95,6 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     served, offered = overload.rate(200), overload.rate()
     samples = [answer for answers in per_client for answer in answers]
     refusals = [o for o in samples if o.status == 503]
-    # Where the tail is: a client's first request also waits for its connection to be accepted
-    # by a worker whose event loop serves hundreds of others.
-    after_first = [o.seconds for answers in per_client for o in answers[1:] if o.status == 503]
     refusal_seconds = [o.seconds for o in refusals]
     refusal_p99 = percentile(refusal_seconds, 0.99)
     accepted = [o.seconds for o in samples if o.status == 200]
@@ -119,9 +119,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
         f"{len(refusals)} refused, p50 {percentile(refusal_seconds, 0.5) * 1000:.1f} ms, p90 "
         f"{percentile(refusal_seconds, 0.9) * 1000:.1f} ms, p99 "
         f"{refusal_p99 * 1000:.1f} ms (target < 20 ms: "
-        f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}; without each client's "
-        f"first, which also waits for its connection: {len(after_first)}, p99 "
-        f"{percentile(after_first, 0.99) * 1000:.1f} ms), "
+        f"{'met' if refusal_p99 < REFUSAL_P99_TARGET_S else 'not met'}), "
         f"{len(accepted)} accepted, max "
         f"{max(accepted, default=0) * 1000:.0f} ms (bound {accepted_bound * 1000:.0f} ms); "
         f"p99 as h2load saw them (with its own queueing per connection): accepted "
@@ -153,12 +151,21 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
     assert_no_traceback(log)
 
 
-def _sample_answers(url: str, image: bytes, seconds: float) -> list[list[Outcome]]:
+def _sample_answers(
+    url: str, image: bytes, seconds: float, connected: threading.Event
+) -> list[list[Outcome]]:
     """Clients that honour Retry-After, each on its own connection, while h2load overloads:
     the refusals' headers and envelope, which h2load does not keep, and the server's latencies
     as such a client sees them (h2load's include the time a request waits behind the one before
     it on its connection). Not one shared pool: it would hand a client a connection just refused
-    for another, which the server does not read for half the Retry-After (`http/protocol.py`)."""
+    for another, which the server does not read for half the Retry-After (`http/protocol.py`).
+
+    Each client connects and sends one request before the burst (`connected` says when): a
+    client's first request in this process, which shares the two cores with the server and
+    h2load, took aiohttp's own set-up with it, ~60 ms at the p99 where the same first request
+    from a bare socket client was refused in 1-16 ms, connection included (measured by hand),
+    and the refusal figure was then the client's. A connection the server closes (its
+    connection balance) is opened again within the sampling, and counts."""
 
     async def client_loop(session: aiohttp.ClientSession, deadline: float) -> list[Outcome]:
         answers = []
@@ -168,17 +175,23 @@ def _sample_answers(url: str, image: bytes, seconds: float) -> list[list[Outcome
             await asyncio.sleep(float(answer.retry_after or 0.05))
         return answers
 
-    async def one_client(deadline: float) -> list[Outcome]:
-        connector = aiohttp.TCPConnector(limit=1)
-        timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            return await client_loop(session, deadline)
-
     async def sample() -> list[list[Outcome]]:
-        deadline = time.monotonic() + seconds
-        return await asyncio.gather(*(one_client(deadline) for _ in range(SAMPLING_CLIENTS)))
+        sessions = [
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1), timeout=aiohttp.ClientTimeout(total=30)
+            )
+            for _ in range(SAMPLING_CLIENTS)
+        ]
+        try:
+            warm = await asyncio.gather(*(post_image(session, url, image) for session in sessions))
+            assert all(answer.status == 200 for answer in warm), warm
+            connected.set()
+            await asyncio.sleep(1)  # h2load has started
+            deadline = time.monotonic() + seconds
+            return await asyncio.gather(*(client_loop(s, deadline) for s in sessions))
+        finally:
+            await asyncio.gather(*(session.close() for session in sessions))
 
-    time.sleep(1)  # h2load has started
     return asyncio.run(sample())
 
 
