@@ -163,6 +163,7 @@ class BoundaryMiddleware:
         try:
             if route.answer_body is not None:  # a body format of its own (Open Inference)
                 work = route.answer_body(path, Headers(scope=scope), b"".join(body))
+                del body  # its chunks: the joined copy is what the work holds (one, not two)
             elif route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(b"".join(body), receive), send)
                 return
