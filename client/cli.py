@@ -164,7 +164,9 @@ class Sent:
 def classify(args: argparse.Namespace) -> int:
     check_outputs(args.out, args.csv)
     extensions = {e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()}
-    images, walk_problems = find_images(args.dir, extensions)
+    # Records name their files by absolute path: a results file read from another folder (a
+    # resume from another shell, a cron job) still names them, and matches them.
+    images, walk_problems = find_images(Path(_key(args.dir)), extensions)
     done = read_results(args.out)
     todo = [path for path in images if _to_send(done.get(_key(path)))]
 

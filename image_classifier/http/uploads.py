@@ -342,7 +342,7 @@ def _check_parts(
             )
         raise ClassifierError(
             ErrorCode.PAYLOAD_TOO_LARGE,
-            f"{len(files)} files sent; at most {rule.max_files} per request",
+            f"more than {rule.max_files} files sent; at most {rule.max_files} per request",
         )
     return files, integers
 

@@ -16,12 +16,14 @@ another's answers. An entry copied from Redis keeps the time it had left there.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import threading
 import time
 
 from cachetools import TLRUCache
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..core.postprocessing import Prediction
 from . import metrics
@@ -87,11 +89,13 @@ class SharedPredictionCache(PredictionCache):
                 name = _redis_key(key)
                 async with self._redis.pipeline(transaction=False) as pipe:
                     stored, left_ms = await pipe.get(name).pttl(name).execute()
+            except ResponseError:  # the key holds another type (not ours): Redis itself is up
+                self.health.succeeded()
             except (RedisError, OSError) as error:
                 self.health.failed(error, "using this worker's cache alone")
             else:
                 self.health.succeeded()
-                found = _parsed(stored)
+                found = _parsed(stored, key[2])
                 if found is not None:
                     metrics.SHARED_CACHE_HITS.inc()
                     self.put(key, found, min(self.ttl_s, max(left_ms, 0) / 1000))
@@ -115,13 +119,33 @@ def _redis_key(key: CacheKey) -> str:
     return f"{REDIS_KEY_PREFIX}{digest}:{model_tag}:{top_k}"
 
 
-def _parsed(stored: bytes | None) -> Prediction | None:
+def _parsed(stored: bytes | None, top_k: int) -> Prediction | None:
+    """What Redis holds under the key, if it is an answer this service could have given: not
+    ours, from an incompatible release, or not self-consistent (NaN confidences, 50 top-k items
+    for a top_k of 3: a black-box review had them served), it is computed again. Whoever can
+    write to the shared Redis can still choose answers that pass: docs/deploy.md."""
     if stored is None:
         return None
     try:
-        return Prediction.model_validate_json(stored)
-    except ValueError:  # not ours, or from an incompatible release: computed again
+        found = Prediction.model_validate_json(stored)
+    except ValueError:
         return None
+    return found if _consistent(found, top_k) else None
+
+
+def _consistent(prediction: Prediction, top_k: int) -> bool:
+    probabilities = prediction.probabilities
+    values = probabilities.values()
+    ranked = prediction.top_k
+    return (
+        len(ranked) == top_k
+        and all(math.isfinite(value) and 0 <= value <= 1 for value in values)
+        and abs(sum(values) - 1) <= 2e-3  # as imports check the model's rows (and float32)
+        and ranked[0].label == prediction.label
+        and probabilities.get(prediction.label) == prediction.confidence
+        and all(probabilities.get(item.label) == item.probability for item in ranked)
+        and all(a.probability >= b.probability for a, b in itertools.pairwise(ranked))
+    )
 
 
 def _counted(found: Prediction | None) -> Prediction | None:

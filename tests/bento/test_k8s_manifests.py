@@ -150,6 +150,22 @@ def test_replicas_spread_over_nodes_and_zones():
         assert constraint["labelSelector"]["matchLabels"].items() <= labels
 
 
+def test_only_the_service_s_pods_may_reach_redis():
+    """Redis is a trust boundary: what it holds is served (docs/deploy.md)."""
+    docs = {(doc["kind"], path.name): doc for path, doc in _documents(REDIS_COMPONENT)}
+    policy = docs[("NetworkPolicy", "redis.yaml")]["spec"]
+    redis_pods = docs[("Deployment", "redis.yaml")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_pods.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    service_pods = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= service_pods.items()
+    assert not source["podSelector"]["matchLabels"].items() <= redis_pods.items()
+    (container,) = docs[("Deployment", "redis.yaml")]["spec"]["template"]["spec"]["containers"]
+    assert [p["port"] for p in rule["ports"]] == [p["name"] for p in container["ports"]]
+
+
 def test_redis_component_points_the_service_at_it():
     docs = {(doc["kind"], path.name): doc for path, doc in _documents(REDIS_COMPONENT)}
     component = docs[("Component", "kustomization.yaml")]

@@ -212,8 +212,8 @@ def test_files_that_cannot_be_read_fail_alone_and_any_file_name_is_sent(server, 
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stdout.startswith("4 ok, 1 failed (UNREADABLE: 1)\n"), run.stdout
     by_path = {r["path"]: r for r in records(out)}
-    assert by_path[os.path.join(relative, "gone.png")]["error"] == "UNREADABLE"
-    named_oddly = by_path[os.path.join(relative, odd.name)]
+    assert by_path[str(folder / "gone.png")]["error"] == "UNREADABLE"  # absolute, as typed or not
+    named_oddly = by_path[str(odd)]
     assert named_oddly["label"] and len(named_oddly["top_k"]) == 2
     assert (tmp_path / "r.csv").read_bytes().count(b"\xff\xfe.png") == 1  # the name as it was
     with (tmp_path / "r.csv").open(newline="", errors="surrogateescape") as f:
@@ -223,6 +223,15 @@ def test_files_that_cannot_be_read_fail_alone_and_any_file_name_is_sent(server, 
     assert json.loads(in_csv[named_oddly["path"]]["top_k"]) == named_oddly["top_k"]
     again = classify(folder, out, server.url)  # the absolute path: the same files
     assert summary_counts(again.stdout)["sent"] == 0, again.stdout
+    # Found by a black-box review: a resume started in another folder resent everything (the
+    # records held the paths as typed, made absolute against the new run's folder).
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "client", "classify", os.path.relpath(folder, tmp_path),
+         "--out", "results.jsonl", "--url", server.url],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert summary_counts(elsewhere.stdout)["sent"] == 0, elsewhere.stdout + elsewhere.stderr
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from image_classifier.serving.cache import PredictionCache
 def _prediction(label_index: int):
     probabilities = [0.1] * 4
     probabilities[label_index] = 0.7
-    return to_prediction(probabilities, ["a", "b", "c", "d"], 2, high=0.9, medium=0.6)
+    return to_prediction(probabilities, ["a", "b", "c", "d"], 3, high=0.9, medium=0.6)
 
 
 def test_keys_separate_bytes_versions_and_top_k_and_old_entries_go_first():

@@ -73,6 +73,40 @@ def test_a_prediction_stored_by_one_worker_is_found_by_another_until_redis_is_go
     asyncio.run(scenario())
 
 
+def test_what_redis_holds_is_an_answer_only_if_the_service_could_have_given_it(redis):
+    """Found by a black-box review: a well-formed but impossible value under a key (confidence
+    7.5, NaN, 50 top-k items for a top_k of 3) was served as the answer; a key of another type
+    (a list) was taken for Redis being down, which turned the shared cache off for 5 s in every
+    worker that met it, and the key stayed."""
+
+    async def scenario():
+        cache = SharedPredictionCache(8, 60, redis_client(redis.url))
+        raw = redis_client(redis.url)
+        good = _prediction(1)
+        bad = {
+            "impossible confidence": good.model_copy(update={"confidence": 7.5}),
+            "NaN": good.model_copy(
+                update={"probabilities": {**good.probabilities, "a": float("nan")}}
+            ),
+            "too many top-k": good.model_copy(update={"top_k": good.top_k * 2}),
+            "another label": good.model_copy(update={"label": "not-a-label"}),
+        }
+        for index, (why, value) in enumerate(bad.items()):
+            key = cache.key(b"picture %d" % index, "v1", 3)
+            await raw.set(cache_module._redis_key(key), value.model_dump_json())
+            assert await cache.lookup(key) is None, why
+        key = cache.key(b"a list", "v1", 3)
+        await raw.rpush(cache_module._redis_key(key), "x")
+        errors = _errors("cache")
+        assert await cache.lookup(key) is None
+        assert _errors("cache") == errors and cache.health.usable()  # Redis is up
+        await cache.store(key, good)  # and the key is the service's again
+        other = SharedPredictionCache(8, 60, redis_client(redis.url))
+        assert await other.lookup(key) == good
+
+    asyncio.run(scenario())
+
+
 def test_an_answer_copied_from_redis_keeps_the_time_it_had_left_there(redis):
     """The worker's copy started a full CACHE_TTL_S again: with two replicas an answer lived up
     to twice as long as configured (found by a black-box review)."""
