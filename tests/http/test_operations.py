@@ -152,7 +152,7 @@ def test_a_request_pins_a_version_and_an_unknown_one_is_refused(ops_server, held
         response = httpx.post(
             f"{ops_server.url}/analyze",
             files={"image": ("d.png", data, "image/png")},
-            headers=[("x-model-version", pin) for pin in pins],
+            headers=[("authorization", f"Bearer {TOKEN}"), *(("x-model-version", p) for p in pins)],
         )
         assert response.status_code == status, response.text
         if status == 400:
