@@ -15,8 +15,7 @@ from starlette.testclient import TestClient
 
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.http import logs
-from image_classifier.http.body import ClientGone
-from image_classifier.http.boundary import BoundaryMiddleware, _unless_the_client_leaves
+from image_classifier.http.boundary import BoundaryMiddleware
 from image_classifier.http.envelope import HTTP_STATUS
 from image_classifier.http.uploads import Upload, UploadRoute, UploadRule, parse_multipart
 from loadtest.servers import REPO
@@ -327,40 +326,3 @@ def test_the_readme_error_table_has_every_code_with_its_status():
         for code, status in zip(codes.split(","), statuses.split(","), strict=True):
             tabled[code.strip(" |`")] = int(status)
     assert tabled == {code.value: status for code, status in HTTP_STATUS.items()}
-
-
-def test_work_stops_when_its_client_leaves_and_only_then():
-    """The work's answer while the client stays; ClientGone, the work cancelled, when `receive`
-    says the client left (or fails); the request's own deadline stays a timeout."""
-
-    async def scenario() -> None:
-        left, stays = asyncio.Event(), asyncio.Event()
-        cancelled = []
-
-        async def receive_when(event: asyncio.Event):
-            await event.wait()
-            return {"type": "http.disconnect"}
-
-        async def broken_receive():
-            raise OSError("the connection broke")
-
-        async def work(seconds: float) -> str:
-            try:
-                await asyncio.sleep(seconds)
-            except asyncio.CancelledError:
-                cancelled.append(seconds)
-                raise
-            return "answer"
-
-        assert await _unless_the_client_leaves(work(0), lambda: receive_when(stays)) == "answer"
-        asyncio.get_running_loop().call_later(0.05, left.set)
-        with pytest.raises(ClientGone):
-            await _unless_the_client_leaves(work(5), lambda: receive_when(left))
-        with pytest.raises(ClientGone):
-            await _unless_the_client_leaves(work(6), broken_receive)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await _unless_the_client_leaves(work(7), lambda: receive_when(stays))
-        assert cancelled == [5, 6, 7]
-
-    asyncio.run(scenario())
