@@ -17,8 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,7 +43,6 @@ from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER,
 from .uploads import Upload, UploadRoute, parse_multipart, route_for
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _ERROR_CODE_KEY = ERROR_CODE_HEADER.encode("latin-1")
 _MODEL_VERSION_KEY = MODEL_VERSION_HEADER.encode("latin-1")
@@ -162,8 +160,9 @@ class BoundaryMiddleware:
         await self.gate.enter()
         try:
             if route.answer_body is not None:  # a body format of its own (Open Inference)
-                work = route.answer_body(path, Headers(scope=scope), b"".join(body))
+                whole = b"".join(body)
                 del body  # its chunks: the joined copy is what the work holds (one, not two)
+                response = await route.answer_body(path, Headers(scope=scope), whole)
             elif route.rule is None or route.answer is None:  # capped only: the framework parses
                 await self.app(scope, _replay(b"".join(body), receive), send)
                 return
@@ -173,42 +172,13 @@ class BoundaryMiddleware:
                 )
                 del body  # the files hold their own bytes now
                 upload = Upload(request_id, _header(scope, MODEL_VERSION_HEADER), files, integers)
-                work = route.answer(upload)
-            response = await _unless_the_client_leaves(work, receive)
+                response = await route.answer(upload)
         finally:
             self.gate.leave()
         with self.gate.responding():  # a client that never reads its answer holds no work slot
             answered = time.perf_counter()
             await response(scope, receive, send)
             metrics.RESPOND_SECONDS.observe(time.perf_counter() - answered)
-
-
-async def _unless_the_client_leaves(work: Awaitable[T], receive: Receive) -> T:
-    """The work's answer, or ClientGone with the work cancelled if the client leaves first.
-
-    The body is all in, so the next message `receive` gives is the disconnect (`protocol.py`
-    notices a client gone after its end of data). Without this, a client that sent a heavy batch
-    and left had every image decoded for no one, for up to REQUEST_TIMEOUT_S, and its access line
-    said 504 TIMEOUT (a 5xx, which the error-rate alert counts) where it is 499. The images being
-    decoded finish; those not begun are never started."""
-    working = asyncio.ensure_future(work)
-    watching = asyncio.ensure_future(receive())
-
-    def stop_if_gone(watched: asyncio.Future) -> None:
-        if not watched.cancelled():
-            working.cancel()
-
-    watching.add_done_callback(stop_if_gone)
-    try:
-        return await working
-    except asyncio.CancelledError:
-        this = asyncio.current_task()
-        if watching.done() and not watching.cancelled() and not (this and this.cancelling()):
-            raise ClientGone from None
-        raise  # the request's deadline, or a shutdown: theirs to answer
-    finally:
-        watching.remove_done_callback(stop_if_gone)
-        watching.cancel()
 
 
 def _body_bytes(scope: Scope, max_bytes: int) -> int:

@@ -80,10 +80,6 @@ REFUSED_CONNECTION_PAUSE_S = RETRY_AFTER_S / 2
 # How long a connection answered before its body was all in keeps reading and dropping it: time
 # for the answer to reach the client and the client to stop sending (nginx waits up to 30 s).
 LINGER_S = 2.0
-# How often a client that sent its end of data while its request is in work is asked whether it
-# is still there (`_probe_the_client`): a client gone is noticed this long after, at most twice.
-PROBE_EVERY_S = 0.5
-_STILL_WORKING = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class EarlyRefusal:
@@ -146,7 +142,6 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _began_in_this_read = False  # a request's head began in the read being parsed
     _head_deadline = None  # the timer that gives up on a head arriving in several reads
     _lingering = None  # the timer that closes a connection half-closed after its answer
-    _probing = None  # the timer of the next "still there?" write after a client's end of data
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
         """A connection that never sends a byte is idle, as one between requests is: it gets
@@ -292,28 +287,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete or cycle.more_body:
             return False  # (a lingering connection's answer is complete: it closes)
         cycle.keep_alive = False
-        if cycle.scope["http_version"] == "1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 15.2)
-            self._probe_the_client(cycle)
         return True
-
-    def _probe_the_client(self, cycle) -> None:  # noqa: ANN001 - uvicorn's request cycle
-        """Whether a client that sent its end of data is still there: a client that closed (a
-        script timing out, nginx dropping an aborted request's upstream connection) sends the same
-        FIN as one that only half-closed. So an interim `100 Continue`, which every HTTP/1.1 client
-        reads past (RFC 9110 15.2), is written now and every PROBE_EVERY_S until the answer starts:
-        a closed client's system answers with a reset, the next write fails, and the connection
-        is lost; the handler, told so, stops the work for no one (`boundary.py`)."""
-        self._probing = None
-        if cycle is not self._running or cycle.response_started or self.transport.is_closing():
-            return  # (pipelined: an earlier answer may be on its way; a 100 is not put in it)
-        self.transport.write(_STILL_WORKING)
-        self._probing = self.loop.call_later(PROBE_EVERY_S, self._probe_the_client, cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lingering is not None:
             self._lingering.cancel()
-        if self._probing is not None:
-            self._probing.cancel()
         self._cancel_body_deadline()
         self._cancel_head_deadline()
         if self._resume_reading is not None:
