@@ -58,6 +58,7 @@ class ImageClassifier:
     model, candidate = model_store.served_pair(SETTINGS.model_tag, SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
+        memory.watch_garbage_collector()
         replaced = metrics.forget_dead_workers()
         for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)

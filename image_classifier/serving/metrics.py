@@ -204,6 +204,21 @@ def observe_shadow(candidate_version: str, agreed: bool) -> None:
     SHADOW_COMPARISONS.labels(candidate_version=candidate_version, agreed=str(agreed).lower()).inc()
 
 
+GC_PAUSE_SECONDS = Histogram(
+    "image_classifier_gc_pause_seconds",
+    "Garbage collections by generation: each holds every request of its worker while it runs",
+    ["generation"],
+    buckets=_SECONDS_BUCKETS,
+)
+GC_COLLECTED = _shown_from_zero(
+    Counter(
+        "image_classifier_gc_collected_objects",
+        "Objects that only the garbage collector could free (reference cycles), by generation: "
+        "a request that leaves such garbage makes every worker's collections longer",
+        ["generation"],
+    ),
+    ("0", "1", "2"),
+)
 WORKERS_REPLACED = Counter(
     "image_classifier_workers_replaced",
     "Worker processes that died without shutting down (killed, out of memory) and were replaced",
