@@ -149,10 +149,19 @@ def decode_image(
         image.load()
     except Exception as exc:  # any failure while decoding hostile bytes is the data's fault
         log.debug("decode failed: %r", exc)
-        raise ClassifierError(
-            ErrorCode.INVALID_IMAGE, "the image data is truncated or corrupt"
-        ) from None
+        raise _unreadable(exc, "the image data is truncated or corrupt") from None
     return _upright(image)
+
+
+def _unreadable(exc: Exception, otherwise: str) -> ClassifierError:
+    """Why Pillow could not read a file of a format it knows, in the client's terms."""
+    if "Decompressed data too large" in str(exc):  # Pillow's cap on a PNG's metadata
+        return ClassifierError(
+            ErrorCode.INVALID_IMAGE,
+            "a compressed metadata chunk of the PNG (text or colour profile) inflates past the "
+            "decoder's limit; save the picture without it",
+        )
+    return ClassifierError(ErrorCode.INVALID_IMAGE, otherwise)
 
 
 def _progressive_jpeg(image: Image.Image) -> bool:
@@ -249,7 +258,7 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
         ) from None
     except Exception as exc:  # a recognised format whose header is broken
         log.debug("header parse failed: %r", exc)
-        raise ClassifierError(ErrorCode.INVALID_IMAGE, "the image header is corrupt") from None
+        raise _unreadable(exc, "the image header is corrupt") from None
 
 
 def _sniff_format(data: bytes, allowed_formats: tuple[str, ...]) -> str | None:

@@ -175,7 +175,12 @@ def _high_depth_to_l(image: Image.Image, factor: float) -> Image.Image:
         np.nan_to_num(block, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         np.clip(np.rint(block, out=block), 0, 255, out=block)
         out[start : start + _HIGH_DEPTH_ROWS] = block
-    return Image.fromarray(out, mode="L")
+    grey = Image.fromarray(out, mode="L")
+    key = image.info.get("transparency")  # a PNG's tRNS: the one grey value that is see-through
+    if not isinstance(key, int | float):
+        return grey
+    alpha = (values != key).view(np.uint8) * np.uint8(255)
+    return Image.merge("LA", (grey, Image.fromarray(alpha, mode="L")))
 
 
 def _lab_to_rgb(image: Image.Image) -> Image.Image:
@@ -228,15 +233,19 @@ def _working_picture(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 def crop_to_content(image: Image.Image, padding: float) -> Image.Image:
     """Crop to the ink, square it up with a margin, dark ink on a light background.
 
-    The background is read from the picture's border; a dark border means light ink, which is
-    inverted so that every picture reaches the model in one polarity. A picture with no ink
-    (blank, or noise with no contrast) is returned whole.
+    The background is read from the picture's border, and the ink is what strays furthest from
+    it: lighter ink is inverted, so that every picture reaches the model in one polarity. (Not
+    by the background's side of mid-grey: dark ink on a dim grey page was read as light ink
+    and the digit lost.) A picture with no ink (blank, or noise with no contrast) is returned
+    whole.
     """
     grey = image.convert("L") if image.mode != "L" else image
     values = np.asarray(grey, dtype=np.int16)
     border = np.concatenate([values[0], values[-1], values[:, 0], values[:, -1]])
     background = int(np.median(border))
-    if background < 128:
+    lighter = int(values.max(initial=0)) - background
+    darker = background - int(values.min(initial=255))
+    if lighter > darker or (lighter == darker and background < 128):
         values = 255 - values
         background = 255 - background
         image = ImageOps.invert(image)

@@ -6,6 +6,7 @@ import io
 import struct
 import time
 import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -188,6 +189,19 @@ def test_a_png_with_metadata_that_inflates_past_a_megabyte_decodes():
     xmp.add_itxt("XML:com.adobe.xmp", "x" * 3_000_000, zip=True)
     for options in ({"icc_profile": b"\x00" * 3_000_000}, {"pnginfo": xmp}):
         assert decode_image(encode(picture(), "PNG", **options), LIMITS).size == (64, 48)
+
+
+def test_a_png_whose_metadata_inflates_past_the_cap_is_told_so_not_called_corrupt():
+    """Past PngImagePlugin.MAX_TEXT_CHUNK (16 MiB here) Pillow stops: the file is refused, with
+    what to change; "the image header is corrupt" sent users looking for a broken file."""
+    png = encode(picture(), "PNG")
+    text = chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * (20 * 2**20)))
+    for before in (b"IDAT", b"IEND"):  # read with the header, or after the pixels
+        at = png.index(before) - 4  # the chunk's length field
+        with pytest.raises(ClassifierError) as refused:
+            decode_image(png[:at] + text + png[at:], LIMITS)
+        assert refused.value.code == ErrorCode.INVALID_IMAGE
+        assert "inflates past the decoder's limit" in refused.value.message, before
 
 
 def test_animated_gif_gives_the_first_frame():

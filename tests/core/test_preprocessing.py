@@ -58,6 +58,19 @@ def test_light_ink_on_dark_paper_is_flipped_to_dark_on_light():
     np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-6)
 
 
+@pytest.mark.parametrize("paper", [130, 127, 110, 60])  # 3 grey levels apart at mid-grey
+def test_dark_ink_on_dim_paper_is_read_as_dark_ink(paper):
+    """A dim photo of pen on paper: the ink is darker than the page, whichever side of mid-grey
+    the page is. A page darker than 128 had the picture inverted, and the digit read as no ink
+    at all: the model saw the whole page, and a 7 on a 127 page was answered 1 (a review's)."""
+    on_white = crop_to_content(stroke(ink=165, paper=255), 0.15)
+    on_dim_paper = crop_to_content(stroke(ink=paper - 90, paper=paper), 0.15)
+    assert on_dim_paper.size == on_white.size != (200, 200)
+    width, height = on_dim_paper.size
+    edge, middle = on_dim_paper.getpixel((0, 0)), on_dim_paper.getpixel((width // 2, height // 2))
+    assert edge > middle, (edge, middle)  # dark ink on lighter paper, as the model learnt it
+
+
 def test_blank_picture_is_kept_whole():
     blank = Image.new("L", (50, 80), 255)
     assert crop_to_content(blank, 0.15).size == (50, 80)
@@ -163,6 +176,23 @@ def test_transparency_is_composited_over_white():
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = 0
     assert to_color_mode(palette, "RGB").getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_a_grey_pngs_transparent_value_is_white_at_any_depth(mode, tmp_path):
+    """tRNS names one grey as see-through; a 16-bit PNG's was dropped in rescaling to 8 bits,
+    and its background classified as grey (a review's)."""
+    grey = np.full((16, 16), 128, dtype=np.uint16)
+    grey[4:12, 6:10] = 0  # ink
+    scale = 257 if mode == "I;16" else 1
+    picture = Image.fromarray((grey * scale).astype(np.uint16 if scale > 1 else np.uint8))
+    assert picture.mode == mode
+    path = tmp_path / "keyed.png"
+    picture.save(path, transparency=128 * scale)
+    with Image.open(path) as opened:
+        assert opened.info["transparency"] == 128 * scale  # as a PNG decoder gives it
+        converted = np.asarray(to_color_mode(opened, "L"))
+    assert converted[0, 0] == 255 and converted[8, 8] == 0, converted
 
 
 def gradient_picture(mode: str, size=(1200, 900)) -> Image.Image:
