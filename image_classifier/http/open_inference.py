@@ -24,7 +24,7 @@ from ..core.model_card import ModelCard
 from ..serving import open_inference as oip
 
 HEADER_LENGTH = "inference-header-content-length"
-_URLSAFE = str.maketrans("-_", "+/")
+_URLSAFE = str.maketrans("-_", "+/", "\r\n")  # and line breaks dropped
 _MOST_HEADER_LENGTH_DIGITS = 15  # more than any body holds; Python's int() refuses 4,300 and up
 # Counted in a JSON body before it is parsed (bytes.count runs at memory speed). A request needs a
 # few objects (its inputs, outputs and parameters), and commas only between the values of a full
@@ -311,8 +311,9 @@ def _with_booleans(data: list[Any], depth: int) -> bool:
 
 
 def _base64_images(data: list[Any]) -> list[bytes]:
-    """JSON carries an image file as a base64 string (standard or URL-safe alphabet); for shape
-    [N, 1] the strings may come nested, one list per item."""
+    """JSON carries an image file as a base64 string (standard or URL-safe alphabet, and line
+    breaks allowed: `base64 FILE` wraps its lines at 76); for shape [N, 1] the strings may come
+    nested, one list per item."""
     if all(isinstance(item, list) and len(item) == 1 for item in data):
         data = [item[0] for item in data]
     images = []

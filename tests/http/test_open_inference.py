@@ -173,6 +173,16 @@ def test_nested_bytes_for_shape_n_1_are_images_too(server, heldout):
     assert response.json()["outputs"][0]["data"] == [str(label) for _, label in heldout[:2]]
 
 
+def test_base64_as_the_base64_tool_writes_it_with_line_breaks_is_read(server, heldout):
+    """`base64 FILE` wraps at 76 characters; the strict decoder refused it (a review's)."""
+    wrapped = base64.encodebytes(encode(heldout[0][0], "PNG")).decode()
+    assert "\n" in wrapped
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [wrapped]}
+    response = infer(server, {"inputs": [tensor], "outputs": [{"name": "label"}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [str(heldout[0][1])]
+
+
 def test_unknown_model_and_version_are_404(server, heldout):
     request = bytes_request([encode(heldout[0][0], "PNG")])
     assert open_inference_code(infer(server, request, model="resnet")) == "NOT_FOUND"
