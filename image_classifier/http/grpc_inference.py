@@ -397,26 +397,35 @@ def listening_host() -> str:
 class _TritonOnlyMethods(grpc.GenericRpcHandler):
     """Triton's methods beyond KServe's protocol and ModelConfig (statistics, shared memory,
     ModelStreamInfer...) are refused with UNIMPLEMENTED, the code and what is served, as over
-    HTTP, not with grpc's bare "Method not found!"."""
+    HTTP, not with grpc's bare "Method not found!"; logged and counted as every call is (a
+    method name that is not Triton's counts as `unknown`: the metric's labels stay few)."""
 
     SERVED = ", ".join(
         method
         for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         if not method.startswith("Repository")  # in the proto, but refused: no model control
     )
+    TRITONS = frozenset({
+        "ModelStreamInfer", "ModelStatistics", "RepositoryIndex", "TraceSetting", "LogSettings",
+        "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    })  # fmt: skip
+
+    def __init__(self, service: InferenceService) -> None:
+        self.refuse = service.refuse
 
     def service(self, handler_call_details: Any) -> Any:
         if not handler_call_details.method.startswith(SERVICE):
             return None
         name = handler_call_details.method.removeprefix(SERVICE)[:80]
+        error = ClassifierError(
+            ErrorCode.METHOD_NOT_ALLOWED,
+            f"{name} is not served here; the methods served are: {self.SERVED}",
+        )
+        counted_as = name if name in self.TRITONS else "unknown"
 
         async def refuse(_requests: Any, context: Any) -> None:
-            error = ClassifierError(
-                ErrorCode.METHOD_NOT_ALLOWED,
-                f"{name} is not served here; the methods served are: {self.SERVED}",
-            )
-            given = _metadata(context).get(REQUEST_ID_HEADER, "")
-            await _abort(context, error, request_id_for(given))
+            await self.refuse(context, counted_as, error)
 
         return grpc.stream_stream_rpc_method_handler(refuse)
 
@@ -444,7 +453,7 @@ def build_server(
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    server.add_generic_rpc_handlers((_TritonOnlyMethods(),))  # after the protocol's own
+    server.add_generic_rpc_handlers((_TritonOnlyMethods(service),))  # after the protocol's own
     add_standard_services(server, is_ready)  # health checks and reflection, for tools
     server.add_insecure_port(f"{listening_host()}:{settings.grpc_port}")
     return server, service

@@ -446,6 +446,31 @@ def test_tritons_methods_beyond_the_protocol_are_refused_with_the_code_over_grpc
     assert refused.value.details().startswith("METHOD_NOT_ALLOWED: ModelStreamInfer")
 
 
+def test_a_method_not_served_is_logged_and_counted_as_every_call_is(server):
+    """Refused methods left no access line and no count (a review's finding); a name that is
+    not Triton's counts as `unknown`, so made-up names cannot add label values without end."""
+    counted = "image_classifier_grpc_requests_total"
+
+    def count(method: str) -> float:
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return metric_value(metrics, f'{counted}{{code="METHOD_NOT_ALLOWED",method="{method}"}}')
+
+    before = {method: count(method) for method in ("ModelStatistics", "unknown")}
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        for method, request_id in [("ModelStatistics", "refused-statistics"),
+                                   ("NoSuchMethod-7f3a", "refused-made-up")]:  # fmt: skip
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"", timeout=10, metadata=[("x-request-id", request_id)])
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    logged = {line["request_id"]: line for line in access_lines(server.log())}
+    assert logged["refused-statistics"]["error_code"] == "METHOD_NOT_ALLOWED"
+    assert logged["refused-made-up"]["endpoint"].endswith("/unknown")
+    assert {method: count(method) - before[method] for method in before} == {
+        "ModelStatistics": 1, "unknown": 1,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["http", "grpc"])
 def test_shared_memory_regions_are_refused_not_ignored(server, pngs, kind):
     """An output asked into a region came back inline with 200, while the client would read the
