@@ -210,7 +210,8 @@ def classify(args: argparse.Namespace) -> int:
         tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress,
         ThreadPoolExecutor(args.concurrency) as pool,
     ):
-        write(out, done, walk_problems)  # not images: not on the progress bar
+        # Not images: not on the progress bar; recorded once, not again by every later run.
+        write(out, done, [r for r in walk_problems if done.get(_key(str(r["path"]))) != r])
         write(out, done, [_too_large(p, info.limits) for p in too_large], progress)
         futures = [pool.submit(send, chunk) for chunk in chunks]
         try:

@@ -413,6 +413,10 @@ def test_linked_folders_are_walked_once_and_special_files_are_recorded(server, t
     assert sorted(by_path) == ["again/digit-000.png", "digit-000.png", "pipe.png", "socket.png"]
     assert "a FIFO" in by_path["pipe.png"]["message"]
     assert "a socket" in by_path["socket.png"]["message"]
+    written = out.read_text()
+    again = classify(folder, out, server.url)  # the same folder, its FIFO and socket still there
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert out.read_text() == written  # nothing new: each run appended the FIFO's record again
 
 
 def test_sigterm_ends_the_run_like_ctrl_c(server, tree, tmp_path):
