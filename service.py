@@ -25,7 +25,7 @@ from image_classifier.http.routes import build_app, infer_upload_routes
 from image_classifier.http.schemas import AnalyzeBatchResponse, AnalyzeResponse
 from image_classifier.http.shutdown import drain_on_sigterm
 from image_classifier.http.uploads import routes_of_apis
-from image_classifier.serving import machine, memory, metrics, worker_state
+from image_classifier.serving import event_loop, machine, memory, metrics, worker_state
 from image_classifier.serving.predictor import Predictor
 from image_classifier.serving.settings import Settings
 
@@ -59,6 +59,7 @@ class ImageClassifier:
 
     def __init__(self) -> None:
         memory.watch_garbage_collector()
+        event_loop.watch_lag()
         replaced = metrics.forget_dead_workers()
         for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)

@@ -52,7 +52,11 @@ def h2load(
         if rate_per_connection:
             command[1:1] = ["--rps", f"{rate_per_connection:g}"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+        # A session of its own: Linux schedules each session as a group (autogroup), and in the
+        # caller's it starved the caller's own latency-sampling clients of a CPU for up to 50 ms
+        # at a time (their wait for a CPU, read from /proc/<pid>/task/<tid>/schedstat by hand).
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
+                                  start_new_session=True)  # fmt: skip
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if finished.returncode != 0:
             raise RuntimeError(f"h2load failed: {finished.stderr[-500:]}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -55,6 +56,18 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """Live BentoML worker processes under a server (a killed one lingers as a zombie)."""
+    pids = []
+    for process in psutil.Process(server_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(
+                process.cmdline()
+            ):
+                pids.append(process.pid)
+    return pids
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:

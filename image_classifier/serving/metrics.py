@@ -204,6 +204,12 @@ def observe_shadow(candidate_version: str, agreed: bool) -> None:
     SHADOW_COMPARISONS.labels(candidate_version=candidate_version, agreed=str(agreed).lower()).inc()
 
 
+EVENT_LOOP_LAG_SECONDS = Histogram(
+    "image_classifier_event_loop_lag_seconds",
+    "How late the worker's event loop ran a timer that was due: every request of the worker, "
+    "refusals and probes included, waits as long",
+    buckets=_SECONDS_BUCKETS,
+)
 GC_PAUSE_SECONDS = Histogram(
     "image_classifier_gc_pause_seconds",
     "Garbage collections by generation: each holds every request of its worker while it runs",

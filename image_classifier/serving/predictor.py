@@ -33,7 +33,7 @@ from . import metrics
 from .batching import MicroBatcher, Row
 from .cache import PredictionCache, SharedPredictionCache
 from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluations
-from .machine import int8_saturates
+from .machine import int8_saturates, yield_to_the_event_loop
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
 from .shared_state import redis_client
@@ -174,6 +174,7 @@ class Predictor:
                 "ort_intra_op_threads": settings.ort_intra_op_threads,
                 "ort_solo_threads": settings.ort_solo_threads,
                 "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # in effect
+                "thread_nice": settings.thread_nice,
                 "chosen_from": settings.sizing,
             },
             "limits": {
@@ -284,6 +285,7 @@ class Predictor:
         batcher = self.batchers[served.ref.version]
 
         def prepare_and_run() -> tuple[Row, int]:
+            yield_to_the_event_loop(self.settings.thread_nice)
             if isinstance(data, np.ndarray):
                 return batcher.run(data)
             return batcher.prepare_and_run(partial(_timed_prepare, classifier, data, content_type))

@@ -138,6 +138,12 @@ class Settings:
         "longest a thread keeps Python's interpreter lock while another waits for it (Python's "
         "own: 5)",
     )
+    thread_nice: int = _env(
+        "THREAD_NICE",
+        5,
+        "how much lower than the event loop the THREADS are scheduled (Linux nice, 0-19; 0: the "
+        "same)",
+    )
     max_concurrency: int = _env(
         "MAX_CONCURRENCY", 128, "requests in work at once per worker (503 OVERLOADED above)"
     )
@@ -321,6 +327,8 @@ class Settings:
             )
         if not 0 < self.gil_switch_interval_ms <= 100:
             raise ValueError("GIL_SWITCH_INTERVAL_MS must be > 0 and at most 100")
+        if not 0 <= self.thread_nice <= 19:
+            raise ValueError(f"THREAD_NICE must be between 0 and 19, got {self.thread_nice}")
         if self.batching_min_gain < 0:
             raise ValueError(f"BATCHING_MIN_GAIN must be >= 0, got {self.batching_min_gain}")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:

@@ -24,7 +24,7 @@ from loadtest.h2load import H2loadRun, h2load
 from loadtest.load import Outcome, closed_loops, percentile, post_image, raw_multipart
 from loadtest.servers import serve
 from tests.figures import measured
-from tests.http.responses import access_lines, assert_no_traceback
+from tests.http.responses import access_lines, assert_no_traceback, metric_value
 from tests.pictures import encode
 
 MAX_CONCURRENCY = Settings.max_concurrency  # the default: what a user's server refuses at
@@ -79,7 +79,7 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
             assert connected.wait(30), sampled.exception(0) if sampled.done() else "no connection"
             rate = 4 * at_capacity.rate(200) / OVERLOAD_CONNECTIONS
             overload, overload_cpu = load(OVERLOAD_CONNECTIONS, 20, rate)
-            per_client = sampled.result()
+            per_client, loop_timers = sampled.result()
         time.sleep(1)  # the work accepted during the burst (up to 2 * MAX_CONCURRENCY) finishes
         after, _ = load(16, 10)  # as long as the runs it is judged against: 5 s once read noise
         storm, _ = load(OVERLOAD_CONNECTIONS, 15)
@@ -134,7 +134,8 @@ def test_goodput_holds_at_four_times_capacity_and_when_refused_clients_retry_at_
             for s in slowest
         )
         + f"; {sum(s.new_connection for a in per_client for s in a)} sampled requests opened a "
-        "connection), "
+        f"connection; meanwhile the workers' event loops ran {loop_timers[1]:.0f} of "
+        f"{loop_timers[0]:.0f} timers more than 25 ms late), "
         f"{len(accepted)} accepted, max "
         f"{max(accepted, default=0) * 1000:.0f} ms (bound {accepted_bound * 1000:.0f} ms); "
         f"p99 as h2load saw them (with its own queueing per connection): accepted "
@@ -174,7 +175,7 @@ class Sampled:
 
 def _sample_answers(
     url: str, image: bytes, seconds: float, connected: threading.Event
-) -> list[list[Sampled]]:
+) -> tuple[list[list[Sampled]], tuple[float, float]]:
     """Clients that honour Retry-After, each on its own connection, while h2load overloads:
     the refusals' headers and envelope, which h2load does not keep, and the server's latencies
     as such a client sees them (h2load's include the time a request waits behind the one before
@@ -186,7 +187,9 @@ def _sample_answers(
     h2load, took aiohttp's own set-up with it, ~60 ms at the p99 where the same first request
     from a bare socket client was refused in 1-16 ms, connection included (measured by hand),
     and the refusal figure was then the client's. A connection the server closes (its
-    connection balance) is opened again within the sampling, and counts.
+    connection balance) is opened again within the sampling, and counts. Also returns how many
+    timers the workers' event loops ran during the sampling, and how many of them late (/metrics):
+    whether a slow refusal was the server's loop.
 
     The clients start spread over one Retry-After, as independent clients would be: started
     together and refused together, they stayed in step, and each round left this one process as
@@ -214,7 +217,14 @@ def _sample_answers(
             await asyncio.sleep(float(answer.retry_after or 0.05))
         return answers
 
-    async def sample() -> list[list[Sampled]]:
+    async def late_loop_timers(session: aiohttp.ClientSession) -> tuple[float, float]:
+        async with session.get(url.rsplit("/", 1)[0] + "/metrics") as response:
+            text = await response.text()
+        count = metric_value(text, "image_classifier_event_loop_lag_seconds_count")
+        in_time = metric_value(text, 'image_classifier_event_loop_lag_seconds_bucket{le="0.025"}')
+        return count, count - in_time
+
+    async def sample() -> tuple[list[list[Sampled]], tuple[float, float]]:
         sessions = [
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=1),
@@ -230,9 +240,12 @@ def _sample_answers(
             await asyncio.sleep(1)  # h2load has started
             deadline = time.monotonic() + seconds
             spread = RETRY_AFTER_S / SAMPLING_CLIENTS
-            return await asyncio.gather(
+            before = await late_loop_timers(sessions[0])
+            answers = await asyncio.gather(
                 *(client_loop(s, i * spread, deadline) for i, s in enumerate(sessions))
             )
+            after = await late_loop_timers(sessions[0])
+            return answers, (after[0] - before[0], after[1] - before[1])
         finally:
             await asyncio.gather(*(session.close() for session in sessions))
 

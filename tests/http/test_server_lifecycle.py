@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from image_classifier.serving.release_record import ReleaseRecord, write_record
 from loadtest.load import closed_loops
-from loadtest.servers import BIN, REPO, free_port, serve
+from loadtest.servers import BIN, REPO, free_port, serve, worker_pids
 from tests.figures import measured
 from tests.http.responses import access_lines, assert_no_traceback, envelope_code, metric_value
 from tests.model_store import import_model
@@ -420,18 +420,6 @@ async def _grpc_ready(target: str) -> tuple[bool, str]:
     return ready, health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
-def _workers(server_pid: int) -> list[int]:
-    """Live BentoML worker processes under the server (a killed one lingers as a zombie)."""
-    pids = []
-    for process in psutil.Process(server_pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if process.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(
-                process.cmdline()
-            ):
-                pids.append(process.pid)
-    return pids
-
-
 def _probe(url: str, since: float) -> int | str:
     """The status, or "reset at once" for a probe the kernel queued on the killed worker's
     socket in the instant before its death closed it (as a Kubernetes probe could meet once)."""
@@ -447,7 +435,7 @@ def test_workers_drain_and_exit_when_their_arbiter_is_killed(trained_store, arti
     """SIGKILL to `bentoml serve` itself: its workers went on answering with nothing to supervise
     them, and held the ports against a restart."""
     with serve(trained_store, artifacts / "server-arbiter-killed.log", env={"WORKERS": "2"}) as s:
-        workers = [psutil.Process(pid) for pid in _workers(s.process.pid)]
+        workers = [psutil.Process(pid) for pid in worker_pids(s.process.pid)]
         try:
             assert len(workers) == 2, workers
             os.kill(s.process.pid, signal.SIGKILL)
@@ -487,7 +475,7 @@ def test_a_worker_replaced_after_a_promote_serves_the_version_the_server_started
     env = {"WORKERS": "2", "SERVED_MODEL_FILE": str(record)}
     with serve(home, artifacts / "server-promoted-meanwhile.log", env=env) as s:
         write_record(record, ReleaseRecord(model_tag="first:v2", history=["first:v1"]))
-        os.kill(_workers(s.process.pid)[0], signal.SIGKILL)
+        os.kill(worker_pids(s.process.pid)[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while not _replaced_and_ready(s.url) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -510,7 +498,7 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
     """SIGKILL one of two workers under load: only the requests it held fail, the survivor keeps
     answering (and /readyz with it), the worker is replaced, and /metrics and the log say so."""
     with serve(trained_store, artifacts / "server-worker-killed.log", env={"WORKERS": "2"}) as s:
-        first = _workers(s.process.pid)
+        first = worker_pids(s.process.pid)
         assert len(first) == 2, first
         url = f"{s.url}/analyze"
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -525,7 +513,7 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
                     replaced_after = time.monotonic() - killed_at
                 time.sleep(0.2)
             outcomes = load.result(timeout=60)
-        now = _workers(s.process.pid)
+        now = worker_pids(s.process.pid)
         log = s.log()
 
     failed = [o for o in outcomes if o.status != 200]

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from image_classifier.serving.machine import (
     cpu_budget,
     int8_saturates,
     size_for,
+    yield_to_the_event_loop,
 )
 from image_classifier.serving.settings import Settings
 
@@ -117,3 +120,15 @@ def test_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, machine, sa
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n")
     assert int8_saturates(cpuinfo, machine) is saturates
     assert int8_saturates(tmp_path / "absent", machine) is False  # unknown: no claim
+
+
+def test_a_thread_that_decodes_runs_below_the_event_loop_once_set():
+    def nice_of_a_worker_thread() -> int:
+        yield_to_the_event_loop(5)
+        yield_to_the_event_loop(5)  # once per thread: not 10 steps
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    loop_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(nice_of_a_worker_thread).result() == min(19, loop_thread + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_thread
