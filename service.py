@@ -58,8 +58,7 @@ class ImageClassifier:
     model, candidate = model_store.served_pair(SETTINGS.model_tag, SETTINGS.candidate_model_tag)
 
     def __init__(self) -> None:
-        memory.watch_garbage_collector()
-        event_loop.watch_lag()
+        event_loop.watch()  # its lateness and the garbage collector's pauses on /metrics
         replaced = metrics.forget_dead_workers()
         for pid in replaced:
             log.warning("worker %d died without shutting down; this worker replaces it", pid)

@@ -1,16 +1,11 @@
-"""Memory per worker process: glibc's malloc arenas capped before threads start, what startup
-allocated kept out of the garbage collector's way, and the collector's pauses measured."""
+"""Memory per worker process: glibc's malloc arenas capped before threads start, and what startup
+allocated kept out of the garbage collector's way."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import gc
 import logging
-import time
-from collections import deque
-
-from . import metrics
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
 _M_MMAP_THRESHOLD = -3
@@ -57,38 +52,3 @@ def freeze_startup_objects() -> None:
     log.info(
         "%d startup objects frozen out of the garbage collector's reach", gc.get_freeze_count()
     )
-
-
-def watch_garbage_collector(every_s: float = 1.0) -> None:
-    """Time every garbage collection of this process into /metrics, with what it freed; call in
-    the worker's running event loop.
-
-    A collection holds the worker's event loop, refusals included: under overload, cyclic
-    garbage that each request left (fixed in http/protocol.py) made collections of 6-13 ms
-    about once a second (measured by hand with this same hook), invisible from outside.
-    The hook only notes (a deque's append takes no lock): it runs inside whatever allocation
-    set the collection off, prometheus_client's own locked writes included, and a metric
-    written from there deadlocked the worker for good. The event loop moves the notes to the
-    metrics every `every_s`."""
-    loop = asyncio.get_running_loop()
-    pauses = [metrics.GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
-    freed = [metrics.GC_COLLECTED.labels(str(g)) for g in range(3)]
-    notes: deque[tuple[int, float, int]] = deque(maxlen=100_000)
-    started = [0.0]
-
-    def note(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            notes.append((info["generation"], time.perf_counter() - started[0], info["collected"]))
-
-    def publish() -> None:
-        while notes:
-            generation, seconds, collected = notes.popleft()
-            pauses[generation].observe(seconds)
-            if collected:
-                freed[generation].inc(collected)
-        loop.call_later(every_s, publish)
-
-    gc.callbacks.append(note)
-    publish()
