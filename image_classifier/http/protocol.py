@@ -133,6 +133,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     balance: ConnectionBalance | None = None  # set by `install`
     _in_head = False  # between a request's first byte and the end of its headers
     _head_refused = False
+    _chunked = False  # the head says Transfer-Encoding
     _unreadable_because = ""  # set when a parsed head is refused as not valid HTTP/1.1
     _dropping_body = False  # a refused request's body is being read and dropped
     _held_answer: bytes | None = None  # a refusal sent once that body is in (then the end)
@@ -143,6 +144,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _began_in_this_read = False  # a request's head began in the read being parsed
     _head_deadline = None  # the timer that gives up on a head arriving in several reads
     _lingering = None  # the timer that closes a connection half-closed after its answer
+    _refusal_after_answers: ClassifierError | None = None  # an unreadable head's, once earlier
+    # pipelined requests are answered (`_refuse_unreadable`)
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
         """A connection that never sends a byte is idle, as one between requests is: it gets
@@ -160,6 +163,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._began_in_this_read = True  # what of the read is this head's is not known
         self._header_bytes = 0  # as parsed: a head that came whole in one read is counted too
         self._hosts = 0
+        self._chunked = False
         self._head_refused = False
 
     def on_url(self, url: bytes) -> None:
@@ -177,15 +181,17 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         lowered = name.lower()
         if lowered == b"host":
             self._hosts += 1
-        elif lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            # The parser frames "gzip, chunked" by its last coding and would pass the body on
-            # still gzipped, as if it were the upload. A transfer coding is refused
-            # (RFC 9112 6.1), a compressed upload is said with Content-Encoding.
-            self._unreadable_because = (
-                "only Transfer-Encoding: chunked is read; say a compressed upload with "
-                "Content-Encoding: gzip"
-            )
-            raise _Unreadable
+        elif lowered == b"transfer-encoding":
+            self._chunked = True
+            if value.strip().lower() != b"chunked":
+                # The parser frames "gzip, chunked" by its last coding and would pass the body
+                # on still gzipped, as if it were the upload. A transfer coding is refused
+                # (RFC 9112 6.1), a compressed upload is said with Content-Encoding.
+                self._unreadable_because = (
+                    "only Transfer-Encoding: chunked is read; say a compressed upload with "
+                    "Content-Encoding: gzip"
+                )
+                raise _Unreadable
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -198,6 +204,12 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if version == "1.1" and self._hosts != 1:
             self._unreadable_because = "an HTTP/1.1 request has one Host header (RFC 9112 3.2)"
             raise _Unreadable  # the parser stops; uvicorn calls send_400_response
+        if version == "1.0" and self._chunked:  # HTTP/1.0 has no chunked framing to trust
+            self._unreadable_because = (
+                "Transfer-Encoding in an HTTP/1.0 request is not read (RFC 9112 6.1): send "
+                "Content-Length"
+            )
+            raise _Unreadable
         if not self._refused_early():
             super().on_headers_complete()
             if self.parser.should_upgrade() or (
@@ -237,8 +249,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering is not None:
-            return  # the rest of a body that was answered before it came: dropped unparsed
+        if self._lingering is not None or self._refusal_after_answers is not None:
+            return  # what follows an answered body or an unreadable head: dropped unparsed
         self._began_in_this_read = False
         super().data_received(data)
         if self._dropping_body and self._body_deadline is None:
@@ -260,6 +272,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._refusal_after_answers is not None and not self._answer_pending():
+            # After this step of the last answer's task: its bytes leave when uvicorn's send
+            # returns to it (`_HeadHeldUntilBody`), which is after this call.
+            self.loop.call_soon(self._refuse_after_answers)
+            return
         if self.balance is not None and not self._balanced:
             # Counted once answered: a connection only opened, or held in its head or body
             # (500 slow uploads), would make its worker look full and send every keep-alive
@@ -421,7 +438,15 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         runs: the handler, told the client is gone, counts and logs it, so it is not logged
         twice; its request id is the one of both (the client's, or the handler's: the boundary
         sets it in the head's header list, which the protocol holds too)."""
-        in_handler = self.cycle is not None and not self.cycle.response_complete
+        if self._answer_pending() and not self.cycle.more_body:
+            # Pipelined requests before this head, complete and let in, are still in work: they
+            # are answered first, in order, and this refusal after them (closing at once lost
+            # their answers). Nothing more is read meanwhile: the parser has stopped.
+            self._refusal_after_answers = refusal
+            self._in_head = False
+            self._cancel_head_deadline()
+            return
+        in_handler = self._answer_pending()  # a body broken off mid-way: its handler's
         given_id = next((v for k, v in self.headers if k == _REQUEST_ID_KEY), b"")
         request_id = request_id_for(given_id.decode("latin-1")) if in_handler else new_request_id()
         if in_handler and not given_id:  # the handler, not yet begun, adopts it from the head
@@ -442,6 +467,15 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         with logs.request_context(request_id, "-", logs.UNMATCHED_ENDPOINT) as fields:
             fields["error_code"] = refusal.code.value
             logs.log_request(fields, HTTP_STATUS[refusal.code], 0.0)
+
+    def _refuse_after_answers(self) -> None:
+        refusal, self._refusal_after_answers = self._refusal_after_answers, None
+        if refusal is not None and not self.transport.is_closing():  # (else: an answer closed)
+            self._refuse_unreadable(refusal)
+
+    def _answer_pending(self) -> bool:
+        """A request let in on this connection is not yet answered (running, or pipelined)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
 
 async def _run(gate: Gate | None, cycle, app, scope, receive, send) -> None:  # noqa: ANN001

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import uvloop
 
+from image_classifier.http.protocol import MAX_HEADERS
 from loadtest.load import closed_loops, percentile, raw_multipart, throughput
 from loadtest.servers import serve
 from tests.figures import measured
@@ -253,6 +254,7 @@ MALFORMED_HEADS = [
     b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
     b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /analyze HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
 ]
 
 
@@ -447,3 +449,55 @@ def test_a_client_that_half_closes_after_its_request_still_gets_its_answer(serve
     assert answer_head.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b"\r\nconnection: close" in answer_head.lower(), answer_head
     assert json.loads(payload)["success"] is True
+
+
+def _answers_until_closed(sock: socket.socket) -> list[tuple[bytes, dict]]:
+    """Every answer on a connection, (head, JSON body) each, read until the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):  # ends when the server closes (a timeout fails)
+        data += chunk
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:")))  # fmt: skip
+        answers.append((head.lower(), json.loads(rest[:length])))
+        data = rest[length:]
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("unreadable", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "INVALID_REQUEST"),
+        (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+         400, "INVALID_REQUEST"),
+        (b"GET /livez HTTP/1.1\r\nHost: x\r\n"
+         + b"".join(b"X-%d: y\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n",
+         431, "HEADERS_TOO_LARGE"),
+    ],
+)  # fmt: skip
+def test_pipelined_requests_before_an_unreadable_head_are_answered_first(
+    server, digit_png, unreadable, status, code
+):
+    """Requests pipelined in one read with a head that cannot be read after them: each is
+    answered, in order, then the refusal, counted and logged under its own id, and the end.
+    The refusal used to be written at once and the connection closed: the requests before it
+    ran, their access lines said 200, and their answers were never sent (a review)."""
+    body, content_type = raw_multipart([("image", "digit.png", "image/png", digit_png)])
+    analyze = (f"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(analyze + analyze + unreadable)
+        answers = _answers_until_closed(sock)
+    statuses = [int(head.split(b" ")[1]) for head, _ in answers]
+    assert statuses == [200, 200, status], answers
+    assert all(answer["success"] for _, answer in answers[:2]), answers
+    head, refusal = answers[2]
+    assert refusal["error"]["code"] == code and b"\r\nconnection: close" in head, answers[2]
+    time.sleep(0.3)  # the access line, written as the answer goes
+    logged = [
+        line for line in access_lines(server.log()) if line["request_id"] == refusal["request_id"]
+    ]
+    assert [(line["status"], line["error_code"]) for line in logged] == [(status, code)], logged
