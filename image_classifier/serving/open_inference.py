@@ -103,12 +103,29 @@ def served_model(
         except ClassifierError:
             raise not_served from None
     chosen = router.route(pinned) if canary or pinned else router.primary
+    if not pinned and not _described_alike(chosen, router.primary):
+        chosen = router.primary  # what the metadata describes: the canary only when alike
     if chosen.ref.name == name:
         return chosen
     for served in router.models:
         if served.ref.name == name:
             return served
     raise not_served
+
+
+def _described_alike(drawn: ServedVersion, primary: ServedVersion) -> bool:
+    """A call that names no version is built from the metadata, which describes the primary:
+    a canary candidate with other inputs or labels answered half of such calls with a 400 for
+    the tensor shape the metadata gave, or with other classes (a review). A candidate not yet
+    loaded is taken as alike: it answers NOT_READY as any other call to it."""
+    if drawn is primary or drawn.classifier is None or primary.classifier is None:
+        return True
+    ours, theirs = primary.classifier.card, drawn.classifier.card
+    return (
+        ours.labels == theirs.labels
+        and ours.preprocessing.tensor_shape == theirs.preprocessing.tensor_shape
+        and tensor_input_name(ours) == tensor_input_name(theirs)
+    )
 
 
 def invalid(message: str) -> ClassifierError:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from image_classifier.core.classifier import Classifier
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.core.model_card import ModelCard
 from image_classifier.core.preprocessing import PreprocessSpec
@@ -15,6 +16,8 @@ from image_classifier.http import open_inference as rest
 from image_classifier.http.grpc_inference import _classification
 from image_classifier.http.protos import grpc_predict_v2_pb2 as pb
 from image_classifier.serving import open_inference as oip
+from image_classifier.serving.routing import ModelRef, ModelRouter, ServedVersion
+from tests.onnx_models import build_onnx_classifier
 
 
 def test_bytes_elements_round_trip_and_refuse_cut_data():
@@ -217,3 +220,25 @@ def test_classification_as_a_string_is_refused_like_any_other_non_integer(given)
         given()
     assert refused.value.code is ErrorCode.INVALID_REQUEST
     assert "'classification' must be a positive integer" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("candidate", "drawn"),
+    [({}, "v2"), ({"input_size": (20, 20)}, "v1"), ({"labels": 3}, "v1")],
+    ids=["alike", "other-input-shape", "other-labels"],
+)
+def test_a_call_without_a_version_gets_the_canary_only_if_the_metadata_describes_it_too(
+    tmp_path, candidate, drawn
+):
+    """The metadata describes the primary; a call built from it must fit what answers it."""
+
+    def served(version: str, role: str, **model) -> ServedVersion:
+        folder = build_onnx_classifier(tmp_path / version, **{"labels": 5, **model})
+        version_served = ServedVersion(ModelRef(name="m", version=version), role, folder)
+        version_served.classifier = Classifier(folder)
+        return version_served
+
+    router = ModelRouter(served("v1", "primary"), served("v2", "candidate", **candidate), 1.0)
+    assert oip.served_model(router, "m", None).ref.version == drawn
+    assert oip.served_model(router, "m", None, pinned="v2").ref.version == "v2"  # asked for
+    assert oip.served_model(router, "m", "v2").ref.version == "v2"

@@ -354,3 +354,25 @@ def test_weights_kept_beside_the_file_are_stored_inside_it(tmp_path, bentoml_hom
     assert not (stored / "weights.bin").exists()
     np.testing.assert_array_equal(weights(stored), weights(folder))
     assert Classifier(stored).run([np.zeros((3, 20, 20), np.float32)]).shape == (1, 5)
+
+
+def test_a_model_finite_on_every_picture_it_can_be_sent_imports(tmp_path, bentoml_home):
+    """A Sqrt of the input (a gamma step) on pixels scaled to [0, 1]: NaN only for negative
+    values, which no picture gives. Sample inputs drawn as noise in tensor space were negative,
+    and this working model was refused as one whose batch rows mix (a review)."""
+    folder = build_onnx_classifier(tmp_path / "m", labels=5, input_size=(20, 20),
+                                   color_mode="RGB")  # fmt: skip
+    model = onnx.load(str(folder / "model.onnx"))
+    picture = model.graph.input[0].name
+    for node in model.graph.node:  # every use of the input now takes its square root
+        node.input[:] = ["gamma" if name == picture else name for name in node.input]
+    model.graph.node.insert(0, onnx.helper.make_node("Sqrt", [picture], ["gamma"]))
+    onnx.save(model, str(folder / "gamma.onnx"))
+    plain = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    tag = import_onnx(folder / "gamma.onnx", "gamma", "v1", labels=LABELS,
+                      preprocessing=plain, say=lambda _: None)  # fmt: skip
+    classifier = Classifier(store_model_dir(bentoml_home, tag))
+    tensors = [
+        preprocess(colour_picture(label, 0), classifier.card.preprocessing) for label in (0, 1)
+    ]
+    assert np.isfinite(classifier.run(tensors)).all()
