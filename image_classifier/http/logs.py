@@ -33,6 +33,12 @@ _UNPARSABLE_HEAD_WARNING = "Invalid HTTP request received."
 # The endpoint (access lines, request metrics) of a request no route serves, or whose head could
 # not be read: one label, however many made-up URLs come.
 UNMATCHED_ENDPOINT = "unmatched"
+# What a client's path may carry once percent-decoded that would end a log line or start a
+# forged one in the text format (`%0a2026-12-07 [ERROR] ...`, in a review): written escaped.
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(32), 127, 0x85)} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 
 
 class JsonLineFormatter(JsonFormatter):
@@ -93,7 +99,11 @@ def _said_already(record: logging.LogRecord) -> bool:
 @contextmanager
 def request_context(request_id: str, method: str, path: str) -> Iterator[dict[str, Any]]:
     """The fields of this request's access line; code running for the request adds to them."""
-    fields: dict[str, Any] = {"request_id": request_id, "method": method, "endpoint": path}
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": method.translate(_ESCAPED),
+        "endpoint": path.translate(_ESCAPED),
+    }
     token = _REQUEST.set(fields)
     try:
         yield fields

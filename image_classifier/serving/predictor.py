@@ -97,7 +97,7 @@ class Predictor:
         evaluation is merged into its card: the drift alarm's baseline."""
         file = self.settings.evaluations_file
         evaluations = read_evaluations(file) if file else EvaluationRecord()
-        for served in self.router.models:
+        for served in list(self.router.models):
             version = served.ref.version
             try:
                 classifier = Classifier(
@@ -112,6 +112,13 @@ class Predictor:
                 if self.cache is not None:
                     classifier.fingerprint  # noqa: B018 - hashed here, off the event loop
             except Exception as exc:
+                if served is self.router.candidate:  # it must not take the primary's readiness
+                    log.error(
+                        "candidate %s cannot be served, so the primary is served alone (no "
+                        "canary, no shadow): %s", served.tag, exc,
+                    )  # fmt: skip
+                    self.router.drop_candidate()
+                    continue
                 raise ModelLoadError(f"model {served.tag} cannot be served: {exc}") from exc
             served.loaded(classifier)
             self.batchers[version] = self._batcher_for(classifier)

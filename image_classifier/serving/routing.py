@@ -94,6 +94,11 @@ class ModelRouter:
             return self.candidate
         return self.primary
 
+    def drop_candidate(self) -> None:
+        """Serve the primary alone: the candidate cannot be served."""
+        self.candidate = None
+        self.canary_fraction = self.shadow_fraction = 0.0
+
     def find(self, wanted: str) -> ServedVersion:
         for model in self.models:
             if wanted in (model.ref.version, model.tag):

@@ -326,3 +326,16 @@ def test_the_readme_error_table_has_every_code_with_its_status():
         for code, status in zip(codes.split(","), statuses.split(","), strict=True):
             tabled[code.strip(" |`")] = int(status)
     assert tabled == {code.value: status for code, status in HTTP_STATUS.items()}
+
+
+def test_a_path_cannot_end_its_log_line_or_forge_another(caplog):
+    """Percent-decoded, a path may hold line ends: in the text log format they wrote a second,
+    forged line (a review). They are logged escaped, in the message and the endpoint field."""
+    with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+        TestClient(BoundaryMiddleware(APP, upload_routes={})).get(
+            "/x%0a2026-12-07T06:34:00+0000%20[ERROR]%20forged%E2%80%A8"
+        )
+    (line,) = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
+    message = line.getMessage()
+    assert message.splitlines() == [message] and "\\x0a2026" in message, message
+    assert "\u2028" not in message and line.endpoint.startswith("/x\\x0a2026"), line.endpoint

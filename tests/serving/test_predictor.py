@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import numpy as np
@@ -160,6 +161,19 @@ def test_a_model_that_cannot_load_is_named(tmp_path):
     (broken / "model.onnx").write_bytes(b"truncated")
     with pytest.raises(ModelLoadError, match="tiny:v1"):
         predictor_for(broken)
+
+
+def test_a_candidate_that_cannot_load_leaves_the_primary_served_alone(model_dir, tmp_path, caplog):
+    """A candidate gets a share of the traffic at most: failing, it held the whole server unready
+    (a review). It is named in the log, and dropped, its canary and shadow shares with it."""
+    broken = build_onnx_classifier(tmp_path / "broken")
+    (broken / "model.onnx").write_bytes(b"truncated")
+    with caplog.at_level(logging.ERROR):
+        predictor = predictor_for(model_dir, broken, shadow_fraction=1)
+    assert predictor.router.all_loaded() and predictor.router.candidate is None
+    assert predictor.router.route().ref.version == "v1" and predictor.router.shadow_fraction == 0
+    assert "candidate tiny:v2 cannot be served" in caplog.text
+    assert predictor.info()["candidate"] is None
 
 
 @pytest.mark.parametrize(("weight_bits", "warned"), [(8, True), (7, False)])
