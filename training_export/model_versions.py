@@ -173,14 +173,20 @@ def _other_labels(candidate: str, served: str) -> str | None:
 
 
 def rollback(record: ReleaseRecord, say: Callable[[str], None] = print) -> ReleaseRecord:
-    """Back to the latest earlier version still in the store (one deleted since is skipped, and
-    said: it left no way back but `promote` before)."""
+    """Back to the latest earlier version still in the store that can be served, checked as
+    `promote` checks (one deleted or broken since is skipped, and said: a rollback is what an
+    operator runs when things are already going wrong)."""
     history = list(record.history)
     while history:
         previous = history.pop()
-        if model_store.find(previous) is not None:
+        if model_store.find(previous) is None:
+            say(f"note: {previous} is not in the model store (deleted, or never here): skipped")
+            continue
+        try:
+            check_servable(previous)
             break
-        say(f"note: {previous} is not in the model store (deleted, or never here): skipped")
+        except VersionError as refused:
+            say(f"note: {refused}: skipped")
     else:
         raise VersionError("no earlier served version is recorded: nothing to roll back to")
     candidate = None if record.candidate_tag == previous else record.candidate_tag

@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from limits import parse_many as parse_rate_limits
+from redis.connection import parse_url
 
 from ..core.classifier import ClassifierOptions
 from ..core.decoding import DecodeLimits, decodable_formats
@@ -346,6 +348,11 @@ class Settings:
                 raise ValueError("CANDIDATE_MODEL_TAG must differ from MODEL_TAG")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
+        if self.redis_url:  # read by redis' own parser now, not by the first request or limit
+            try:
+                parse_url(self.redis_url)
+            except ValueError as exc:  # its words name the part, never the password
+                raise ValueError(f"REDIS_URL is not a Redis URL: {exc}") from None
         for origin in self.cors_origins:
             if origin != "*" and not _is_origin(origin):
                 raise ValueError(
@@ -462,6 +469,8 @@ def describe() -> str:
         value = getattr(current, spec.name)
         if spec.name == "api_tokens" and value:
             value = f"({len(value)} set)"  # never print a secret
+        elif spec.name == "redis_url" and urlsplit(value).password:
+            value = value.replace(f":{urlsplit(value).password}@", ":***@", 1)
         rows.append(
             f"{spec.metadata['env']:<22} {default!s:<40} {value!s:<40} {spec.metadata['doc']}"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -78,6 +79,10 @@ def test_values_are_parsed_by_type():
         ("BODY_TIMEOUT_S", "45", "BODY_TIMEOUT_S=45, REQUEST_TIMEOUT_S=30"),
         ("MAX_UPLOAD_BYTES", str(65 * MIB), "must be at most MAX_BATCH_BYTES=67108864"),
         ("MAX_BODY_MEMORY", str(MIB), "must be at least MAX_UPLOAD_BYTES=10485760"),
+        # Found by a review: accepted, then a traceback wall at the rate limiter's start.
+        ("REDIS_URL", "redis://127.0.0.1:notaport/0", "REDIS_URL is not a Redis URL: Port"),
+        ("REDIS_URL", "redis://:pw@[bad", "REDIS_URL is not a Redis URL: Invalid IPv6"),
+        ("THREAD_NICE", "20", "THREAD_NICE must be between 0 and 19"),
     ],
 )
 def test_bad_values_fail_loudly(name, value, message):
@@ -162,3 +167,17 @@ def test_settings_table_lists_every_variable():
         "WORKERS",
     ):
         assert name in out
+
+
+def test_the_settings_table_never_prints_a_secret():
+    environment = {
+        **os.environ,
+        "API_TOKENS": "tok-secret",
+        "REDIS_URL": "redis://:pw-secret@h:1/0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "image_classifier.serving.settings"],
+        capture_output=True, text=True, env=environment, check=True,
+    ).stdout  # fmt: skip
+    assert "redis://:***@h:1/0" in out and "(1 set)" in out
+    assert "secret" not in out, out

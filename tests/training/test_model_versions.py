@@ -8,9 +8,9 @@ import shutil
 import httpx
 import pytest
 
-from image_classifier.serving.release_record import ReleaseRecord, read_record
+from image_classifier.serving.release_record import ReleaseRecord, read_record, write_record
 from loadtest.servers import serve
-from tests.model_store import import_model, training_cli
+from tests.model_store import import_model, store_model_dir, training_cli
 from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 
@@ -93,21 +93,25 @@ def test_a_candidate_or_promotion_that_would_share_the_served_version_is_refused
     assert read_record(record).model_tag == "first:v1"
 
 
-def test_rollback_skips_versions_deleted_since(monkeypatch):
+def test_rollback_skips_versions_deleted_or_broken_since(tmp_path):
     """A deleted previous version stopped every rollback ("not in the model store"), with no way
-    back but promote. (The store's one lookup is stood in for: deleting a real version here would
-    take it from the other tests.)"""
-    from training_export import model_versions
-
-    stored = {"m:v1", "m:v3"}
-    monkeypatch.setattr(model_versions.model_store, "find", lambda tag: tag in stored or None)
-    said: list[str] = []
-    record = ReleaseRecord(model_tag="m:v3", history=["m:v1", "m:v2"])
-    updated = model_versions.rollback(record, said.append)
-    assert (updated.model_tag, updated.history) == ("m:v1", [])
-    assert said == ["note: m:v2 is not in the model store (deleted, or never here): skipped"]
-    with pytest.raises(model_versions.VersionError, match="nothing to roll back"):
-        model_versions.rollback(ReleaseRecord(model_tag="m:v3", history=["m:v2"]), said.append)
+    back but promote; a broken one was rolled back to without the check promote makes, and the
+    restart served nothing (a review). Both are skipped, and said."""
+    home, record = tmp_path / "home", tmp_path / "served_model.json"
+    for tag in ("m:v1", "m:v2", "m:v3"):
+        import_model(home, build_onnx_classifier(tmp_path / tag.replace(":", "-")), tag)
+    (store_model_dir(home, "m:v2") / "model.onnx").write_bytes(b"truncated")
+    write_record(record, ReleaseRecord(model_tag="m:v3", history=["m:v1", "m:v2", "m:v4"]))
+    cli = {"home": home, "extra_env": {"SERVED_MODEL_FILE": str(record)}}
+    rolled_back = training_cli("models", "rollback", **cli)
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert "m:v4 is not in the model store (deleted, or never here): skipped" in rolled_back.stdout
+    assert "m:v2 cannot be served" in rolled_back.stdout
+    assert (read_record(record).model_tag, read_record(record).history) == ("m:v1", [])
+    write_record(record, ReleaseRecord(model_tag="m:v3", history=["m:v2"]))
+    nothing = training_cli("models", "rollback", **cli)
+    assert nothing.returncode == 1 and "nothing to roll back" in nothing.stderr
+    assert read_record(record).model_tag == "m:v3"
 
 
 def test_list_shows_the_latest_saved_evaluation_accuracy(
