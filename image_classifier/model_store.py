@@ -33,15 +33,15 @@ def find(tag: str) -> bentoml.Model | None:
         return None
 
 
-def served(tag: str) -> bentoml.models.BentoModel | None:
+def served(tag: str, variable: str = "MODEL_TAG") -> bentoml.models.BentoModel | None:
     """The model for the service class to pin (None for an empty tag). A missing model stops the
-    start with one line saying what to run, not a stack trace."""
+    start with one line saying what to run, not a stack trace; `variable` names the tag's."""
     if not tag:
         return None
     stored = find(tag)
     if stored is None:
         raise start_refused(
-            f"model {tag} is not in the BentoML model store{_held(tag)}. {MODEL_HELP}"
+            f"model {tag} is not in the BentoML model store{_held(tag, variable)}. {MODEL_HELP}"
         )
     if not (Path(stored.path) / CARD_FILE).is_file():  # the workers would wait unready for ever
         raise start_refused(
@@ -51,21 +51,21 @@ def served(tag: str) -> bentoml.models.BentoModel | None:
     return bentoml.models.BentoModel(str(stored.tag))  # resolved: a name alone is a version now
 
 
-def _held(tag: str) -> str:
+def _held(tag: str, variable: str) -> str:
     """The versions of that name the store holds, if any: a bento holds only the version it was
     built with (MODEL_TAG at `bentoml build`), which its served_model.json may not name."""
     try:
         versions = [str(model.tag) for model in bentoml.models.list(tag.split(":")[0])]
     except (NotFound, ValueError):
         versions = []
-    return f" (it holds {', '.join(sorted(versions))}: set MODEL_TAG to one)" if versions else ""
+    return f" (it holds {', '.join(sorted(versions))}: set {variable} to one)" if versions else ""
 
 
 def served_pair(
     model_tag: str, candidate_tag: str
 ) -> tuple[bentoml.models.BentoModel | None, bentoml.models.BentoModel | None]:
     """The served model and its optional candidate, refused at start when they clash."""
-    model, candidate = served(model_tag), served(candidate_tag)
+    model, candidate = served(model_tag), served(candidate_tag, "CANDIDATE_MODEL_TAG")
     if model and candidate and (clash := version_clash(str(model.tag), str(candidate.tag))):
         raise start_refused(clash)
     return model, candidate

@@ -400,6 +400,11 @@ def request_shape_cases() -> list[Case]:
              content=no_close, headers=(("Content-Type", no_close_type.upper().replace(
                  "BOUNDARY=LOADTEST-MULTIPART-BOUNDARY", "boundary=loadtest-multipart-boundary")),),
              expected_label="2"),
+        Case("part-type-twice", "a part that gives its Content-Type twice (which counts would "
+             "be a guess)", "/analyze", 400, "INVALID_REQUEST",
+             "Content-Type: image/jpeg, then image/png", headers=(("Content-Type", no_close_type),),
+             content=no_close.replace(b"Content-Type: image/png",
+                                      b"Content-Type: image/jpeg\r\nContent-Type: image/png")),
         Case("wrong-field-name", "the file in `file` instead of `image`", "/analyze", 400,
              "INVALID_REQUEST", "file=d.png", files=one("d.png", png, "image/png", "file")),
         Case("two-files", "two files in `image`", "/analyze", 400, "INVALID_REQUEST",

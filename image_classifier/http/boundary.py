@@ -40,7 +40,7 @@ from .envelope import (
     json_headers,
 )
 from .headers import ERROR_CODE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, request_id_for
-from .uploads import Upload, UploadRoute, parse_multipart, route_for
+from .uploads import Upload, UploadRoute, multipart_boundary, parse_multipart, route_for
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
@@ -149,6 +149,10 @@ class BoundaryMiddleware:
         path = scope["path"]
         try:
             receiving = time.perf_counter()
+            if route.rule is not None and route.answer is not None:
+                # Refused from its head, before its body is asked for: a client waiting on
+                # `Expect: 100-continue` (curl, above 1 MB) then sends nothing in vain.
+                multipart_boundary(_header(scope, "content-type"), route.rule)
             body = await read_body(
                 receive, _header(scope, "content-length"), route.max_bytes, self.pace,
                 encoding=_all_values(scope, "content-encoding"),

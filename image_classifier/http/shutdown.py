@@ -18,6 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from types import FrameType
 
+from ..serving import worker_state
 from .admission import Gate
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def drain_on_sigterm(
             await asyncio.sleep(0)
         if then is not None:
             await then()
+        worker_state.exiting()
         if callable(previous):
             previous(signum, frame)
         else:

@@ -139,14 +139,8 @@ def parse_multipart(
     """The file parts in body order and the integer fields, or a ClassifierError saying what is
     wrong with the request. `body`: its chunks, as they came; `query`: the raw query string,
     where the integer fields may come too (`?top_k=2` is what users try first)."""
-    media, options = parse_options_header(content_type or "")
-    if media != b"multipart/form-data" or not options.get(b"boundary"):
-        raise ClassifierError(
-            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"send multipart/form-data with the image in the field {rule.file_field!r}",
-        )
+    boundary = multipart_boundary(content_type, rule)
     from_query = _query_integers(query, rule)
-    boundary = options[b"boundary"]
     parts = _parse_parts(boundary, _from_first_boundary(boundary, body), rule)
     files, integers = _check_parts(parts, rule)
     for name, value in from_query.items():
@@ -157,6 +151,18 @@ def parse_multipart(
                 f"{integers[name]} in the form",
             )
     return files, integers
+
+
+def multipart_boundary(content_type: str | None, rule: UploadRule) -> bytes:
+    """The boundary of a multipart/form-data body, or 415 (from the head alone: the body need
+    not be read to refuse it)."""
+    media, options = parse_options_header(content_type or "")
+    if media != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ClassifierError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"send multipart/form-data with the image in the field {rule.file_field!r}",
+        )
+    return options[b"boundary"]
 
 
 def _query_integers(query: bytes, rule: UploadRule) -> dict[str, int]:
@@ -221,6 +227,8 @@ def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> li
 
     def on_header_end() -> None:
         name = header["field"].decode("latin-1").strip().lower()
+        if name in headers and name in _SAID_ONCE:  # which one counts would be a guess
+            raise _malformed(f"a part gives its {name} twice")
         headers[name] = header["value"].decode("latin-1").strip()
         header["field"].clear()
         header["value"].clear()
@@ -274,6 +282,8 @@ def _parse_parts(boundary: bytes, body: Iterable[bytes], rule: UploadRule) -> li
         raise _malformed("it ends before its closing boundary")
     return parts
 
+
+_SAID_ONCE = ("content-disposition", "content-type")  # a part's own (RFC 7578 4.2, 4.4)
 
 # The parser's reasons (python-multipart's wording, with its offsets), in the client's terms.
 _MALFORMED_BECAUSE = {

@@ -232,8 +232,9 @@ WORKERS_REPLACED = Counter(
 
 
 def forget_dead_workers() -> list[int]:
-    """The pids of workers that died without shutting down, their live gauges removed and each
-    counted in WORKERS_REPLACED; call when a worker starts (its replacement does).
+    """The pids of workers that died without shutting down, counted in WORKERS_REPLACED; call
+    when a worker starts (its replacement does). Every gone worker's live gauges are removed, and
+    one that drained and exited (a reload on SIGHUP replaces them all) is not a death.
 
     prometheus_client keeps a killed process's files, so its `ready` gauge would read 1 for ever
     (measured: after a SIGKILL, /metrics showed 3 ready workers of 2)."""
@@ -241,8 +242,9 @@ def forget_dead_workers() -> list[int]:
     if directory is None:
         return []
     pids = {int(file.stem.rsplit("_", 1)[1]) for file in directory.glob("gauge_live*_*.db")}
-    dead = sorted(pid for pid in pids if pid != os.getpid() and not worker_state.alive(pid))
-    for pid in dead:
+    gone = sorted(pid for pid in pids if pid != os.getpid() and not worker_state.alive(pid))
+    dead = [pid for pid in gone if not worker_state.exited(pid)]  # not drained after SIGTERM
+    for pid in gone:
         mark_process_dead(pid, str(directory))
-        WORKERS_REPLACED.inc()
+    WORKERS_REPLACED.inc(len(dead))
     return dead

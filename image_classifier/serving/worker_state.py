@@ -35,6 +35,22 @@ def loaded() -> None:
         (shared / f"loaded_{os.getpid()}").touch()
 
 
+def exiting() -> None:
+    """Say that this worker ends by design, drained after SIGTERM (a shutdown, or a reload on
+    SIGHUP, which replaces every worker): not a death for its replacement to count and alert on,
+    and no longer a loaded worker for readiness."""
+    shared = directory()
+    if shared is not None:
+        (shared / f"loaded_{os.getpid()}").unlink(missing_ok=True)
+        (shared / f"exited_{os.getpid()}").touch()
+
+
+def exited(pid: int) -> bool:
+    """True when that worker said it was exiting (`exiting`)."""
+    shared = directory()
+    return shared is not None and (shared / f"exited_{pid}").exists()
+
+
 def every_worker_loaded(workers: int) -> bool:
     """True once `workers` workers of this server have loaded their models (a dead one's mark
     counts), so /readyz answers 200 only once every worker can answer: each worker listens on its

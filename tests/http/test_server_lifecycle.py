@@ -530,3 +530,27 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(
     assert [o for o in outcomes if o.started > killed_at + 0.05 and o.status == 200]
     assert set(readyz) <= {200, "reset at once"}, readyz
     assert f"worker {first[0]} died without shutting down" in log
+
+
+def test_a_reload_replaces_every_worker_without_counting_a_death(trained_store, artifacts):
+    """SIGHUP to `bentoml serve` (its process manager's reload): every worker drains and exits,
+    and new ones start. Their start counted the drained ones as dead, and the alert on
+    image_classifier_workers_replaced_total fired for a reload (a review)."""
+    with serve(trained_store, artifacts / "server-reloaded.log", env={"WORKERS": "2"}) as s:
+        first = set(worker_pids(s.process.pid))
+        os.kill(s.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not (len(now := set(worker_pids(s.process.pid))) == 2 and not now & first):
+            assert time.monotonic() < deadline, (first, now)
+            time.sleep(0.2)
+        while True:
+            with contextlib.suppress(httpx.TransportError):  # (refused while the sockets move)
+                if httpx.get(f"{s.url}/readyz", timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "not ready again within 60 s of the reload"
+            time.sleep(0.2)
+        metrics_text = httpx.get(f"{s.url}/metrics", timeout=5).text
+        log = s.log()
+    assert log.count("SIGTERM: taking no new work") == 2, log[-3000:]  # drained: a reload
+    assert metric_value(metrics_text, "image_classifier_workers_replaced_total") == 0
+    assert "died without shutting down" not in log
