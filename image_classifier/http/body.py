@@ -36,6 +36,13 @@ class ClientGone(Exception):
 PROTOCOL_REFUSALS: ContextVar[list[ClassifierError]] = ContextVar("protocol_refusals")
 
 
+def protocol_refusal() -> ClassifierError | None:
+    """What the protocol already answered this request's client, if it did: that answer, not
+    the handler's own (dropped: the connection is closed), is the one to log and count."""
+    refused = PROTOCOL_REFUSALS.get(None)
+    return refused[0] if refused else None
+
+
 @dataclass(frozen=True)
 class BodyPace:
     timeout_s: float = Settings.body_timeout_s
@@ -172,10 +179,7 @@ async def _paced_chunks(receive: Receive, pace: BodyPace):
                 f"it within {pace.timeout_s:g} s, at {pace.min_bytes_per_s:,} bytes/s or more",
             ) from None
         if message["type"] == "http.disconnect":
-            refused = PROTOCOL_REFUSALS.get(None)
-            if refused:
-                raise refused[0]
-            raise ClientGone
+            raise protocol_refusal() or ClientGone
         chunk = message.get("body", b"")
         received += len(chunk)
         yield chunk

@@ -26,7 +26,7 @@ from ..core.errors import ClassifierError, ErrorCode
 from ..serving import metrics
 from . import logs
 from .admission import AdmissionPolicy, Gate, is_open_path
-from .body import BodyPace, ClientGone, discard_body, read_body
+from .body import BodyPace, ClientGone, discard_body, protocol_refusal, read_body
 from .envelope import (
     CODE_FOR_STATUS,
     HTTP_STATUS,
@@ -96,7 +96,9 @@ class BoundaryMiddleware:
         except ClientGone:
             return  # no answer to send: the access line says 499
         except ClassifierError as exc:
-            await send.error(exc)
+            # (Refused from its head while the protocol refused its broken body: the client got
+            # the protocol's answer.)
+            await send.error(protocol_refusal() or exc)
         except TimeoutError:
             if send.started:  # too late for an answer of our own; the client sees a cut response
                 raise
