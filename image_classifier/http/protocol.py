@@ -33,6 +33,12 @@ lose the 413 in 3 of 21). So such a connection is half-closed after its answer (
 our FIN), what still comes is dropped unparsed, and it closes when the client closes or after
 LINGER_S, as nginx's `lingering_close` does (RFC 9112 9.6).
 
+A body after an Upgrade header. The parser reads a request with `Connection: Upgrade` as the end
+of HTTP/1.1 on its connection, and skipped its body: `curl --http2 -F image=@x http://...` (an
+h2c upgrade) reached /analyze with an empty body and got 400 "malformed". The service upgrades to
+nothing, so a declared Content-Length is read here as the body it is, and the request answered as
+the plain HTTP request it also is; the connection then closes (nothing after it is parsed).
+
 One write per answer. uvicorn writes an answer's head and its body apart; here the head waits for
 the body (`_HeadHeldUntilBody`), so a small answer is one segment and one wake-up of its client.
 """
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import urllib.parse
 import weakref
 from collections import Counter
@@ -146,6 +153,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     _lingering = None  # the timer that closes a connection half-closed after its answer
     _refusal_after_answers: ClassifierError | None = None  # an unreadable head's, once earlier
     # pipelined requests are answered (`_refuse_unreadable`)
+    _upgrade_body_left: int | None = None  # an Upgrade request's body bytes still to come (then
+    # 0: its body is in, and nothing more on the connection is parsed)
+    _read = b""  # the read being parsed (an Upgrade request's body may begin in it)
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's transport
         """A connection that never sends a byte is idle, as one between requests is: it gets
@@ -226,13 +236,29 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def _unsupported_upgrade_warning(self) -> None:
         """Not logged (uvicorn's two warnings named a missing library): the access line says how
-        the request was answered."""
+        the request was answered. Called where the parser stopped at an Upgrade request's end:
+        a body it declared begins there (`on_message_complete`)."""
+        if self._upgrade_body_left:
+            stopped_at = sys.exc_info()[1].args[0]  # uvicorn calls this handling the stop
+            self._read_upgrade_body(self._read[stopped_at:])
+
+    def _read_upgrade_body(self, data: bytes) -> None:
+        left = self._upgrade_body_left
+        if not left:
+            return  # after the body: not parsed (the connection ends with the answer)
+        self._upgrade_body_left = max(0, left - len(data))
+        if data:
+            self.on_body(data[:left])
+        if not self._upgrade_body_left:
+            self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         if not self._dropping_body:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body_left is None and self.parser.should_upgrade() and self._has_body():
+            return  # its body follows, read by `_read_upgrade_body`, which completes it
         if not self._dropping_body:
             super().on_message_complete()
             return
@@ -251,8 +277,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None or self._refusal_after_answers is not None:
             return  # what follows an answered body or an unreadable head: dropped unparsed
+        if self._upgrade_body_left is not None:
+            self._read_upgrade_body(data)
+            return
         self._began_in_this_read = False
+        self._read = data
         super().data_received(data)
+        self._read = b""
         if self._dropping_body and self._body_deadline is None:
             # A refused request whose body is still coming (most come whole in one read).
             self._body_deadline = self.loop.call_later(
@@ -269,6 +300,25 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
+
+    def _has_body(self) -> bool:
+        """An Upgrade request's declared body (the parser skipped it): its length is what is
+        read. A chunked one is refused (rare: an Upgrade is a client's opening request)."""
+        if self._chunked:
+            self._upgrade_body_left = 0
+            self._refuse_unreadable(
+                ClassifierError(
+                    ErrorCode.INVALID_REQUEST,
+                    "a chunked body after an Upgrade header is not read here: send it with "
+                    "Content-Length, or without Upgrade",
+                )
+            )
+            return True
+        length = next((v for k, v in self.headers if k == b"content-length"), b"0")
+        self._upgrade_body_left = int(length)  # (the parser refused a length not a number)
+        if not self._upgrade_body_left:
+            self._upgrade_body_left = None
+        return self._upgrade_body_left is not None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -366,6 +416,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         given_id = next((v for k, v in self.headers if k == _REQUEST_ID_KEY), b"")
         request_id = request_id_for(given_id.decode("latin-1"))
         keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
+        keep_alive = keep_alive and not self.parser.should_upgrade()  # (nothing after is read)
         answer = _answer(
             refusal,
             request_id,

@@ -507,3 +507,61 @@ def test_pipelined_requests_before_an_unreadable_head_are_answered_first(
         line for line in access_lines(server.log()) if line["request_id"] == refusal["request_id"]
     ]
     assert [(line["status"], line["error_code"]) for line in logged] == [(status, code)], logged
+
+
+_UPGRADE_HEADS = {  # what `curl --http2` sends on http://, and a WebSocket opening
+    "h2c": "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+    "websocket": "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+}
+
+
+@pytest.mark.parametrize("upgrade", sorted(_UPGRADE_HEADS))
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_a_body_after_an_upgrade_header_is_read_and_answered(
+    server, heldout, digit_png, upgrade, pieces
+):
+    """The parser took a request with an Upgrade header for the end of HTTP/1.1 and skipped its
+    body: `curl --http2 -F image=@digit.png http://...` got 400 "the multipart body is
+    malformed" (a review). The body is read (in the head's read, or in later ones), the
+    request answered as plain HTTP, and the connection closed; a next request on it is not."""
+    body, content_type = raw_multipart([("image", "digit.png", "image/png", digit_png)])
+    request = (
+        f"POST /analyze HTTP/1.1\r\nHost: x\r\n{_UPGRADE_HEADS[upgrade]}"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    request += body  # fmt: skip
+    cut = len(request) - len(body) + len(body) // 3  # pieces: the head and a third of the body,
+    parts = [request] if pieces == 1 else [request[:cut], *_thirds(request[cut:])]
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        for part in parts:  # then the rest in thirds, a moment apart
+            sock.sendall(part)
+            time.sleep(0.05)
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")  # after an upgrade: not read
+        answers = _answers_until_closed(sock)
+    assert len(answers) == 1, answers
+    head, answer = answers[0]
+    assert head.startswith(b"http/1.1 200") and b"\r\nconnection: close" in head, answers
+    assert answer["prediction"]["label"] == str(heldout[0][1]), answer  # the picture's digit
+
+
+def _thirds(data: bytes) -> list[bytes]:
+    step = -(-len(data) // 3)
+    return [data[i : i + step] for i in range(0, len(data), step)]
+
+
+def test_a_chunked_body_after_an_upgrade_header_is_refused_in_the_envelope(server):
+    request = (f"POST /analyze HTTP/1.1\r\nHost: x\r\n{_UPGRADE_HEADS['h2c']}"
+               "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n"
+               "\r\n5\r\nhello\r\n0\r\n\r\n").encode()  # fmt: skip
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(request)
+        answers = _answers_until_closed(sock)
+    assert len(answers) == 1, answers
+    head, answer = answers[0]
+    assert head.startswith(b"http/1.1 400"), answers
+    assert answer["error"]["code"] == "INVALID_REQUEST", answer
+    assert "Upgrade" in answer["error"]["message"], answer
