@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .errors import RETRYABLE, ClassifierClientError, TimedOut, Unauthorized, Unreachable
 from .typed import DEFAULT_TIMEOUT_S, DEFAULT_URL, BatchResult, ImageClassifierClient, Limits
 
-DEFAULT_EXTENSIONS = "jpg,jpeg,png,webp,gif,bmp,tif,tiff"
+DEFAULT_EXTENSIONS = "jpg,jpeg,jpe,jfif,png,apng,webp,gif,bmp,tif,tiff,heic,heif,avif"
 COLUMNS = ["path", "label", "confidence", "grade", "model_version", "top_k", "error", "message"]
 TOKEN_VARIABLE = "IMAGE_CLASSIFIER_TOKEN"  # read when --token is not given (not shown by ps)
 UNREADABLE = "UNREADABLE"  # a file or folder this machine could not read: tried again next run

@@ -62,6 +62,9 @@ def input_facts(signature: OnnxSignature, layout_given: str | None = None) -> In
             f"the input {signature.input_name!r} has shape {shape}: {d1} channels (NCHW) or "
             f"{d3} (NHWC), and the service feeds 1 (L) or 3 (RGB)"
         )
+    if not (first or last):  # a channel axis left open: the fixed side is the picture's
+        first = not isinstance(d1, int) and isinstance(d3, int)
+        last = not isinstance(d3, int) and isinstance(d1, int)
     layout = "NCHW" if first and not last else "NHWC" if last and not first else None
     if first and last and layout_given in ("NCHW", "NHWC"):
         layout = layout_given

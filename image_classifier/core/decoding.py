@@ -61,6 +61,9 @@ _TYPE_ALIASES = {
     "image/pjpeg": "image/jpeg",
     "image/x-png": "image/png",
     "image/apng": "image/png",  # what browsers declare for .apng files: PNG bytes
+    "image/vnd.mozilla.apng": "image/png",
+    "image/x-citrix-jpeg": "image/jpeg",  # Citrix clients' names for what they pass on
+    "image/x-citrix-png": "image/png",
     "image/x-ms-bmp": "image/bmp",
     "image/x-bmp": "image/bmp",
     "image/tif": "image/tiff",

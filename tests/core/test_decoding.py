@@ -109,6 +109,11 @@ def test_declared_type_must_match_the_bytes():
     assert decode_image(png, LIMITS, "application/octet-stream").size == (64, 48)
     assert decode_image(encode(picture(), "JPEG"), LIMITS, "image/jpg").size == (64, 48)
     assert decode_image(png, LIMITS, "image/apng").size == (64, 48)  # a browser's .apng
+    assert decode_image(png, LIMITS, "image/vnd.mozilla.apng").size == (64, 48)
+    assert code_of(png, "image/x-citrix-jpeg") is ErrorCode.UNSUPPORTED_MEDIA_TYPE  # an alias
+    assert (
+        code_of(encode(picture(), "JPEG"), "image/x-whatever") is ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    )
 
 
 def test_declared_non_image_types_are_refused_early():

@@ -47,8 +47,9 @@ class Tree:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, heldout) -> Tree:
-    """The held-out digits in nested folders: PNGs, some JPEGs with upper-case extensions, a
-    text file posing as a JPEG, and a .txt the command must not pick up."""
+    """The held-out digits in nested folders: PNGs, some JPEGs with upper-case extensions, a few
+    HEIC, JFIF and AVIF files, a text file posing as a JPEG, and a .txt the command must not pick
+    up."""
     root = tmp_path_factory.mktemp("cli") / "photos"
     truth = {}
     for i, (image, label) in enumerate(heldout):
@@ -60,6 +61,10 @@ def tree(tmp_path_factory, heldout) -> Tree:
             jpeg = folder / f"photo-{i:03d}.{'JPG' if i % 2 else 'JPEG'}"
             image.convert("RGB").save(jpeg, "JPEG", quality=90)
             truth[str(jpeg)] = str(label)
+        if i % 45 == 0:  # what phones and messengers save: picked up by default too
+            for suffix, kind in (("heic", "HEIF"), ("jfif", "JPEG"), ("avif", "AVIF")):
+                image.convert("RGB").save(folder / f"phone-{i:03d}.{suffix}", kind, quality=90)
+                truth[str(folder / f"phone-{i:03d}.{suffix}")] = str(label)
     broken = root / "box-0" / "broken.jpg"
     broken.write_text("this is not a picture")
     (root / "box-1" / "notes.txt").write_text("not an image either, and not even named like one")

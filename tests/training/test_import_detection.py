@@ -18,8 +18,8 @@ from tests.onnx_models import build_onnx_classifier
 from tests.pictures import encode
 from tests.training.conftest import export_own
 from tests.training.own_model import colour_picture
-from training_export.export import ExportError
-from training_export.onnx_facts import ModelFileError
+from training_export.export import ExportError, OnnxSignature
+from training_export.onnx_facts import ModelFileError, input_facts
 from training_export.onnx_import import ModelImportError, import_onnx, read_config, read_labels
 
 LABELS = [f"kind {i}" for i in range(5)]
@@ -376,3 +376,18 @@ def test_a_model_finite_on_every_picture_it_can_be_sent_imports(tmp_path, bentom
         preprocess(colour_picture(label, 0), classifier.card.preprocessing) for label in (0, 1)
     ]
     assert np.isfinite(classifier.run(tensors)).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "size"),
+    [
+        (["N", "C", 32, 24], "NCHW", (32, 24)),  # the channels left open, the size fixed
+        (["N", 32, 24, "C"], "NHWC", (32, 24)),
+        (["N", 3, 32, 24], "NCHW", (32, 24)),
+        (["N", "C", "H", "W"], None, None),  # nothing to read: the flags must say
+    ],
+)
+def test_the_size_is_read_from_the_file_when_only_the_channels_are_open(shape, layout, size):
+    """[N, C, 32, 32] asked for --input-size though the file says 32x32 (a review)."""
+    facts = input_facts(OnnxSignature("x", shape, "y", ["N", 5], 17))
+    assert (facts.layout, facts.input_size) == (layout, size)
