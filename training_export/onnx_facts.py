@@ -5,6 +5,7 @@ class vector, and whether that vector is logits or probabilities.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,17 @@ def _names_read_by(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def ort_reason(error: Exception, most: int = 200) -> str:
+    """ONNX Runtime's own words from its error, without the C++ file and function they came
+    from (`…/reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(…) The input…`)."""
+    said = str(error).split("Status Message:")[-1].strip()
+    said = _ORT_SOURCE.sub("", said).strip()
+    return said if len(said) <= most else said[: most - 1].rsplit(" ", 1)[0] + "…"
+
+
+_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+\s+[\w:~<>]+\([^)]*\)\s*")
+
+
 def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
     """A copy whose batch axis is symbolic, if a batch then gives the same rows as single runs.
 
@@ -177,7 +189,7 @@ def with_dynamic_batch(path: Path, folder: Path, spec: PreprocessSpec) -> Path:
         )
         mixed = _rows_mixed(session, spec)
     except Exception as exc:  # ORT refuses the rewritten graph: it does depend on the batch
-        mixed = str(exc).split("Status Message:")[-1].strip()[:160]
+        mixed = ort_reason(exc)
     if mixed:
         raise ModelFileError(
             f"its batch axis is fixed and the graph depends on it (a batch of {BATCH_CHECK}: "
