@@ -58,7 +58,7 @@ from image_classifier.core.classifier import Classifier
 from image_classifier.serving.cache import PredictionCache
 from image_classifier.serving.settings import Settings
 from loadtest.load import Outcome, closed_loops, percentile, repeat, throughput
-from loadtest.servers import BIN, REPO, free_port, serve, stop, wait_until_ready
+from loadtest.servers import BIN, REPO, free_port, serve, stop, wait_until_ready, worker_pids
 from training_export.photos import PHOTO_640, PHOTO_PHONE, photo_jpeg
 
 CONCURRENCIES = (1, 4, 16, 32)
@@ -207,6 +207,25 @@ def tree_cpu_seconds(pid: int) -> dict[int, float]:
             times = process.cpu_times()
             seconds[process.pid] = times.user + times.system
     return seconds
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's workers by thread: each worker's main thread (its event
+    loop: HTTP, admission, routing, answers, logs) and its other threads (decoding, model runs)."""
+    seconds = {"event_loops": 0.0, "threads": 0.0}
+    for worker in worker_pids(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for thread in psutil.Process(worker).threads():
+                role = "event_loops" if thread.id == worker else "threads"
+                seconds[role] += thread.user_time + thread.system_time
+    return seconds
+
+
+def cpu_ms_per_image(before: dict[str, float], after: dict[str, float], point: dict) -> dict:
+    """What each kind of thread spent per image answered over a point (batch 1)."""
+    images = point["requests"] - point["errors"]
+    spent = {role: round((after[role] - before[role]) * 1000 / images, 2) for role in after}
+    return {**spent, "total": round(sum(spent.values()), 2)}
 
 
 def worker_rss_mb(pid: int) -> float:
@@ -550,11 +569,16 @@ def run(args: argparse.Namespace) -> dict:
         result["sizing"] = httpx.get(url + "/info").json()["sizing"]
         warm(url, pid)
         for c in CONCURRENCIES:
-            before = httpx.get(url + "/metrics").text
-            measure("service", url, pid, "640", c)
+            before, threads_before = httpx.get(url + "/metrics").text, thread_cpu_seconds(pid)
+            point = measure("service", url, pid, "640", c)
             if c == 16:
                 result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
+                spent = cpu_ms_per_image(threads_before, thread_cpu_seconds(pid), point)
+                best = result["limit"]["640"]["best"]
+                spent["in_process_limit"] = round(best["cpu_cores"] * 1000 / best["img_s"], 2)
+                result["cpu_ms_per_image_c16"] = spent
+                say(f"CPU per image at c=16 (ms): {spent}")
         say("(b') /analyze at c=16 interleaved with Open Inference (HTTP binary, gRPC) and with "
             "the in-process limit ...")  # fmt: skip
         model_name = args.model.split(":")[0]
@@ -778,6 +802,14 @@ def markdown(result: dict) -> str:
         stages = ", ".join(f"{k} {v}" for k, v in result["stages_c16_ms"].items())
         lines += ["", "## Where a request's time went (the service, /analyze c=16, 640x480)", "",
                   f"Mean of each stage histogram over the point, ms: {stages}."]  # fmt: skip
+    if result.get("cpu_ms_per_image_c16"):
+        spent, c16 = result["cpu_ms_per_image_c16"], _point(result, "service", "640", 16)
+        lines += ["", "CPU per image answered over that point, ms: the workers' event loops "
+                  f"(HTTP, admission, routing, answers, logs) {spent['event_loops']}, their "
+                  f"decoding and model threads {spent['threads']}, in all {spent['total']}; the "
+                  f"in-process limit's best setting (no HTTP) {spent['in_process_limit']}. The "
+                  f"load generator took {c16['client_cpu_cores']} of the machine's "
+                  f"{result['machine']['cpus']} CPUs meanwhile."]  # fmt: skip
     if result.get("worker_cpu_shares_c16"):
         shares, workers = result["worker_cpu_shares_c16"], result["sizing"]["workers"]
         lines += ["", f"The service ({workers} worker(s)) at c=16 (16 keep-alive connections): "

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
-from .decoding import DecodeLimits, check_declared_type, decode_image
+from .decoding import DecodeLimits, PixelBudget, check_declared_type, load_image, open_image
 from .errors import ClassifierError, ErrorCode, model_failure
 from .model_card import ModelCard
 from .postprocessing import Prediction, softmax, to_prediction
@@ -82,10 +83,12 @@ class Classifier:
         model_dir: Path,
         options: ClassifierOptions = ClassifierOptions(),
         on_run: OnRun | None = None,
+        decoding: PixelBudget | None = None,
     ) -> None:
         self.card = read_card(model_dir)
         self.options = options
         self.on_run = on_run
+        self.decoding = decoding or PixelBudget()  # the process's, shared with its other models
         self.limits = DecodeLimits(options.allowed_formats, options.max_image_pixels)
         onnx_path = self.onnx_path = Path(model_dir) / self.card.onnx_file
         self._loaded_card = self.card  # the files' card, before the service merges evaluations
@@ -117,7 +120,12 @@ class Classifier:
         """Bytes -> model input tensor, or ClassifierError (4xx) for anything wrong with them."""
         check_declared_type(declared_type, self.limits.allowed_formats)
         spec = self.card.preprocessing
-        image = decode_image(data, self.limits, declared_type, spec.decode_size_hint)
+        image, pixels = open_image(data, self.limits, declared_type, spec.decode_size_hint)
+        with self.decoding.hold(pixels):  # the decoded picture lives until it is preprocessed
+            return self._preprocess(load_image(image))
+
+    def _preprocess(self, image: Image.Image) -> np.ndarray:
+        spec = self.card.preprocessing
         try:
             return preprocess(image, spec)
         except MemoryError:

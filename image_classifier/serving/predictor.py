@@ -57,6 +57,7 @@ class Predictor:
         self.settings = settings
         self.in_work = InWork(worker_slot)  # this worker's images in work, seen by the others
         self.threads = anyio.CapacityLimiter(settings.threads)  # decoding and model runs
+        self.decoding = settings.decoding_budget()  # and the pixels they decode at once
         self.cache = prediction_cache(settings)
         self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -104,6 +105,7 @@ class Predictor:
                     served.path,
                     self.settings.classifier_options(),
                     on_run=partial(metrics.observe_model_run, model_version=version),
+                    decoding=self.decoding,
                 )
                 classifier.card = evaluated_card(
                     classifier.card, served.tag, served.path, evaluations
@@ -189,6 +191,7 @@ class Predictor:
                 "max_batch_images": settings.max_batch_images,
                 "max_batch_bytes": settings.max_batch_bytes,
                 "max_image_pixels": settings.max_image_pixels,
+                "decoding_pixels": self.decoding.pixels,
                 "allowed_formats": list(settings.allowed_formats),
                 "max_body_memory": settings.max_body_memory,
             },

@@ -21,7 +21,7 @@ from limits import parse_many as parse_rate_limits
 from redis.connection import parse_url
 
 from ..core.classifier import ClassifierOptions
-from ..core.decoding import DecodeLimits, decodable_formats
+from ..core.decoding import DecodeLimits, PixelBudget, decodable_formats
 from .evaluation_record import evaluations_path
 from .machine import CpuBudget, cpu_budget, describe_sizing, size_for
 from .release_record import (
@@ -96,6 +96,12 @@ class Settings:
     )
     max_image_pixels: int = _env(
         "MAX_IMAGE_PIXELS", 50_000_000, "most pixels an image may declare (422 above)"
+    )
+    decoding_pixels: int = _env(
+        "DECODING_PIXELS",
+        0,
+        "most pixels a worker decodes at once, whatever THREADS: its memory bound (0: twice "
+        "MAX_IMAGE_PIXELS)",
     )
     allowed_formats: tuple[str, ...] = _env(
         "ALLOWED_FORMATS",
@@ -223,6 +229,10 @@ class Settings:
             grade_medium=self.grade_medium,
         )
 
+    def decoding_budget(self) -> PixelBudget:
+        """One per worker, shared by its models: pictures decoded at once, in pixels."""
+        return PixelBudget(self.decoding_pixels or 2 * self.max_image_pixels)
+
     def sized(self, budget: CpuBudget) -> Settings:
         """The settings with every process and thread count left at 0 taken from the CPUs."""
         chosen = size_for(budget, workers=self.workers)
@@ -333,6 +343,11 @@ class Settings:
             raise ValueError(f"THREAD_NICE must be between 0 and 19, got {self.thread_nice}")
         if self.batching_min_gain < 0:
             raise ValueError(f"BATCHING_MIN_GAIN must be >= 0, got {self.batching_min_gain}")
+        if self.decoding_pixels < 0:
+            raise ValueError(
+                f"DECODING_PIXELS must be >= 0 (0: twice MAX_IMAGE_PIXELS), got "
+                f"{self.decoding_pixels}"
+            )
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ValueError("CACHE_SIZE must be >= 0 and CACHE_TTL_S > 0")
         if not (0 <= self.canary_fraction <= 1 and 0 <= self.shadow_fraction <= 1):
@@ -416,6 +431,7 @@ _MOST = {
         2**31 - 1,
     ),
     "max_body_memory": 2**40,
+    "decoding_pixels": 2**40,
 }  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from image_classifier.core.classifier import (
     ModelLoadError,
     NonFiniteOutput,
 )
+from image_classifier.core.decoding import PixelBudget
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.core.preprocessing import preprocess
 from tests.onnx_models import build_onnx_classifier
@@ -185,3 +188,26 @@ def test_the_fingerprint_follows_the_model_and_what_admits_or_grades_a_picture(t
                     {"grade_high": 0.95}, {"grade_medium": 0.5}):  # fmt: skip
         options = ClassifierOptions(**{"max_batch": 32, **changed})
         assert Classifier(model_dir, options).fingerprint != base, changed
+
+
+def test_classifier_decodes_within_its_budget(tmp_path):
+    """Four threads preparing 4 MP PNGs under a 5 MP budget: never two decoded at once."""
+
+    class Recording(PixelBudget):
+        most = 0
+
+        @contextmanager
+        def hold(self, pixels):
+            with super().hold(pixels):
+                Recording.most = max(Recording.most, self._held)
+                yield
+
+    budget = Recording(5_000_000)
+    classifier = Classifier(
+        build_onnx_classifier(tmp_path / "m", input_size=(32, 32), color_mode="RGB"),
+        decoding=budget,
+    )
+    data = encode(Image.effect_noise((2000, 2000), 40).convert("RGB"), "PNG", compress_level=1)
+    with ThreadPoolExecutor(4) as pool:
+        tensors = list(pool.map(classifier.prepare, [data] * 4))
+    assert len(tensors) == 4 and Recording.most == 4_000_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 import tracemalloc
 import zlib
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
-from image_classifier.core.decoding import DecodeLimits, check_declared_type, decode_image
+from image_classifier.core.decoding import (
+    DecodeLimits,
+    PixelBudget,
+    check_declared_type,
+    decode_image,
+    load_image,
+    open_image,
+)
 from image_classifier.core.errors import ClassifierError, ErrorCode
 from image_classifier.core.header_walk import BASE_STEPS, step_budget
 from tests.pictures import EXIF_STORED_AS, chunk, encode, png_claiming, with_header_parts
@@ -343,3 +351,56 @@ def test_compressed_and_big_tiffs_count_their_strips_only_when_uncompressed(monk
     raw_big_tiff = encode(tall, "TIFF", tiffinfo={278: 1}, big_tiff=True)
     assert refused_before_pillow_opens(raw_big_tiff, monkeypatch).code is ErrorCode.INVALID_IMAGE
     assert decode_image(encode(tall, "TIFF", tiffinfo={278: 64}, big_tiff=True), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("photo", "options", "hint", "expected"),
+    [
+        # Baseline JPEG: counted at the size the decoder scales it down to (4000x3000 -> 1/4).
+        (Image.new("RGB", (4000, 3000)), {}, (448, 448), 1000 * 750),
+        # Progressive JPEG: a full-size buffer of 2 bytes a component, whatever the scale-down.
+        (Image.new("RGB", (4000, 3000)), {"progressive": True}, (448, 448), 4000 * 3000 * 6 // 4),
+        (Image.new("RGB", (700, 500)), {}, None, 700 * 500),
+    ],
+    ids=["baseline-jpeg", "progressive-jpeg", "png"],
+)
+def test_open_image_says_what_decoding_will_take(photo, options, hint, expected):
+    fmt = "PNG" if hint is None else "JPEG"
+    image, pixels = open_image(encode(photo, fmt, **options), LIMITS, size_hint=hint)
+    assert pixels == expected
+    assert load_image(image).size == image.size  # and decodes as decode_image does
+
+
+def test_webp_counts_its_decoders_bytes():
+    _, pixels = open_image(encode(Image.new("RGB", (300, 200)), "WEBP"), LIMITS)
+    assert pixels == 300 * 200 * 16 // 4
+
+
+def holding(budget: PixelBudget, sizes: list[int]) -> int:
+    """Hold `sizes` from as many threads at once, each for a moment; the most held together."""
+    most, lock = [0], threading.Lock()
+    held: list[int] = []
+
+    def work(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                held.append(min(pixels, budget.pixels or pixels))
+                most[0] = max(most[0], sum(held))
+            time.sleep(0.05)
+            with lock:
+                held.remove(min(pixels, budget.pixels or pixels))
+
+    threads = [threading.Thread(target=work, args=(size,)) for size in sizes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)  # every picture got its turn
+    return most[0]
+
+
+def test_pixel_budget_lets_big_pictures_in_one_at_a_time_and_small_ones_together():
+    assert holding(PixelBudget(100), [60, 60, 60]) == 60  # two would be 120: one at a time
+    assert holding(PixelBudget(100), [10] * 8) == 80  # everyday pictures do not wait
+    assert holding(PixelBudget(100), [500, 500]) == 100  # over the budget: each goes alone
+    assert holding(PixelBudget(0), [60, 60, 60]) == 180  # 0: no bound

@@ -71,6 +71,7 @@ def test_probes_and_info(server):
     assert info["metrics"]["accuracy"] >= 0.97
     assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
     assert info["limits"]["max_body_memory"] == 512 * 1024 * 1024
+    assert info["limits"]["decoding_pixels"] == 2 * info["limits"]["max_image_pixels"]
     admission = info["admission"]  # what decides refusals, said where an operator looks
     assert (admission["auth"], admission["rate_limit"], admission["max_concurrency"]) == (
         False, "", 128,

@@ -83,6 +83,7 @@ def test_values_are_parsed_by_type():
         ("REDIS_URL", "redis://127.0.0.1:notaport/0", "REDIS_URL is not a Redis URL: Port"),
         ("REDIS_URL", "redis://:pw@[bad", "REDIS_URL is not a Redis URL: Invalid IPv6"),
         ("THREAD_NICE", "20", "THREAD_NICE must be between 0 and 19"),
+        ("DECODING_PIXELS", "-1", r"DECODING_PIXELS must be >= 0 \(0: twice MAX_IMAGE_PIXELS\)"),
     ],
 )
 def test_bad_values_fail_loudly(name, value, message):
@@ -181,3 +182,8 @@ def test_the_settings_table_never_prints_a_secret():
     ).stdout  # fmt: skip
     assert "redis://:***@h:1/0" in out and "(1 set)" in out
     assert "secret" not in out, out
+
+
+def test_the_decoding_budget_is_twice_the_largest_picture_unless_set():
+    assert Settings.from_env({"MAX_IMAGE_PIXELS": "1000"}).decoding_budget().pixels == 2000
+    assert Settings.from_env({"DECODING_PIXELS": "5000"}).decoding_budget().pixels == 5000
