@@ -61,7 +61,7 @@ def test_cgroup_v1_or_unreadable_files_mean_no_quota(tmp_path):
 
 @pytest.mark.parametrize(
     ("cpus", "workers", "threads", "runs"),
-    [(1, 1, 4, 1), (2, 2, 4, 1), (3, 3, 4, 1), (16, 16, 4, 1)],
+    [(1, 1, 2, 1), (2, 2, 2, 1), (3, 3, 2, 1), (16, 16, 2, 1)],
 )
 def test_sizing_per_cpu_count(cpus, workers, threads, runs):
     """A worker per CPU: one interpreter lock per CPU; a lone image may take two threads."""
@@ -72,7 +72,7 @@ def test_sizing_per_cpu_count(cpus, workers, threads, runs):
 
 
 @pytest.mark.parametrize(
-    ("cpus", "workers", "threads", "runs"), [(2, 1, 8, 2), (16, 4, 16, 4), (2, 4, 4, 1)]
+    ("cpus", "workers", "threads", "runs"), [(2, 1, 4, 2), (16, 4, 8, 4), (2, 4, 2, 1)]
 )
 def test_workers_set_by_the_operator_share_the_cpus(cpus, workers, threads, runs):
     """WORKERS=1 on 2 CPUs: two model runs in the one worker, not the one each of two gets."""
@@ -90,7 +90,7 @@ def test_given_values_win_and_are_named():
     assert "3 worker(s)" in settings.sizing and "of 2 ONNX Runtime thread(s)" in settings.sizing
 
 
-@pytest.mark.parametrize(("mask", "expected"), [("0", (1, 4, 1)), ("0,1", (2, 4, 1))])
+@pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (2, 2, 1))])
 def test_taskset_limits_what_is_chosen(mask, expected):
     code = (
         "import json; from image_classifier.serving.settings import Settings; "
