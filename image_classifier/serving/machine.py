@@ -20,10 +20,6 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _X86 = {"x86_64", "amd64", "i386", "i686"}
 _VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
-# A model run at least this much cheaper per image in a full batch than alone (measured at warm-up)
-# gets `MERGING_THREADS_PER_RUN` threads per model run: `threads_for_merging`.
-MERGING_GAIN_FOR_THREADS = 1.1
-MERGING_THREADS_PER_RUN = 4
 
 
 @dataclass(frozen=True)
@@ -87,9 +83,8 @@ def _read_cpu_max(path: Path) -> float | None:
 
 def size_for(budget: CpuBudget, workers: int = 0) -> Sizing:
     """One worker per CPU, each running as many 1-thread model runs at once as it has CPUs, with
-    twice as many threads (so the next images decode meanwhile); an image that runs alone may
-    take two threads. A worker whose model merges images well takes more threads once it has
-    measured so (`threads_for_merging`). `workers` > 0: that many workers (set by the operator),
+    twice as many threads (so the next images decode, and queue into batches, meanwhile); an image
+    that runs alone may take two threads. `workers` > 0: that many workers (set by the operator),
     the CPUs shared among them.
 
     One process per CPU because one process does not fill two: its event loop and the Python
@@ -104,23 +99,6 @@ def size_for(budget: CpuBudget, workers: int = 0) -> Sizing:
     return Sizing(
         workers, threads, runs, 1, solo, describe_sizing(budget, workers, threads, runs, 1, solo)
     )
-
-
-def threads_for_merging(model_runs: int, merging_gain: float) -> int | None:
-    """The threads a worker takes when its model merges images well, else None (it keeps its own).
-
-    While one thread runs the model, the others decode the next images, which queue into the
-    next run: with two threads per run a run holds one image, with four up to three. That pays
-    only where merging pays: with four threads per run rather than two, two servers side by side,
-    loaded in turn (4 runs of 8-12 rounds), served 6.8% more with an INT8 MobileNetV2 (a full run
-    1.25x cheaper per image; each run +2.6 to +12.5%). Its fp32 model (a full run no cheaper)
-    served 3% more on average, within the spread of the runs (-0.8 to +8.5%), and a benchmark run
-    with four threads for every model put the fp32 service's ratios below those of the runs
-    before it: so it keeps two. What the threads decode at once is bounded by pixels, not by
-    their count (`DECODING_PIXELS`)."""
-    if merging_gain < MERGING_GAIN_FOR_THREADS:
-        return None
-    return MERGING_THREADS_PER_RUN * model_runs
 
 
 def describe_sizing(

@@ -33,7 +33,7 @@ from . import metrics
 from .batching import MicroBatcher, Row
 from .cache import PredictionCache, SharedPredictionCache
 from .evaluation_record import EvaluationRecord, evaluated_card, read_evaluations
-from .machine import int8_saturates, threads_for_merging, yield_to_the_event_loop
+from .machine import int8_saturates, yield_to_the_event_loop
 from .routing import ModelRef, ModelRouter, ServedVersion
 from .settings import Settings
 from .shared_state import redis_client
@@ -111,8 +111,6 @@ class Predictor:
                     classifier.card, served.tag, served.path, evaluations
                 )
                 classifier.warm_up()
-                if served is self.router.primary:
-                    self._take_threads_for(classifier)
                 if self.cache is not None:
                     classifier.fingerprint  # noqa: B018 - hashed here, off the event loop
             except Exception as exc:
@@ -129,25 +127,6 @@ class Predictor:
             log.info("model %s (%s) loaded and warmed up", served.tag, served.role)
             _warn_if_int8_saturates(served.tag, classifier)
 
-    def _merges(self, classifier: Classifier) -> bool:
-        settings = self.settings
-        return settings.batching and classifier.merging_gain >= settings.batching_min_gain
-
-    def _take_threads_for(self, classifier: Classifier) -> None:
-        """More threads for a primary model that merges images well, unless THREADS is set
-        (`machine.threads_for_merging`). Decided before the model is served: no request has
-        used the threads yet."""
-        settings = self.settings
-        if not (settings.threads_from_cpus and self._merges(classifier)):
-            return
-        threads = threads_for_merging(settings.model_runs, classifier.merging_gain)
-        if threads is not None and threads > self.threads.total_tokens:
-            self.threads.total_tokens = threads
-            log.info(
-                "model %s: a full run costs %.2fx less per image, so %d threads decode the next "
-                "images while one runs", classifier.card.name, classifier.merging_gain, threads,
-            )  # fmt: skip
-
     def _batcher_for(self, classifier: Classifier) -> MicroBatcher:
         """Merging pays for a model whose runs cost mostly per call (small models); one whose
         cost grows with the images runs each image alone. Either way at most MODEL_RUNS runs at
@@ -155,7 +134,7 @@ class Predictor:
         worker as with THREADS runs at once, and the extra runs only shared the cores, so the
         slowest answers took longer (a higher p99 in runs interleaved with the default's)."""
         settings = self.settings
-        merges = self._merges(classifier)
+        merges = settings.batching and classifier.merging_gain >= settings.batching_min_gain
         if not merges:
             log.info(
                 "model %s: no merging (BATCHING %s, a full run %.2fx cheaper per image, "
@@ -199,7 +178,7 @@ class Predictor:
             },
             "sizing": {
                 "workers": settings.workers,
-                "threads": self.threads.total_tokens,  # in effect (`_take_threads_for`)
+                "threads": settings.threads,
                 "model_runs": settings.model_runs,
                 "ort_intra_op_threads": settings.ort_intra_op_threads,
                 "ort_solo_threads": settings.ort_solo_threads,
@@ -302,7 +281,7 @@ class Predictor:
 
     def _share_of_a_many_image_request(self) -> anyio.CapacityLimiter:
         """Half the threads at most for one request's images, so single requests keep the rest."""
-        return anyio.CapacityLimiter(max(1, int(self.threads.total_tokens) // 2))
+        return anyio.CapacityLimiter(max(1, self.settings.threads // 2))
 
     async def _predict_one(
         self,

@@ -210,7 +210,6 @@ class Settings:
     )
     # Not read from the environment: how the process and thread counts were chosen (/info).
     sizing: str = field(default="", compare=False)
-    threads_from_cpus: bool = field(default=False, compare=False)  # THREADS unset: ours to tune
     # Beside the release record: saved evaluations, whose latest is merged into a served card.
     evaluations_file: Path | None = field(default=None, compare=False)
 
@@ -242,7 +241,7 @@ class Settings:
         final = replace(self, **auto)
         sizing = describe_sizing(budget, *(getattr(final, name) for name in _SIZED))
         sizing += f"; set in the environment: {', '.join(given)}" if given else ""
-        return replace(final, sizing=sizing, threads_from_cpus="threads" in auto)
+        return replace(final, sizing=sizing)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -95,33 +95,6 @@ def test_without_merging_every_image_runs_alone_and_info_says_why(model_dir, env
     assert batching["measured_gain"] == round(served.ready_classifier().merging_gain, 2)
 
 
-@pytest.mark.parametrize(
-    ("gain", "env", "threads_per_run"),
-    [
-        (1.3, {}, 4),  # merging pays: more threads decode the next images while one runs
-        (1.0, {}, 2),  # it does not: two per run, as sized from the CPUs
-        (1.3, {"batching": "off"}, 2),  # nothing is merged
-        (1.3, {"batching_min_gain": 2}, 2),  # not enough to merge by the operator's minimum
-    ],
-    ids=["merges-well", "merges-no-better", "batching-off", "under-the-minimum"],
-)
-def test_a_model_that_merges_well_gets_threads_to_fill_its_runs(
-    model_dir, monkeypatch, gain, env, threads_per_run
-):
-    monkeypatch.setattr("image_classifier.core.classifier.Classifier._merging_gain",
-                        lambda self, sizes, rounds=4: gain)  # fmt: skip
-    predictor = predictor_for(model_dir, model_runs=1, **env)
-    assert predictor.threads.total_tokens == threads_per_run
-    assert predictor.info()["sizing"]["threads"] == threads_per_run  # in effect
-
-
-def test_threads_set_by_the_operator_stay_as_set(model_dir, monkeypatch):
-    monkeypatch.setattr("image_classifier.core.classifier.Classifier._merging_gain",
-                        lambda self, sizes, rounds=4: 1.3)  # fmt: skip
-    predictor = predictor_for(model_dir, threads=3, model_runs=1)
-    assert predictor.threads.total_tokens == 3 == predictor.info()["sizing"]["threads"]
-
-
 def test_the_cache_answers_repeats_when_on(model_dir):
     predictor = predictor_for(model_dir, cache_size=8)
     served = predictor.router.primary
