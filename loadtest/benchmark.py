@@ -84,6 +84,7 @@ TARGETS = {
     "oip_http_over_analyze": (">=", 1.0),
     "oip_grpc_over_analyze": (">=", 1.0),
 }
+ONE_PER_RUN = "one image per run"  # the limit's best threads at batch 1: unmerged model runs
 BESIDE_OIP = "service /analyze, beside OIP"  # /analyze run side by side with the OIP points
 T = TypeVar("T")
 STAGES = ("body_receive", "preprocess", "queue_wait", "inference", "respond")
@@ -210,21 +211,23 @@ def tree_cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's workers by thread: each worker's main thread (its event
-    loop: HTTP, admission, routing, answers, logs) and its other threads (decoding, model runs)."""
+    """CPU seconds so far of the server's workers by role: each worker's main thread (its event
+    loop: HTTP, admission, routing, answers, logs) and the rest of the process (decoding and model
+    threads, counted from the process's total, so that threads which have ended still count)."""
     seconds = {"event_loops": 0.0, "threads": 0.0}
     for worker in worker_pids(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
-            for thread in psutil.Process(worker).threads():
-                role = "event_loops" if thread.id == worker else "threads"
-                seconds[role] += thread.user_time + thread.system_time
+            process = psutil.Process(worker)
+            times = process.cpu_times()
+            loop = sum(t.user_time + t.system_time for t in process.threads() if t.id == worker)
+            seconds["event_loops"] += loop
+            seconds["threads"] += times.user + times.system - loop
     return seconds
 
 
-def cpu_ms_per_image(before: dict[str, float], after: dict[str, float], point: dict) -> dict:
-    """What each kind of thread spent per image answered over a point (batch 1)."""
-    images = point["requests"] - point["errors"]
-    spent = {role: round((after[role] - before[role]) * 1000 / images, 2) for role in after}
+def cpu_ms_per_image(spent_seconds: dict[str, float], images: int) -> dict[str, float]:
+    """What each role of the workers' threads spent per image answered (`thread_cpu_seconds`)."""
+    spent = {role: round(cpu * 1000 / images, 2) for role, cpu in spent_seconds.items()}
     return {**spent, "total": round(sum(spent.values()), 2)}
 
 
@@ -277,16 +280,19 @@ async def grpc_loops(
 
 @dataclass
 class Segment:
-    """One closed-loop run's outcomes and the CPU it took, client and server (by pid)."""
+    """One closed-loop run's outcomes and the CPU it took, client and server (by pid), and the
+    service workers' CPU by role (`thread_cpu_seconds`; zero for a peer)."""
 
     outcomes: list[Outcome]
     wall: float
     client_cpu: float
     server_cpu: dict[int, float]
+    worker_cpu: dict[str, float]
 
 
 def run_segment(pid: int, load: Callable[[], Awaitable[list[Outcome]]]) -> Segment:
     client_cpu, server_cpu = psutil.Process().cpu_times(), tree_cpu_seconds(pid)
+    worker_cpu = thread_cpu_seconds(pid)
     started = time.monotonic()
     outcomes = asyncio.run(load())
     wall = time.monotonic() - started
@@ -296,6 +302,7 @@ def run_segment(pid: int, load: Callable[[], Awaitable[list[Outcome]]]) -> Segme
         wall,
         client_after.user + client_after.system - client_cpu.user - client_cpu.system,
         {p: cpu - server_cpu.get(p, 0.0) for p, cpu in server_after.items()},
+        {role: cpu - worker_cpu[role] for role, cpu in thread_cpu_seconds(pid).items()},
     )
 
 
@@ -306,7 +313,8 @@ def summarise(
     answered, latency percentiles over all their answers, CPU cores over their wall time.
 
     `worker_cpu_shares`: each busy server process's share of the server's CPU, largest first
-    (with several workers, how evenly the kernel spread the keep-alive connections)."""
+    (with several workers, how evenly the kernel spread the keep-alive connections);
+    `cpu_ms_per_image` (the service's points): its workers' CPU per image answered, by role."""
     wall = sum(segment.wall for segment in segments)
     used: dict[int, float] = {}
     for segment in segments:
@@ -320,6 +328,11 @@ def summarise(
     )  # fmt: skip
     ok = [o.seconds * 1000 for s in segments for o in s.outcomes if o.status == 200]
     requests = sum(len(segment.outcomes) for segment in segments)
+    by_role = {role: sum(s.worker_cpu[role] for s in segments) for role in segments[0].worker_cpu}
+    images = answered * batch
+    split = {"cpu_ms_per_image": cpu_ms_per_image(by_role, images)} if images and any(
+        by_role.values()
+    ) else {}  # fmt: skip
     return {
         "system": system,
         "images": kind,
@@ -337,6 +350,7 @@ def summarise(
             (round(cpu / server_total, 2) for cpu in used.values() if cpu > 0.05 * server_total),
             reverse=True,
         ) if server_total else [],
+        **split,
     }  # fmt: skip
 
 
@@ -554,9 +568,13 @@ def run(args: argparse.Namespace) -> dict:
                 result["limit_beside"][name] = merged_limit(halves)
                 say(f"{name}: {result['limit_beside'][name]}")
 
-    def limit_of(name: str, limits: dict, folder: Path) -> Callable[[float], dict]:
+    def limit_of(
+        name: str, limits: dict, folder: Path, batch: int | None = None
+    ) -> Callable[[float], dict]:
+        """The best setting of `limits` for that kind of image (`batch`: with that batch)."""
         kind = name.split()[0]  # "640 INT8": the INT8 model on the 640 images
-        return limit_beside(folder, images[kind][:1], limits[kind]["best"])
+        best = limits[kind]["best"]
+        return limit_beside(folder, images[kind][:1], {**best, "batch": batch or best["batch"]})
 
     def warm(url: str, pid: int) -> None:
         http_point("warm-up", url, pid, images["640"], "640", 4, min(2.0, seconds))
@@ -569,16 +587,11 @@ def run(args: argparse.Namespace) -> dict:
         result["sizing"] = httpx.get(url + "/info").json()["sizing"]
         warm(url, pid)
         for c in CONCURRENCIES:
-            before, threads_before = httpx.get(url + "/metrics").text, thread_cpu_seconds(pid)
-            point = measure("service", url, pid, "640", c)
+            before = httpx.get(url + "/metrics").text
+            measure("service", url, pid, "640", c)
             if c == 16:
                 result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
-                spent = cpu_ms_per_image(threads_before, thread_cpu_seconds(pid), point)
-                best = result["limit"]["640"]["best"]
-                spent["in_process_limit"] = round(best["cpu_cores"] * 1000 / best["img_s"], 2)
-                result["cpu_ms_per_image_c16"] = spent
-                say(f"CPU per image at c=16 (ms): {spent}")
         say("(b') /analyze at c=16 interleaved with Open Inference (HTTP binary, gRPC) and with "
             "the in-process limit ...")  # fmt: skip
         model_name = args.model.split(":")[0]
@@ -591,8 +604,10 @@ def run(args: argparse.Namespace) -> dict:
             "service OIP-gRPC": segments_of(pid, lambda s: grpc_loops(
                 server.grpc_target, model_name, image, 16, s)),
             "640": limit_of("640", result["limit"], model_dir),
+            f"640 {ONE_PER_RUN}": limit_of("640", result["limit"], model_dir, batch=1),
         }, seconds), {name: (name, "640", 16) for name in (BESIDE_OIP, "service OIP-HTTP",
                                                            "service OIP-gRPC")})  # fmt: skip
+        result["batching"] = httpx.get(url + "/info").json()["batching"]  # one worker's choice
         measure("service", url, pid, "640", 2, batch=BATCH_IMAGES)
         rss_640 = worker_rss_mb(pid)
         add_interleaved(interleaved({
@@ -635,11 +650,15 @@ def run(args: argparse.Namespace) -> dict:
                     warm(int8_url, int8_pid)
                     for c in (1, 16):
                         measure("service INT8", int8_url, int8_pid, "640", c)
+                    result["batching_int8"] = httpx.get(int8_url + "/info").json()["batching"]
                     result["rss_mb_per_worker_int8"] = worker_rss_mb(int8_pid)
 
             add_interleaved(interleaved({
                 "service, beside INT8": segments_of(pid, analyze_load(url, images["640"], 16)),
                 "640 INT8": limit_of("640 INT8", result["limit_int8"], int8_dir),
+                f"640 INT8 {ONE_PER_RUN}": limit_of(
+                    "640 INT8", result["limit_int8"], int8_dir, batch=1
+                ),
             }, seconds, middle=int8_points), {
                 "service, beside INT8": ("service, beside INT8", "640", 16)})  # fmt: skip
 
@@ -712,6 +731,39 @@ def _ratios(result: dict) -> dict:
         )
         ratios["int8_service_over_int8_limit"] = ratio(int8["img_s"], limit["640 INT8"]["img_s"])
     return ratios
+
+
+def _what_bounds(result: dict, served: str, limit_name: str) -> list[str]:
+    """The service's CPU per image at c=16 beside the in-process limit's, measured interleaved:
+    what HTTP adds (the event loops), what the threads spend over the limit's runs of one image,
+    and what merging saves the limit."""
+    limits = result["limit_beside"]
+    point = next((p for p in result["points"] if p["system"] == served and p["batch"] == 1
+                  and p["concurrency"] == 16 and p["images"] == "640"), None)  # fmt: skip
+    if point is None or "cpu_ms_per_image" not in point or limit_name not in limits:
+        return []
+    spent, best, one = point["cpu_ms_per_image"], limits[limit_name], limits[
+        f"{limit_name} {ONE_PER_RUN}"
+    ]  # fmt: skip
+
+    def ms(limit: dict) -> float:
+        return round(limit["cpu_cores"] * 1000 / limit["img_s"], 2)
+
+    batching = result.get("batching_int8" if "INT8" in limit_name else "batching", {})
+    return ["", f"What bounds `{served}` at c=16 against the in-process limit `{limit_name}`, run "
+            "interleaved, in CPU ms per image answered: the service's workers spent "
+            f"{spent['total']}, {spent['event_loops']} on their event loops (HTTP, admission, "
+            f"routing, answers, logs) and {spent['threads']} in their decoding and model "
+            f"threads; the limit spent {ms(one)} with one image per model run and {ms(best)} at "
+            f"its best setting ({best['setting']}). So the event loops add "
+            f"{spent['event_loops']}, the threads spend {round(spent['threads'] - ms(one), 2)} "
+            f"more than the limit's runs of one image, and merging saves the limit "
+            f"{round(ms(one) - ms(best), 2)}. The service merged images: "
+            f"{batching.get('merges')} (one worker's warm-up measured a full run "
+            f"{batching.get('measured_gain')}x cheaper per image). Its server used "
+            f"{point['server_cpu_cores']} cores and the load generator "
+            f"{point['client_cpu_cores']} of the machine's {result['machine']['cpus']} CPUs; "
+            f"the limit used {best['cpu_cores']}."]  # fmt: skip
 
 
 def _met(result: dict, name: str) -> bool | None:
@@ -802,14 +854,8 @@ def markdown(result: dict) -> str:
         stages = ", ".join(f"{k} {v}" for k, v in result["stages_c16_ms"].items())
         lines += ["", "## Where a request's time went (the service, /analyze c=16, 640x480)", "",
                   f"Mean of each stage histogram over the point, ms: {stages}."]  # fmt: skip
-    if result.get("cpu_ms_per_image_c16"):
-        spent, c16 = result["cpu_ms_per_image_c16"], _point(result, "service", "640", 16)
-        lines += ["", "CPU per image answered over that point, ms: the workers' event loops "
-                  f"(HTTP, admission, routing, answers, logs) {spent['event_loops']}, their "
-                  f"decoding and model threads {spent['threads']}, in all {spent['total']}; the "
-                  f"in-process limit's best setting (no HTTP) {spent['in_process_limit']}. The "
-                  f"load generator took {c16['client_cpu_cores']} of the machine's "
-                  f"{result['machine']['cpus']} CPUs meanwhile."]  # fmt: skip
+    for served, limit in ((BESIDE_OIP, "640"), ("service INT8", "640 INT8")):
+        lines += _what_bounds(result, served, limit)
     if result.get("worker_cpu_shares_c16"):
         shares, workers = result["worker_cpu_shares_c16"], result["sizing"]["workers"]
         lines += ["", f"The service ({workers} worker(s)) at c=16 (16 keep-alive connections): "

@@ -14,7 +14,7 @@ import pytest
 
 from image_classifier.core.classifier import read_card
 from image_classifier.serving.machine import int8_saturates
-from loadtest.benchmark import STAGES
+from loadtest.benchmark import BESIDE_OIP, ONE_PER_RUN, STAGES
 from loadtest.servers import REPO, serve
 from tests.model_store import store_model_dir
 from tests.pictures import encode
@@ -142,6 +142,17 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
                    "service, beside litserve", "service, beside INT8"):  # fmt: skip
         assert f"| {system} | 640 | 16 |" in markdown, system
     # the limits the ratios use were measured again, in two halves, beside their points
-    assert set(figures["limit_beside"]) == {"640", "phone", "640 INT8"}, figures["limit_beside"]
+    assert set(figures["limit_beside"]) == {
+        "640", "phone", "640 INT8", f"640 {ONE_PER_RUN}", f"640 INT8 {ONE_PER_RUN}"
+    }, figures["limit_beside"]  # fmt: skip
     for limit in figures["limit_beside"].values():
         assert len(limit["halves"]) == 2 and min(limit["halves"]) > 0, limit
+    # what bounds the service: its workers' CPU per image by role, beside the limit's runs
+    for served in (BESIDE_OIP, "service INT8"):
+        at_16 = [p for p in figures["points"] if p["system"] == served and p["concurrency"] == 16]
+        spent = at_16[0]["cpu_ms_per_image"]
+        assert spent["event_loops"] > 0 and spent["threads"] > 0, spent
+        assert spent["total"] == pytest.approx(spent["event_loops"] + spent["threads"], abs=0.02)
+        assert f"What bounds `{served}` at c=16" in markdown
+    assert all("cpu_ms_per_image" not in p for p in figures["points"] if p["system"] == "tutorial")
+    assert figures["batching"]["measured_gain"] > 0 and "merges" in figures["batching_int8"]
