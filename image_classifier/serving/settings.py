@@ -210,6 +210,7 @@ class Settings:
     )
     # Not read from the environment: how the process and thread counts were chosen (/info).
     sizing: str = field(default="", compare=False)
+    over_the_cpus: str = field(default="", compare=False)  # why the counts oversubscribe, if so
     # Beside the release record: saved evaluations, whose latest is merged into a served card.
     evaluations_file: Path | None = field(default=None, compare=False)
 
@@ -241,7 +242,17 @@ class Settings:
         final = replace(self, **auto)
         sizing = describe_sizing(budget, *(getattr(final, name) for name in _SIZED))
         sizing += f"; set in the environment: {', '.join(given)}" if given else ""
-        return replace(final, sizing=sizing)
+        at_once = final.workers * final.model_runs * final.ort_intra_op_threads
+        over = (
+            f"{final.workers} worker(s) x {final.model_runs} model run(s) x "
+            f"{final.ort_intra_op_threads} ONNX Runtime thread(s) = {at_once} model threads at "
+            f"once on {budget.cpus} usable CPU(s): they take turns, answers come later, and "
+            f"each worker holds its own copy of the model in memory"
+            if at_once > budget.cpus
+            else ""
+        )
+        sizing += f"; over the CPUs: {over}" if over else ""
+        return replace(final, sizing=sizing, over_the_cpus=over)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -90,6 +90,20 @@ def test_given_values_win_and_are_named():
     assert "3 worker(s)" in settings.sizing and "of 2 ONNX Runtime thread(s)" in settings.sizing
 
 
+def test_counts_over_the_cpus_are_named():
+    """WORKERS=64 on a small machine is allowed (an operator may mean it) but said, in /info and
+    as a warning at start: the processes take turns, and each holds a copy of the model."""
+    budget = CpuBudget(2, "test")
+    assert Settings.from_env({}).sized(budget).over_the_cpus == ""
+    assert Settings.from_env({"WORKERS": "1"}).sized(budget).over_the_cpus == ""  # 2 runs
+    many = Settings.from_env({"WORKERS": "64"}).sized(budget)
+    assert many.over_the_cpus.startswith("64 worker(s) x 1 model run(s) x 1 ONNX Runtime")
+    assert "= 64 model threads at once on 2 usable CPU(s)" in many.over_the_cpus
+    assert many.sizing.endswith(f"; over the CPUs: {many.over_the_cpus}")
+    wide = Settings.from_env({"ORT_INTRA_OP_THREADS": "2"}).sized(budget)
+    assert "= 4 model threads at once on 2 usable CPU(s)" in wide.over_the_cpus
+
+
 @pytest.mark.parametrize(("mask", "expected"), [("0", (1, 2, 1)), ("0,1", (2, 2, 1))])
 def test_taskset_limits_what_is_chosen(mask, expected):
     code = (
