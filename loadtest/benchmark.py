@@ -399,8 +399,9 @@ def segments_of(pid: int, load: Callable[[float], Awaitable[list[Outcome]]]):
     return lambda seconds: run_segment(pid, partial(load, seconds))
 
 
-def stage_means_ms(metrics_text: str, before: str) -> dict[str, float]:
-    """Mean time per observation of each request stage between two /metrics scrapes."""
+def histogram_means(metrics_text: str, before: str, names: list[str]) -> dict[str, float]:
+    """Mean observation of each named histogram between two /metrics scrapes (every label and
+    every worker together); a histogram with no observation meanwhile is left out."""
 
     def sums(text: str) -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -415,13 +416,22 @@ def stage_means_ms(metrics_text: str, before: str) -> dict[str, float]:
     def delta(name: str) -> float:
         return after_sums.get(name, 0.0) - before_sums.get(name, 0.0)
 
-    means = {}
-    for stage in STAGES:
-        name = f"image_classifier_{stage}_seconds"
-        count = delta(f"{name}_count")
-        if count:
-            means[stage] = round(delta(f"{name}_sum") / count * 1000, 2)
-    return means
+    return {
+        name: delta(f"{name}_sum") / count for name in names if (count := delta(f"{name}_count"))
+    }
+
+
+def stage_means_ms(metrics_text: str, before: str) -> dict[str, float]:
+    """Mean time per observation of each request stage between two /metrics scrapes."""
+    names = {f"image_classifier_{stage}_seconds": stage for stage in STAGES}
+    means = histogram_means(metrics_text, before, list(names))
+    return {names[name]: round(mean * 1000, 2) for name, mean in means.items()}
+
+
+def images_per_run(metrics_text: str, before: str) -> float:
+    """How many images the service's model runs took on average between two scrapes."""
+    name = "image_classifier_model_run_items"
+    return round(histogram_means(metrics_text, before, [name]).get(name, 0.0), 2)
 
 
 # The peers, each started the way its users start it, on the same model folder.
@@ -590,7 +600,9 @@ def run(args: argparse.Namespace) -> dict:
             before = httpx.get(url + "/metrics").text
             measure("service", url, pid, "640", c)
             if c == 16:
-                result["stages_c16_ms"] = stage_means_ms(httpx.get(url + "/metrics").text, before)
+                after = httpx.get(url + "/metrics").text
+                result["stages_c16_ms"] = stage_means_ms(after, before)
+                result["images_per_run_c16"] = images_per_run(after, before)
                 say(f"where a request's time went at c=16 (mean ms): {result['stages_c16_ms']}")
         say("(b') /analyze at c=16 interleaved with Open Inference (HTTP binary, gRPC) and with "
             "the in-process limit ...")  # fmt: skip
@@ -649,7 +661,10 @@ def run(args: argparse.Namespace) -> dict:
                     int8_url, int8_pid = int8_server.url, int8_server.process.pid
                     warm(int8_url, int8_pid)
                     for c in (1, 16):
+                        before = httpx.get(int8_url + "/metrics").text
                         measure("service INT8", int8_url, int8_pid, "640", c)
+                    after = httpx.get(int8_url + "/metrics").text
+                    result["images_per_run_int8_c16"] = images_per_run(after, before)
                     result["batching_int8"] = httpx.get(int8_url + "/info").json()["batching"]
                     result["rss_mb_per_worker_int8"] = worker_rss_mb(int8_pid)
 
@@ -749,7 +764,9 @@ def _what_bounds(result: dict, served: str, limit_name: str) -> list[str]:
     def ms(limit: dict) -> float:
         return round(limit["cpu_cores"] * 1000 / limit["img_s"], 2)
 
-    batching = result.get("batching_int8" if "INT8" in limit_name else "batching", {})
+    int8 = "INT8" in limit_name
+    batching = result.get("batching_int8" if int8 else "batching", {})
+    per_run = result.get("images_per_run_int8_c16" if int8 else "images_per_run_c16")
     return ["", f"What bounds `{served}` at c=16 against the in-process limit `{limit_name}`, run "
             "interleaved, in CPU ms per image answered: the service's workers spent "
             f"{spent['total']}, {spent['event_loops']} on their event loops (HTTP, admission, "
@@ -758,9 +775,10 @@ def _what_bounds(result: dict, served: str, limit_name: str) -> list[str]:
             f"its best setting ({best['setting']}). So the event loops add "
             f"{spent['event_loops']}, the threads spend {round(spent['threads'] - ms(one), 2)} "
             f"more than the limit's runs of one image, and merging saves the limit "
-            f"{round(ms(one) - ms(best), 2)}. The service merged images: "
+            f"{round(ms(one) - ms(best), 2)}. The service merges images: "
             f"{batching.get('merges')} (one worker's warm-up measured a full run "
-            f"{batching.get('measured_gain')}x cheaper per image). Its server used "
+            f"{batching.get('measured_gain')}x cheaper per image); at c=16 its model runs took "
+            f"{per_run} image(s) on average. Its server used "
             f"{point['server_cpu_cores']} cores and the load generator "
             f"{point['client_cpu_cores']} of the machine's {result['machine']['cpus']} CPUs; "
             f"the limit used {best['cpu_cores']}."]  # fmt: skip

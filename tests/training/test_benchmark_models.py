@@ -156,3 +156,5 @@ def test_benchmark_quick_writes_every_figure(digits_int8_tag, tmp_path):
         assert f"What bounds `{served}` at c=16" in markdown
     assert all("cpu_ms_per_image" not in p for p in figures["points"] if p["system"] == "tutorial")
     assert figures["batching"]["measured_gain"] > 0 and "merges" in figures["batching_int8"]
+    for key in ("images_per_run_c16", "images_per_run_int8_c16"):  # one image or more per run
+        assert 1.0 <= figures[key] <= 8.0, (key, figures[key])
