@@ -273,6 +273,7 @@ class Classifier:
             )
 
 
+_SOLO_SPIN_US = 5000  # how long the solo session's idle threads spin before they sleep
 _RELEASE_UNUSED_MEMORY = ort.RunOptions()
 _RELEASE_UNUSED_MEMORY.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
@@ -283,14 +284,18 @@ def _open_session(onnx_path: Path, threads: int, spinning: bool = False) -> ort.
     session_options.intra_op_num_threads = threads
     session_options.inter_op_num_threads = 1
     # Spin-waiting threads burn CPU that decoding and the event loop need (measured: +4 CPU-ms
-    # per image). Only the solo session spins, during its run alone: the caller runs it when
-    # nothing else is in work, where spinning saves the wake-ups between operators (MobileNetV2,
-    # 1 client, interleaved runs: p50 7.0 against 7.9 ms), and stops when the run ends.
+    # per image). Only the solo session spins: the caller runs it when nothing else is in work,
+    # where spinning saves the wake-ups between operators. Its idle threads spin for
+    # _SOLO_SPIN_US at most, then sleep: stopping them when each run ended
+    # (`session.force_spinning_stop`) answered 1 client 9.8% slower (p50 13.3 against 11.6 ms,
+    # MobileNetV2, two servers loaded in turn), and spinning unbounded cost 2 clients 16%.
     session_options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if spinning else "0"
     )
     if spinning:
-        session_options.add_session_config_entry("session.force_spinning_stop", "1")
+        session_options.add_session_config_entry(
+            "session.intra_op.spin_duration_us", str(_SOLO_SPIN_US)
+        )
     try:
         return ort.InferenceSession(
             str(onnx_path), sess_options=session_options, providers=["CPUExecutionProvider"]
