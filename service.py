@@ -38,9 +38,7 @@ bentoml_compat.prepare_serving(SETTINGS, model_store.pin_for_workers)  # sockets
 GATE = Gate(AdmissionPolicy.from_settings(SETTINGS))  # per worker: admits, and SIGTERM drains
 WORKER_SLOT = bentoml.server_context.worker_index or 0  # this worker's slot in shared counts
 log = logging.getLogger("image_classifier.service")
-log.info("sized: %s", SETTINGS.sizing)
-if SETTINGS.over_the_cpus:  # set by hand (WORKERS, MODEL_RUNS, ORT_INTRA_OP_THREADS)
-    log.warning("more model threads than CPUs: %s", SETTINGS.over_the_cpus)
+log.log(logging.WARNING if SETTINGS.over_the_cpus else logging.INFO, "sized: %s", SETTINGS.sizing)
 
 
 @bentoml.service(
