@@ -5,8 +5,10 @@ bounded pool of worker threads, one batcher per model version, and the shadow sc
 candidate. It times and counts what the core does (metrics, drift).
 
 Every image, whichever route brought it (/analyze, /analyze_batch, Open Inference `infer`),
-makes one thread hand-off: a worker thread decodes and preprocesses it, then runs it through the
-batcher (in the same thread: `batching.py`), and the event loop gets the row. Encoded images
+makes one thread hand-off: a worker thread decodes and preprocesses it and hands the tensor to
+the batcher, which runs it in that thread or in the one already running the model
+(`batching.py`), and the event loop gets the row back (from the thread's return, or through a
+future the running thread resolves). Encoded images
 are answered from the duplicate-input cache when it is on, whichever route brought them (a
 prediction keeps every class's probability, so Open Inference answers come from it too).
 """
@@ -293,14 +295,22 @@ class Predictor:
         """The probabilities and how many images shared the model run, in one worker thread
         (`data`: an encoded image, or a tensor already preprocessed)."""
         batcher = self.batchers[served.ref.version]
+        loop = asyncio.get_running_loop()
+        handed_over: asyncio.Future[tuple[Row, int]] = loop.create_future()
 
-        def prepare_and_run() -> tuple[Row, int]:
+        def deliver(row: Row, merged: int) -> None:  # from the thread that ran it
+            loop.call_soon_threadsafe(_resolve, handed_over, (row, merged))
+
+        def prepare_and_hand_over() -> tuple[Row, int] | None:
             yield_to_the_event_loop(self.settings.thread_nice)
             if isinstance(data, np.ndarray):
-                return batcher.run(data)
-            return batcher.prepare_and_run(partial(_timed_prepare, classifier, data, content_type))
+                return batcher.hand_over(lambda: data, deliver)
+            prepare = partial(_timed_prepare, classifier, data, content_type)
+            return batcher.hand_over(prepare, deliver)
 
-        row, merged = await anyio.to_thread.run_sync(prepare_and_run, limiter=self.threads)
+        with self.in_work.counting():  # from its wait for a thread until its row is here
+            ran = await anyio.to_thread.run_sync(prepare_and_hand_over, limiter=self.threads)
+            row, merged = ran if ran is not None else await handed_over
         if isinstance(row, NonFiniteOutput) and isinstance(data, np.ndarray):
             # Values a client chose (finite, but far outside what preprocessing gives) made the
             # model answer NaN or infinity: the request's doing, not a failing model to page for.
@@ -374,6 +384,11 @@ def prediction_cache(settings: Settings) -> PredictionCache | None:
         redis = redis_client(settings.redis_url)
         return SharedPredictionCache(settings.cache_size, settings.cache_ttl_s, redis)
     return PredictionCache(settings.cache_size, settings.cache_ttl_s)
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():  # a request cancelled meanwhile (its client left) has no one to tell
+        future.set_result(value)
 
 
 def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None) -> np.ndarray:

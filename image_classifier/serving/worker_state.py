@@ -8,6 +8,8 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,15 @@ class InWork(SharedCount):
 
     def __init__(self, slot: int = 0) -> None:
         super().__init__("in_work", slot)
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """One image in work for the duration of the block."""
+        self.change(1)
+        try:
+            yield
+        finally:
+            self.change(-1)
 
     def alone(self) -> bool:
         """True when this worker's one image in work is the server's only one."""

@@ -108,3 +108,56 @@ def test_runners_bound_the_model_runs_at_once():
     run_all(batcher, [1.0, 2.0, 3.0, 4.0], threads=4)
     assert model.most_at_once == 2
     assert time.perf_counter() - started < 0.7  # two at a time: ~0.4 s, not 0.8 s serially
+
+
+def test_a_thread_hands_its_image_to_the_running_thread_and_goes_back():
+    """While one thread runs the model, another's images queue and it returns at once (to
+    decode the next); the running thread delivers its own row as soon as it has it, then runs
+    the queued images together and delivers theirs."""
+    model = RecordingModel()
+    batcher = MicroBatcher(model.run_each, max_batch=8, runners=1)
+    running, release = threading.Event(), threading.Event()
+    events: list = []
+
+    def first_run_waits(tensors, solo):
+        events.append(("run", len(tensors)))
+        if len(events) == 1:
+            running.set()
+            release.wait(5)
+        return model.run_each(tensors, solo)
+
+    batcher.run_each = first_run_waits
+
+    def deliver(row, merged):
+        events.append(("row", row.tolist(), merged, threading.current_thread().name))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="runner") as pool:
+        runner = pool.submit(batcher.hand_over, lambda: np.array([1.0]), deliver)
+        running.wait(5)
+        handed = [batcher.hand_over(lambda v=v: np.array([v]), deliver) for v in (2.0, 3.0)]
+        assert handed == [None, None] and len(events) == 1  # back at once, nothing run yet
+        release.set()
+        assert runner.result(5) is None  # its own row was delivered: more runs followed it
+    runner_thread = model.threads[0]
+    assert runner_thread.startswith("runner")
+    assert events[1:] == [
+        ("row", [2.0], 1, runner_thread),
+        ("run", 2),  # the two queued images share the second run
+        ("row", [4.0], 2, runner_thread),
+        ("row", [6.0], 2, runner_thread),
+    ]
+
+
+def test_a_full_queue_holds_the_thread_until_a_runner_takes_its_image():
+    model = RecordingModel(seconds=0.2)
+    batcher = MicroBatcher(model.run_each, max_batch=1, runners=1)
+    rows: dict[float, float] = {}
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(batcher.run, np.array([1.0]))
+        time.sleep(0.05)  # the first image is running
+        assert batcher.hand_over(lambda: np.array([2.0]), lambda r, m: rows.update({2: r})) is None
+        started = time.perf_counter()
+        batcher.hand_over(lambda: np.array([3.0]), lambda r, m: rows.update({3: r}))
+        waited = time.perf_counter() - started
+    assert waited > 0.1  # the queue (max_batch 1) held image 2: image 3 waited for room
+    assert sorted(rows) == [2, 3] and model.runs == [1, 1, 1]
