@@ -703,12 +703,19 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _point(result: dict, system: str, kind: str, concurrency: int) -> dict:
-    return next(
+_NO_DEFAULT = object()
+
+
+def _point(
+    result: dict, system: str, kind: str, concurrency: int, default: object = _NO_DEFAULT
+) -> dict:
+    """The batch-1 point of `system`; `default` when the run has none (else StopIteration)."""
+    found = (
         p for p in result["points"]
         if p["system"] == system and p["images"] == kind and p["concurrency"] == concurrency
         and p["batch"] == 1
     )  # fmt: skip
+    return next(found) if default is _NO_DEFAULT else next(found, default)
 
 
 def _ratios(result: dict) -> dict:
@@ -761,8 +768,7 @@ def _what_bounds(result: dict, served: str, limit_name: str) -> list[str]:
     what HTTP adds (the event loops), what the threads spend over the limit's runs of one image,
     and what merging saves the limit."""
     limits = result["limit_beside"]
-    point = next((p for p in result["points"] if p["system"] == served and p["batch"] == 1
-                  and p["concurrency"] == 16 and p["images"] == "640"), None)  # fmt: skip
+    point = _point(result, served, "640", 16, default=None)
     if point is None or "cpu_ms_per_image" not in point or limit_name not in limits:
         return []
     spent, best, one = point["cpu_ms_per_image"], limits[limit_name], limits[
