@@ -62,7 +62,7 @@ class Predictor:
         self.decoding = settings.decoding_budget()  # and the pixels they decode at once
         self.cache = prediction_cache(settings)
         self.batchers: dict[str, MicroBatcher] = {}  # per model version, once it is loaded
-        self._shadow_tasks: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # shadow scoring, threads left running
 
     @classmethod
     def for_models(
@@ -301,16 +301,30 @@ class Predictor:
         def deliver(row: Row, merged: int) -> None:  # from the thread that ran it
             loop.call_soon_threadsafe(_resolve, handed_over, (row, merged))
 
+        if isinstance(data, np.ndarray):
+            prepare = partial(np.asarray, data)  # preprocessed by the client: nothing to do
+        else:
+            prepare = partial(_timed_prepare, classifier, data, content_type)
+
         def prepare_and_hand_over() -> tuple[Row, int] | None:
             yield_to_the_event_loop(self.settings.thread_nice)
-            if isinstance(data, np.ndarray):
-                return batcher.hand_over(lambda: data, deliver)
-            prepare = partial(_timed_prepare, classifier, data, content_type)
             return batcher.hand_over(prepare, deliver)
 
         with self.in_work.counting():  # from its wait for a thread until its row is here
-            ran = await anyio.to_thread.run_sync(prepare_and_hand_over, limiter=self.threads)
-            row, merged = ran if ran is not None else await handed_over
+            # Not awaited: the thread may become the runner and go on running the images queued
+            # behind this one, for as long as they keep coming (seconds under load). This
+            # request's row is delivered as soon as it is known, and it leaves then.
+            in_thread = self._keep(
+                asyncio.ensure_future(
+                    anyio.to_thread.run_sync(prepare_and_hand_over, limiter=self.threads)
+                )
+            )
+            in_thread.add_done_callback(partial(_thread_outcome, handed_over))
+            try:
+                row, merged = await handed_over
+            except asyncio.CancelledError:
+                in_thread.cancel()  # while it waits for a thread: nobody wants its work now
+                raise
         if isinstance(row, NonFiniteOutput) and isinstance(data, np.ndarray):
             # Values a client chose (finite, but far outside what preprocessing gives) made the
             # model answer NaN or infinity: the request's doing, not a failing model to page for.
@@ -331,9 +345,13 @@ class Predictor:
         shadow = self.router.shadow_for(answered)
         if shadow is None:
             return
-        task = asyncio.create_task(self._shadow(shadow, data, content_type, label))
-        self._shadow_tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._shadow_tasks.discard)
+        self._keep(asyncio.create_task(self._shadow(shadow, data, content_type, label)))
+
+    def _keep(self, task: asyncio.Task) -> asyncio.Task:
+        """Keep a reference to a task nobody awaits until it is done (the loop keeps none)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _shadow(
         self, shadow: ServedVersion, data: bytes, content_type: str | None, answered_label: str
@@ -389,6 +407,20 @@ def prediction_cache(settings: Settings) -> PredictionCache | None:
 def _resolve(future: asyncio.Future, value: object) -> None:
     if not future.done():  # a request cancelled meanwhile (its client left) has no one to tell
         future.set_result(value)
+
+
+def _thread_outcome(answer: asyncio.Future, in_thread: asyncio.Task) -> None:
+    """What the thread itself says of its image: the row when it ran the image and had nothing
+    left to run, why it failed (a bad image), or None: the row comes through `deliver`."""
+    if in_thread.cancelled():
+        answer.cancel()
+    elif (error := in_thread.exception()) is not None:
+        if answer.done():  # the row was delivered: the run that followed it failed outside
+            log.error("a model runner's thread failed", exc_info=error)
+        else:
+            answer.set_exception(error)
+    elif (ran := in_thread.result()) is not None:
+        _resolve(answer, ran)
 
 
 def _timed_prepare(classifier: Classifier, data: bytes, content_type: str | None) -> np.ndarray:

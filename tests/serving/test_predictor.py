@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 
 import numpy as np
@@ -72,6 +73,55 @@ def test_concurrent_answers_share_runs_and_match_one_by_one(model_dir):
         assert answer.prediction == classifier.classify(picture, 3) and not answer.cached
         assert 1 <= answer.batch_size <= 8
     assert max(answer.batch_size for answer in merged) > 1  # some requests really shared a run
+
+
+def test_the_runners_own_request_leaves_while_it_runs_the_images_queued_behind_it(model_dir):
+    """The thread that runs the model goes on with the images queued behind its own for as long
+    as they come; its own request is answered as soon as its row is known. (It used to wait for
+    its thread, so for the whole drain: up to 5.7 s under 16 clients of an INT8 MobileNetV2.)"""
+    predictor = predictor_for(
+        model_dir, batch_max_size=4, threads=2, model_runs=1, batching_min_gain=0
+    )
+    served = predictor.router.primary
+    batcher = predictor.batchers[served.ref.version]
+    run_each, hand_over = batcher.run_each, batcher.hand_over
+    first_running, second_queued, second_may_run = (threading.Event() for _ in range(3))
+    runs: list[int] = []
+
+    def gated(tensors, solo):
+        runs.append(len(tensors))
+        if len(runs) == 1:
+            first_running.set()
+            assert second_queued.wait(10)
+        else:
+            assert second_may_run.wait(10)
+        return run_each(tensors, solo)
+
+    def noting_a_hand_over(prepare, deliver):
+        ran = hand_over(prepare, deliver)
+        if ran is None:
+            second_queued.set()
+        return ran
+
+    batcher.run_each, batcher.hand_over = gated, noting_a_hand_over
+    first, second = pictures(2)
+
+    async def first_then_second():
+        first_answer = asyncio.create_task(predictor.answer(served, first, "image/png", 3))
+        assert await asyncio.to_thread(first_running.wait, 10)
+        second_answer = asyncio.create_task(predictor.answer(served, second, "image/png", 3))
+        try:
+            answered = await asyncio.wait_for(first_answer, 10)
+            second_still_running = not second_answer.done()
+        finally:
+            second_may_run.set()
+        return answered, second_still_running, await second_answer
+
+    answered, second_still_running, second_answer = asyncio.run(first_then_second())
+    assert second_still_running and runs == [1, 1]
+    classifier = served.ready_classifier()
+    assert answered.prediction == classifier.classify(first, 3)
+    assert second_answer.prediction == classifier.classify(second, 3)
 
 
 @pytest.mark.parametrize(
